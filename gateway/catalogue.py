@@ -1,0 +1,95 @@
+"""The model catalogue: public model names (and aliases) → deployments."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from gateway.configbase import Strict
+
+
+class Price(Strict):
+    """USD per million tokens."""
+
+    input_per_mtok: float = Field(0.0, ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+Capability = Literal["tools", "vision", "json", "streaming", "embeddings"]
+
+
+class Deployment(Strict):
+    """One place that can serve a model: a provider, its upstream model name and base URL."""
+
+    #: Unique id (defaults to ``<model name>/<index>``); used in metrics, logs and headers.
+    id: str = ""
+    provider: str = "openai"
+    #: Model name sent upstream.
+    model: str
+    base_url: str
+    #: Provider key, normally ``${OPENAI_API_KEY}``; empty sends no credentials (local servers).
+    api_key: str = Field("", repr=False)
+    price: Price = Price()
+    context_window: int = Field(128_000, gt=0)
+    #: Cap on ``max_tokens`` for this deployment, and the value filled in when a provider needs one.
+    max_output_tokens: int = Field(4096, gt=0)
+    capabilities: tuple[Capability, ...] = ("tools", "vision", "json", "streaming")
+    weight: float = Field(1.0, gt=0)
+    #: Extra headers sent upstream (e.g. ``OpenAI-Organization``); values may use ``${ENV}``.
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    #: Ask OpenAI-compatible upstreams for ``stream_options.include_usage`` (most support it).
+    stream_usage: bool = True
+
+    @field_validator("provider")
+    @classmethod
+    def _provider(cls, v: str) -> str:
+        from gateway.providers import PROVIDERS
+
+        if v not in PROVIDERS:
+            raise ValueError(f"unknown provider {v!r}; allowed: {', '.join(sorted(PROVIDERS))}")
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class ModelEntry(Strict):
+    """A public model name clients ask for."""
+
+    name: str = Field(min_length=1)
+    aliases: tuple[str, ...] = ()
+    #: ``chat`` or ``embeddings``: which endpoint this model serves.
+    kind: Literal["chat", "embeddings"] = "chat"
+    deployments: tuple[Deployment, ...] = Field(min_length=1)
+    #: Models to try, in order, when every deployment of this one fails (routing issue).
+    fallbacks: tuple[str, ...] = ()
+    owned_by: str = "gateway"
+
+
+class Catalogue:
+    def __init__(self, entries: tuple[ModelEntry, ...]) -> None:
+        self.entries = entries
+        self._by_name: dict[str, ModelEntry] = {}
+        for entry in entries:
+            for i, dep in enumerate(entry.deployments):
+                if not dep.id:
+                    object.__setattr__(dep, "id", f"{entry.name}/{i}")
+            for name in (entry.name, *entry.aliases):
+                self._by_name[name] = entry
+
+    def get(self, name: str) -> ModelEntry | None:
+        return self._by_name.get(name)
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def deployments(self) -> list[Deployment]:
+        return [d for e in self.entries for d in e.deployments]

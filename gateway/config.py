@@ -1,0 +1,189 @@
+"""Loading and validating ``config.yaml``.
+
+Every mistake fails at startup with the file, the key path and what is allowed::
+
+    config.yaml: pipeline[1].config.rpm: Input should be a valid integer (got 'ten')
+
+Secrets come from the environment: ``${NAME}`` (required) or ``${NAME:-default}``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from gateway.catalogue import ModelEntry
+from gateway.configbase import Strict
+
+
+class ConfigError(Exception):
+    """A mistake in the configuration; the message names the file and key."""
+
+
+class ServerConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=256)
+    #: Seconds in-flight requests get to finish after SIGTERM before they are cut.
+    drain_timeout_s: float = Field(10.0, ge=0)
+
+
+class RequestsConfig(Strict):
+    """Bounds on what a client may ask for; checked before any plugin runs."""
+
+    max_body_bytes: int = Field(1_048_576, gt=0)
+    max_tokens: int = Field(32_768, gt=0)
+    max_n: int = Field(4, ge=1)
+    max_messages: int = Field(1_000, ge=1)
+    #: Extra top-level request fields to accept and forward (e.g. vLLM's ``top_k``).
+    extra_params: tuple[str, ...] = ()
+
+
+class UpstreamConfig(Strict):
+    """The one shared upstream HTTP client."""
+
+    connect_timeout_s: float = Field(5.0, gt=0)
+    #: Time until the upstream's response headers and first body bytes.
+    first_byte_timeout_s: float = Field(60.0, gt=0)
+    #: Longest silence between two streamed chunks.
+    read_timeout_s: float = Field(120.0, gt=0)
+    #: Hard ceiling on a whole upstream exchange.
+    total_timeout_s: float = Field(600.0, gt=0)
+    max_connections: int = Field(1_000, ge=1)
+    max_connections_per_host: int = Field(0, ge=0)
+
+
+class MetricsConfig(Strict):
+    enabled: bool = True
+    #: ``/metrics`` needs ``Authorization: Bearer <token>`` when set; when empty and ``port`` is
+    #: 0, it needs a caller the auth plugin admits with the ``metrics`` or ``admin`` role.
+    bearer_token: str = Field("", repr=False)
+    #: Serve ``/metrics`` on its own port instead (0: on the main port).
+    port: int = Field(0, ge=0, le=65535)
+
+
+class LoggingConfig(Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Where the one-line-per-request JSON log goes: ``stdout`` or a file path.
+    request_log: str = "stdout"
+    access_log: bool = False
+
+
+class DemoUpstreamConfig(Strict):
+    """The built-in fake OpenAI-compatible upstream, started beside the gateway for demos."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9911, ge=1, le=65535)
+
+
+class PipelineEntry(Strict):
+    #: Plugin type, from the registry in ``plugins/__init__.py``.
+    name: str
+    #: The plugin's own settings, validated by its ``Config`` model.
+    config: dict[str, Any] = Field(default_factory=dict)
+    enabled: bool = True
+
+
+class Settings(Strict):
+    server: ServerConfig = ServerConfig()
+    requests: RequestsConfig = RequestsConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    demo_upstream: DemoUpstreamConfig = DemoUpstreamConfig()
+    models: tuple[ModelEntry, ...] = Field(min_length=1)
+    pipeline: tuple[PipelineEntry, ...] = ()
+    #: The file this came from, for error messages.
+    source: str = "<memory>"
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _substitute(node: Any, loc: tuple[Any, ...], source: str, env: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _substitute(v, (*loc, k), source, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, (*loc, i), source, env) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(
+                f"{source}: {_path(loc)}: environment variable {name} is not set "
+                f"(set it, or write ${{{name}:-default}})"
+            )
+
+        return _VAR.sub(repl, node)
+    return node
+
+
+def format_validation_error(source: str, err: ValidationError, prefix: tuple[Any, ...] = ()) -> str:
+    lines = []
+    for e in err.errors():
+        loc = (*prefix, *e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] not in ("missing", "value_error") and "input" in e and not isinstance(
+            e["input"], (dict, list)
+        ):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{source}: {_path(loc)}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_settings(raw: Any, source: str = "<memory>", env: dict[str, str] | None = None) -> Settings:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    data = _substitute(raw, (), source, dict(os.environ) if env is None else env)
+    data["source"] = source
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(source, e)) from None
+    seen: dict[str, str] = {}
+    for i, entry in enumerate(settings.models):
+        for name in (entry.name, *entry.aliases):
+            if name in seen:
+                raise ConfigError(
+                    f"{source}: models[{i}]: model name {name!r} is already used by {seen[name]!r}"
+                )
+            seen[name] = entry.name
+        for fb in entry.fallbacks:
+            if fb not in seen and fb not in {m.name for m in settings.models}:
+                raise ConfigError(f"{source}: models[{i}].fallbacks: unknown model {fb!r}")
+    return settings
+
+
+def load_settings(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Settings:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    return parse_settings(raw, str(p), env)

@@ -1,0 +1,88 @@
+"""Per-request state. Plugins hold no per-request state of their own: it all travels here."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.catalogue import Deployment, ModelEntry
+
+
+@dataclass(slots=True)
+class Identity:
+    """Who is calling, as established by the ``auth`` plugin."""
+
+    user: str
+    tenant: str = "default"
+    roles: tuple[str, ...] = ()
+    tier: str = "default"
+    #: Id of the API key or JWT (``kid``/``jti``) the identity came from: never the secret.
+    credential_id: str = ""
+    method: str = "api_key"  # "api_key" | "jwt" | "anonymous"
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    #: True when counted by the gateway (tiktoken) because the upstream sent no usage.
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything known about one request, from parsing to the final log line.
+
+    ``body`` is the parsed, validated JSON body; plugins may rewrite it (the guard redacts, RAG
+    injects context) and the provider sends what is there when the pipeline ends.
+    """
+
+    request_id: str
+    endpoint: str  # "chat" | "embeddings" | "models"
+    path: str
+    method: str
+    headers: dict[str, str]  # lower-cased names; repeated headers joined by ", "
+    #: The client's headers as received (pairs, repeats kept), for the upstream header rewrite.
+    raw_headers: list[tuple[str, str]]
+    body: dict[str, Any]
+    client: str = ""
+    started: float = field(default_factory=time.perf_counter)
+    stream: bool = False
+    #: Public model name asked for, and the catalogue entry it resolved to.
+    model: str = ""
+    model_entry: ModelEntry | None = None
+    #: Chosen by the ``route`` plugin (or the first deployment when no route plugin runs).
+    deployment: Deployment | None = None
+    identity: Identity | None = None
+    #: Prompt tokens as counted by the gateway (filled lazily by ``gateway.tokens``).
+    prompt_tokens_estimate: int | None = None
+    usage: Usage | None = None
+    #: Non-streamed response body (parsed) after the upstream answered; plugins may mutate it.
+    response: dict[str, Any] | None = None
+    status: int = 0
+    error_type: str | None = None
+    upstream_started: float | None = None
+    upstream_first_byte: float | None = None
+    finished: float | None = None
+    client_disconnected: bool = False
+    attempts: int = 0
+    #: Headers added to the client's response (rate-limit headers, sources, ...).
+    response_headers: dict[str, str] = field(default_factory=dict)
+    #: Extra headers for the upstream request (never credentials: providers add those).
+    upstream_headers: dict[str, str] = field(default_factory=dict)
+    #: One scratch dict per plugin name, for data a plugin needs again in its response hooks.
+    scratch: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Fields for the request log line that plugins contribute (guard verdict, limit decision, ...).
+    log: dict[str, Any] = field(default_factory=dict)
+
+    def scratch_for(self, plugin: str) -> dict[str, Any]:
+        data = self.scratch.get(plugin)
+        if data is None:
+            data = self.scratch[plugin] = {}
+        return data

@@ -1,0 +1,94 @@
+"""Headers are rewritten in exactly one place: here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+#: Client credentials and identity headers that must never travel upstream.
+CLIENT_CREDENTIALS = frozenset(
+    {
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "cookie",
+        "openai-organization",
+        "openai-project",
+        "anthropic-version",
+        "anthropic-beta",
+        "x-goog-api-key",
+    }
+)
+
+#: Set by the gateway or the HTTP client itself, never copied from the client.
+MANAGED = frozenset(
+    {"host", "content-length", "content-type", "accept-encoding", "expect", "x-request-id"}
+)
+
+
+def upstream_request_headers(
+    client_headers: Iterable[tuple[str, str]],
+    provider_headers: Mapping[str, str],
+    extra: Mapping[str, str],
+    request_id: str,
+) -> list[tuple[str, str]]:
+    """The headers sent upstream, as a list of pairs (repeated headers stay repeated).
+
+    Drops hop-by-hop headers (and any the client's ``Connection`` header names), the client's
+    credentials and cookies, and headers the client library manages; adds the provider's
+    credentials, the configured extra headers and our request id.
+    """
+    pairs = list(client_headers)
+    named_by_connection = {
+        token.strip().lower()
+        for name, value in pairs
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    out: list[tuple[str, str]] = []
+    for name, value in pairs:
+        low = name.lower()
+        if (
+            low in HOP_BY_HOP
+            or low in CLIENT_CREDENTIALS
+            or low in MANAGED
+            or low in named_by_connection
+            or low.startswith(("x-forwarded-", "proxy-"))
+            or low == "forwarded"
+        ):
+            continue
+        out.append((low, value))
+    for name, value in extra.items():
+        out.append((name.lower(), value))
+    for name, value in provider_headers.items():
+        out.append((name.lower(), value))
+    out.append(("content-type", "application/json"))
+    out.append(("x-request-id", request_id))
+    return out
+
+
+#: Upstream response headers worth passing on (renamed so they cannot be confused with ours).
+_PASS_UPSTREAM = {"x-request-id": "x-upstream-request-id", "openai-processing-ms": "openai-processing-ms"}
+
+
+def client_response_headers(upstream: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    out = []
+    for name, renamed in _PASS_UPSTREAM.items():
+        value = upstream.get(name)
+        if value is not None and "\n" not in value and "\r" not in value:
+            out.append((renamed.encode(), value.encode("latin-1", "replace")))
+    return out

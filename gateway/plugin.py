@@ -1,0 +1,87 @@
+"""The plugin contract: one shape for every plugin.
+
+A plugin is one class with a ``name``, a ``Config`` model (unknown keys rejected, every field
+documented) and ``async def on_request(ctx) -> Response | None``:
+
+* return ``None`` to continue down the pipeline;
+* return a Starlette ``Response`` to answer instead of the upstream (a cache hit);
+* raise a :class:`gateway.errors.GatewayError` subclass to deny (401, 403, 429, 400 ...).
+
+Either of the last two stops the pipeline; the upstream is never called. Plugins never build
+error JSON themselves.
+
+After the upstream answers, the plugins that ran are asked about the response in reverse order:
+
+* ``on_chunk(ctx, chunk) -> list[chunk]`` for each streamed ``chat.completion.chunk`` (a dict).
+  Return the chunks to pass on: ``[chunk]`` unchanged, ``[]`` to hold text back (for matching
+  across chunk boundaries), several to release held text. Raise a ``GatewayError`` to end the
+  stream with a final SSE error event.
+* ``on_stream_end(ctx) -> list[chunk]`` once the upstream stream is over: release held chunks.
+* ``on_response(ctx)`` once, at the end, streamed or not, success or failure: ``ctx.usage``,
+  ``ctx.status`` and (non-streamed) ``ctx.response`` are set. For a non-streamed answer it runs
+  before the body is sent and may rewrite ``ctx.response`` or raise; for a stream it runs after
+  the last byte, so it only accounts (reconcile limits, cost, logs).
+
+The core only parses streamed chunks when some plugin in the pipeline overrides ``on_chunk``:
+otherwise upstream bytes are relayed as they arrive.
+
+``startup(gateway)``/``shutdown()`` run in the app lifespan; long-lived resources (pools, compiled
+rules, models) are created there, never per request. Plugins keep no per-request state on
+``self``: use ``ctx.scratch_for(self.name)``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from gateway.configbase import Strict
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
+
+    from gateway.context import RequestContext
+    from gateway.state import Gateway
+
+
+class PluginConfig(Strict):
+    """Base of every plugin's ``Config``: unknown keys are an error, values are immutable."""
+
+
+class Plugin:
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[PluginConfig]] = PluginConfig
+    #: Endpoints this plugin runs on: "chat", "embeddings", "models", "admin", or "*" for all
+    #: authenticated routes (the auth plugin).
+    endpoints: ClassVar[frozenset[str]] = frozenset({"chat", "embeddings"})
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    async def startup(self, gateway: Gateway) -> None:
+        """Create long-lived resources. ``gateway`` gives the catalogue, settings and peers."""
+
+    async def shutdown(self) -> None:
+        """Release what ``startup`` created."""
+
+    async def on_request(self, ctx: RequestContext) -> Response | None:
+        return None
+
+    async def on_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        return [chunk]
+
+    async def on_stream_end(self, ctx: RequestContext) -> list[dict[str, Any]]:
+        return []
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        return None
+
+    def visible_models(self, ctx: RequestContext, names: list[str]) -> list[str]:
+        """Filter ``GET /v1/models`` for this caller (RBAC)."""
+        return names
+
+    def applies_to(self, endpoint: str) -> bool:
+        return "*" in self.endpoints or endpoint in self.endpoints
+
+    @classmethod
+    def overrides(cls, hook: str) -> bool:
+        return getattr(cls, hook) is not getattr(Plugin, hook)

@@ -1,0 +1,182 @@
+"""The provider interface.
+
+A provider turns an OpenAI-format request into a call to one deployment and gives back an
+OpenAI-format answer: a JSON body, or a stream of OpenAI SSE bytes (``data: {...}\\n\\n`` ...
+``data: [DONE]\\n\\n``). Providers whose wire format differs (Anthropic) translate both ways, so
+the core and every plugin only ever see the OpenAI format.
+
+Transport failures and upstream error statuses are raised as ``GatewayError`` subclasses with
+``retryable`` set when another deployment may succeed (connect errors, timeouts, 429, 5xx), so
+the route plugin can fail over before the first byte reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import aiohttp
+import orjson
+
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    RateLimitError,
+    ServiceUnavailableError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+
+if TYPE_CHECKING:
+    from gateway.catalogue import Deployment
+    from gateway.config import UpstreamConfig
+    from gateway.context import RequestContext
+
+MAX_ERROR_BODY = 64 * 1024
+
+
+class UpstreamResponse:
+    """An upstream answer whose status was 2xx. Call ``close()`` when done (the core does)."""
+
+    def __init__(self, status: int, headers: Mapping[str, str]) -> None:
+        self.status = status
+        self.headers = headers
+
+    async def json(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def iter_bytes(self) -> AsyncIterator[bytes]:
+        """OpenAI-format SSE bytes, as they arrive (chunk boundaries are arbitrary)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class Provider:
+    """One instance per deployment, created at startup and shared by all requests."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(
+        self, deployment: Deployment, session: aiohttp.ClientSession, settings: UpstreamConfig
+    ) -> None:
+        self.deployment = deployment
+        self.session = session
+        self.settings = settings
+
+    def auth_headers(self) -> dict[str, str]:
+        return {}
+
+    async def chat(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:
+        """Send a chat completion (``body`` is OpenAI format, model already rewritten)."""
+        raise NotImplementedError
+
+    async def embeddings(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:
+        raise InvalidRequestError(
+            f"provider {self.name!r} does not serve embeddings", param="model"
+        )
+
+
+def retry_after(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("retry-after")
+    if value is None:
+        ms = headers.get("retry-after-ms")
+        if ms and ms.replace(".", "", 1).isdigit():
+            return str(max(1, round(float(ms) / 1000)))
+        return None
+    return value if value.isdigit() else None
+
+
+def upstream_message(body: bytes) -> str:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        return str(err.get("message") or "")[:500]
+    if isinstance(err, str):
+        return err[:500]
+    return ""
+
+
+def error_for_status(
+    status: int, headers: Mapping[str, str], message: str, provider: str
+) -> GatewayError:
+    """Map an upstream error status to what the client sees.
+
+    Errors caused by the request itself keep their status and message (never retried
+    elsewhere). Problems with the gateway's own credentials or configuration become 502, so a
+    client is never told *its* key is wrong, and the upstream's text (which may quote part of
+    the provider key) is not shown.
+    """
+    if status in (400, 413, 422):
+        cls = InvalidRequestError
+        err = cls(message or f"the upstream rejected the request ({status})")
+        err.status = status
+        return err
+    if status in (401, 403):
+        return UpstreamError(
+            f"the {provider} upstream rejected the gateway's credentials", retryable=True
+        )
+    if status == 404:
+        return UpstreamError(f"the {provider} upstream does not know this model", retryable=True)
+    if status in (408, 504):
+        return UpstreamTimeoutError(f"the {provider} upstream timed out", retryable=True)
+    if status == 429:
+        ra = retry_after(headers)
+        return RateLimitError(
+            f"the {provider} upstream is rate limiting: retry later",
+            code="upstream_rate_limited",
+            headers={"retry-after": ra} if ra else None,
+            retryable=True,
+        )
+    if status == 503:
+        ra = retry_after(headers)
+        return ServiceUnavailableError(
+            f"the {provider} upstream is unavailable",
+            headers={"retry-after": ra} if ra else None,
+            retryable=True,
+        )
+    return UpstreamError(f"the {provider} upstream failed with status {status}", retryable=True)
+
+
+@asynccontextmanager
+async def upstream_errors(provider: str) -> AsyncIterator[None]:
+    """The one place client errors are mapped: timeout → 504, connect/transport → 502."""
+    try:
+        yield
+    except GatewayError:
+        raise
+    except (TimeoutError, asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        raise UpstreamTimeoutError(f"the {provider} upstream timed out", retryable=True) from None
+    except aiohttp.ClientConnectorError:
+        raise UpstreamError(f"cannot connect to the {provider} upstream", retryable=True) from None
+    except (aiohttp.ClientError, OSError):
+        raise UpstreamError(f"the {provider} upstream connection failed", retryable=True) from None
+
+
+def make_session(settings: UpstreamConfig) -> aiohttp.ClientSession:
+    """The one upstream client: explicit timeouts and pool, no cookie jar, no redirects."""
+    connector = aiohttp.TCPConnector(
+        limit=settings.max_connections,
+        limit_per_host=settings.max_connections_per_host,
+        ttl_dns_cache=300,
+        enable_cleanup_closed=True,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=settings.total_timeout_s,
+        sock_connect=settings.connect_timeout_s,
+        sock_read=settings.read_timeout_s,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=True,
+        skip_auto_headers=("User-Agent",),
+        json_serialize=lambda o: orjson.dumps(o).decode(),
+    )

