@@ -59,6 +59,14 @@ class RequestContext:
     model_entry: ModelEntry | None = None
     #: Chosen by the ``route`` plugin (or the first deployment when no route plugin runs).
     deployment: Deployment | None = None
+    #: The attempt plan: deployments the core tries in order, moving on only on a retryable
+    #: error before the first byte reached the client. The ``route`` plugin fills it; without
+    #: one it is the model's first deployment.
+    candidates: list[Deployment] = field(default_factory=list)
+    #: ``time.perf_counter()`` value after which no further attempt starts (None: no deadline).
+    deadline: float | None = None
+    #: One entry per upstream attempt: {"deployment", "provider", "status", "error", "ms"}.
+    attempt_log: list[dict[str, Any]] = field(default_factory=list)
     identity: Identity | None = None
     #: Prompt tokens as counted by the gateway (filled lazily by ``gateway.tokens``).
     prompt_tokens_estimate: int | None = None

@@ -17,6 +17,8 @@ After the upstream answers, the plugins that ran are asked about the response in
   across chunk boundaries), several to release held text. Raise a ``GatewayError`` to end the
   stream with a final SSE error event.
 * ``on_stream_end(ctx) -> list[chunk]`` once the upstream stream is over: release held chunks.
+* ``on_attempt(ctx, deployment, error, elapsed_s)`` after each upstream attempt, for health
+  tracking and circuit breakers (the route plugin).
 * ``on_response(ctx)`` once, at the end, streamed or not, success or failure: ``ctx.usage``,
   ``ctx.status`` and (non-streamed) ``ctx.response`` are set. For a non-streamed answer it runs
   before the body is sent and may rewrite ``ctx.response`` or raise; for a stream it runs after
@@ -39,7 +41,9 @@ from gateway.configbase import Strict
 if TYPE_CHECKING:
     from starlette.responses import Response
 
+    from gateway.catalogue import Deployment
     from gateway.context import RequestContext
+    from gateway.errors import GatewayError
     from gateway.state import Gateway
 
 
@@ -73,6 +77,18 @@ class Plugin:
         return []
 
     async def on_response(self, ctx: RequestContext) -> None:
+        return None
+
+    async def on_attempt(
+        self,
+        ctx: RequestContext,
+        deployment: Deployment,
+        error: GatewayError | None,
+        elapsed_s: float,
+    ) -> None:
+        """After each upstream attempt (before any byte reached the client): health, breakers.
+
+        May reorder or trim ``ctx.candidates`` (the attempts still to come)."""
         return None
 
     def visible_models(self, ctx: RequestContext, names: list[str]) -> list[str]:
