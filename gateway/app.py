@@ -1,0 +1,172 @@
+"""The Starlette app: routes and lifespan. The request path itself lives in ``proxy``."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from gateway import metrics, proxy
+from gateway.config import Settings, load_settings
+from gateway.errors import (
+    AuthenticationError,
+    GatewayError,
+    MethodNotAllowedError,
+    NotFoundError,
+)
+from gateway.logs import setup_logging
+from gateway.state import Gateway
+
+log = logging.getLogger("gateway")
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers=headers, media_type="application/json")
+
+
+def error_response(err: GatewayError, request_id: str | None = None) -> Response:
+    headers = dict(err.headers)
+    if request_id:
+        headers["x-request-id"] = request_id
+    return Response(err.body(), err.status, headers=headers, media_type="application/json")
+
+
+class Endpoint:
+    """A plain-ASGI endpoint for the proxied routes (no Request/Response objects)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        gw: Gateway = scope["app"].state.gateway
+        await proxy.handle(gw, scope, receive, send, self.endpoint)
+
+
+async def authenticate(gw: Gateway, scope: dict[str, Any], endpoint: str) -> proxy.RequestContext:
+    """Run the plugins that apply to a non-proxied route (the auth plugin) for this caller."""
+    ctx = proxy.new_context(scope, endpoint)
+    ran: list[Any] = []
+    await gw.pipeline.run_request(ctx, ran)
+    return ctx
+
+
+async def models(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    try:
+        ctx = await authenticate(gw, request.scope, "models")
+    except GatewayError as err:
+        return error_response(err)
+    names = gw.catalogue.names()
+    for plugin in gw.pipeline.plugins:
+        if plugin.applies_to("models"):
+            names = plugin.visible_models(ctx, names)
+    data = [
+        {"id": e.name, "object": "model", "created": 0, "owned_by": e.owned_by}
+        for e in gw.catalogue.entries
+        if e.name in names
+    ]
+    return json_response({"object": "list", "data": data}, headers=ctx.response_headers or None)
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    if not gw.ready:
+        reason = "draining" if gw.draining else "starting"
+        return json_response({"status": reason}, status=503)
+    return json_response({"status": "ready"})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    token = gw.settings.metrics.bearer_token
+    if token:
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return error_response(AuthenticationError("invalid credentials"))
+    else:
+        try:
+            await authenticate(gw, request.scope, "metrics")
+        except GatewayError as err:
+            return error_response(err)
+    body, ctype = metrics.render()
+    return Response(body, headers={"content-type": ctype})
+
+
+async def http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowedError(f"method {request.method} not allowed"))
+    if exc.status_code == 404:
+        return error_response(NotFoundError(f"no route for {request.url.path[:200]}"))
+    err = GatewayError(str(exc.detail))
+    err.status = exc.status_code
+    return error_response(err)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error", exc_info=exc)
+    return error_response(GatewayError("internal error"))
+
+
+def build_routes(gw: Gateway) -> list[BaseRoute]:
+    routes: list[BaseRoute] = [
+        Route("/v1/chat/completions", Endpoint("chat")),
+        Route("/chat/completions", Endpoint("chat")),
+        Route("/v1/embeddings", Endpoint("embeddings")),
+        Route("/embeddings", Endpoint("embeddings")),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/models", models, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ]
+    if gw.settings.metrics.enabled and gw.settings.metrics.port == 0:
+        routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
+    for plugin in gw.pipeline.plugins:
+        extra = getattr(plugin, "routes", None)
+        if callable(extra):
+            routes.extend(extra())
+    return routes
+
+
+def create_app(settings: Settings, registry: dict[str, Any] | None = None) -> Starlette:
+    """Build the app for ``settings``; ``registry`` adds plugin classes (tests use it)."""
+    gw = Gateway(settings, registry)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gw.startup()
+        try:
+            yield
+        finally:
+            await gw.drain(settings.server.drain_timeout_s)
+            await gw.shutdown()
+
+    app = Starlette(
+        routes=build_routes(gw),
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_exception, Exception: server_error},
+    )
+    app.state.gateway = gw
+    return app
+
+
+def app_from_env() -> Starlette:
+    """Factory for ``uvicorn --factory`` (used by ``gateway serve --workers N``)."""
+    settings = load_settings(os.environ.get("GATEWAY_CONFIG", "config.yaml"))
+    setup_logging(settings.logging.level)
+    return create_app(settings)

@@ -1,0 +1,141 @@
+"""The ``gateway`` command: serve, check-config, fake-upstream, keys, rag."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gateway.config import ConfigError, Settings, load_settings
+
+
+def _load(path: str) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as e:
+        print(f"configuration error:\n{e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    try:
+        from gateway.pipeline import build_pipeline
+
+        plugins = build_pipeline(settings)
+    except ConfigError as e:
+        print(f"configuration error:\n{e}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.config}: OK: {len(settings.models)} model(s) "
+        f"({', '.join(m.name for m in settings.models)}); pipeline: "
+        f"{' -> '.join(p.name for p in plugins) or '(empty)'}"
+    )
+    return 0
+
+
+def _start_demo_upstream(settings: Settings) -> subprocess.Popen[bytes] | None:
+    demo = settings.demo_upstream
+    if not demo.enabled:
+        return None
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.fake_upstream", "--host", demo.host, "--port",
+         str(demo.port)],
+    )  # fmt: skip
+    import socket
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"demo upstream exited with status {proc.returncode}")
+        try:
+            with socket.create_connection((demo.host, demo.port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.terminate()
+    raise SystemExit("demo upstream did not start within 15 s")
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    config_path = str(Path(args.config).resolve())
+    settings = _load(config_path)
+    from gateway.pipeline import build_pipeline
+
+    try:
+        build_pipeline(settings)  # fail before forking workers or starting anything
+    except ConfigError as e:
+        print(f"configuration error:\n{e}", file=sys.stderr)
+        return 2
+    host = args.host or settings.server.host
+    port = args.port if args.port is not None else settings.server.port
+    workers = args.workers or settings.server.workers
+    os.environ["GATEWAY_CONFIG"] = config_path
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Metrics from all workers are aggregated through files in this folder.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+    demo = _start_demo_upstream(settings)
+    try:
+        uvicorn.run(
+            "gateway.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            access_log=settings.logging.access_log,
+            log_level=settings.logging.level,
+            timeout_graceful_shutdown=int(settings.server.drain_timeout_s) or None,
+            server_header=False,
+            date_header=False,
+        )
+    finally:
+        if demo is not None:
+            demo.terminate()
+            demo.wait(5)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fake-upstream":
+        from gateway import fake_upstream
+
+        fake_upstream.main(argv[1:])
+        return 0
+    if argv and argv[0] == "keys":
+        from plugins.auth.cli import keys_main
+
+        return keys_main(argv[1:])
+    if argv and argv[0] == "rag":
+        from plugins.rag.cli import rag_main
+
+        return rag_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="gateway", description="Secure LLM Gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the gateway")
+    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int)
+    p.set_defaults(func=serve)
+    p = sub.add_parser("check-config", help="validate the configuration and exit")
+    p.add_argument("--config", default="config.yaml")
+    p.set_defaults(func=check_config)
+    sub.add_parser("fake-upstream", help="run the fake OpenAI-compatible upstream")
+    sub.add_parser("keys", help="mint and manage API keys (gateway keys --help)")
+    sub.add_parser("rag", help="ingest, list and delete RAG documents (gateway rag --help)")
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

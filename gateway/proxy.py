@@ -1,0 +1,416 @@
+"""The request's path: read and validate the body, run the pipeline, call the upstream (with the
+attempt plan), relay the answer, then run the response phase and account.
+
+Written as plain ASGI (no Request/Response objects on the hot path) because this is where the
+gateway spends its time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway import metrics
+from gateway.context import RequestContext, Usage
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    UnsupportedMediaTypeError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from gateway.headers import client_response_headers
+from gateway.stream import relay_stream
+from gateway.validate import EXTENSION_FIELDS, validate_chat, validate_embeddings
+
+if TYPE_CHECKING:
+    from gateway.plugin import Plugin
+    from gateway.providers.base import UpstreamResponse
+    from gateway.state import Gateway
+
+log = logging.getLogger("gateway.proxy")
+
+Scope = dict[str, Any]
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def new_request_id(given: str | None) -> str:
+    if given and _REQUEST_ID.match(given):
+        return given
+    return os.urandom(12).hex()
+
+
+def parse_headers(scope: Scope) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    joined: dict[str, str] = {}
+    pairs: list[tuple[str, str]] = []
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        pairs.append((name, value))
+        joined[name] = f"{joined[name]}, {value}" if name in joined else value
+    return joined, pairs
+
+
+def new_context(scope: Scope, endpoint: str) -> RequestContext:
+    headers, pairs = parse_headers(scope)
+    client = scope.get("client")
+    return RequestContext(
+        request_id=new_request_id(headers.get("x-request-id")),
+        endpoint=endpoint,
+        path=scope["path"],
+        method=scope["method"],
+        headers=headers,
+        raw_headers=pairs,
+        body={},
+        client=client[0] if client else "",
+    )
+
+
+def response_headers(ctx: RequestContext, extra: list[tuple[bytes, bytes]] | None = None) -> list[
+    tuple[bytes, bytes]
+]:
+    out = [(b"x-request-id", ctx.request_id.encode())]
+    for name, value in ctx.response_headers.items():
+        out.append((name.encode("latin-1"), str(value).encode("latin-1", "replace")))
+    if extra:
+        out.extend(extra)
+    return out
+
+
+async def send_error(send: Any, ctx: RequestContext, err: GatewayError) -> None:
+    ctx.status = err.status
+    ctx.error_type = err.type
+    headers = response_headers(ctx, JSON_HEADERS)
+    for name, value in err.headers.items():
+        headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": err.body()})
+
+
+async def read_body(receive: Any, ctx: RequestContext, limit: int) -> bytes:
+    declared = ctx.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidRequestError("invalid Content-Length header")
+        if int(declared) > limit:
+            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            ctx.client_disconnected = True
+            raise InvalidRequestError("client disconnected while sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def check_content_type(ctx: RequestContext) -> None:
+    ctype = ctx.headers.get("content-type", "")
+    if ctype.split(";", 1)[0].strip().lower() != "application/json":
+        raise UnsupportedMediaTypeError("Content-Type must be application/json")
+
+
+def usage_from(data: dict[str, Any]) -> Usage | None:
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int):
+        return None
+    return Usage(prompt, completion if isinstance(completion, int) else 0)
+
+
+async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: str) -> None:
+    """``POST /v1/chat/completions`` and ``POST /v1/embeddings``."""
+    ctx = new_context(scope, endpoint)
+    ran: list[Plugin] = []
+    responded = False
+    gw.in_flight += 1
+    metrics.IN_FLIGHT.inc()
+    try:
+        if ctx.method != "POST":
+            raise MethodNotAllowedError(f"method {ctx.method} not allowed; use POST")
+        check_content_type(ctx)
+        raw = await read_body(receive, ctx, gw.settings.requests.max_body_bytes)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise InvalidRequestError("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise InvalidRequestError("request body must be a JSON object")
+        ctx.body = body
+        if endpoint == "chat":
+            model = validate_chat(body, gw.settings.requests)
+        else:
+            model = validate_embeddings(body, gw.settings.requests)
+        ctx.model = model
+        entry = gw.catalogue.get(model)
+        if entry is None or entry.kind != endpoint:
+            raise ModelNotFoundError(
+                f"The model '{model[:100]}' does not exist or you do not have access to it.",
+                param="model",
+            )
+        ctx.model_entry = entry
+        ctx.stream = body.get("stream") is True
+        ctx.deployment = entry.deployments[0]
+        answer = await gw.pipeline.run_request(ctx, ran)
+        if answer is not None:
+            for name, value in ctx.response_headers.items():
+                answer.headers[name] = str(value)
+            answer.headers["x-request-id"] = ctx.request_id
+            ctx.status = answer.status_code
+            responded = True
+            await answer(scope, receive, send)
+        else:
+            responded = await forward(gw, ctx, ran, scope, receive, send)
+    except GatewayError as err:
+        ctx.status, ctx.error_type = err.status, err.type
+        if not responded:
+            responded = True
+            await send_error(send, ctx, err)
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": ctx.request_id})
+        ctx.status, ctx.error_type = 500, "server_error"
+        if not responded:
+            responded = True
+            await send_error(send, ctx, GatewayError("internal error"))
+    finally:
+        gw.in_flight -= 1
+        metrics.IN_FLIGHT.dec()
+        if ctx.finished is None:
+            ctx.finished = time.perf_counter()
+        if "response_done" not in ctx.scratch:
+            await finish_response_phase(ran, ctx)
+        account(gw, ctx)
+
+
+async def finish_response_phase(ran: list[Plugin], ctx: RequestContext) -> GatewayError | None:
+    """Run ``on_response`` of every plugin that ran, in reverse; all of them run even if one
+    raises. Returns the first ``GatewayError`` raised."""
+    ctx.scratch["response_done"] = {}
+    first: GatewayError | None = None
+    for plugin in reversed(ran):
+        try:
+            await plugin.on_response(ctx)
+        except GatewayError as err:
+            if first is None:
+                first = err
+                ctx.status, ctx.error_type = err.status, err.type
+        except Exception:
+            log.exception(
+                "plugin on_response failed",
+                extra={"plugin": plugin.name, "request_id": ctx.request_id},
+            )
+    return first
+
+
+def upstream_body(ctx: RequestContext, model: str) -> dict[str, Any]:
+    body = {k: v for k, v in ctx.body.items() if k not in EXTENSION_FIELDS}
+    body["model"] = model
+    return body
+
+
+async def open_upstream(
+    gw: Gateway, ctx: RequestContext, ran: list[Plugin]
+) -> tuple[UpstreamResponse, tuple[bytes, AsyncIterator[bytes]] | None]:
+    """Try the attempt plan in order until one deployment answers 2xx (and, for a stream, its
+    first bytes arrived): nothing has reached the client yet, so failing over is safe."""
+    if not ctx.candidates:
+        assert ctx.deployment is not None
+        ctx.candidates = [ctx.deployment]
+    hooks = [p for p in ran if p.overrides("on_attempt")]
+    last: GatewayError | None = None
+    while ctx.candidates:
+        if ctx.deadline is not None and time.perf_counter() >= ctx.deadline:
+            break
+        dep = ctx.candidates.pop(0)
+        provider = gw.providers[dep.id]
+        ctx.deployment = dep
+        ctx.attempts += 1
+        started = time.perf_counter()
+        if ctx.upstream_started is None:
+            ctx.upstream_started = started
+        body = upstream_body(ctx, dep.model)
+        first: tuple[bytes, AsyncIterator[bytes]] | None = None
+        try:
+            if ctx.endpoint == "embeddings":
+                resp = await provider.embeddings(ctx, body)
+            else:
+                resp = await provider.chat(ctx, body)
+            if ctx.stream:
+                first = await first_bytes(resp, gw.settings.upstream.first_byte_timeout_s)
+        except GatewayError as err:
+            elapsed = time.perf_counter() - started
+            last = err
+            ctx.attempt_log.append(
+                {"deployment": dep.id, "provider": dep.provider, "status": err.status,
+                 "error": err.type, "ms": round(elapsed * 1000, 2)}
+            )  # fmt: skip
+            metrics.UPSTREAM_ERRORS.labels(dep.id, err.type).inc()
+            for plugin in hooks:
+                await plugin.on_attempt(ctx, dep, err, elapsed)
+            if not err.retryable:
+                raise
+            continue
+        elapsed = time.perf_counter() - started
+        ctx.upstream_first_byte = time.perf_counter()
+        ctx.attempt_log.append(
+            {"deployment": dep.id, "provider": dep.provider, "status": resp.status,
+             "error": None, "ms": round(elapsed * 1000, 2)}
+        )  # fmt: skip
+        for plugin in hooks:
+            await plugin.on_attempt(ctx, dep, None, elapsed)
+        return resp, first
+    if last is not None:
+        raise last
+    raise ServiceUnavailableError("no deployment is available for this model")
+
+
+async def first_bytes(
+    resp: UpstreamResponse, timeout: float
+) -> tuple[bytes, AsyncIterator[bytes]]:
+    """Wait (bounded) for the stream's first bytes; returns them and the iterator to go on."""
+    it = aiter(resp.iter_bytes())
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                data = await anext(it)
+                if data:
+                    return data, it
+    except StopAsyncIteration:
+        pass
+    except TimeoutError:
+        resp.close()
+        raise UpstreamTimeoutError(
+            "the upstream sent nothing before the first-byte timeout", retryable=True
+        ) from None
+    except BaseException:
+        resp.close()
+        raise
+    resp.close()
+    raise UpstreamError("the upstream closed the stream before sending anything", retryable=True)
+
+
+async def forward(
+    gw: Gateway, ctx: RequestContext, ran: list[Plugin], scope: Scope, receive: Any, send: Any
+) -> bool:
+    """Call the upstream and relay its answer. Returns whether a response was started."""
+    client_wants_usage = bool((ctx.body.get("stream_options") or {}).get("include_usage"))
+    resp, first = await open_upstream(gw, ctx, ran)
+    extra = client_response_headers(resp.headers)
+    extra.append((b"x-gateway-model", ctx.model.encode("latin-1", "replace")))
+    if ctx.deployment is not None:
+        extra.append((b"x-gateway-provider", ctx.deployment.provider.encode()))
+    extra.append((b"x-gateway-attempts", str(ctx.attempts).encode()))
+    if ctx.stream:
+        assert first is not None
+        await relay_stream(
+            gw, ctx, ran, resp, first[0], first[1], extra, client_wants_usage, receive, send
+        )
+        return True
+    try:
+        data = await resp.json()
+    finally:
+        resp.close()
+    ctx.finished = time.perf_counter()
+    ctx.response = data
+    ctx.status = 200
+    ctx.usage = usage_from(data) or estimate_usage(ctx, data)
+    err = await finish_response_phase(ran, ctx)
+    if err is not None:
+        raise err
+    headers = response_headers(ctx, JSON_HEADERS)
+    headers.extend(extra)
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": orjson.dumps(ctx.response)})
+    return True
+
+
+def estimate_usage(ctx: RequestContext, data: dict[str, Any]) -> Usage:
+    from gateway import tokens
+
+    model = ctx.deployment.model if ctx.deployment else ctx.model
+    text = ""
+    for choice in data.get("choices") or ():
+        msg = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(msg, dict) and isinstance(msg.get("content"), str):
+            text += msg["content"]
+    return Usage(tokens.prompt_tokens(ctx), tokens.count_text(text, model), estimated=True)
+
+
+def account(gw: Gateway, ctx: RequestContext) -> None:
+    """Metrics and the request log line; never raises."""
+    try:
+        finished = ctx.finished or time.perf_counter()
+        total = finished - ctx.started
+        model = ctx.model if ctx.model_entry is not None else "unknown"
+        provider = ctx.deployment.provider if ctx.deployment and ctx.attempts else "none"
+        metrics.REQUESTS.labels(ctx.endpoint, model, provider, str(ctx.status)).inc()
+        metrics.LATENCY.labels(ctx.endpoint, model).observe(total)
+        upstream = 0.0
+        if ctx.upstream_started is not None:
+            upstream = finished - ctx.upstream_started
+            metrics.UPSTREAM_LATENCY.labels(model, provider).observe(upstream)
+        metrics.OVERHEAD.labels(ctx.endpoint).observe(max(0.0, total - upstream))
+        if ctx.client_disconnected:
+            metrics.DISCONNECTS.inc()
+        usage = ctx.usage
+        if usage is not None and ctx.model_entry is not None:
+            metrics.TOKENS.labels(model, "prompt").inc(usage.prompt_tokens)
+            metrics.TOKENS.labels(model, "completion").inc(usage.completion_tokens)
+        record: dict[str, Any] = {
+            "ts": round(time.time(), 3),
+            "request_id": ctx.request_id,
+            "endpoint": ctx.endpoint,
+            "status": ctx.status,
+            "model": ctx.model[:100] if ctx.model else None,
+            "deployment": ctx.deployment.id if ctx.deployment and ctx.attempts else None,
+            "attempts": ctx.attempts,
+            "stream": ctx.stream,
+            "ms_total": round(total * 1000, 3),
+            "ms_upstream": round(upstream * 1000, 3),
+        }
+        if ctx.identity is not None:
+            record["user"] = ctx.identity.user
+            record["tenant"] = ctx.identity.tenant
+            record["key_id"] = ctx.identity.credential_id
+        if ctx.error_type:
+            record["error_type"] = ctx.error_type
+        if usage is not None:
+            record["prompt_tokens"] = usage.prompt_tokens
+            record["completion_tokens"] = usage.completion_tokens
+            if usage.estimated:
+                record["tokens_estimated"] = True
+            if ctx.deployment is not None:
+                record["cost_usd"] = round(
+                    ctx.deployment.price.cost(usage.prompt_tokens, usage.completion_tokens), 8
+                )
+        if ctx.client_disconnected:
+            record["client_disconnected"] = True
+        if len(ctx.attempt_log) > 1 or (ctx.attempt_log and ctx.attempt_log[0]["error"]):
+            record["attempt_log"] = ctx.attempt_log
+        if ctx.log:
+            record.update(ctx.log)
+        gw.request_log.write(record)
+    except Exception:
+        log.exception("accounting failed", extra={"request_id": ctx.request_id})

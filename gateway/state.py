@@ -1,0 +1,96 @@
+"""The long-lived state of one gateway process, created in the app lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from gateway.catalogue import Catalogue
+from gateway.logs import RequestLog
+from gateway.pipeline import Pipeline, build_pipeline
+from gateway.providers import provider_class
+from gateway.providers.base import make_session
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from gateway.config import Settings
+    from gateway.providers.base import Provider
+
+log = logging.getLogger("gateway")
+
+
+class Gateway:
+    """Settings, catalogue, pipeline, the one upstream client and the providers.
+
+    Plugins receive it in ``startup`` to reach the catalogue, the shared HTTP session and their
+    peers (``gateway.pipeline.find("guard")``).
+    """
+
+    def __init__(self, settings: Settings, registry: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.catalogue = Catalogue(settings.models)
+        self.pipeline = Pipeline(build_pipeline(settings, registry))
+        self.request_log = RequestLog(settings.logging.request_log)
+        self.session: aiohttp.ClientSession | None = None
+        self.providers: dict[str, Provider] = {}
+        self.ready = False
+        self.draining = False
+        self.in_flight = 0
+        self._flusher: asyncio.Task[None] | None = None
+        self._started: list[Any] = []
+
+    async def startup(self) -> None:
+        self.session = make_session(self.settings.upstream)
+        for dep in self.catalogue.deployments():
+            cls = provider_class(dep.provider)
+            self.providers[dep.id] = cls(dep, self.session, self.settings.upstream)
+        try:
+            for plugin in self.pipeline.plugins:
+                await plugin.startup(self)
+                self._started.append(plugin)
+        except BaseException:
+            await self.shutdown()
+            raise
+        self._flusher = asyncio.create_task(self._flush_logs())
+        self.ready = True
+        log.info(
+            "gateway ready",
+            extra={
+                "models": self.catalogue.names(),
+                "pipeline": [p.name for p in self.pipeline.plugins],
+            },
+        )
+
+    async def _flush_logs(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.request_log.flush()
+
+    async def drain(self, timeout: float) -> None:
+        """Turn ``/readyz`` to 503 and wait (up to ``timeout``) for in-flight requests."""
+        self.draining = True
+        self.ready = False
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.in_flight > 0 and loop.time() < end:
+            await asyncio.sleep(0.05)
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        for plugin in reversed(self._started):
+            try:
+                await plugin.shutdown()
+            except Exception:
+                log.exception("plugin shutdown failed", extra={"plugin": plugin.name})
+        self._started.clear()
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+        self.request_log.close()

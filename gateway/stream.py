@@ -1,0 +1,257 @@
+"""Relaying a streamed completion: upstream SSE bytes reach the client as they arrive.
+
+Two paths:
+
+* fast: no plugin looks at chunks, so complete SSE events are forwarded as raw bytes; only an
+  event carrying ``"usage":{`` is parsed (to account, and dropped if the client did not ask for
+  usage: the gateway always asks the upstream for it).
+* parsed: some plugin has ``on_chunk``/``on_stream_end`` (the output guard), so each event is
+  parsed, passed through the hooks in reverse pipeline order and re-serialised.
+
+Once the status line has been sent, any failure (upstream drop, a plugin ending the stream)
+becomes one final SSE error event. A client disconnect cancels the relay at once, which closes
+the upstream connection so the provider stops generating (and billing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway import metrics
+from gateway.context import Usage
+from gateway.errors import GatewayError, UpstreamError
+from gateway.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from gateway.context import RequestContext
+    from gateway.plugin import Plugin
+    from gateway.providers.base import UpstreamResponse
+    from gateway.state import Gateway
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_DONE = b"data: [DONE]\n\n"
+_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+
+
+def _has_usage(event: bytes) -> bool:
+    return _USAGE_MARKERS[0] in event or _USAGE_MARKERS[1] in event
+
+
+def _payload(event: bytes) -> bytes | None:
+    """The data of one SSE event (several ``data:`` lines are joined per the SSE spec)."""
+    data = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    if not data:
+        return None
+    return b"\n".join(data)
+
+
+class _Relay:
+    def __init__(
+        self, ctx: RequestContext, hooks: list[Plugin], client_wants_usage: bool, send: Any
+    ) -> None:
+        self.ctx = ctx
+        self.hooks = hooks
+        self.client_wants_usage = client_wants_usage
+        self.send = send
+        self.buffer = b""
+        self.usage: Usage | None = None
+        self.saw_done = False
+        #: Forwarded events kept until the upstream's usage shows up (then dropped), so the
+        #: completion can still be counted if it never does.
+        self.kept: list[bytes] = []
+        self.text: list[str] = []
+
+    async def feed(self, data: bytes) -> None:
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        buf = self.buffer + data if self.buffer else data
+        cut = buf.rfind(b"\n\n")
+        if cut == -1:
+            self.buffer = buf
+            return
+        complete, self.buffer = buf[: cut + 2], buf[cut + 2 :]
+        out = await (self._parsed(complete) if self.hooks else self._fast(complete))
+        if out:
+            await self.send({"type": "http.response.body", "body": out, "more_body": True})
+
+    async def _fast(self, complete: bytes) -> bytes:
+        if complete.endswith(_DONE):
+            self.saw_done = True
+            complete = complete[: -len(_DONE)]
+        if not _has_usage(complete):
+            if self.usage is None:
+                self.kept.append(complete)
+            return complete
+        out: list[bytes] = []
+        for event in complete.split(b"\n\n"):
+            if not event:
+                continue
+            if _has_usage(event) and self._take_usage(event):
+                continue
+            out.append(event + b"\n\n")
+        return b"".join(out)
+
+    def _take_usage(self, event: bytes) -> bool:
+        """Record the usage in ``event``; True if the event should be dropped."""
+        payload = _payload(event)
+        try:
+            obj = orjson.loads(payload) if payload else None
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(obj, dict):
+            return False
+        usage = obj.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            self.usage = Usage(usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
+            self.kept.clear()
+        return not obj.get("choices") and not self.client_wants_usage
+
+    async def _parsed(self, complete: bytes) -> bytes:
+        out: list[bytes] = []
+        for event in complete.split(b"\n\n"):
+            payload = _payload(event) if event else None
+            if payload is None:
+                continue
+            if payload == b"[DONE]":
+                self.saw_done = True
+                continue
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                raise UpstreamError("the upstream sent a malformed stream event") from None
+            if not isinstance(obj, dict):
+                continue
+            if "error" in obj:
+                out.append(event + b"\n\n")
+                continue
+            if not obj.get("choices"):
+                if isinstance(obj.get("usage"), dict):
+                    self._take_usage(event)
+                    if self.client_wants_usage:
+                        out.append(event + b"\n\n")
+                continue
+            for chunk in await Pipeline.run_chunk(self.hooks, self.ctx, obj):
+                out.append(self._encode(chunk))
+        return b"".join(out)
+
+    def _encode(self, chunk: dict[str, Any]) -> bytes:
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                self.text.append(delta["content"])
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    async def end(self) -> None:
+        if self.buffer.strip():
+            await self.feed(b"\n\n")
+        if self.hooks:
+            released = await Pipeline.run_stream_end(self.hooks, self.ctx)
+            if released:
+                body = b"".join(self._encode(c) for c in released)
+                await self.send({"type": "http.response.body", "body": body, "more_body": True})
+        if not self.saw_done:
+            raise UpstreamError("the upstream stream ended before it was complete")
+        await self.send({"type": "http.response.body", "body": _DONE, "more_body": True})
+
+    def final_usage(self) -> Usage:
+        if self.usage is not None:
+            return self.usage
+        from gateway import tokens
+
+        text = "".join(self.text)
+        if not self.hooks:
+            parts = []
+            for block in self.kept:
+                for event in block.split(b"\n\n"):
+                    payload = _payload(event)
+                    if not payload or payload == b"[DONE]":
+                        continue
+                    try:
+                        obj = orjson.loads(payload)
+                    except orjson.JSONDecodeError:
+                        continue
+                    for choice in obj.get("choices") or () if isinstance(obj, dict) else ():
+                        delta = choice.get("delta") or {}
+                        if isinstance(delta.get("content"), str):
+                            parts.append(delta["content"])
+            text = "".join(parts)
+        model = self.ctx.deployment.model if self.ctx.deployment else self.ctx.model
+        return Usage(
+            tokens.prompt_tokens(self.ctx), tokens.count_text(text, model), estimated=True
+        )
+
+
+async def relay_stream(
+    gw: Gateway,
+    ctx: RequestContext,
+    ran: list[Plugin],
+    resp: UpstreamResponse,
+    first: bytes,
+    it: AsyncIterator[bytes],
+    extra: list[tuple[bytes, bytes]],
+    client_wants_usage: bool,
+    receive: Any,
+    send: Any,
+) -> None:
+    from gateway.proxy import response_headers
+
+    hooks = (
+        [p for p in ran if p.overrides("on_chunk") or p.overrides("on_stream_end")]
+        if gw.pipeline.has_chunk_hooks
+        else []
+    )
+    relay = _Relay(ctx, hooks, client_wants_usage, send)
+    headers = response_headers(ctx, SSE_HEADERS)
+    headers.extend(extra)
+    ctx.status = 200
+    main = asyncio.current_task()
+    assert main is not None
+    state = {"active": True, "disconnected": False}
+
+    async def watch_disconnect() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if state["active"]:
+                    state["disconnected"] = True
+                    main.cancel()
+                return
+
+    watcher = asyncio.create_task(watch_disconnect())
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await relay.feed(first)
+        metrics.TTFT.labels(ctx.model).observe(time.perf_counter() - ctx.started)
+        async for data in it:
+            await relay.feed(data)
+        await relay.end()
+    except GatewayError as err:
+        ctx.error_type = err.type
+        event = b"data: " + err.body() + b"\n\n"
+        try:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        except OSError:
+            pass
+    except asyncio.CancelledError:
+        if not state["disconnected"]:
+            raise
+        main.uncancel()
+        ctx.client_disconnected = True
+    finally:
+        state["active"] = False
+        watcher.cancel()
+        resp.close()
+        ctx.finished = time.perf_counter()
+        ctx.usage = relay.final_usage()
+    if not ctx.client_disconnected:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,0 +1,246 @@
+"""Request body validation: the chat and embeddings schemas, checked once before any plugin.
+
+A bad field is a 400 naming the ``param`` (``messages[2].content[0].type``). Fields that would
+redirect the upstream or its credentials are refused outright, never forwarded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.config import RequestsConfig
+from gateway.errors import InvalidRequestError
+
+#: Fields a client might use to steer the gateway's upstream or credentials (LiteLLM and other
+#: SDKs accept several of these): always refused.
+FORBIDDEN = frozenset(
+    {
+        "api_base",
+        "base_url",
+        "api_key",
+        "api_version",
+        "api_type",
+        "extra_headers",
+        "headers",
+        "extra_query",
+        "organization",
+        "custom_llm_provider",
+        "deployment_id",
+        "azure_endpoint",
+        "azure_ad_token",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_region_name",
+        "vertex_credentials",
+        "vertex_project",
+        "proxy",
+        "proxies",
+        "http_client",
+        "timeout",
+        "url",
+        "endpoint",
+    }
+)
+
+CHAT_FIELDS = frozenset(
+    {
+        "model", "messages", "audio", "frequency_penalty", "function_call", "functions",
+        "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "metadata",
+        "modalities", "n", "parallel_tool_calls", "prediction", "presence_penalty",
+        "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier", "seed",
+        "service_tier", "stop", "store", "stream", "stream_options", "temperature",
+        "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity",
+        "web_search_options",
+    }
+)  # fmt: skip
+
+#: Gateway extension fields, consumed by plugins and removed before the upstream sees them.
+EXTENSION_FIELDS = frozenset({"rag", "use_rag"})
+
+EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+PART_TYPES = {
+    "system": frozenset({"text"}),
+    "developer": frozenset({"text"}),
+    "user": frozenset({"text", "image_url", "input_audio", "file"}),
+    "assistant": frozenset({"text", "refusal"}),
+    "tool": frozenset({"text"}),
+    "function": frozenset({"text"}),
+}
+
+
+def _bad(message: str, param: str) -> InvalidRequestError:
+    return InvalidRequestError(message, param=param)
+
+
+def _check_fields(body: dict[str, Any], allowed: frozenset[str], extra: tuple[str, ...]) -> None:
+    for key in body:
+        if key in FORBIDDEN:
+            raise InvalidRequestError(
+                f"'{key}' is not allowed: the gateway decides where requests go and with which "
+                "credentials",
+                param=key,
+                code="forbidden_parameter",
+            )
+        if key not in allowed and key not in extra:
+            raise InvalidRequestError(
+                f"Unrecognized request argument supplied: {key}", param=key,
+                code="unknown_parameter",
+            )  # fmt: skip
+
+
+def _number(body: dict[str, Any], key: str, lo: float, hi: float) -> None:
+    v = body.get(key)
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        raise _bad(f"'{key}' must be a number between {lo:g} and {hi:g}", key)
+
+
+def _int(body: dict[str, Any], key: str, lo: int, hi: int) -> None:
+    v = body.get(key)
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _bad(f"'{key}' must be an integer between {lo} and {hi}", key)
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("'model' is required and must be a non-empty string", "model")
+    if len(model) > 256:
+        raise _bad("'model' is too long", "model")
+    return model
+
+
+def _message(i: int, msg: Any) -> None:
+    where = f"messages[{i}]"
+    if not isinstance(msg, dict):
+        raise _bad(f"'{where}' must be an object", where)
+    role = msg.get("role")
+    if role not in ROLES:
+        raise _bad(
+            f"'{where}.role' must be one of {', '.join(sorted(ROLES))}", f"{where}.role"
+        )
+    content = msg.get("content")
+    if content is None:
+        if role not in ("assistant", "function") or not (
+            msg.get("tool_calls") or msg.get("function_call")
+        ):
+            if role != "assistant":
+                raise _bad(f"'{where}.content' is required", f"{where}.content")
+    elif isinstance(content, list):
+        allowed = PART_TYPES[role]
+        for j, part in enumerate(content):
+            pw = f"{where}.content[{j}]"
+            if not isinstance(part, dict):
+                raise _bad(f"'{pw}' must be an object", pw)
+            ptype = part.get("type")
+            if ptype not in allowed:
+                raise _bad(
+                    f"'{pw}.type' must be one of {', '.join(sorted(allowed))} for role {role}",
+                    f"{pw}.type",
+                )
+            if ptype == "text" and not isinstance(part.get("text"), str):
+                raise _bad(f"'{pw}.text' must be a string", f"{pw}.text")
+            if ptype == "image_url":
+                img = part.get("image_url")
+                if not isinstance(img, dict) or not isinstance(img.get("url"), str):
+                    raise _bad(f"'{pw}.image_url.url' must be a string", f"{pw}.image_url")
+    elif not isinstance(content, str):
+        raise _bad(f"'{where}.content' must be a string or an array of parts", f"{where}.content")
+    name = msg.get("name")
+    if name is not None and not isinstance(name, str):
+        raise _bad(f"'{where}.name' must be a string", f"{where}.name")
+    if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
+        raise _bad(f"'{where}.tool_call_id' is required for tool messages", f"{where}.tool_call_id")
+    calls = msg.get("tool_calls")
+    if calls is not None:
+        if role != "assistant" or not isinstance(calls, list):
+            raise _bad(f"'{where}.tool_calls' must be a list on an assistant message",
+                       f"{where}.tool_calls")  # fmt: skip
+        for j, call in enumerate(calls):
+            if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+                raise _bad(f"'{where}.tool_calls[{j}]' is malformed", f"{where}.tool_calls[{j}]")
+
+
+def validate_chat(body: dict[str, Any], cfg: RequestsConfig) -> str:
+    """Validate a chat completion request in place; returns the model name."""
+    _check_fields(body, CHAT_FIELDS | EXTENSION_FIELDS, cfg.extra_params)
+    model = _model(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty array", "messages")
+    if len(messages) > cfg.max_messages:
+        raise _bad(f"'messages' has more than {cfg.max_messages} entries", "messages")
+    for i, msg in enumerate(messages):
+        _message(i, msg)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean", "stream")
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise _bad("'stream_options' must be an object", "stream_options")
+        if not stream:
+            raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    _number(body, "temperature", 0, 2)
+    _number(body, "top_p", 0, 1)
+    _number(body, "frequency_penalty", -2, 2)
+    _number(body, "presence_penalty", -2, 2)
+    _int(body, "max_tokens", 1, cfg.max_tokens)
+    _int(body, "max_completion_tokens", 1, cfg.max_tokens)
+    _int(body, "n", 1, cfg.max_n)
+    _int(body, "top_logprobs", 0, 20)
+    _int(body, "seed", -(2**63), 2**63 - 1)
+    stop = body.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str)
+        or (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop))
+    ):
+        raise _bad("'stop' must be a string or an array of up to 4 strings", "stop")
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _bad("'tools' must be an array", "tools")
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict) or not isinstance(tool.get("function", {}), dict):
+                raise _bad(f"'tools[{i}]' must be an object", f"tools[{i}]")
+            if tool.get("type", "function") == "function" and not isinstance(
+                (tool.get("function") or {}).get("name"), str
+            ):
+                raise _bad(f"'tools[{i}].function.name' is required", f"tools[{i}].function.name")
+    rf = body.get("response_format")
+    if rf is not None and (not isinstance(rf, dict) or not isinstance(rf.get("type"), str)):
+        raise _bad("'response_format' must be an object with a 'type'", "response_format")
+    for key in ("user", "metadata", "logit_bias"):
+        v = body.get(key)
+        if v is not None and not isinstance(v, str if key == "user" else dict):
+            raise _bad(f"'{key}' has the wrong type", key)
+    return model
+
+
+def validate_embeddings(body: dict[str, Any], cfg: RequestsConfig) -> str:
+    _check_fields(body, EMBEDDING_FIELDS, cfg.extra_params)
+    model = _model(body)
+    value = body.get("input")
+    ok = isinstance(value, str) or (
+        isinstance(value, list)
+        and value
+        and (
+            all(isinstance(v, str) for v in value)
+            or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value)
+        )
+    )
+    if not ok:
+        raise _bad("'input' must be a string, an array of strings, or token arrays", "input")
+    if isinstance(value, list) and len(value) > 2048:
+        raise _bad("'input' has more than 2048 entries", "input")
+    fmt = body.get("encoding_format")
+    if fmt is not None and fmt not in ("float", "base64"):
+        raise _bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    _int(body, "dimensions", 1, 65536)
+    return model
