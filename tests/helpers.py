@@ -110,6 +110,7 @@ class RunningGateway:
     thread: LoopThread | None = None
     api_key: str = "sk-client-CANARY-abcdef"
     extra: dict[str, Any] = field(default_factory=dict)
+    clients: list[Any] = field(default_factory=list)
 
     @property
     def gateway(self) -> Any:
@@ -120,12 +121,21 @@ class RunningGateway:
 
         kwargs.setdefault("max_retries", 0)
         kwargs.setdefault("timeout", 20)
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key or self.api_key, **kwargs)
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key or self.api_key, **kwargs)
+        self.clients.append(client)
+        return client
 
     def http(self, **kwargs: Any) -> httpx.Client:
         kwargs.setdefault("timeout", 20)
         headers = kwargs.pop("headers", {"authorization": f"Bearer {self.api_key}"})
-        return httpx.Client(base_url=self.url, headers=headers, **kwargs)
+        client = httpx.Client(base_url=self.url, headers=headers, **kwargs)
+        self.clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.clients.clear()
 
     def upstream_requests(self) -> list[dict[str, Any]]:
         return self.upstream.requests()
@@ -134,7 +144,7 @@ class RunningGateway:
 def build_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
     config: dict[str, Any] = {"models": [demo_model(upstream_url)], "pipeline": []}
     config["logging"] = {"request_log": "none"}
-    config.update(sections)
+    config.update({k: v for k, v in sections.items() if v is not None})
     return config
 
 
@@ -143,19 +153,21 @@ def running_gateway(
     config: dict[str, Any] | None = None,
     *,
     registry: dict[str, Any] | None = None,
-    upstream: dict[str, Any] | None = None,
+    fake: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
     **sections: Any,
 ) -> Iterator[RunningGateway]:
-    """Start the fake upstream and the gateway. ``config`` may be a callable
-    ``(upstream_url) -> dict``; otherwise ``sections`` are merged into ``build_config``."""
-    with fake_upstream(**(upstream or {})) as fake:
+    """Start the fake upstream (``fake``: its ``create_app`` kwargs) and the gateway.
+
+    ``config`` may be a dict or a callable ``(upstream_url) -> dict``; otherwise ``sections``
+    (``pipeline=``, ``models=``, ``upstream=`` ...) are merged into ``build_config``."""
+    with fake_upstream(**(fake or {})) as fake_server:
         if callable(config):
-            raw = config(fake.url)
+            raw = config(fake_server.url)
         elif config is not None:
             raw = config
         else:
-            raw = build_config(fake.url, **sections)
+            raw = build_config(fake_server.url, **sections)
         settings = parse_settings(raw, "test-config.yaml", env)
         app = create_app(settings, registry)
         uv = uvicorn.Config(
@@ -174,10 +186,11 @@ def running_gateway(
                 raise RuntimeError("gateway did not start")
             time.sleep(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
-        running = RunningGateway(f"http://127.0.0.1:{port}", fake, app, server, thread)
+        running = RunningGateway(f"http://127.0.0.1:{port}", fake_server, app, server, thread)
         try:
             yield running
         finally:
+            running.close_clients()
             server.should_exit = True
             with contextlib.suppress(Exception):
                 task.result(15)

@@ -1,0 +1,278 @@
+"""The core request path end to end: SDK compatibility, error classes, request hygiene."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.errors import UnprocessableEntityError
+from gateway.plugin import Plugin, PluginConfig
+from tests.helpers import running_gateway
+
+CANARY_CLIENT_KEY = "sk-client-CANARY-abcdef"
+MSG = [{"role": "user", "content": "hello"}]
+
+
+def post(gw: Any, body: Any, **headers: str) -> httpx.Response:
+    h = {"authorization": f"Bearer {CANARY_CLIENT_KEY}", "content-type": "application/json"}
+    h.update(headers)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{gw.url}/v1/chat/completions", content=data, headers=h, timeout=20)
+
+
+def assert_openai_error(r: httpx.Response, status: int, code: str | None = None,
+                        param: str | None = None) -> dict[str, Any]:  # fmt: skip
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.headers.get("x-request-id")
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert "Traceback" not in err["message"]
+    if code is not None:
+        assert err["code"] == code
+    if param is not None:
+        assert err["param"] == param
+    return dict(err)
+
+
+@pytest.fixture(scope="module")
+def gw() -> Any:
+    with running_gateway(requests={"max_body_bytes": 4096, "max_tokens": 1000, "max_n": 2},
+                         fake={"chunks": 3}) as running:  # fmt: skip
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _clean(gw: Any) -> None:
+    gw.upstream.clear()
+
+
+def test_sdk_plain_completion(gw: Any) -> None:
+    r = gw.openai().chat.completions.create(model="demo", messages=MSG)
+    assert r.choices[0].message.content == "Echo: hello"
+    assert r.usage is not None and r.usage.total_tokens > 0
+    sent = gw.upstream_requests()[-1]
+    assert sent["body"]["model"] == "demo-upstream"  # public name rewritten to the deployment's
+
+
+def test_sdk_streamed_completion(gw: Any) -> None:
+    stream = gw.openai().chat.completions.create(model="demo", messages=MSG, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Echo: hello"
+    # The gateway asks the upstream for usage but the client did not: no usage chunk leaks.
+    assert all(c.choices for c in chunks)
+    assert gw.upstream_requests()[-1]["body"]["stream_options"] == {"include_usage": True}
+
+
+def test_sdk_stream_with_usage_when_asked(gw: Any) -> None:
+    stream = gw.openai().chat.completions.create(
+        model="demo", messages=MSG, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_model_alias_and_models_listing(gw: Any) -> None:
+    models = gw.openai().models.list()
+    assert [m.id for m in models.data] == ["demo"]
+
+
+def test_embeddings_go_through_the_gateway(gw: Any) -> None:
+    with running_gateway(config=lambda url: {
+        "models": [{"name": "emb", "kind": "embeddings", "deployments": [
+            {"model": "e-up", "base_url": f"{url}/v1"}]}],
+        "logging": {"request_log": "none"},
+    }) as g:  # fmt: skip
+        r = g.openai().embeddings.create(model="emb", input=["a", "b"])
+        assert len(r.data) == 2 and len(r.data[0].embedding) > 0
+        assert g.upstream_requests()[-1]["body"]["input"] == ["a", "b"]
+        with pytest.raises(openai.NotFoundError):  # a chat call to an embeddings model
+            g.openai().chat.completions.create(model="emb", messages=MSG)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "demo"}, "messages"),
+        ({"model": "demo", "messages": []}, "messages"),
+        ({"messages": MSG}, "model"),
+        ({"model": "demo", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"model": "demo", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"model": "demo", "messages": [{"role": "user", "content": [{"type": "video"}]}]},
+         "messages[0].content[0].type"),
+        ({"model": "demo", "messages": MSG, "temperature": 5}, "temperature"),
+        ({"model": "demo", "messages": MSG, "max_tokens": 5000}, "max_tokens"),
+        ({"model": "demo", "messages": MSG, "n": 3}, "n"),
+        ({"model": "demo", "messages": MSG, "stream": "yes"}, "stream"),
+        ({"model": "demo", "messages": MSG, "frobnicate": 1}, "frobnicate"),
+    ],
+)  # fmt: skip
+def test_schema_errors_are_400_naming_the_param(gw: Any, body: dict[str, Any], param: str) -> None:
+    r = post(gw, body)
+    assert_openai_error(r, 400, param=param)
+    assert gw.upstream_requests() == []
+
+
+@pytest.mark.parametrize(
+    "field", ["api_base", "base_url", "api_key", "extra_headers", "headers", "organization"]
+)
+def test_redirecting_fields_are_refused_not_forwarded(gw: Any, field: str) -> None:
+    body = {"model": "demo", "messages": MSG, field: "http://evil.example/v1"}
+    r = post(gw, body)
+    assert_openai_error(r, 400, code="forbidden_parameter", param=field)
+    assert gw.upstream_requests() == []
+
+
+def test_sdk_gets_the_right_exception_classes(gw: Any) -> None:
+    client = gw.openai()
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="demo", messages=[])
+    with pytest.raises(openai.NotFoundError) as nf:
+        client.chat.completions.create(model="no-such-model", messages=MSG)
+    assert nf.value.body["code"] == "model_not_found"  # type: ignore[index]
+    assert gw.upstream_requests() == []
+
+
+@pytest.mark.parametrize(
+    ("status", "exc", "code"),
+    [
+        (500, openai.InternalServerError, 502),
+        (503, openai.InternalServerError, 503),
+        (429, openai.RateLimitError, 429),
+        (401, openai.InternalServerError, 502),  # the gateway's key is wrong, not the client's
+        (400, openai.BadRequestError, 400),
+    ],
+)
+def test_upstream_errors_map_to_sdk_exceptions(gw: Any, status: int, exc: type, code: int) -> None:
+    client = gw.openai(default_headers={"x-fake-status": str(status), "x-fake-retry-after": "7"})
+    with pytest.raises(exc) as info:
+        client.chat.completions.create(model="demo", messages=MSG)
+    assert info.value.status_code == code
+    if status == 429:
+        assert info.value.response.headers["retry-after"] == "7"
+    assert "CANARY" not in info.value.response.text
+
+
+def test_upstream_hang_before_first_byte_is_504() -> None:
+    with running_gateway(fake={"hang_ms": 3000}, upstream={"first_byte_timeout_s": 0.3}) as gw:
+        with pytest.raises(openai.APIStatusError) as info:
+            gw.openai().chat.completions.create(model="demo", messages=MSG)
+        assert info.value.status_code == 504
+        with pytest.raises(openai.APIStatusError) as info:
+            gw.openai().chat.completions.create(model="demo", messages=MSG, stream=True)
+        assert info.value.status_code == 504
+
+
+def test_upstream_refusing_connections_is_502() -> None:
+    from tests.helpers import demo_model, free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with running_gateway(models=[demo_model(dead)]) as gw:
+        with pytest.raises(openai.InternalServerError) as info:
+            gw.openai().chat.completions.create(model="demo", messages=MSG)
+        assert info.value.status_code == 502
+
+
+class Unprocessable(Plugin):
+    name = "unprocessable"
+    Config = PluginConfig
+
+    async def on_request(self, ctx: Any) -> None:
+        raise UnprocessableEntityError("cannot process this")
+
+
+def test_422_from_a_plugin_reaches_the_sdk() -> None:
+    with running_gateway(registry={"u": Unprocessable}, pipeline=[{"name": "u"}]) as gw:
+        with pytest.raises(openai.UnprocessableEntityError):
+            gw.openai().chat.completions.create(model="demo", messages=MSG)
+
+
+def test_invalid_json_is_400(gw: Any) -> None:
+    assert_openai_error(post(gw, b"{not json"), 400)
+    assert_openai_error(post(gw, b"[1, 2]"), 400)
+
+
+def test_non_json_content_type_is_415(gw: Any) -> None:
+    r = post(gw, {"model": "demo", "messages": MSG}, **{"content-type": "text/plain"})
+    assert_openai_error(r, 415)
+    assert gw.upstream_requests() == []
+
+
+def test_body_over_the_limit_is_413_before_parsing(gw: Any) -> None:
+    big = {"model": "demo", "messages": [{"role": "user", "content": "x" * 10_000}]}
+    assert_openai_error(post(gw, big), 413)
+    # Also when the client lies about (or omits) the length: chunked upload.
+    def gen() -> Any:
+        for _ in range(10):
+            yield b"x" * 1000
+    r = httpx.post(f"{gw.url}/v1/chat/completions", content=gen(),
+                   headers={"content-type": "application/json"})  # fmt: skip
+    assert_openai_error(r, 413)
+    assert gw.upstream_requests() == []
+
+
+def test_wrong_method_and_unknown_route_are_openai_shaped(gw: Any) -> None:
+    r = httpx.get(f"{gw.url}/v1/chat/completions")
+    assert_openai_error(r, 405)
+    r = httpx.get(f"{gw.url}/v1/nothing-here")
+    assert_openai_error(r, 404)
+
+
+def test_client_credentials_and_hop_by_hop_headers_never_reach_upstream(gw: Any) -> None:
+    r = post(
+        gw,
+        {"model": "demo", "messages": MSG},
+        **{
+            "x-api-key": "xkey-CANARY",
+            "cookie": "session=CANARY",
+            "proxy-authorization": "Basic CANARY",
+            "connection": "keep-alive, x-secret-hop",
+            "x-secret-hop": "CANARY",
+            "te": "trailers",
+            "x-forwarded-for": "6.6.6.6",
+            "openai-organization": "org-CANARY",
+            "x-custom-trace": "kept",
+        },
+    )
+    assert r.status_code == 200, r.text
+    sent = gw.upstream_requests()[-1]
+    names = {k.lower(): v for k, v in sent["headers"]}
+    flat = json.dumps(sent["headers"])
+    assert "CANARY" not in flat.replace("sk-provider-CANARY-0123456789", "")
+    assert names["authorization"] == "Bearer sk-provider-CANARY-0123456789"
+    assert "x-secret-hop" not in names and "te" not in names and "cookie" not in names
+    assert "x-forwarded-for" not in names
+    assert names["x-custom-trace"] == "kept"
+
+
+def test_request_id_is_accepted_or_generated_on_every_response(gw: Any) -> None:
+    r = post(gw, {"model": "demo", "messages": MSG}, **{"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert dict(gw.upstream_requests()[-1]["headers"])["X-Request-ID"] == "abc-123"
+    r = post(gw, {"model": "demo", "messages": MSG}, **{"x-request-id": "bad id <script>"})
+    assert r.headers["x-request-id"] != "bad id" and len(r.headers["x-request-id"]) == 24
+    r = post(gw, {"model": "nope", "messages": MSG})
+    assert r.status_code == 404 and r.headers["x-request-id"]
+
+
+def test_health_readiness_and_metrics(gw: Any) -> None:
+    assert httpx.get(f"{gw.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{gw.url}/readyz").status_code == 200
+    gw.openai().chat.completions.create(model="demo", messages=MSG)
+    text = httpx.get(f"{gw.url}/metrics").text
+    assert 'gateway_requests_total{endpoint="chat",model="demo",provider="openai",status="200"}' in text
+    assert "gateway_request_duration_seconds_bucket" in text
+    assert "CANARY" not in text
+
+
+def test_invented_model_names_do_not_create_metric_series(gw: Any) -> None:
+    for i in range(3):
+        post(gw, {"model": f"invented-{i}", "messages": MSG})
+    text = httpx.get(f"{gw.url}/metrics").text
+    assert "invented-" not in text

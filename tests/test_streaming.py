@@ -1,0 +1,118 @@
+"""Streaming relay: incremental delivery, disconnects, failures after the first byte."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import running_gateway
+
+MSG = [{"role": "user", "content": "hello world"}]
+BODY = {"model": "demo", "messages": MSG, "stream": True}
+
+
+def events(lines: list[str]) -> list[Any]:
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_first_chunk_arrives_while_upstream_is_still_sleeping() -> None:
+    # 4 chunks, 600 ms apart: the whole stream takes >= 1.8 s upstream.
+    with running_gateway(fake={"chunks": 4, "delay_ms": 600}) as gw:
+        client = gw.openai()
+        t0 = time.perf_counter()
+        stream = client.chat.completions.create(**BODY)
+        arrivals = []
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals.append(time.perf_counter() - t0)
+        total = time.perf_counter() - t0
+    assert total >= 1.7
+    assert arrivals[0] < 0.9, arrivals  # long before the upstream finished
+    assert arrivals[-1] - arrivals[0] >= 1.1  # spread out, not delivered at once
+
+
+def test_client_disconnect_closes_the_upstream_within_a_second() -> None:
+    with running_gateway(fake={"chunks": 100, "delay_ms": 100}) as gw:
+        with httpx.Client(timeout=10) as client:
+            with client.stream("POST", f"{gw.url}/v1/chat/completions", json=BODY) as r:
+                assert r.status_code == 200
+                it = r.iter_lines()
+                got = [next(it) for _ in range(3)]
+                assert any(line.startswith("data: ") for line in got)
+            # leaving the block closes the connection mid-stream
+        t0 = time.perf_counter()
+        deadline = t0 + 1.0
+        while time.perf_counter() < deadline:
+            if gw.upstream.stats().get("streams_cancelled", 0) >= 1:
+                break
+            time.sleep(0.05)
+        assert gw.upstream.stats()["streams_cancelled"] == 1
+        assert time.perf_counter() - t0 < 1.0
+        assert gw.upstream.stats().get("streams_completed", 0) == 0
+        # the gateway is fine afterwards
+        r2 = gw.openai().chat.completions.create(model="demo", messages=MSG)
+        assert r2.choices[0].message.content
+
+
+def test_upstream_drop_after_first_byte_becomes_a_final_sse_error_event() -> None:
+    with running_gateway(fake={"chunks": 10, "drop_after": 2}) as gw:
+        with httpx.Client(timeout=10) as client:
+            r = client.post(f"{gw.url}/v1/chat/completions", json=BODY)
+        assert r.status_code == 200  # the status line was already sent
+        evs = events(r.text.splitlines())
+        assert "[DONE]" not in evs
+        assert isinstance(evs[-1], dict) and evs[-1]["error"]["type"] == "upstream_error"
+        assert any(isinstance(e, dict) and e.get("choices") for e in evs[:-1])
+        # and the SDK raises instead of silently returning a truncated answer
+        with pytest.raises(openai.APIError):
+            for _ in gw.openai().chat.completions.create(**BODY):
+                pass
+
+
+def test_stream_usage_is_accounted_even_when_upstream_sends_none() -> None:
+    with running_gateway(fake={"chunks": 3, "no_usage": True}) as gw:
+        chunks = list(gw.openai().chat.completions.create(
+            **BODY, stream_options={"include_usage": True}))  # fmt: skip
+        assert all(c.choices for c in chunks)  # nothing invented for the client
+        text = httpx.get(f"{gw.url}/metrics").text
+        line = next(
+            ln for ln in text.splitlines()
+            if ln.startswith('gateway_tokens_total{model="demo",type="completion"}')
+        )  # fmt: skip
+        assert float(line.split()[-1]) > 0
+
+
+@pytest.mark.anyio
+async def test_relay_normalises_crlf_framing_and_events_split_across_reads() -> None:
+    # Some servers frame SSE with CRLF, and TCP reads split events anywhere.
+    from gateway.context import RequestContext
+    from gateway.stream import _Relay
+
+    sent: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["body"])
+
+    ctx = RequestContext("r", "chat", "/v1/chat/completions", "POST", {}, [], {})
+    relay = _Relay(ctx, [], False, send)
+    wire = (
+        b'data: {"choices":[{"delta":{"content":"a"}}]}\r\n\r\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2}}\r\n\r\n'
+        b"data: [DONE]\r\n\r\n"
+    )
+    for i in range(0, len(wire), 7):
+        await relay.feed(wire[i : i + 7])
+    await relay.end()
+    out = b"".join(sent)
+    assert out == b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: [DONE]\n\n'
+    assert relay.usage is not None and relay.usage.prompt_tokens == 4
