@@ -1,0 +1,3 @@
+from gateway.fake_upstream.cli import main
+
+main()

@@ -1,0 +1,145 @@
+"""The benchmark harness: wrk parsing, the table, the Python load fallback and the null proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+import uvicorn
+
+from bench.load import parse_wrk, percentile, run_python
+from bench.null_proxy import NullProxy
+from bench.run import markdown, parse_args, request_body
+from gateway.fake_upstream import start
+
+WRK_OUTPUT = """\
+Running 2s test @ http://127.0.0.1:9911/v1/chat/completions
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.52ms  310.00us   9.10ms   90.00%
+  Latency Distribution
+     50%  635.00us
+     75%    1.10ms
+     90%    1.90ms
+     99%    1.20s
+  40000 requests in 2.00s, 9.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 5
+Requests/sec:  19999.50
+Transfer/sec:      4.50MB
+"""
+
+
+def test_parse_wrk_reads_rate_percentiles_units_and_errors() -> None:
+    res = parse_wrk(WRK_OUTPUT, conc=32, duration=2)
+    assert res.rps == 19999.5
+    assert res.requests == 40000
+    assert res.p50_ms == pytest.approx(0.635)
+    assert res.p99_ms == pytest.approx(1200.0)
+    assert res.errors == 5 + 2 + 1
+
+
+def test_parse_wrk_refuses_output_it_cannot_read() -> None:
+    with pytest.raises(RuntimeError, match="could not parse wrk output"):
+        parse_wrk("unable to connect to 127.0.0.1:1 Connection refused", 1, 1)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(i) for i in range(1, 101)]
+    assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (
+        50.0,
+        99.0,
+        100.0,
+    )
+
+
+def test_markdown_adds_latency_over_direct_for_the_same_cell() -> None:
+    def row(target: str, conc: int, p50: float, p99: float) -> dict[str, object]:
+        return {"target": target, "scenario": "chat", "conc": conc, "rps": 100.0,
+                "p50_ms": p50, "p99_ms": p99, "errors": 0}  # fmt: skip
+
+    table = markdown([row("direct", 1, 0.10, 0.20), row("gateway", 1, 0.45, 0.95)])
+    lines = table.splitlines()
+    assert lines[2] == "| direct | chat | 1 | 100 | 0.10 | 0.20 |  |  | 0 |"
+    assert lines[3] == "| gateway | chat | 1 | 100 | 0.45 | 0.95 | +0.35 | +0.75 | 0 |"
+
+
+def test_args_always_keep_the_direct_baseline_and_reject_unknown_targets() -> None:
+    args = parse_args(["--targets", "gateway", "--quick", "--gateway-header", "x-k: v"])
+    assert args.targets == ["direct", "gateway"]
+    assert args.duration == 2.0
+    assert args.gateway_headers == {"x-k": "v"}
+    with pytest.raises(SystemExit):
+        parse_args(["--targets", "nginx"])
+
+
+def test_stream_body_asks_for_the_usage_chunk() -> None:
+    assert b'"include_usage": true' in request_body("stream")
+    assert b'"stream"' not in request_body("chat")
+
+
+@asynccontextmanager
+async def null_proxy(upstream: str) -> AsyncIterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(
+        NullProxy(upstream), host="127.0.0.1", port=port, lifespan="on", log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.started
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.mark.anyio
+async def test_null_proxy_relays_bodies_statuses_and_streams_incrementally() -> None:
+    runner, up = await start(chunks=5, delay_ms=100)
+    try:
+        async with null_proxy(f"http://127.0.0.1:{up}") as base, httpx.AsyncClient() as client:
+            url = f"{base}/v1/chat/completions"
+            plain = await client.post(url, content=request_body("chat"))
+            assert plain.json()["choices"][0]["message"]["content"].startswith("Echo: Say hello")
+            failed = await client.post(
+                url, content=request_body("chat"), headers={"x-fake-status": "429",
+                                                            "x-fake-retry-after": "3"}
+            )  # fmt: skip
+            assert (failed.status_code, failed.headers["retry-after"]) == (429, "3")
+            # The first event arrives long before the stream's 5 x 100 ms are over.
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            async with client.stream("POST", url, content=request_body("stream")) as r:
+                assert r.headers["content-type"] == "text/event-stream"
+                first = None
+                async for _ in r.aiter_bytes():
+                    first = first or loop.time() - t0
+                total = loop.time() - t0
+            assert first is not None and first < 0.25 and total >= 0.5
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.anyio
+async def test_python_load_counts_requests_and_errors() -> None:
+    runner, up = await start(record=0)
+    try:
+        url = f"http://127.0.0.1:{up}/v1/chat/completions"
+        ok = await run_python(url, request_body("chat"), {}, conc=2, duration=0.3)
+        bad = await run_python(url, request_body("chat"), {"x-fake-status": "503"}, 1, 0.2)
+    finally:
+        await runner.cleanup()
+    assert ok.requests > 10 and ok.errors == 0 and ok.rps > 0
+    assert 0 < ok.p50_ms <= ok.p99_ms
+    assert bad.requests > 0 and bad.errors == bad.requests
