@@ -56,14 +56,13 @@ def _payload(event: bytes) -> bytes | None:
 
 
 class _Relay:
-    def __init__(
-        self, ctx: RequestContext, hooks: list[Plugin], client_wants_usage: bool, send: Any
-    ) -> None:
+    def __init__(self, ctx: RequestContext, hooks: list[Plugin], client_wants_usage: bool) -> None:
         self.ctx = ctx
         self.hooks = hooks
         self.client_wants_usage = client_wants_usage
-        self.send = send
         self.buffer = b""
+        #: Bytes produced but not sent yet (held after [DONE] to coalesce the last write).
+        self.pending = b""
         self.usage: Usage | None = None
         self.saw_done = False
         #: Forwarded events kept until the upstream's usage shows up (then dropped), so the
@@ -71,18 +70,17 @@ class _Relay:
         self.kept: list[bytes] = []
         self.text: list[str] = []
 
-    async def feed(self, data: bytes) -> None:
+    async def feed(self, data: bytes) -> bytes:
+        """Take upstream bytes; return what to send to the client now."""
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
         buf = self.buffer + data if self.buffer else data
         cut = buf.rfind(b"\n\n")
         if cut == -1:
             self.buffer = buf
-            return
+            return b""
         complete, self.buffer = buf[: cut + 2], buf[cut + 2 :]
-        out = await (self._parsed(complete) if self.hooks else self._fast(complete))
-        if out:
-            await self.send({"type": "http.response.body", "body": out, "more_body": True})
+        return await (self._parsed(complete) if self.hooks else self._fast(complete))
 
     async def _fast(self, complete: bytes) -> bytes:
         if complete.endswith(_DONE):
@@ -151,17 +149,16 @@ class _Relay:
                 self.text.append(delta["content"])
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    async def end(self) -> None:
-        if self.buffer.strip():
-            await self.feed(b"\n\n")
+    async def end(self) -> bytes:
+        """The upstream is done: return the last bytes for the client (held chunks, [DONE])."""
+        out = await self.feed(b"\n\n") if self.buffer.strip() else b""
         if self.hooks:
             released = await Pipeline.run_stream_end(self.hooks, self.ctx)
-            if released:
-                body = b"".join(self._encode(c) for c in released)
-                await self.send({"type": "http.response.body", "body": body, "more_body": True})
+            out += b"".join(self._encode(c) for c in released)
         if not self.saw_done:
+            self.pending = out
             raise UpstreamError("the upstream stream ended before it was complete")
-        await self.send({"type": "http.response.body", "body": _DONE, "more_body": True})
+        return out + _DONE
 
     def final_usage(self) -> Usage:
         if self.usage is not None:
@@ -210,7 +207,7 @@ async def relay_stream(
         if gw.pipeline.has_chunk_hooks
         else []
     )
-    relay = _Relay(ctx, hooks, client_wants_usage, send)
+    relay = _Relay(ctx, hooks, client_wants_usage)
     headers = response_headers(ctx, SSE_HEADERS)
     headers.extend(extra)
     ctx.status = 200
@@ -228,20 +225,25 @@ async def relay_stream(
                 return
 
     watcher = asyncio.create_task(watch_disconnect())
+    final = b""
     try:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await relay.feed(first)
+        relay.pending = await relay.feed(first)
         metrics.TTFT.labels(ctx.model).observe(time.perf_counter() - ctx.started)
+        # Forward each read at once, except after [DONE]: then only the end of the upstream
+        # body can follow, and the last bytes go out in one write with the terminating chunk.
+        if relay.pending and not relay.saw_done:
+            await send({"type": "http.response.body", "body": relay.pending, "more_body": True})
+            relay.pending = b""
         async for data in it:
-            await relay.feed(data)
-        await relay.end()
+            relay.pending += await relay.feed(data)
+            if relay.pending and not relay.saw_done:
+                await send({"type": "http.response.body", "body": relay.pending, "more_body": True})
+                relay.pending = b""
+        final = relay.pending + await relay.end()
     except GatewayError as err:
         ctx.error_type = err.type
-        event = b"data: " + err.body() + b"\n\n"
-        try:
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-        except OSError:
-            pass
+        final = relay.pending + b"data: " + err.body() + b"\n\n"
     except asyncio.CancelledError:
         if not state["disconnected"]:
             raise
@@ -254,4 +256,4 @@ async def relay_stream(
         ctx.finished = time.perf_counter()
         ctx.usage = relay.final_usage()
     if not ctx.client_disconnected:
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": final, "more_body": False})

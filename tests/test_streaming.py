@@ -99,20 +99,16 @@ async def test_relay_normalises_crlf_framing_and_events_split_across_reads() -> 
     from gateway.stream import _Relay
 
     sent: list[bytes] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message["body"])
-
     ctx = RequestContext("r", "chat", "/v1/chat/completions", "POST", {}, [], {})
-    relay = _Relay(ctx, [], False, send)
+    relay = _Relay(ctx, [], False)
     wire = (
         b'data: {"choices":[{"delta":{"content":"a"}}]}\r\n\r\n'
         b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2}}\r\n\r\n'
         b"data: [DONE]\r\n\r\n"
     )
     for i in range(0, len(wire), 7):
-        await relay.feed(wire[i : i + 7])
-    await relay.end()
+        sent.append(await relay.feed(wire[i : i + 7]))
+    sent.append(await relay.end())
     out = b"".join(sent)
     assert out == b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: [DONE]\n\n'
     assert relay.usage is not None and relay.usage.prompt_tokens == 4

@@ -50,7 +50,17 @@ class AiohttpResponse(UpstreamResponse):
                 yield data
 
     def close(self) -> None:
-        self._resp.close()
+        # A body read to its end has already handed the connection back to the pool; closing
+        # only matters (and only happens) for one abandoned midway.
+        if not self._resp.content.at_eof():
+            # Abort, not a graceful close: the upstream must see the connection drop at once
+            # so it stops generating (and billing) tokens nobody will read.
+            conn = self._resp.connection
+            if conn is not None and conn.transport is not None:
+                conn.transport.abort()
+            self._resp.close()
+        else:
+            self._resp.release()
 
 
 class OpenAIProvider(Provider):

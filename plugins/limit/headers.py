@@ -1,0 +1,52 @@
+"""OpenAI's rate-limit headers: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` and
+``Retry-After``."""
+
+from __future__ import annotations
+
+import math
+
+from .store_base import Usage
+
+
+def format_duration(seconds: float) -> str:
+    """Go-style durations, as OpenAI sends them: ``20ms``, ``8.64s``, ``6m0s``, ``1h2m3s``."""
+    ms = round(seconds * 1000)
+    if ms <= 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    total = ms / 1000
+    hours, rest = divmod(int(total), 3600)
+    minutes = rest // 60
+    secs = total - hours * 3600 - minutes * 60
+    sec_text = f"{secs:.3f}".rstrip("0").rstrip(".")
+    if total < 60:
+        return f"{sec_text}s"
+    return (f"{hours}h" if hours else "") + f"{minutes}m{sec_text}s"
+
+
+def tightest(usages: list[Usage]) -> Usage | None:
+    """Of several limits on one request, the one with the least left (then the smallest)."""
+    if not usages:
+        return None
+    return min(usages, key=lambda u: (u.remaining, u.limit))
+
+
+def rate_limit_headers(requests: list[Usage], tokens: list[Usage]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for suffix, usages in (("requests", requests), ("tokens", tokens)):
+        u = tightest(usages)
+        if u is not None:
+            out[f"x-ratelimit-limit-{suffix}"] = str(int(u.limit))
+            out[f"x-ratelimit-remaining-{suffix}"] = str(max(0, int(u.remaining)))
+            out[f"x-ratelimit-reset-{suffix}"] = format_duration(u.reset_s)
+    return out
+
+
+def retry_after_headers(seconds: float) -> dict[str, str]:
+    # Whole seconds per RFC 9110 (never 0: "retry now" would be a lie); the openai SDK also
+    # reads retry-after-ms for a precise wait.
+    return {
+        "retry-after": str(max(1, math.ceil(seconds))),
+        "retry-after-ms": str(max(1, math.ceil(seconds * 1000))),
+    }

@@ -1,0 +1,196 @@
+"""``limit``: requests, tokens, concurrency and dollars per identity, exact across replicas.
+
+Admission (``on_request``) is one atomic store operation over every rule that applies: it checks
+all of them and, only if all pass, counts the request, reserves its tokens (prompt + the
+completion cap) and takes a concurrency slot. ``on_response`` (called by the core on success,
+error and client disconnect alike) gives back the unused tokens, frees the slot and records the
+spend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, ClassVar, TypeGuard
+
+from prometheus_client import Counter
+
+from gateway.errors import QuotaExceededError, RateLimitError, ServiceUnavailableError
+from gateway.plugin import Plugin
+from gateway.tokens import prompt_tokens
+
+from . import scopes
+from .config import LimitConfig
+from .headers import format_duration, rate_limit_headers, retry_after_headers
+from .store_base import Decision, Reservation, Store, period_end
+from .store_memory import MemoryStore
+from .store_redis import RedisStore, StoreUnavailable
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
+    from gateway.state import Gateway
+
+log = logging.getLogger("gateway.limit")
+
+STORE_ERRORS = Counter(
+    "gateway_limit_store_errors_total",
+    "Limit operations that could not use the shared store (Redis down or slow), by operation.",
+    ["op"],
+)
+REJECTIONS = Counter(
+    "gateway_limit_rejections_total",
+    "Requests refused by the limit plugin, by limit kind and rule scope.",
+    ["kind", "scope"],
+)
+
+_KIND_TEXT = {
+    "rpm": "requests per minute (RPM)",
+    "tpm": "tokens per minute (TPM)",
+    "parallel": "requests in flight",
+}
+
+
+class LimitPlugin(Plugin):
+    name = "limit"
+    Config = LimitConfig
+    endpoints: ClassVar[frozenset[str]] = frozenset({"chat", "embeddings"})
+    config: LimitConfig
+
+    def __init__(self, config: LimitConfig, *, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(config)
+        #: Wall-clock seconds (UTC epoch); injectable so tests can cross minutes and days.
+        self.clock = clock
+        self.store: Store = MemoryStore()
+
+    async def startup(self, gateway: Gateway | None = None) -> None:
+        cfg = self.config
+        if cfg.store == "memory":
+            self.store = MemoryStore()
+            return
+        store = RedisStore(
+            cfg.store,
+            prefix=cfg.key_prefix,
+            socket_timeout=cfg.socket_timeout_s,
+            retry_after=cfg.retry_store_after_s,
+        )
+        self.store = store
+        try:
+            await store.ping()
+        except StoreUnavailable as e:
+            # Not fatal: the gateway starts and applies on_store_error until Redis answers.
+            log.warning(
+                "limit store unreachable at startup",
+                extra={"error": str(e), "on_store_error": cfg.on_store_error},
+            )
+
+    async def shutdown(self) -> None:
+        await self.store.close()
+
+    def reservation_tokens(self, ctx: RequestContext) -> int:
+        """Prompt tokens plus the most the answer may use (times ``n`` choices)."""
+        prompt = prompt_tokens(ctx)
+        if ctx.endpoint == "embeddings":
+            return prompt
+        body = ctx.body
+        cap = self.config.default_max_tokens
+        for field in ("max_completion_tokens", "max_tokens"):
+            value = body.get(field)
+            if _positive_int(value):
+                cap = value
+                break
+        n = body.get("n")
+        return prompt + cap * (n if _positive_int(n) else 1)
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        plan = scopes.plan(self.config, ctx)
+        if not plan:
+            return None
+        tokens = self.reservation_tokens(ctx) if plan.tpm else 0
+        for c in plan.tpm:
+            if tokens > c.limit:
+                # Waiting would not help, so no Retry-After (OpenAI answers the same way).
+                REJECTIONS.labels("tpm", c.scope).inc()
+                raise RateLimitError(
+                    f"Request too large for tokens per minute (TPM) on scope {c.scope}: "
+                    f"limit {int(c.limit)}, requested {tokens}. Shorten the prompt or lower "
+                    "max_tokens."
+                )
+        slot_id = f"{ctx.request_id}.{secrets.token_hex(4)}"
+        try:
+            decision = await self.store.admit(
+                plan,
+                now=self.clock(),
+                slot_id=slot_id,
+                tokens=tokens,
+                slot_ttl=self.config.parallel_slot_ttl_s,
+            )
+        except StoreUnavailable as e:
+            self._store_error("admit", e)
+            ctx.log["limit"] = "store_unavailable"
+            if self.config.on_store_error == "fail_closed":
+                raise ServiceUnavailableError(
+                    "Rate limiting is temporarily unavailable; please retry shortly.",
+                    headers={"retry-after": "1"},
+                ) from None
+            return None
+        ctx.response_headers.update(rate_limit_headers(decision.requests, decision.tokens))
+        if not decision.admitted:
+            raise self._denial(decision)
+        ctx.scratch_for(self.name)["reservation"] = decision.reservation
+        ctx.log["limit"] = {"reserved_tokens": tokens} if plan.tpm else "admitted"
+        return None
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        res: Reservation | None = ctx.scratch_for(self.name).pop("reservation", None)
+        if res is None:  # refused, failed open, or no rule applied
+            return
+        usage = ctx.usage
+        used = usage.total_tokens if usage is not None else 0
+        cost = 0.0
+        if usage is not None and res.budget:
+            dep = ctx.deployment
+            if dep is None and ctx.model_entry is not None:
+                dep = ctx.model_entry.deployments[0]
+            if dep is not None:
+                cost = dep.price.cost(usage.prompt_tokens, usage.completion_tokens)
+        settle = self.store.settle(res, now=self.clock(), used_tokens=used, cost_usd=cost)
+        try:
+            # Shielded: a disconnect that cancels this task must still free the slot.
+            await asyncio.shield(settle)
+        except StoreUnavailable as e:
+            self._store_error("settle", e)
+
+    def _denial(self, decision: Decision) -> RateLimitError:
+        c = decision.denied
+        assert c is not None
+        retry = decision.retry_after or 0.0
+        REJECTIONS.labels(c.kind, c.scope).inc()
+        headers = retry_after_headers(retry)
+        if c.kind in ("budget_day", "budget_month"):
+            period = "daily" if c.kind == "budget_day" else "monthly"
+            resets = datetime.fromtimestamp(period_end(c, self.clock()), UTC)
+            return QuotaExceededError(
+                f"You exceeded your {period} budget on scope {c.scope} "
+                f"(limit ${c.limit:.2f}); it resets at {resets:%Y-%m-%dT%H:%M:%SZ}.",
+                headers=headers,
+            )
+        return RateLimitError(
+            f"Rate limit reached for {_KIND_TEXT[c.kind]} on scope {c.scope}: limit "
+            f"{int(c.limit)}. Please try again in {format_duration(retry)}.",
+            headers=headers,
+        )
+
+    def _store_error(self, op: str, err: Exception) -> None:
+        STORE_ERRORS.labels(op).inc()
+        log.warning(
+            "limit store unavailable",
+            extra={"op": op, "error": str(err), "on_store_error": self.config.on_store_error},
+        )
+
+
+def _positive_int(v: object) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0

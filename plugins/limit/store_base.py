@@ -1,0 +1,120 @@
+"""What every store does, and the arithmetic both stores share.
+
+Algorithms (identical in memory and in Redis, so a test on one holds for the other):
+
+* requests per minute: the ``limits`` library's *moving window* (a list of the admission times,
+  newest first, trimmed to the limit). Exact: no 2x burst at window edges.
+* tokens per minute: a *sliding window counter* (this minute's tokens plus the previous
+  minute's, weighted by how much of it still overlaps the last 60 s). O(1) per key whatever the
+  token volume, and a reservation can be adjusted afterwards by ``INCRBY`` on its minute.
+* in flight: a set of slot ids with an expiry each (Redis: a sorted set scored by expiry).
+* budgets: dollars spent per scope and UTC day / month.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from .scopes import Check, Plan
+
+WINDOW = 60.0
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What an admission took, to be given back or settled in ``on_response``."""
+
+    slot_id: str
+    tokens: int
+    #: Token counter keys of the minute the reservation was taken in.
+    tpm_keys: list[str] = field(default_factory=list)
+    parallel_keys: list[str] = field(default_factory=list)
+    #: Budget checks (the period keys are derived at settlement time).
+    budget: list[Check] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Usage:
+    """State of one limit after the decision, for the ``x-ratelimit-*`` headers."""
+
+    limit: float
+    remaining: float
+    reset_s: float
+
+
+@dataclass(slots=True)
+class Decision:
+    admitted: bool
+    #: The check that refused the request, with the seconds until it may pass.
+    denied: Check | None = None
+    retry_after: float | None = None
+    requests: list[Usage] = field(default_factory=list)
+    tokens: list[Usage] = field(default_factory=list)
+    reservation: Reservation | None = None
+
+
+class Store(Protocol):
+    async def admit(
+        self, plan: Plan, *, now: float, slot_id: str, tokens: int, slot_ttl: float
+    ) -> Decision: ...
+
+    async def settle(
+        self, res: Reservation, *, now: float, used_tokens: int, cost_usd: float
+    ) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# --- tokens: sliding window counter -------------------------------------------------------
+
+
+def window_index(now: float) -> int:
+    return math.floor(now / WINDOW)
+
+
+def tpm_used(prev: float, cur: float, elapsed: float) -> float:
+    return prev * (WINDOW - elapsed) / WINDOW + cur
+
+
+def tpm_retry_after(prev: float, cur: float, elapsed: float, limit: float, tokens: int) -> float:
+    """Seconds until ``tokens`` fit, if nothing else is admitted meanwhile."""
+    room = limit - tokens
+    if cur <= room:
+        if prev <= 0:
+            return 0.0
+        # prev * (W - e) / W <= room - cur  <=>  e >= W * (1 - (room - cur) / prev)
+        return max(0.0, WINDOW * (1 - (room - cur) / prev) - elapsed)
+    # Only once this minute is the previous one does its weight start to fall.
+    return (WINDOW - elapsed) + max(0.0, WINDOW * (1 - room / cur))
+
+
+def tpm_usage(prev: float, cur: float, elapsed: float, limit: float) -> Usage:
+    if cur > 0:
+        reset = 2 * WINDOW - elapsed
+    elif prev > 0:
+        reset = WINDOW - elapsed
+    else:
+        reset = 0.0
+    return Usage(limit, max(0.0, math.floor(limit - tpm_used(prev, cur, elapsed))), reset)
+
+
+# --- budgets: UTC periods -------------------------------------------------------------------
+
+
+def period_key(check: Check, now: float) -> str:
+    t = datetime.fromtimestamp(now, UTC)
+    if check.kind == "budget_day":
+        return f"{check.key}/day/{t:%Y-%m-%d}"
+    return f"{check.key}/month/{t:%Y-%m}"
+
+
+def period_end(check: Check, now: float) -> float:
+    t = datetime.fromtimestamp(now, UTC)
+    if check.kind == "budget_day":
+        start = datetime(t.year, t.month, t.day, tzinfo=UTC)
+        return start.timestamp() + 86400
+    nxt = datetime(t.year + (t.month == 12), t.month % 12 + 1, 1, tzinfo=UTC)
+    return nxt.timestamp()

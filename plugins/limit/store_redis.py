@@ -1,0 +1,267 @@
+"""The Redis store: counters shared by every replica, one round trip per admission and one per
+settlement, each a Lua script (atomic in Redis, so N replicas together admit no more than the
+limit).
+
+The request window uses the very layout of the ``limits`` library's moving window (its
+``acquire_moving_window.lua``: a list of timestamps, newest first, trimmed to the limit, keyed
+``<prefix>:<RateLimitItem.key_for(...)>``), so ``limits``' own ``MovingWindowRateLimiter`` over
+``async+redis://`` with the same ``key_prefix`` reads our keys. We run it inside one script
+instead of calling ``limits`` because ``limits`` costs a round trip per limit, cannot check
+several limits all-or-nothing, and has no token reservations.
+
+Clocks: timestamps come from the gateway (as ``limits`` does), so replicas need NTP-synced
+clocks; skew of a few ms only shifts window edges by as much.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .scopes import Check, Plan
+from .store_base import (
+    WINDOW,
+    Decision,
+    Reservation,
+    Usage,
+    period_end,
+    period_key,
+    tpm_retry_after,
+    tpm_usage,
+    window_index,
+)
+from .store_memory import PARALLEL_RETRY_S
+
+log = logging.getLogger("gateway.limit")
+
+# KEYS: rpm (nr), tpm this minute (nt), tpm previous minute (nt), parallel (np), budget (nb).
+# ARGV: now, slot id, tokens, slot expiry, slot ttl ms, window, nr, nt, np, nb, then the limits
+# in the same order as the keys (tpm once).
+ADMIT_LUA = """
+local now = tonumber(ARGV[1])
+local slot = ARGV[2]
+local tokens = tonumber(ARGV[3])
+local slot_expiry = tonumber(ARGV[4])
+local slot_ttl_ms = tonumber(ARGV[5])
+local win = tonumber(ARGV[6])
+local nr, nt, np, nb = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local la = 10
+local kt, ktp, kp, kb = nr, nr + nt, nr + 2 * nt, nr + 2 * nt + np
+local elapsed = now - math.floor(now / win) * win
+
+for i = 1, nr do
+  local limit = tonumber(ARGV[la + i])
+  local entry = redis.call('lindex', KEYS[i], limit - 1)
+  if entry and tonumber(entry) > now - win then
+    return {0, 'rpm', i, entry}
+  end
+end
+local tp = {}
+for i = 1, nt do
+  local limit = tonumber(ARGV[la + nr + i])
+  local cur = tonumber(redis.call('get', KEYS[kt + i]) or '0')
+  local prev = tonumber(redis.call('get', KEYS[ktp + i]) or '0')
+  if prev * (win - elapsed) / win + cur + tokens > limit then
+    return {0, 'tpm', i, tostring(prev), tostring(cur)}
+  end
+  tp[i] = {prev, cur}
+end
+for i = 1, np do
+  local limit = tonumber(ARGV[la + nr + nt + i])
+  redis.call('zremrangebyscore', KEYS[kp + i], '-inf', now)
+  if redis.call('zcard', KEYS[kp + i]) >= limit then
+    return {0, 'par', i}
+  end
+end
+for i = 1, nb do
+  local limit = tonumber(ARGV[la + nr + nt + np + i])
+  local spent = tonumber(redis.call('get', KEYS[kb + i]) or '0')
+  if spent >= limit then
+    return {0, 'bud', i, tostring(spent)}
+  end
+end
+
+local out = {1}
+local done = {}
+for i = 1, nr do
+  local key, limit = KEYS[i], tonumber(ARGV[la + i])
+  redis.call('lpush', key, ARGV[1])
+  redis.call('ltrim', key, 0, limit - 1)
+  redis.call('expire', key, math.ceil(win))
+  -- binary search for the oldest entry still in the window, as limits' moving_window.lua
+  local lo, hi, idx = 0, math.min(limit, redis.call('llen', key)) - 1, 0
+  while lo <= hi do
+    local mid = math.floor((lo + hi) / 2)
+    local v = tonumber(redis.call('lindex', key, mid))
+    if v and v > now - win then idx = mid; lo = mid + 1 else hi = mid - 1 end
+  end
+  out[#out + 1] = idx + 1
+  out[#out + 1] = redis.call('lindex', key, idx)
+end
+for i = 1, nt do
+  local key = KEYS[kt + i]
+  if not done[key] then
+    done[key] = true
+    redis.call('incrby', key, tokens)
+    redis.call('pexpire', key, math.ceil(2 * win * 1000))
+  end
+  out[#out + 1] = tostring(tp[i][1])
+  out[#out + 1] = tostring(tp[i][2] + tokens)
+end
+for i = 1, np do
+  local key = KEYS[kp + i]
+  redis.call('zadd', key, slot_expiry, slot)
+  redis.call('pexpire', key, slot_ttl_ms)
+end
+return out
+"""
+
+# KEYS: tpm keys of the admission minute (nt), parallel (np), budget period keys (nb).
+# ARGV: slot id, token delta, cost, nt, np, nb, then one ttl (s) per budget key.
+SETTLE_LUA = """
+local slot = ARGV[1]
+local delta = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local nt, np, nb = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if delta ~= 0 then
+  for i = 1, nt do
+    if redis.call('exists', KEYS[i]) == 1 then
+      if redis.call('incrby', KEYS[i], delta) < 0 then
+        redis.call('set', KEYS[i], 0, 'KEEPTTL')
+      end
+    end
+  end
+end
+for i = 1, np do
+  redis.call('zrem', KEYS[nt + i], slot)
+end
+if cost > 0 then
+  for i = 1, nb do
+    local key = KEYS[nt + np + i]
+    redis.call('incrbyfloat', key, ARGV[3])
+    redis.call('expire', key, tonumber(ARGV[6 + i]))
+  end
+end
+return 1
+"""
+
+
+class StoreUnavailable(Exception):
+    """The store could not be asked (down, timed out, or skipped after a recent failure)."""
+
+
+def _f(x: float) -> str:
+    return repr(float(x))
+
+
+class RedisStore:
+    def __init__(self, url: str, *, prefix: str, socket_timeout: float, retry_after: float) -> None:
+        self.prefix = prefix + ":"
+        self.timeout = socket_timeout
+        self.retry_after = retry_after
+        # No client-side retries: a dead Redis must cost one short timeout, not several.
+        self.client: Any = aioredis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+            health_check_interval=0,
+        )
+        self._admit = self.client.register_script(ADMIT_LUA)
+        self._settle = self.client.register_script(SETTLE_LUA)
+        self._down_until = 0.0
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        if time.monotonic() < self._down_until:
+            raise StoreUnavailable("store marked down after a recent error")
+        try:
+            # Socket timeouts bound each read; this bounds the whole call (connect + EVALSHA,
+            # + EVAL after a Redis restart forgot the script).
+            async with asyncio.timeout(self.timeout * 4):
+                return await script(keys=keys, args=args)
+        except (RedisError, OSError, TimeoutError) as e:
+            self._down_until = time.monotonic() + self.retry_after
+            raise StoreUnavailable(type(e).__name__) from e
+
+    async def ping(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout * 4):
+                await self.client.ping()
+        except (RedisError, OSError, TimeoutError) as e:
+            raise StoreUnavailable(type(e).__name__) from e
+
+    async def admit(
+        self, plan: Plan, *, now: float, slot_id: str, tokens: int, slot_ttl: float
+    ) -> Decision:
+        p = self.prefix
+        w = window_index(now)
+        budget_keys = [p + period_key(c, now) for c in plan.budget]
+        keys = [
+            *(p + c.key for c in plan.rpm),
+            *(p + f"{c.key}/{w}" for c in plan.tpm),
+            *(p + f"{c.key}/{w - 1}" for c in plan.tpm),
+            *(p + c.key for c in plan.parallel),
+            *budget_keys,
+        ]
+        checks: list[Check] = [*plan.rpm, *plan.tpm, *plan.parallel, *plan.budget]
+        args: list[Any] = [
+            _f(now), slot_id, tokens, _f(now + slot_ttl), math.ceil(slot_ttl * 1000), _f(WINDOW),
+            len(plan.rpm), len(plan.tpm), len(plan.parallel), len(plan.budget),
+            *(_f(c.limit) for c in checks),
+        ]  # fmt: skip
+        out = await self._call(self._admit, keys, args)
+        elapsed = now - w * WINDOW
+        if int(out[0]) == 0:
+            kind, i = out[1], int(out[2]) - 1
+            if kind == "rpm":
+                c = plan.rpm[i]
+                retry = float(out[3]) + WINDOW - now
+                return Decision(False, c, retry, requests=[Usage(c.limit, 0, retry)])
+            if kind == "tpm":
+                c = plan.tpm[i]
+                prev, cur = float(out[3]), float(out[4])
+                retry = tpm_retry_after(prev, cur, elapsed, c.limit, tokens)
+                return Decision(False, c, retry, tokens=[tpm_usage(prev, cur, elapsed, c.limit)])
+            if kind == "par":
+                return Decision(False, plan.parallel[i], PARALLEL_RETRY_S)
+            c = plan.budget[i]
+            return Decision(False, c, period_end(c, now) - now)
+        res = Reservation(slot_id, tokens, budget=plan.budget)
+        res.tpm_keys = list(dict.fromkeys(p + f"{c.key}/{w}" for c in plan.tpm))
+        res.parallel_keys = list(dict.fromkeys(p + c.key for c in plan.parallel))
+        decision = Decision(True, reservation=res)
+        pos = 1
+        for c in plan.rpm:
+            count, oldest = int(out[pos]), float(out[pos + 1])
+            decision.requests.append(Usage(c.limit, c.limit - count, oldest + WINDOW - now))
+            pos += 2
+        for c in plan.tpm:
+            prev, cur = float(out[pos]), float(out[pos + 1])
+            decision.tokens.append(tpm_usage(prev, cur, elapsed, c.limit))
+            pos += 2
+        return decision
+
+    async def settle(
+        self, res: Reservation, *, now: float, used_tokens: int, cost_usd: float
+    ) -> None:
+        periods = {self.prefix + period_key(c, now): period_end(c, now) for c in res.budget}
+        keys = [*res.tpm_keys, *res.parallel_keys, *periods]
+        # Spend keys outlive their period by a day, for operators to read after it ends.
+        ttls = [math.ceil(end - now) + 86400 for end in periods.values()]
+        args: list[Any] = [
+            res.slot_id, used_tokens - res.tokens, _f(cost_usd),
+            len(res.tpm_keys), len(res.parallel_keys), len(periods), *ttls,
+        ]  # fmt: skip
+        await self._call(self._settle, keys, args)
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,348 @@
+"""limit plugin: config validation and unit tests against the in-memory store."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.config import ConfigError, parse_settings
+from gateway.errors import QuotaExceededError, RateLimitError
+from gateway.pipeline import build_pipeline
+from plugins.limit import LimitConfig
+from plugins.limit.headers import format_duration
+
+from .test_limit_helpers import Clock, finish, make_ctx, make_plugin
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def _settings(limit_config: dict[str, object]) -> object:
+    raw = {
+        "models": [{"name": "demo", "deployments": [{"model": "m", "base_url": "http://x"}]}],
+        "pipeline": [{"name": "limit", "config": limit_config}],
+    }
+    return build_pipeline(parse_settings(raw, "config.yaml"))  # type: ignore[arg-type]
+
+
+def test_config_unknown_key_names_the_allowed_ones() -> None:
+    with pytest.raises(ConfigError) as e:
+        _settings({"rules": [{"scope": "user", "rpm": 1, "rmp": 2}]})
+    msg = str(e.value)
+    assert msg.startswith("config.yaml: pipeline[0].config.rules[0]: unknown key 'rmp'")
+    assert "allowed keys: budget_usd, max_parallel, model, rpm, scope, tier, tpm" in msg
+
+
+def test_config_rule_without_any_limit_is_refused() -> None:
+    with pytest.raises(ValidationError, match="a rule needs at least one limit"):
+        LimitConfig.model_validate({"rules": [{"scope": "user", "tier": "free"}]})
+
+
+def test_config_bad_scope_store_and_budget() -> None:
+    with pytest.raises(ValidationError, match="Input should be 'user', 'tenant', 'key'"):
+        LimitConfig.model_validate({"rules": [{"scope": "team", "rpm": 1}]})
+    with pytest.raises(ValidationError, match="store must be 'memory' or a redis://"):
+        LimitConfig.model_validate(
+            {"store": "memcached://x", "rules": [{"scope": "user", "rpm": 1}]}
+        )
+    with pytest.raises(ValidationError, match="budget_usd needs 'day' and/or 'month'"):
+        LimitConfig.model_validate({"rules": [{"scope": "tenant", "budget_usd": {}}]})
+    with pytest.raises(ValidationError, match="greater than 0"):
+        LimitConfig.model_validate({"rules": [{"scope": "user", "rpm": 0}]})
+    with pytest.raises(ValidationError, match="at least 1 item"):
+        LimitConfig.model_validate({"rules": []})
+
+
+def test_config_accepts_limits_style_redis_url() -> None:
+    cfg = LimitConfig.model_validate(
+        {"store": "async+redis://127.0.0.1:6379/0", "rules": [{"scope": "user", "rpm": 1}]}
+    )
+    assert cfg.store == "redis://127.0.0.1:6379/0"
+
+
+# --- requests per minute ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_rpm_admits_the_limit_then_429_with_retry_after_and_headers() -> None:
+    clock = Clock()
+    plugin = make_plugin(clock, rules=[{"scope": "user", "rpm": 3}])
+    remaining, resets = [], []
+    for _ in range(3):
+        ctx = make_ctx()
+        await plugin.on_request(ctx)
+        remaining.append(ctx.response_headers["x-ratelimit-remaining-requests"])
+        # reset: when the oldest counted request leaves the window
+        resets.append(ctx.response_headers["x-ratelimit-reset-requests"])
+        assert ctx.response_headers["x-ratelimit-limit-requests"] == "3"
+        clock.advance(10)
+    assert remaining == ["2", "1", "0"]
+    assert resets == ["1m0s", "50s", "40s"]
+    ctx = make_ctx()
+    with pytest.raises(RateLimitError) as e:
+        await plugin.on_request(ctx)
+    err = e.value
+    assert (err.status, err.code, type(err)) == (429, "rate_limit_exceeded", RateLimitError)
+    # The first request (30 s ago) leaves the window in 30 s.
+    assert err.headers["retry-after"] == "30"
+    assert err.headers["retry-after-ms"] == "30000"
+    assert "requests per minute" in err.message and "scope user" in err.message
+    assert ctx.response_headers["x-ratelimit-remaining-requests"] == "0"
+    assert ctx.response_headers["x-ratelimit-reset-requests"] == "30s"
+    clock.advance(30)
+    await plugin.on_request(make_ctx())  # one slot came back
+
+
+@pytest.mark.anyio
+async def test_rpm_moving_window_has_no_burst_at_window_edges() -> None:
+    # A fixed window would admit 3 at 0:59 and 3 more at 1:01 (6 in 2 s).
+    clock = Clock()
+    clock.advance(59)
+    plugin = make_plugin(clock, rules=[{"scope": "user", "rpm": 3}])
+    for _ in range(3):
+        await plugin.on_request(make_ctx())
+    clock.advance(2)
+    with pytest.raises(RateLimitError):
+        await plugin.on_request(make_ctx())
+    clock.advance(57.5)  # 59.5 s after the burst: still inside its minute
+    with pytest.raises(RateLimitError):
+        await plugin.on_request(make_ctx())
+    clock.advance(0.5)
+    await plugin.on_request(make_ctx())
+
+
+@pytest.mark.anyio
+async def test_tightest_limit_wins_and_shows_in_headers() -> None:
+    plugin = make_plugin(rules=[{"scope": "user", "rpm": 5}, {"scope": "tenant", "rpm": 2}])
+    await plugin.on_request(make_ctx("alice"))
+    ctx = make_ctx("bob")
+    await plugin.on_request(ctx)
+    assert ctx.response_headers["x-ratelimit-limit-requests"] == "2"
+    assert ctx.response_headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(RateLimitError, match="scope tenant"):
+        await plugin.on_request(make_ctx("carol"))
+    # Another tenant is not affected.
+    await plugin.on_request(make_ctx("dave", tenant="other"))
+
+
+@pytest.mark.anyio
+async def test_a_refused_request_consumes_nothing() -> None:
+    plugin = make_plugin(
+        rules=[{"scope": "tenant", "rpm": 2}, {"scope": "user", "max_parallel": 1}]
+    )
+    await plugin.on_request(make_ctx("alice"))
+    for _ in range(3):  # refused by alice's parallel limit: tenant rpm must not be used up
+        with pytest.raises(RateLimitError, match="in flight"):
+            await plugin.on_request(make_ctx("alice"))
+    await plugin.on_request(make_ctx("bob"))
+    with pytest.raises(RateLimitError, match="requests per minute"):
+        await plugin.on_request(make_ctx("carol"))
+
+
+@pytest.mark.anyio
+async def test_tier_filter_and_model_scope() -> None:
+    plugin = make_plugin(
+        rules=[
+            {"scope": "user", "tier": "free", "rpm": 1},
+            {"scope": "model", "rpm": 3},
+        ]
+    )
+    await plugin.on_request(make_ctx("free-user", tier="free"))
+    with pytest.raises(RateLimitError, match="scope user"):
+        await plugin.on_request(make_ctx("free-user", tier="free"))
+    await plugin.on_request(make_ctx("pro-user", tier="pro"))
+    await plugin.on_request(make_ctx("pro-user", tier="pro"))
+    # The model's own limit counts every caller: 3 admitted in all.
+    with pytest.raises(RateLimitError, match="scope model"):
+        await plugin.on_request(make_ctx("pro-user", tier="pro"))
+
+
+@pytest.mark.anyio
+async def test_anonymous_callers_are_keyed_by_client_ip() -> None:
+    plugin = make_plugin(
+        rules=[{"scope": "user", "rpm": 1}, {"scope": "key", "tier": "anonymous", "rpm": 1}]
+    )
+    await plugin.on_request(make_ctx(None, client="127.0.0.2"))
+    with pytest.raises(RateLimitError):
+        await plugin.on_request(make_ctx(None, client="127.0.0.2"))
+    await plugin.on_request(make_ctx(None, client="127.0.0.3"))
+    # An authenticated user from the same address has a counter of their own.
+    await plugin.on_request(make_ctx("alice", client="127.0.0.2"))
+
+
+def test_key_values_cannot_collide_across_scopes() -> None:
+    from plugins.limit import scopes
+
+    cfg = LimitConfig.model_validate({"rules": [{"scope": "user", "model": "demo", "tpm": 9}]})
+    plain = LimitConfig.model_validate({"rules": [{"scope": "user", "tpm": 9}]})
+    a = scopes.plan(cfg, make_ctx("alice"))
+    b = scopes.plan(plain, make_ctx("alice/model/demo"))
+    assert a.tpm[0].key == "tpm/user/alice/model/demo"
+    assert b.tpm[0].key == "tpm/user/alice%2Fmodel%2Fdemo"
+
+
+# --- tokens per minute ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_tpm_reservations_refuse_concurrent_overshoot_then_return_unused() -> None:
+    plugin = make_plugin(rules=[{"scope": "user", "tpm": 1000}])
+    first, second = make_ctx(max_tokens=400), make_ctx(max_tokens=400)
+    await plugin.on_request(first)
+    await plugin.on_request(second)
+    reserved = plugin.reservation_tokens(first)
+    assert 400 < reserved < 420  # prompt ("hello" + framing) + max_tokens
+    assert first.response_headers["x-ratelimit-remaining-tokens"] == str(1000 - reserved)
+    assert second.response_headers["x-ratelimit-remaining-tokens"] == str(1000 - 2 * reserved)
+    # Neither has finished, and a third would not fit: refused.
+    third = make_ctx(max_tokens=400)
+    with pytest.raises(RateLimitError, match="tokens per minute") as e:
+        await plugin.on_request(third)
+    assert int(e.value.headers["retry-after"]) >= 1
+    assert third.response_headers["x-ratelimit-remaining-tokens"] == str(1000 - 2 * reserved)
+    # The first used only 15 tokens: the rest of its reservation comes back.
+    await plugin.on_response(finish(first, 10, 5))
+    await plugin.on_request(third)
+    assert third.response_headers["x-ratelimit-remaining-tokens"] == str(1000 - 15 - 2 * reserved)
+
+
+@pytest.mark.anyio
+async def test_tpm_default_cap_n_and_max_completion_tokens() -> None:
+    plugin = make_plugin(default_max_tokens=50, rules=[{"scope": "user", "tpm": 10_000}])
+    base = plugin.reservation_tokens(make_ctx(max_tokens=None)) - 50
+    assert plugin.reservation_tokens(make_ctx(max_tokens=7)) == base + 7
+    assert plugin.reservation_tokens(make_ctx(max_tokens=7, max_completion_tokens=9)) == base + 9
+    assert plugin.reservation_tokens(make_ctx(max_tokens=7, n=3)) == base + 21
+    emb = make_ctx(max_tokens=None, endpoint="embeddings", input="hello world")
+    assert plugin.reservation_tokens(emb) == 2
+
+
+@pytest.mark.anyio
+async def test_tpm_request_larger_than_the_limit_is_refused_without_retry_after() -> None:
+    plugin = make_plugin(rules=[{"scope": "user", "tpm": 100}])
+    with pytest.raises(RateLimitError, match="Request too large") as e:
+        await plugin.on_request(make_ctx(max_tokens=500))
+    assert "retry-after" not in e.value.headers
+
+
+@pytest.mark.anyio
+async def test_tpm_sliding_window_frees_tokens_gradually() -> None:
+    clock = Clock()
+    plugin = make_plugin(clock, rules=[{"scope": "user", "tpm": 1000}])
+    ctx = make_ctx(max_tokens=900)
+    await plugin.on_request(ctx)
+    await plugin.on_response(finish(ctx, 0, 900))  # used all it reserved
+    clock.advance(60)  # next minute: the 900 weigh fully at its start...
+    with pytest.raises(RateLimitError) as e:
+        await plugin.on_request(make_ctx(max_tokens=400))
+    # ...and ~half of them after 30 s (900 * 0.5 + ~410 <= 1000 after ~28 s).
+    assert 20 <= int(e.value.headers["retry-after"]) <= 30
+    clock.advance(30)
+    await plugin.on_request(make_ctx(max_tokens=400))
+
+
+@pytest.mark.anyio
+async def test_denied_by_a_later_plugin_releases_the_whole_reservation() -> None:
+    plugin = make_plugin(rules=[{"scope": "user", "tpm": 1000, "max_parallel": 1}])
+    ctx = make_ctx(max_tokens=900)
+    await plugin.on_request(ctx)
+    # A later plugin (guard) raised 400: the core calls on_response with no usage.
+    await plugin.on_response(finish(ctx, status=400, usage=False))
+    again = make_ctx(max_tokens=900)
+    await plugin.on_request(again)
+    assert again.response_headers["x-ratelimit-remaining-tokens"] == str(
+        1000 - plugin.reservation_tokens(again)
+    )
+    # on_response twice (defensive) does not give back twice.
+    await plugin.on_response(finish(ctx, status=400, usage=False))
+    with pytest.raises(RateLimitError):
+        await plugin.on_request(make_ctx(max_tokens=10))
+
+
+# --- concurrency ----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"status": 200, "prompt_tokens": 5, "completion_tokens": 5},
+        {"status": 502, "usage": False},
+        {"status": 499, "prompt_tokens": 5, "completion_tokens": 2, "disconnected": True},
+    ],
+    ids=["completion", "error", "disconnect"],
+)
+async def test_parallel_slot_is_released_on_completion_error_and_disconnect(how: dict) -> None:
+    plugin = make_plugin(rules=[{"scope": "user", "max_parallel": 2}])
+    a, b = make_ctx(), make_ctx()
+    await plugin.on_request(a)
+    await plugin.on_request(b)
+    with pytest.raises(RateLimitError, match="requests in flight") as e:
+        await plugin.on_request(make_ctx())
+    assert e.value.headers["retry-after"] == "1"
+    await plugin.on_response(finish(a, **how))
+    c = make_ctx()
+    await plugin.on_request(c)
+    with pytest.raises(RateLimitError):
+        await plugin.on_request(make_ctx())
+
+
+@pytest.mark.anyio
+async def test_parallel_slot_of_a_lost_request_expires() -> None:
+    clock = Clock()
+    plugin = make_plugin(
+        clock, parallel_slot_ttl_s=30, rules=[{"scope": "user", "max_parallel": 1}]
+    )
+    await plugin.on_request(make_ctx())  # never finished (a crashed worker)
+    with pytest.raises(RateLimitError):
+        await plugin.on_request(make_ctx())
+    clock.advance(31)
+    await plugin.on_request(make_ctx())
+
+
+# --- budgets --------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_budget_crossed_mid_day_blocks_next_request_until_next_day() -> None:
+    clock = Clock()
+    clock.advance(12 * 3600)  # noon UTC
+    plugin = make_plugin(clock, rules=[{"scope": "tenant", "budget_usd": {"day": 0.01}}])
+    # $10 per million prompt tokens: 600 tokens = $0.006.
+    ctx = make_ctx()
+    await plugin.on_request(ctx)
+    await plugin.on_response(finish(ctx, 600, 0))
+    ctx = make_ctx("bob")  # same tenant, still under budget at admission
+    await plugin.on_request(ctx)
+    await plugin.on_response(finish(ctx, 600, 0))  # now $0.012 spent
+    with pytest.raises(QuotaExceededError) as e:
+        await plugin.on_request(make_ctx("carol"))
+    err = e.value
+    assert (err.status, err.code, err.type) == (429, "insufficient_quota", "insufficient_quota")
+    assert err.headers["retry-after"] == str(12 * 3600)
+    assert "daily budget" in err.message and "2026-01-02T00:00:00Z" in err.message
+    await plugin.on_request(make_ctx("dave", tenant="other"))  # other tenants unaffected
+    clock.advance(12 * 3600)
+    await plugin.on_request(make_ctx("carol"))  # a new UTC day
+
+
+@pytest.mark.anyio
+async def test_monthly_budget_uses_the_deployment_price_and_resets_next_month() -> None:
+    clock = Clock()
+    plugin = make_plugin(clock, rules=[{"scope": "user", "budget_usd": {"month": 0.02}}])
+    ctx = make_ctx()
+    await plugin.on_request(ctx)
+    ctx.deployment = None  # no route plugin: the model's first deployment prices it
+    await plugin.on_response(finish(ctx, 0, 1000))  # 1000 * $20/M = $0.02
+    with pytest.raises(QuotaExceededError, match="monthly budget"):
+        await plugin.on_request(make_ctx())
+    clock.advance(30 * 86400)  # Jan 31: still January
+    with pytest.raises(QuotaExceededError):
+        await plugin.on_request(make_ctx())
+    clock.advance(86400)  # Feb 1
+    await plugin.on_request(make_ctx())
+
+
+def test_format_duration_matches_openai() -> None:
+    assert [format_duration(s) for s in (0, 0.02, 1, 8.64, 59.9996, 60, 360, 3723.5)] == [
+        "0s", "20ms", "1s", "8.64s", "1m0s", "1m0s", "6m0s", "1h2m3.5s",
+    ]  # fmt: skip

@@ -1,0 +1,291 @@
+"""limit plugin against a real Redis: several plugin instances (separate connections, as
+separate replicas have) share counters exactly; Redis outages follow ``on_store_error``.
+
+Uses ``REDIS_URL`` (default ``redis://127.0.0.1:6379/14``) with a key prefix unique to each
+test, deleted afterwards. Outage tests start their own ``redis-server`` on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from prometheus_client import REGISTRY
+
+from gateway.errors import QuotaExceededError, RateLimitError, ServiceUnavailableError
+from plugins.limit import LimitPlugin
+
+from ..helpers import free_port
+from .test_limit_helpers import Clock, finish, make_ctx, make_plugin
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/14")
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    p = f"gwlimit-test-{uuid.uuid4().hex[:12]}"
+    yield p
+    client = aioredis.Redis.from_url(REDIS_URL)
+    keys = [k async for k in client.scan_iter(match=f"{p}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def plugins(
+    n: int, clock: Callable[[], float] | None = None, **config: Any
+) -> AsyncIterator[list[LimitPlugin]]:
+    """``n`` independent plugin instances, each with its own Redis connection pool."""
+    started = [make_plugin(clock, **config) for _ in range(n)]
+    for p in started:
+        await p.startup(None)
+    try:
+        yield started
+    finally:
+        for p in started:
+            await p.shutdown()
+
+
+async def _attempt(plugin: LimitPlugin, **ctx_args: Any) -> RateLimitError | None:
+    try:
+        await plugin.on_request(make_ctx(**ctx_args))
+    except RateLimitError as e:
+        return e
+    return None
+
+
+@pytest.mark.anyio
+async def test_three_instances_admit_exactly_the_rpm_limit(prefix: str) -> None:
+    limit = 20
+    rules = [{"scope": "user", "rpm": limit}]
+    async with plugins(3, store=REDIS_URL, key_prefix=prefix, rules=rules) as ps:
+        results = await asyncio.gather(*(_attempt(ps[i % 3]) for i in range(5 * limit)))
+    admitted = [r for r in results if r is None]
+    refused = [r for r in results if r is not None]
+    assert len(admitted) == limit
+    assert len(refused) == 4 * limit
+    assert all(r.status == 429 and 1 <= int(r.headers["retry-after"]) <= 60 for r in refused)
+
+
+@pytest.mark.anyio
+async def test_request_window_is_the_limits_librarys_moving_window(prefix: str) -> None:
+    # Same strategy on the same keys: limits' own reader sees what we counted.
+    rules = [{"scope": "user", "rpm": 5}]
+    async with plugins(1, time.time, store=REDIS_URL, key_prefix=prefix, rules=rules) as ps:
+        for _ in range(3):
+            await ps[0].on_request(make_ctx("alice"))
+    storage = RedisStorage(
+        REDIS_URL.replace("redis://", "async+redis://"), implementation="redispy", key_prefix=prefix
+    )
+    stats = await MovingWindowRateLimiter(storage).get_window_stats(
+        RateLimitItemPerMinute(5, namespace="rpm"), "user/alice"
+    )
+    await storage.bridge.storage.aclose()  # type: ignore[attr-defined]
+    assert stats.remaining == 2
+
+
+@pytest.mark.anyio
+async def test_tpm_reservations_across_instances_then_reconcile(prefix: str) -> None:
+    rules = [{"scope": "tenant", "tpm": 2000}]
+    async with plugins(3, store=REDIS_URL, key_prefix=prefix, rules=rules) as ps:
+        ctxs = [make_ctx(f"u{i}", max_tokens=400) for i in range(12)]
+        results = await asyncio.gather(
+            *(ps[i % 3].on_request(c) for i, c in enumerate(ctxs)), return_exceptions=True
+        )
+        ok = [c for c, r in zip(ctxs, results, strict=True) if r is None]
+        per = ps[0].reservation_tokens(ctxs[0])
+        assert len(ok) == 2000 // per == 4  # none finished: the 5th would overshoot
+        assert all(isinstance(r, RateLimitError) for r in results if r is not None)
+        for c in ok:  # each used 20 of its ~410
+            await ps[1].on_response(finish(c, 10, 10))
+        probe = make_ctx("x", max_tokens=400)
+        await ps[2].on_request(probe)
+        assert probe.response_headers["x-ratelimit-remaining-tokens"] == str(2000 - 80 - per)
+
+
+@pytest.mark.anyio
+async def test_parallel_across_instances_and_release(prefix: str) -> None:
+    rules = [{"scope": "user", "max_parallel": 3}]
+    async with plugins(2, store=REDIS_URL, key_prefix=prefix, rules=rules) as ps:
+        ctxs = [make_ctx() for _ in range(10)]
+        results = await asyncio.gather(
+            *(ps[i % 2].on_request(c) for i, c in enumerate(ctxs)), return_exceptions=True
+        )
+        ok = [c for c, r in zip(ctxs, results, strict=True) if r is None]
+        assert len(ok) == 3
+        await ps[0].on_response(finish(ok[0], 1, 1))  # completed
+        await ps[1].on_response(finish(ok[1], status=502, usage=False))  # upstream error
+        await ps[0].on_response(finish(ok[2], 1, 0, status=499, disconnected=True))
+        again = [make_ctx() for _ in range(4)]
+        results = await asyncio.gather(
+            *(ps[i % 2].on_request(c) for i, c in enumerate(again)), return_exceptions=True
+        )
+        assert sum(r is None for r in results) == 3
+
+
+@pytest.mark.anyio
+async def test_budget_shared_across_instances_resets_next_day(prefix: str) -> None:
+    clock = Clock(1_767_225_600.0 + 23 * 3600)  # 23:00 UTC
+    rules = [{"scope": "tenant", "budget_usd": {"day": 0.01, "month": 1.0}}]
+    async with plugins(2, clock, store=REDIS_URL, key_prefix=prefix, rules=rules) as ps:
+        ctx = make_ctx()
+        await ps[0].on_request(ctx)
+        await ps[0].on_response(finish(ctx, 1000, 0))  # $0.01
+        with pytest.raises(QuotaExceededError) as e:
+            await ps[1].on_request(make_ctx("bob"))
+        assert e.value.code == "insufficient_quota"
+        assert e.value.headers["retry-after"] == "3600"
+        clock.advance(3600)
+        await ps[1].on_request(make_ctx("bob"))
+        client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+        month = await client.get(f"{prefix}:usd/tenant/acme/month/2026-01")
+        await client.aclose()
+        assert float(month) == pytest.approx(0.01)
+
+
+# --- outages ------------------------------------------------------------------------------------
+
+
+class OwnRedis:
+    """A redis-server of our own, to kill and restart (never the shared one on 6379)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        import redis
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_timeout=0.2).ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(5)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    server = OwnRedis()
+    server.start()
+    try:
+        yield server
+    finally:
+        assert server.proc is not None
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGCONT)
+            server.kill()
+
+
+def _store_errors(op: str) -> float:
+    return REGISTRY.get_sample_value("gateway_limit_store_errors_total", {"op": op}) or 0.0
+
+
+async def _timed(plugin: LimitPlugin) -> tuple[float, BaseException | None]:
+    start = time.perf_counter()
+    try:
+        await plugin.on_request(make_ctx())
+    except Exception as e:
+        return time.perf_counter() - start, e
+    return time.perf_counter() - start, None
+
+
+@pytest.mark.anyio
+async def test_redis_killed_fail_open_admits_counts_and_recovers(own_redis: OwnRedis) -> None:
+    async with plugins(
+        1, store=own_redis.url, on_store_error="fail_open", retry_store_after_s=0.2,
+        rules=[{"scope": "user", "rpm": 2, "max_parallel": 5}],
+    ) as ps:  # fmt: skip
+        plugin = ps[0]
+        held = make_ctx()
+        await plugin.on_request(held)
+        await plugin.on_request(make_ctx())
+        with pytest.raises(RateLimitError):
+            await plugin.on_request(make_ctx())
+        own_redis.kill()
+        before = _store_errors("admit")
+        for _ in range(5):  # over the limit, but admitted: fail open, and promptly
+            elapsed, err = await _timed(plugin)
+            assert err is None and elapsed < 1.5
+        assert _store_errors("admit") - before == 5
+        settle_before = _store_errors("settle")
+        await plugin.on_response(finish(held, 1, 1))  # never raises
+        assert _store_errors("settle") - settle_before == 1
+        own_redis.start()  # same port, empty
+        await asyncio.sleep(0.3)
+        await plugin.on_request(make_ctx())
+        await plugin.on_request(make_ctx())
+        with pytest.raises(RateLimitError):  # limits hold again
+            await plugin.on_request(make_ctx())
+
+
+@pytest.mark.anyio
+async def test_redis_killed_fail_closed_503_then_recovers(own_redis: OwnRedis) -> None:
+    async with plugins(
+        1, store=own_redis.url, on_store_error="fail_closed", retry_store_after_s=0.2,
+        rules=[{"scope": "user", "rpm": 1}],
+    ) as ps:  # fmt: skip
+        plugin = ps[0]
+        await plugin.on_request(make_ctx())
+        own_redis.kill()
+        for _ in range(3):
+            elapsed, err = await _timed(plugin)
+            assert isinstance(err, ServiceUnavailableError) and elapsed < 1.5
+            assert err.status == 503
+        own_redis.start()
+        await asyncio.sleep(0.3)
+        elapsed, err = await _timed(plugin)
+        assert err is None
+        elapsed, err = await _timed(plugin)
+        assert isinstance(err, RateLimitError)
+
+
+@pytest.mark.anyio
+async def test_hung_redis_does_not_hang_requests(own_redis: OwnRedis) -> None:
+    async with plugins(
+        1, store=own_redis.url, on_store_error="fail_closed", retry_store_after_s=0.0,
+        rules=[{"scope": "user", "rpm": 100}],
+    ) as ps:  # fmt: skip
+        await ps[0].on_request(make_ctx())
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+        try:
+            results = await asyncio.gather(*(_timed(ps[0]) for _ in range(5)))
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        for elapsed, err in results:
+            assert isinstance(err, ServiceUnavailableError)
+            assert elapsed < 1.5
+        await asyncio.sleep(0.1)
+        elapsed, err = await _timed(ps[0])
+        assert err is None
