@@ -49,12 +49,18 @@ def build_pipeline(settings: Settings, registry: dict[str, Any] | None = None) -
 class Pipeline:
     def __init__(self, plugins: list[Plugin]) -> None:
         self.plugins = plugins
+        self.header_hooks = [p for p in plugins if p.overrides("on_headers")]
         self.has_chunk_hooks = any(
             p.overrides("on_chunk") or p.overrides("on_stream_end") for p in plugins
         )
 
     def find(self, name: str) -> Plugin | None:
         return next((p for p in self.plugins if p.name == name), None)
+
+    async def run_headers(self, ctx: RequestContext) -> None:
+        for plugin in self.header_hooks:
+            if plugin.applies_to(ctx.endpoint):
+                await plugin.on_headers(ctx)
 
     async def run_request(self, ctx: RequestContext, ran: list[Plugin]) -> Response | None:
         """Run ``on_request`` down the list; ``ran`` collects the plugins reached."""

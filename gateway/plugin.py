@@ -10,6 +10,8 @@ documented) and ``async def on_request(ctx) -> Response | None``:
 Either of the last two stops the pipeline; the upstream is never called. Plugins never build
 error JSON themselves.
 
+``on_headers(ctx)`` runs first, for every plugin that has it, before the body is read.
+
 After the upstream answers, the plugins that ran are asked about the response in reverse order:
 
 * ``on_chunk(ctx, chunk) -> list[chunk]`` for each streamed ``chat.completion.chunk`` (a dict).
@@ -66,6 +68,12 @@ class Plugin:
 
     async def shutdown(self) -> None:
         """Release what ``startup`` created."""
+
+    async def on_headers(self, ctx: RequestContext) -> None:
+        """Before the body is read: only the path, method and headers are known. Raise to deny
+        (the auth plugin does, so an anonymous caller learns nothing from body or model errors
+        and cannot make the gateway parse a large body)."""
+        return None
 
     async def on_request(self, ctx: RequestContext) -> Response | None:
         return None

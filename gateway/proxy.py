@@ -148,6 +148,8 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
     gw.in_flight += 1
     metrics.IN_FLIGHT.inc()
     try:
+        if gw.pipeline.header_hooks:
+            await gw.pipeline.run_headers(ctx)
         if ctx.method != "POST":
             raise MethodNotAllowedError(f"method {ctx.method} not allowed; use POST")
         check_content_type(ctx)
@@ -252,13 +254,21 @@ async def open_upstream(
             ctx.upstream_started = started
         body = upstream_body(ctx, dep.model)
         first: tuple[bytes, AsyncIterator[bytes]] | None = None
+        # The request's deadline bounds each attempt too, not only the start of the next one.
+        remaining = None if ctx.deadline is None else max(0.0, ctx.deadline - started)
         try:
-            if ctx.endpoint == "embeddings":
-                resp = await provider.embeddings(ctx, body)
-            else:
-                resp = await provider.chat(ctx, body)
-            if ctx.stream:
-                first = await first_bytes(resp, gw.settings.upstream.first_byte_timeout_s)
+            try:
+                async with asyncio.timeout(remaining):
+                    if ctx.endpoint == "embeddings":
+                        resp = await provider.embeddings(ctx, body)
+                    else:
+                        resp = await provider.chat(ctx, body)
+                    if ctx.stream:
+                        first = await first_bytes(resp, gw.settings.upstream.first_byte_timeout_s)
+            except TimeoutError:
+                raise UpstreamTimeoutError(
+                    "the request deadline passed before the upstream answered", retryable=True
+                ) from None
         except GatewayError as err:
             elapsed = time.perf_counter() - started
             last = err

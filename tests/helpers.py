@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,7 +150,7 @@ def build_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def running_gateway(
-    config: dict[str, Any] | None = None,
+    config: dict[str, Any] | Callable[[str], dict[str, Any]] | None = None,
     *,
     registry: dict[str, Any] | None = None,
     fake: dict[str, Any] | None = None,
