@@ -116,11 +116,18 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """503 while starting or draining. Open circuit breakers are reported, not fatal: a
+    provider's outage is no reason to take this replica out of the load balancer."""
     gw: Gateway = request.app.state.gateway
     if not gw.ready:
         reason = "draining" if gw.draining else "starting"
         return json_response({"status": reason}, status=503)
-    return json_response({"status": "ready"})
+    body: dict[str, Any] = {"status": "ready"}
+    route = gw.pipeline.find("route")
+    health = getattr(route, "health", None)
+    if callable(health):
+        body["routing"] = health()
+    return json_response(body)
 
 
 async def metrics_endpoint(request: Request) -> Response:

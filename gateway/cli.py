@@ -64,6 +64,8 @@ def _start_demo_upstream(settings: Settings) -> subprocess.Popen[bytes] | None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from gateway.logs import uvicorn_log_config
+
     config_path = str(Path(args.config).resolve())
     settings = _load(config_path)
     from gateway.pipeline import build_pipeline
@@ -93,6 +95,7 @@ def serve(args: argparse.Namespace) -> int:
             lifespan="on",
             access_log=settings.logging.access_log,
             log_level=settings.logging.level,
+            log_config=uvicorn_log_config(settings.logging.level),
             timeout_graceful_shutdown=int(settings.server.drain_timeout_s) or None,
             server_header=False,
             date_header=False,

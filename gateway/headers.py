@@ -49,7 +49,8 @@ def upstream_request_headers(
     """The headers sent upstream, as a list of pairs (repeated headers stay repeated).
 
     Drops hop-by-hop headers (and any the client's ``Connection`` header names), the client's
-    credentials and cookies, and headers the client library manages; adds the provider's
+    credentials and cookies, the gateway's own control headers (``x-gateway-*``), and headers the
+    client library manages; adds the provider's
     credentials, the configured extra headers and our request id.
     """
     pairs = list(client_headers)
@@ -67,7 +68,7 @@ def upstream_request_headers(
             or low in CLIENT_CREDENTIALS
             or low in MANAGED
             or low in named_by_connection
-            or low.startswith(("x-forwarded-", "proxy-"))
+            or low.startswith(("x-forwarded-", "proxy-", "x-gateway-"))
             or low == "forwarded"
         ):
             continue

@@ -42,6 +42,20 @@ def setup_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
 
 
+def uvicorn_log_config(level: str = "info") -> dict[str, Any]:
+    """uvicorn's own messages as JSON lines too (its default config prints plain text)."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    logger = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "gateway.logs.JsonFormatter"}},
+        "handlers": {"default": handler},
+        "loggers": {"uvicorn": logger, "uvicorn.error": logger, "uvicorn.access": logger,
+                    "gateway": logger},
+    }  # fmt: skip
+
+
 class RequestLog:
     """Writes one JSON line per request, buffered, flushed every second and at shutdown."""
 

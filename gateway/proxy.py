@@ -95,8 +95,10 @@ async def send_error(send: Any, ctx: RequestContext, err: GatewayError) -> None:
     headers = response_headers(ctx, JSON_HEADERS)
     for name, value in err.headers.items():
         headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    body = err.body()
+    headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": err.body()})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def read_body(receive: Any, ctx: RequestContext, limit: int) -> bytes:
@@ -349,10 +351,12 @@ async def forward(
     err = await finish_response_phase(ran, ctx)
     if err is not None:
         raise err
+    out = orjson.dumps(ctx.response)
     headers = response_headers(ctx, JSON_HEADERS)
     headers.extend(extra)
+    headers.append((b"content-length", str(len(out)).encode()))
     await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": orjson.dumps(ctx.response)})
+    await send({"type": "http.response.body", "body": out})
     return True
 
 

@@ -1,0 +1,421 @@
+"""OpenAI chat completions ↔ Anthropic Messages API, as pure functions (golden-tested).
+
+* :func:`to_anthropic` turns an OpenAI request body into a Messages API body;
+* :func:`from_anthropic` turns a Messages API answer into a ``chat.completion``;
+* :class:`StreamTranslator` turns Anthropic SSE events into ``chat.completion.chunk`` events.
+
+What has no Anthropic equivalent is either dropped when it only tunes sampling (``seed``,
+``frequency_penalty``, ``logit_bias`` ...) or refused with a 400 when ignoring it would change
+the answer's shape (``n > 1``, ``logprobs``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
+from gateway.providers.base import error_for_status
+
+STOP_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "pause_turn": "stop",
+    "refusal": "content_filter",
+}
+
+#: Anthropic error ``type`` → the HTTP status it comes with (stream errors carry no status).
+ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "overloaded_error": 529,
+}
+
+_JSON_INSTRUCTION = "Respond only with a single valid JSON object and nothing else."
+
+
+def _text_of(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    if content is None:
+        return ""
+    raise InvalidRequestError(f"'{where}.content' must be a string or a list", param=where)
+
+
+def _image_block(url: str, where: str) -> dict[str, Any]:
+    if url.startswith("data:"):
+        header, sep, data = url.partition(",")
+        media_type = header[5:].split(";", 1)[0]
+        if not sep or ";base64" not in header or not media_type.startswith("image/"):
+            raise InvalidRequestError(
+                "image data URLs must look like data:image/<type>;base64,<data>", param=where
+            )
+        return {
+            "type": "image",
+            "source": {"type": "base64", "media_type": media_type, "data": data},
+        }
+    if url.startswith(("http://", "https://")):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    raise InvalidRequestError("image URLs must be data: or http(s): URLs", param=where)
+
+
+def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks: list[dict[str, Any]] = []
+    for j, part in enumerate(content or ()):
+        kind = part.get("type")
+        if kind == "text":
+            if part.get("text"):
+                blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            img = part.get("image_url") or {}
+            blocks.append(_image_block(str(img.get("url", "")), f"{where}.content[{j}]"))
+        else:
+            raise InvalidRequestError(
+                f"content part type {kind!r} is not supported by this model",
+                param=f"{where}.content[{j}]",
+            )
+    return blocks
+
+
+def _assistant_blocks(msg: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = []
+    text = _text_of(msg.get("content"), where)
+    if text:
+        blocks.append({"type": "text", "text": text})
+    for j, call in enumerate(msg.get("tool_calls") or ()):
+        fn = call.get("function") or {}
+        try:
+            args = orjson.loads(fn.get("arguments") or "{}")
+        except orjson.JSONDecodeError:
+            raise InvalidRequestError(
+                "tool call arguments must be a JSON object",
+                param=f"{where}.tool_calls[{j}].function.arguments",
+            ) from None
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": call.get("id", ""),
+                "name": fn.get("name", ""),
+                "input": args,
+            }
+        )
+    return blocks
+
+
+def _messages(
+    messages: list[dict[str, Any]],
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """System texts and Anthropic messages, consecutive same-role turns merged."""
+    system: list[str] = []
+    out: list[dict[str, Any]] = []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        role = msg.get("role")
+        if role in ("system", "developer"):
+            text = _text_of(msg.get("content"), where)
+            if text:
+                system.append(text)
+            continue
+        if role == "user":
+            turn, blocks = "user", _user_blocks(msg.get("content"), where)
+        elif role == "assistant":
+            turn, blocks = "assistant", _assistant_blocks(msg, where)
+        elif role == "tool":
+            turn = "user"
+            blocks = [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": msg.get("tool_call_id", ""),
+                    "content": _text_of(msg.get("content"), where),
+                }
+            ]
+        else:
+            raise InvalidRequestError(
+                f"role {role!r} is not supported by this model", param=f"{where}.role"
+            )
+        if not blocks:
+            continue
+        if out and out[-1]["role"] == turn:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": turn, "content": blocks})
+    return system, out
+
+
+def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for t in tools:
+        fn = t.get("function") or {}
+        tool: dict[str, Any] = {"name": fn.get("name", "")}
+        if fn.get("description"):
+            tool["description"] = fn["description"]
+        tool["input_schema"] = fn.get("parameters") or {"type": "object", "properties": {}}
+        out.append(tool)
+    return out
+
+
+def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
+    out: dict[str, Any] | None
+    if choice is None:
+        out = {"type": "auto"} if parallel is False else None
+    elif choice == "auto":
+        out = {"type": "auto"}
+    elif choice == "required":
+        out = {"type": "any"}
+    elif choice == "none":
+        out = {"type": "none"}
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        out = {"type": "tool", "name": choice["function"].get("name", "")}
+    else:
+        raise InvalidRequestError("unsupported tool_choice", param="tool_choice")
+    if out is not None and parallel is False and out["type"] != "none":
+        out["disable_parallel_tool_use"] = True
+    return out
+
+
+def to_anthropic(body: dict[str, Any], model: str, max_output_tokens: int) -> dict[str, Any]:
+    """The Messages API body for an OpenAI chat request (``body`` is not modified)."""
+    if (body.get("n") or 1) > 1:
+        raise InvalidRequestError("n > 1 is not supported by this model", param="n")
+    if body.get("logprobs"):
+        raise InvalidRequestError("logprobs are not supported by this model", param="logprobs")
+    system, messages = _messages(body.get("messages") or [])
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") == "json_object":
+        system.append(_JSON_INSTRUCTION)
+    elif fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema") or {}
+        system.append(
+            _JSON_INSTRUCTION + " It must follow this JSON schema: " + orjson.dumps(schema).decode()
+        )
+    asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    out: dict[str, Any] = {
+        "model": model,
+        "max_tokens": min(int(asked), max_output_tokens) if asked else max_output_tokens,
+        "messages": messages,
+    }
+    if system:
+        out["system"] = "\n\n".join(system)
+    stop = body.get("stop")
+    if stop:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if body.get("temperature") is not None:
+        # OpenAI's range is 0-2, Anthropic's 0-1: clamp rather than fail a request that a
+        # fallback chain moved here from an OpenAI deployment.
+        out["temperature"] = min(float(body["temperature"]), 1.0)
+    if body.get("top_p") is not None:
+        out["top_p"] = body["top_p"]
+    if body.get("tools"):
+        out["tools"] = _tools(body["tools"])
+    choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+    if choice is not None and body.get("tools"):
+        out["tool_choice"] = choice
+    if isinstance(body.get("user"), str) and body["user"]:
+        out["metadata"] = {"user_id": body["user"]}
+    if body.get("stream"):
+        out["stream"] = True
+    return out
+
+
+def usage_of(usage: dict[str, Any] | None) -> dict[str, int]:
+    u = usage or {}
+    prompt = sum(
+        int(u.get(k) or 0)
+        for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    )
+    completion = int(u.get("output_tokens") or 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def from_anthropic(data: dict[str, Any], model: str, created: int | None = None) -> dict[str, Any]:
+    """A ``chat.completion`` for a Messages API answer; ``model`` is the name the client used."""
+    if data.get("type") != "message" or not isinstance(data.get("content"), list):
+        raise UpstreamError("the anthropic upstream sent an unexpected body")
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for block in data["content"]:
+        if block.get("type") == "text":
+            texts.append(block.get("text", ""))
+        elif block.get("type") == "tool_use":
+            calls.append(
+                {
+                    "id": block.get("id", ""),
+                    "type": "function",
+                    "function": {
+                        "name": block.get("name", ""),
+                        "arguments": orjson.dumps(block.get("input") or {}).decode(),
+                    },
+                }
+            )
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(texts) if texts or not calls else None,
+        "refusal": None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    return {
+        "id": data.get("id", ""),
+        "object": "chat.completion",
+        "created": created if created is not None else int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": STOP_REASONS.get(data.get("stop_reason") or "", "stop"),
+            }
+        ],
+        "usage": usage_of(data.get("usage")),
+    }
+
+
+class StreamTranslator:
+    """Anthropic SSE events in, OpenAI ``chat.completion.chunk`` SSE bytes out.
+
+    Feed raw bytes as they arrive (boundaries arbitrary); each call returns the complete OpenAI
+    events it could produce. ``message_stop`` yields the usage chunk (``choices: []``) and
+    ``data: [DONE]``. An ``error`` event raises: before any output it is retryable like the
+    same error as a status; after, the core turns it into the client's SSE error event.
+    """
+
+    def __init__(self, model: str, created: int | None = None) -> None:
+        self.model = model
+        self.created = created if created is not None else int(time.time())
+        self.id = ""
+        self.buffer = b""
+        self.usage: dict[str, Any] = {}
+        self.finish: str | None = None
+        #: Anthropic content block index → OpenAI tool call index.
+        self.tool_index: dict[int, int] = {}
+        self.done = False
+        self.started = False
+
+    def feed(self, data: bytes) -> bytes:
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        self.buffer += data
+        out: list[bytes] = []
+        while True:
+            cut = self.buffer.find(b"\n\n")
+            if cut == -1:
+                break
+            event, self.buffer = self.buffer[:cut], self.buffer[cut + 2 :]
+            payload = b"\n".join(
+                line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
+            )
+            if not payload:
+                continue
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                raise UpstreamError(
+                    "the anthropic upstream sent a malformed stream event"
+                ) from None
+            if isinstance(obj, dict):
+                out.extend(self.event(obj))
+        if out:
+            self.started = True
+        return b"".join(out)
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def event(self, obj: dict[str, Any]) -> list[bytes]:
+        kind = obj.get("type")
+        if kind == "message_start":
+            msg = obj.get("message") or {}
+            self.id = msg.get("id", "")
+            self.usage.update(msg.get("usage") or {})
+            return [self._chunk({"role": "assistant", "content": ""})]
+        if kind == "content_block_start":
+            block = obj.get("content_block") or {}
+            if block.get("type") == "text" and block.get("text"):
+                return [self._chunk({"content": block["text"]})]
+            if block.get("type") == "tool_use":
+                pos = self.tool_index[int(obj.get("index", 0))] = len(self.tool_index)
+                call = {
+                    "index": pos,
+                    "id": block.get("id", ""),
+                    "type": "function",
+                    "function": {"name": block.get("name", ""), "arguments": ""},
+                }
+                return [self._chunk({"tool_calls": [call]})]
+            return []
+        if kind == "content_block_delta":
+            delta = obj.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return [self._chunk({"content": delta.get("text", "")})]
+            if delta.get("type") == "input_json_delta":
+                n = self.tool_index.get(int(obj.get("index", 0)))
+                if n is None:
+                    return []
+                call = {"index": n, "function": {"arguments": delta.get("partial_json", "")}}
+                return [self._chunk({"tool_calls": [call]})]
+            return []  # thinking and signature deltas have no OpenAI equivalent
+        if kind == "message_delta":
+            self.usage.update(obj.get("usage") or {})
+            reason = (obj.get("delta") or {}).get("stop_reason")
+            self.finish = STOP_REASONS.get(reason or "", "stop")
+            return [self._chunk({}, self.finish)]
+        if kind == "message_stop":
+            self.done = True
+            usage = {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage_of(self.usage),
+            }
+            return [b"data: " + orjson.dumps(usage) + b"\n\n", b"data: [DONE]\n\n"]
+        if kind == "error":
+            err = error_from_body(obj, {})
+            err.retryable = err.retryable and not self.started
+            raise err
+        return []  # ping, content_block_stop
+
+
+def error_from_body(
+    obj: Any, headers: Mapping[str, str], status: int | None = None
+) -> GatewayError:
+    """The gateway error for an Anthropic error (``{"type":"error","error":{...}}``).
+
+    529 ``overloaded_error`` means what OpenAI's 503 means: retryable elsewhere.
+    """
+    err = obj.get("error") if isinstance(obj, dict) else None
+    err = err if isinstance(err, dict) else {}
+    if status is None:
+        status = ERROR_STATUS.get(str(err.get("type")), 500)
+    if status == 529:
+        status = 503
+    message = str(err.get("message") or "")[:500]
+    return error_for_status(status, headers, message, "anthropic")

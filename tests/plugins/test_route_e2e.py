@@ -1,0 +1,374 @@
+"""The route plugin end to end: the real gateway, the fake upstream playing OpenAI, Anthropic and
+a local OpenAI-compatible server, and the official openai SDK."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from gateway.context import Identity
+from gateway.fake_upstream import STATE
+from gateway.plugin import Plugin
+from tests.helpers import free_port, running_gateway
+
+MSG = [{"role": "user", "content": "hello there"}]
+
+
+class TierFromHeader(Plugin):
+    """Test-only stand-in for auth: the caller's tier and roles come from headers."""
+
+    name = "tier"
+
+    async def on_request(self, ctx: Any) -> None:
+        tier = ctx.headers.get("x-test-tier")
+        if tier:
+            roles = tuple(r for r in ctx.headers.get("x-test-roles", "").split(",") if r)
+            ctx.identity = Identity(user="u1", tier=tier, roles=roles)
+
+
+def dep(url: str, dep_id: str, model: str, **kw: Any) -> dict[str, Any]:
+    d = {"id": dep_id, "provider": "openai", "model": model, "base_url": f"{url}/v1",
+         "api_key": "sk-provider-CANARY"}  # fmt: skip
+    d.update(kw)
+    return d
+
+
+def three_providers(
+    url: str, route: dict[str, Any] | None = None, primary_url: str = ""
+) -> dict[str, Any]:
+    """``smart`` (OpenAI, two sizes) → ``claude`` (Anthropic) → ``local`` (keyless server)."""
+    return {
+        "models": [
+            {
+                "name": "smart",
+                "deployments": [
+                    dep(primary_url or url, "smart-large", "large-up", weight=1,
+                        price={"input_per_mtok": 10, "output_per_mtok": 30}),
+                    dep(url, "smart-small", "small-up", weight=1,
+                        price={"input_per_mtok": 0.1, "output_per_mtok": 0.4}),
+                ],
+                "fallbacks": ["claude"],
+            },
+            {
+                "name": "claude",
+                "deployments": [
+                    dep(url, "claude-a", "claude-up", provider="anthropic", api_key="sk-ant-CANARY")
+                ],
+                "fallbacks": ["local"],
+            },
+            {"name": "local", "deployments": [dep(url, "local-a", "local-up", api_key="")]},
+        ],
+        "pipeline": [
+            {"name": "tier"},
+            {"name": "route", "config": route or {}},
+        ],
+        "upstream": {"first_byte_timeout_s": 0.5},
+        "logging": {"request_log": "none"},
+    }  # fmt: skip
+
+
+def models_called(gw: Any) -> list[str]:
+    return [r["body"]["model"] for r in gw.upstream_requests()]
+
+
+def one_deployment_then_fallback(route: dict[str, Any] | None = None):  # type: ignore[no-untyped-def]
+    """``smart`` has only ``smart-large``; fallbacks: claude → local."""
+
+    def build(url: str) -> dict[str, Any]:
+        cfg = three_providers(url, route)
+        cfg["models"][0]["deployments"] = cfg["models"][0]["deployments"][:1]
+        return cfg
+
+    return build
+
+
+TIER_RULES = {
+    "rules": [
+        {"name": "free", "when": {"tiers": ["free"], "models": ["smart"]},
+         "deployments": ["smart-small"]},
+        {"name": "pro", "when": {"tiers": ["pro"]}, "deployments": ["smart-large"]},
+    ]
+}  # fmt: skip
+
+
+def test_tier_rule_free_gets_cheap_pro_gets_large() -> None:
+    with running_gateway(
+        lambda u: three_providers(u, TIER_RULES), registry={"tier": TierFromHeader}
+    ) as gw:
+        client = gw.openai()
+        for _ in range(5):
+            r = client.chat.completions.with_raw_response.create(
+                model="smart", messages=MSG, extra_headers={"x-test-tier": "free"}
+            )
+            assert r.headers["x-gateway-deployment"] == "smart-small"
+        for _ in range(5):
+            r = client.chat.completions.with_raw_response.create(
+                model="smart", messages=MSG, extra_headers={"x-test-tier": "pro"}
+            )
+            assert r.headers["x-gateway-deployment"] == "smart-large"
+            assert r.parse().choices[0].message.content == "Echo: hello there"
+        assert models_called(gw) == ["small-up"] * 5 + ["large-up"] * 5
+
+
+def test_cheapest_rule_picks_lowest_price_and_capability_filter() -> None:
+    route = {"rules": [{"name": "cost", "when": {"tools": False}, "cheapest": True}]}
+
+    def build(url: str) -> dict[str, Any]:
+        cfg = three_providers(url, route)
+        cfg["models"][0]["deployments"][1]["capabilities"] = ["streaming"]  # small: no tools
+        return cfg
+
+    with running_gateway(build, registry={"tier": TierFromHeader}) as gw:
+        client = gw.openai()
+        for _ in range(4):
+            r = client.chat.completions.with_raw_response.create(model="smart", messages=MSG)
+            assert r.headers["x-gateway-deployment"] == "smart-small"
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        r = client.chat.completions.with_raw_response.create(
+            model="smart", messages=MSG, tools=tools
+        )
+        assert r.headers["x-gateway-deployment"] == "smart-large"  # the only one with tools
+
+
+def test_context_window_moves_to_larger_deployment() -> None:
+    def build(url: str) -> dict[str, Any]:
+        cfg = three_providers(url)
+        cfg["models"][0]["deployments"][1]["context_window"] = 50
+        cfg["models"][0]["deployments"][0]["context_window"] = 50
+        return cfg
+
+    with running_gateway(build, registry={"tier": TierFromHeader}) as gw:
+        client = gw.openai()
+        long = [{"role": "user", "content": "word " * 200}]
+        r = client.chat.completions.with_raw_response.create(model="smart", messages=long)
+        assert r.headers["x-gateway-deployment"] == "claude-a"  # 128k window by default
+        assert models_called(gw) == ["claude-up"]
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "stream"),
+    [
+        ({"status": 503}, False),
+        ({"status": 503}, True),
+        ({"status": 429, "retry_after": "30"}, False),
+        ({"hang_ms": 5000}, True),
+        ({"hang_ms": 5000}, False),
+    ],
+)
+def test_failover_to_fallback_model(behaviour: dict[str, Any], stream: bool) -> None:
+    with running_gateway(
+        one_deployment_then_fallback({"deadline_s": 5}),
+        registry={"tier": TierFromHeader},
+        fake={"behaviours": {"large-up": behaviour}},
+    ) as gw:
+        client = gw.openai()
+        started = time.perf_counter()
+        if stream:
+            resp = client.chat.completions.with_raw_response.create(
+                model="smart", messages=MSG, stream=True
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)
+        else:
+            resp = client.chat.completions.with_raw_response.create(model="smart", messages=MSG)
+            text = resp.parse().choices[0].message.content
+        assert time.perf_counter() - started < 3
+        assert text == "Echo: hello there"
+        assert resp.headers["x-gateway-deployment"] == "claude-a"
+        assert resp.headers["x-gateway-provider"] == "anthropic"
+        assert resp.headers["x-gateway-attempts"] == "2"
+        assert models_called(gw) == ["large-up", "claude-up"]
+
+
+def test_retry_after_keeps_deployment_out_of_rotation() -> None:
+    with running_gateway(
+        one_deployment_then_fallback(),
+        registry={"tier": TierFromHeader},
+        fake={"behaviours": {"large-up": {"status": 429, "retry_after": "30"}}},
+    ) as gw:
+        client = gw.openai()
+        for _ in range(3):
+            client.chat.completions.create(model="smart", messages=MSG)
+        # The 429 asked for 30 s: the primary was called once, then left alone.
+        assert models_called(gw) == ["large-up", "claude-up", "claude-up", "claude-up"]
+
+
+def test_short_retry_after_is_waited_out_on_the_only_deployment() -> None:
+    def build(url: str) -> dict[str, Any]:
+        return {"models": [{"name": "solo", "deployments": [dep(url, "solo-a", "solo-up")]}],
+                "pipeline": [{"name": "route", "config": {"max_retry_wait_s": 1}}],
+                "logging": {"request_log": "none"}}  # fmt: skip
+
+    with running_gateway(build) as gw:
+        state = gw.upstream.runner.app[STATE]
+        state.behaviours["solo-up"] = {"status": 429, "retry_after": "1"}
+        client = gw.openai()
+
+        def heal() -> None:
+            time.sleep(0.3)
+            state.behaviours["solo-up"] = {}
+
+        import threading
+
+        t = threading.Thread(target=heal)
+        t.start()
+        started = time.perf_counter()
+        r = client.chat.completions.with_raw_response.create(model="solo", messages=MSG)
+        t.join()
+        assert 0.9 < time.perf_counter() - started < 3
+        assert r.headers["x-gateway-attempts"] == "2"
+        assert models_called(gw) == ["solo-up", "solo-up"]
+
+
+def test_connection_refused_fails_over() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with running_gateway(
+        lambda u: _with_dead_primary(u, dead), registry={"tier": TierFromHeader}
+    ) as gw:
+        r = gw.openai().chat.completions.with_raw_response.create(model="smart", messages=MSG)
+        assert r.headers["x-gateway-deployment"] == "claude-a"
+        assert r.headers["x-gateway-attempts"] == "2"
+
+
+def _with_dead_primary(url: str, dead: str) -> dict[str, Any]:
+    cfg = one_deployment_then_fallback()(url)
+    cfg["models"][0]["deployments"][0]["base_url"] = f"{dead}/v1"
+    return cfg
+
+
+def test_every_provider_in_the_chain_fails_but_the_local_server() -> None:
+    with running_gateway(
+        one_deployment_then_fallback(),
+        registry={"tier": TierFromHeader},
+        fake={"behaviours": {"large-up": {"status": 500}, "claude-up": {"status": 529}}},
+    ) as gw:
+        r = gw.openai().chat.completions.with_raw_response.create(model="smart", messages=MSG)
+        assert r.headers["x-gateway-deployment"] == "local-a"
+        assert r.headers["x-gateway-attempts"] == "3"
+        assert models_called(gw) == ["large-up", "claude-up", "local-up"]
+        local = gw.upstream_requests()[-1]
+        assert not any(k.lower() == "authorization" for k, _ in local["headers"])
+
+
+def test_all_failing_gives_last_error_and_request_errors_are_not_retried() -> None:
+    with running_gateway(
+        one_deployment_then_fallback(),
+        registry={"tier": TierFromHeader},
+        fake={"behaviours": {"large-up": {"status": 400}}},
+    ) as gw:
+        client = gw.openai()
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="smart", messages=MSG)
+        assert models_called(gw) == ["large-up"]  # a 400 is the request's fault: no failover
+
+
+def test_failure_after_first_chunk_is_an_sse_error_without_switching() -> None:
+    with running_gateway(
+        one_deployment_then_fallback(),
+        registry={"tier": TierFromHeader},
+        fake={"behaviours": {"large-up": {"drop_after": 2}}},
+    ) as gw:
+        body = {"model": "smart", "messages": MSG, "stream": True}
+        with gw.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            raw = r.read().decode()
+        events = [e.removeprefix("data: ") for e in raw.strip().split("\n\n")]
+        assert "error" in orjson.loads(events[-1])
+        assert "[DONE]" not in events
+        assert models_called(gw) == ["large-up"]
+
+
+def metric(gw: Any, dep_id: str) -> float:
+    text = httpx.get(f"{gw.url}/metrics").text
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith(f'gateway_circuit_state{{deployment="{dep_id}"}}'))  # fmt: skip
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_breaker_opens_skips_primary_and_recovers_after_cooldown() -> None:
+    route = {"breaker": {"failures": 2, "cooldown_s": 0.5}}
+    with running_gateway(
+        one_deployment_then_fallback(route),
+        registry={"tier": TierFromHeader},
+        fake={"behaviours": {"large-up": {"status": 503}}},
+    ) as gw:
+        client = gw.openai()
+        for _ in range(4):
+            r = client.chat.completions.with_raw_response.create(model="smart", messages=MSG)
+            assert r.headers["x-gateway-deployment"] == "claude-a"
+        # Two failures opened the breaker: the last two requests never touched the primary.
+        assert models_called(gw).count("large-up") == 2
+        assert metric(gw, "smart-large") == 1.0
+        route_plugin = gw.gateway.pipeline.find("route")
+        assert route_plugin.health()["deployments"]["smart-large"]["state"] == "open"
+        gw.upstream.runner.app[STATE].behaviours["large-up"] = {}  # the primary heals
+        time.sleep(0.6)
+        assert route_plugin.health()["deployments"]["smart-large"]["state"] == "half_open"
+        r = client.chat.completions.with_raw_response.create(model="smart", messages=MSG)
+        assert r.headers["x-gateway-deployment"] == "smart-large"  # the probe
+        assert metric(gw, "smart-large") == 0.0
+        r = client.chat.completions.with_raw_response.create(model="smart", messages=MSG)
+        assert r.headers["x-gateway-deployment"] == "smart-large"
+
+
+def test_weighted_balancing_spreads_by_weight() -> None:
+    def build(url: str) -> dict[str, Any]:
+        cfg = three_providers(url)
+        cfg["models"][0]["deployments"][0]["weight"] = 3
+        return cfg
+
+    n = 200
+    with running_gateway(build, registry={"tier": TierFromHeader}, fake={"record": 1000}) as gw:
+        client = gw.openai()
+        for _ in range(n):
+            client.chat.completions.create(model="smart", messages=MSG)
+        counts = Counter(models_called(gw))
+    # Expected 75 % / 25 %; the tolerance is 3.2 standard deviations of a binomial(200, 0.75).
+    assert abs(counts["large-up"] / n - 0.75) < 0.1
+    assert counts["large-up"] + counts["small-up"] == n
+
+
+def test_pinning_needs_an_allowed_role() -> None:
+    with running_gateway(three_providers, registry={"tier": TierFromHeader}) as gw:
+        client = gw.openai()
+        pin = {"x-gateway-deployment": "smart-small", "x-test-tier": "pro"}
+        with pytest.raises(openai.PermissionDeniedError):
+            client.chat.completions.create(model="smart", messages=MSG, extra_headers=pin)
+        assert models_called(gw) == []
+        for _ in range(3):
+            r = client.chat.completions.with_raw_response.create(
+                model="smart", messages=MSG, extra_headers={**pin, "x-test-roles": "admin"}
+            )
+            assert r.headers["x-gateway-deployment"] == "smart-small"
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(
+                model="smart", messages=MSG,
+                extra_headers={**pin, "x-test-roles": "admin", "x-gateway-deployment": "nope"},
+            )  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_deadline_bounds_the_whole_request(stream: bool) -> None:
+    """Every deployment hangs longer than the deadline: a 504 at the deadline, not after the
+    (longer) first-byte timeout of each attempt."""
+
+    def build(url: str) -> dict[str, Any]:
+        cfg = one_deployment_then_fallback({"deadline_s": 0.8})(url)
+        cfg["upstream"] = {"first_byte_timeout_s": 10}
+        return cfg
+
+    with running_gateway(build, registry={"tier": TierFromHeader},
+                         fake={"hang_ms": 5000}) as gw:  # fmt: skip
+        started = time.perf_counter()
+        with pytest.raises(openai.APIStatusError) as exc:
+            resp = gw.openai().chat.completions.create(model="smart", messages=MSG, stream=stream)
+            list(resp) if stream else None  # type: ignore[call-overload]
+        elapsed = time.perf_counter() - started
+        assert exc.value.status_code == 504
+        assert 0.7 < elapsed < 2.0
+        assert models_called(gw) == ["large-up"]  # no attempt starts after the deadline
