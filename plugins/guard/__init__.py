@@ -1,0 +1,301 @@
+"""``guard``: blocks, redacts or flags prompts and answers.
+
+Layers, each configurable and each reported in the verdict (``ctx.log["guard"]``, metric
+``gateway_guard_verdicts_total``): input limits (``schema``), normalisation + rules (``rules``),
+the embedding classifier (``semantic``), secrets/PII (``secrets``), and the output guard on
+answers (``output``). ``mode: shadow`` evaluates and reports everything but changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import Field
+
+from gateway.configbase import Strict
+from gateway.errors import ContentPolicyError
+from gateway.plugin import Plugin, PluginConfig
+from plugins.guard.normalize import DECODERS
+from plugins.guard.output import OutputConfig, OutputGuard, response_texts
+from plugins.guard.rules import RulesConfig, RuleSet
+from plugins.guard.scanner import Finding, Scanner, Verdict, record_metrics
+from plugins.guard.schema import InputConfig, check_input
+from plugins.guard.secrets import find_secrets, redact
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
+    from gateway.state import Gateway
+
+__all__ = ["GuardConfig", "GuardPlugin", "Scanner", "Verdict"]
+
+log = logging.getLogger("gateway.guard")
+
+BLOCKED_REQUEST = "The request was blocked by the gateway's content policy."
+BLOCKED_RESPONSE = "The response was stopped by the gateway's content policy."
+SecretAction = Literal["block", "redact", "flag", "allow"]
+
+
+class NormalizeConfig(Strict):
+    #: Encodings decoded and scanned too (the original text is always scanned).
+    decode: tuple[Literal["base64", "hex", "rot13", "url"], ...] = DECODERS  # type: ignore[assignment]
+
+
+class SemanticConfig(Strict):
+    enabled: bool = True
+    #: Folder of the trained classifier; empty uses the one shipped with the package.
+    model_path: str | None = None
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    action: Literal["block", "flag"] = "block"
+
+
+class SecretsConfig(Strict):
+    """Action per secret/PII type found in prompts: block, redact (before forwarding), flag,
+    or allow (not looked for)."""
+
+    api_key: SecretAction = "block"
+    private_key: SecretAction = "block"
+    jwt: SecretAction = "block"
+    credit_card: SecretAction = "redact"
+    email: SecretAction = "redact"
+    iban: SecretAction = "redact"
+    phone: SecretAction = "allow"
+
+
+class GuardConfig(PluginConfig):
+    #: ``enforce`` acts on verdicts; ``shadow`` only logs and counts them (input limits still
+    #: apply).
+    mode: Literal["enforce", "shadow"] = "enforce"
+    input: InputConfig = InputConfig()
+    normalize: NormalizeConfig = NormalizeConfig()
+    rules: RulesConfig = RulesConfig()
+    semantic: SemanticConfig = SemanticConfig()
+    secrets: SecretsConfig = SecretsConfig()
+    #: Message roles scanned for injection (``tool`` results carry indirect injection).
+    scan_roles: tuple[
+        Literal["system", "developer", "user", "assistant", "tool", "function"], ...
+    ] = (
+        "user",
+        "tool",
+    )
+    output: OutputConfig = OutputConfig()
+    #: Prompts with more text than this are swept in a worker thread, off the event loop.
+    offload_chars: int = Field(4096, ge=0)
+
+
+# A text slot in the body: (container, key) with container[key] a str, and the message role.
+Slot = tuple[Any, Any, str]
+
+
+def _slots(ctx: RequestContext) -> list[Slot]:
+    body = ctx.body
+    out: list[Slot] = []
+    if ctx.endpoint == "embeddings":
+        value = body.get("input")
+        if isinstance(value, str):
+            out.append((body, "input", "user"))
+        elif isinstance(value, list):
+            out.extend((value, i, "user") for i, v in enumerate(value) if isinstance(v, str))
+        return out
+    for msg in body.get("messages") or ():
+        role = msg.get("role", "")
+        content = msg.get("content")
+        if isinstance(content, str):
+            out.append((msg, "content", role))
+        elif isinstance(content, list):
+            out.extend(
+                (p, "text", role)
+                for p in content
+                if isinstance(p, dict)
+                and p.get("type") == "text"
+                and isinstance(p.get("text"), str)
+            )
+    return out
+
+
+class GuardPlugin(Plugin):
+    name = "guard"
+    Config = GuardConfig
+    endpoints: ClassVar[frozenset[str]] = frozenset({"chat", "embeddings"})
+    config: GuardConfig
+
+    def __init__(self, config: GuardConfig) -> None:
+        super().__init__(config)
+        cfg = config
+        self.shadow = cfg.mode == "shadow"
+        self.secret_actions = {k: v for k, v in cfg.secrets.model_dump().items() if v != "allow"}
+        self.secret_types = frozenset(self.secret_actions)
+        #: Ready without ``startup`` (rules only) so unit tests and tools can use it directly;
+        #: ``startup`` adds the semantic model.
+        self.scanner = self._make_scanner(None)
+        self.output = OutputGuard(cfg.output)
+
+    def _make_scanner(self, semantic: Any) -> Scanner:
+        cfg = self.config
+        rules = RuleSet(cfg.rules.effective()) if cfg.rules.enabled else None
+        return Scanner(
+            rules,
+            rules_action=cfg.rules.action,
+            decoders=tuple(cfg.normalize.decode),
+            semantic=semantic,
+            semantic_threshold=cfg.semantic.threshold,
+            semantic_action=cfg.semantic.action,
+            secret_actions=self.secret_actions,
+        )
+
+    async def startup(self, gateway: Gateway) -> None:
+        sem = self.config.semantic
+        if not sem.enabled:
+            return
+        try:
+            from plugins.guard.semantic import SemanticDetector
+
+            detector = SemanticDetector(sem.model_path, sem.threshold)
+            await asyncio.to_thread(detector.load)
+        except Exception as e:
+            raise RuntimeError(
+                f"guard: the semantic classifier could not be loaded "
+                f"(model_path={sem.model_path or 'default'}): {e}. Fix the path or set "
+                "guard semantic.enabled: false to run without it"
+            ) from e
+        self.scanner = self._make_scanner(detector)
+        log.info("guard semantic classifier loaded", extra={"threshold": sem.threshold})
+
+    async def shutdown(self) -> None:
+        self.scanner.close()
+
+    # --- request -----------------------------------------------------------------------------
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        t0 = time.perf_counter()
+        check_input(self.config.input, ctx)
+        slots = _slots(ctx)
+        roles = set(self.config.scan_roles) if ctx.endpoint == "chat" else {"user"}
+        scan = [s for s in slots if s[2] in roles]
+        verdict = Verdict()
+        # Injection layers: one verdict per scanned text, no secrets (done below, with spans).
+        for v in await self.scanner.scan(
+            [c[k] for c, k, _ in scan], secrets=False, offload_chars=self.config.offload_chars
+        ):
+            verdict.merge(v)
+        redactions: list[tuple[Slot, list[Any]]] = []
+        if self.secret_types:
+            for slot in slots:
+                container, key, _ = slot
+                hits = find_secrets(container[key], self.secret_types)
+                for h in hits:
+                    verdict.findings.append(
+                        Finding("secrets", h.type, self.secret_actions[h.type], h.type)
+                    )
+                todo = [h for h in hits if self.secret_actions[h.type] == "redact"]
+                if todo:
+                    redactions.append((slot, todo))
+        self._report(ctx, verdict, "input", t0)
+        if self.shadow:
+            return None
+        if verdict.blocked:
+            raise ContentPolicyError(BLOCKED_REQUEST)
+        for (container, key, _), hits in redactions:
+            container[key] = redact(container[key], hits)
+        return None
+
+    def _report(self, ctx: RequestContext, verdict: Verdict, phase: str, t0: float) -> None:
+        entry = ctx.log.setdefault("guard", {"mode": self.config.mode})
+        data = verdict.as_dict()
+        data["ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        entry[phase] = data
+        if verdict.findings:
+            record_metrics(verdict, self.shadow)
+            log.info(
+                "guard verdict",
+                extra={"request_id": ctx.request_id, "phase": phase, "mode": self.config.mode,
+                       "action": verdict.action, "categories": verdict.categories},
+            )  # fmt: skip
+
+    # --- response ------------------------------------------------------------------------------
+
+    def _output_on(self) -> bool:
+        o = self.config.output
+        return o.enabled and bool(o.secret_types or o.canary)
+
+    def _act(self, ctx: RequestContext, findings: list[Finding]) -> None:
+        if not findings:
+            return
+        state = ctx.scratch_for(self.name)
+        state.setdefault("output", []).extend(findings)
+        v = Verdict(findings)
+        record_metrics(v, self.shadow)
+        if v.blocked and not self.shadow:
+            self._log_output(ctx)
+            raise ContentPolicyError(BLOCKED_RESPONSE)
+
+    def _log_output(self, ctx: RequestContext) -> None:
+        findings = ctx.scratch_for(self.name).get("output")
+        if findings:
+            entry = ctx.log.setdefault("guard", {"mode": self.config.mode})
+            entry["output"] = Verdict(findings).as_dict()
+
+    async def on_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        if not self._output_on():
+            return [chunk]
+        state = ctx.scratch_for(self.name)
+        held: dict[int, str] = state.setdefault("held", {})
+        if "template" not in state:
+            state["template"] = {
+                k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk
+            }
+        keep = False
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                keep = True
+                continue
+            idx = choice.get("index", 0)
+            content = delta.get("content")
+            final = choice.get("finish_reason") is not None
+            if isinstance(content, str) or (final and held.get(idx)):
+                released, rest, findings = self.output.feed(held.get(idx, ""), content or "", final)
+                held[idx] = rest
+                self._act(ctx, findings)
+                if self.shadow:
+                    keep = True
+                    continue
+                if content is not None or released:
+                    delta["content"] = released
+                if released:
+                    keep = True
+            if final or any(k != "content" for k in delta) or choice.get("logprobs"):
+                keep = True
+        return [chunk] if keep else []
+
+    async def on_stream_end(self, ctx: RequestContext) -> list[dict[str, Any]]:
+        state = ctx.scratch_for(self.name)
+        held: dict[int, str] = state.get("held") or {}
+        out = []
+        for idx, text in sorted(held.items()):
+            if not text:
+                continue
+            released, _, findings = self.output.feed(text, "", final=True)
+            held[idx] = ""
+            self._act(ctx, findings)
+            if self.shadow:
+                continue
+            chunk = dict(state.get("template") or {})
+            chunk["choices"] = [
+                {"index": idx, "delta": {"content": released}, "finish_reason": None}
+            ]
+            out.append(chunk)
+        return out
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        # Streams were handled chunk by chunk; this only logs. Non-streamed answers are checked
+        # here, before the body is sent.
+        if ctx.response is not None and ctx.endpoint == "chat" and self._output_on():
+            for msg, key in response_texts(ctx.response):
+                text, findings = self.output.check(msg[key])
+                self._act(ctx, findings)
+                if not self.shadow:
+                    msg[key] = text
+        self._log_output(ctx)

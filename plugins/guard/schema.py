@@ -1,0 +1,111 @@
+"""Input schema and size limits: messages, content length, roles, part types, prompt tokens.
+
+The core's validator already rejects malformed bodies; these are the operator's tighter limits.
+Every failure is a 400 naming the limit and the ``param``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from gateway import tokens
+from gateway.configbase import Strict
+from gateway.errors import ContextLengthError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
+
+
+class InputConfig(Strict):
+    max_messages: int = Field(200, ge=1)
+    #: Characters of text over all messages (or embedding inputs) of one request.
+    max_content_chars: int = Field(200_000, ge=1)
+    #: Prompt tokens (gateway count); the target model's context window applies as well.
+    max_prompt_tokens: int = Field(100_000, ge=1)
+    roles: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool")
+    part_types: tuple[str, ...] = ("text", "image_url")
+
+
+def _chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return 0
+
+
+def _embedding_chars(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_embedding_chars(v) for v in value if not isinstance(v, int))
+    return 0
+
+
+def context_window(ctx: RequestContext) -> int | None:
+    if ctx.deployment is not None:
+        return ctx.deployment.context_window
+    if ctx.model_entry is not None and ctx.model_entry.deployments:
+        return ctx.model_entry.deployments[0].context_window
+    return None
+
+
+def check_input(cfg: InputConfig, ctx: RequestContext) -> None:
+    """Raise ``InvalidRequestError``/``ContextLengthError`` when a limit is exceeded."""
+    body = ctx.body
+    if ctx.endpoint == "embeddings":
+        chars = _embedding_chars(body.get("input"))
+        if chars > cfg.max_content_chars:
+            raise InvalidRequestError(
+                f"input is {chars} characters; the limit is {cfg.max_content_chars}",
+                param="input",
+                code="content_too_long",
+            )
+    else:
+        messages = body.get("messages") or []
+        if len(messages) > cfg.max_messages:
+            raise InvalidRequestError(
+                f"{len(messages)} messages; the limit is {cfg.max_messages}",
+                param="messages",
+                code="too_many_messages",
+            )
+        chars = 0
+        for i, msg in enumerate(messages):
+            role = msg.get("role")
+            if role not in cfg.roles:
+                raise InvalidRequestError(
+                    f"role {role!r} is not allowed here; allowed: {', '.join(cfg.roles)}",
+                    param=f"messages[{i}].role",
+                )
+            content = msg.get("content")
+            if isinstance(content, list):
+                for j, part in enumerate(content):
+                    ptype = part.get("type") if isinstance(part, dict) else None
+                    if ptype not in cfg.part_types:
+                        raise InvalidRequestError(
+                            f"content part type {ptype!r} is not allowed here; "
+                            f"allowed: {', '.join(cfg.part_types)}",
+                            param=f"messages[{i}].content[{j}].type",
+                        )
+            chars += _chars(content)
+        if chars > cfg.max_content_chars:
+            raise InvalidRequestError(
+                f"messages hold {chars} characters; the limit is {cfg.max_content_chars}",
+                param="messages",
+                code="content_too_long",
+            )
+    n = tokens.prompt_tokens(ctx)
+    window = context_window(ctx)
+    param = "input" if ctx.endpoint == "embeddings" else "messages"
+    if window is not None and n > window:
+        raise ContextLengthError(
+            f"this model's maximum context length is {window} tokens; the prompt has {n} tokens",
+            param=param,
+        )
+    if n > cfg.max_prompt_tokens:
+        raise ContextLengthError(
+            f"the prompt has {n} tokens; the gateway's limit is {cfg.max_prompt_tokens}",
+            param=param,
+        )

@@ -1,0 +1,145 @@
+"""The output guard: secrets and the canary in answers, across SSE chunk boundaries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.context import RequestContext
+from gateway.errors import ContentPolicyError
+from plugins.guard import GuardConfig, GuardPlugin
+
+KEY = "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
+CANARY = "CANARY-7f3a9c"
+
+
+def guard(**cfg: Any) -> GuardPlugin:
+    cfg.setdefault("semantic", {"enabled": False})
+    return GuardPlugin(GuardConfig.model_validate(cfg))
+
+
+def ctx() -> RequestContext:
+    return RequestContext("r", "chat", "/v1/chat/completions", "POST", {}, [], {}, stream=True)
+
+
+def chunk(text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = "assistant"
+    if text is not None:
+        delta["content"] = text
+    return {
+        "id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }  # fmt: skip
+
+
+async def run_stream(g: GuardPlugin, c: RequestContext, pieces: list[str]) -> str:
+    out: list[dict[str, Any]] = []
+    out += await g.on_chunk(c, chunk("", role=True))
+    for p in pieces:
+        out += await g.on_chunk(c, chunk(p))
+    out += await g.on_stream_end(c)
+    await g.on_response(c)
+    return "".join(ch["choices"][0]["delta"].get("content") or "" for ch in out)
+
+
+def split3(text: str, secret: str) -> list[str]:
+    """The text in pieces, the secret cut across three of them."""
+    i = text.index(secret)
+    a, b = i + len(secret) // 3, i + 2 * len(secret) // 3
+    return [text[:a], text[a:b], text[b:]]
+
+
+@pytest.mark.anyio
+async def test_secret_split_across_three_chunks_is_redacted() -> None:
+    text = "Sure! Your key is " + KEY + " and keep it safe. " + "More words follow. " * 10
+    c = ctx()
+    out = await run_stream(guard(), c, split3(text, KEY))
+    assert KEY not in out
+    assert KEY[:10] not in out and KEY[-10:] not in out
+    assert out == text.replace(KEY, "[REDACTED:api_key]")
+    assert c.log["guard"]["output"]["findings"][0]["rule"] == "api_key"
+
+
+@pytest.mark.anyio
+async def test_card_with_spaces_split_at_the_window_edge() -> None:
+    card = "4111 1111 1111 1111"
+    for cut in range(1, len(card)):
+        text = "x " * 40 + "card " + card + " thanks"
+        i = text.index(card) + cut
+        out = await run_stream(guard(output={"window_chars": 16}), ctx(), [text[:i], text[i:]])
+        assert "1111 1111" not in out, cut
+        assert out.endswith("card [REDACTED:credit_card] thanks")
+
+
+@pytest.mark.anyio
+async def test_text_is_released_while_streaming() -> None:
+    g, c = guard(), ctx()
+    released = []
+    for _ in range(20):
+        for ch in await g.on_chunk(c, chunk("plain words here ")):
+            released.append(ch["choices"][0]["delta"]["content"])
+    assert sum(map(len, released)) >= 20 * 17 - 64 - 17  # all but the held window
+
+
+@pytest.mark.anyio
+async def test_canary_ends_the_stream() -> None:
+    g, c = guard(output={"canary": CANARY}), ctx()
+    await g.on_chunk(c, chunk("My instructions say " + CANARY[:5]))
+    with pytest.raises(ContentPolicyError) as e:
+        await g.on_chunk(c, chunk(CANARY[5:] + " and more " + "words " * 20))
+    assert e.value.code == "content_policy_violation"
+    assert CANARY not in e.value.message
+    assert c.log["guard"]["output"]["action"] == "block"
+
+
+@pytest.mark.anyio
+async def test_canary_caught_at_stream_end_and_redact_option() -> None:
+    with pytest.raises(ContentPolicyError):
+        await run_stream(guard(output={"canary": CANARY}), ctx(), ["leak: ", CANARY])
+    out = await run_stream(
+        guard(output={"canary": CANARY, "canary_action": "redact"}), ctx(), ["a ", CANARY, " b"]
+    )
+    assert out == "a [REDACTED:canary] b"
+
+
+@pytest.mark.anyio
+async def test_block_action_for_secrets_and_shadow() -> None:
+    with pytest.raises(ContentPolicyError):
+        await run_stream(guard(output={"secrets": "block"}), ctx(), split3(f"k {KEY} z", KEY))
+    c = ctx()
+    text = f"k {KEY} z"
+    out = await run_stream(guard(mode="shadow", output={"secrets": "block"}), c, split3(text, KEY))
+    assert out == text  # shadow: unchanged, but reported
+    assert c.log["guard"]["output"]["action"] == "block"
+
+
+@pytest.mark.anyio
+async def test_finish_reason_flushes_held_text() -> None:
+    g, c = guard(), ctx()
+    assert await g.on_chunk(c, chunk("short")) == []
+    out = await g.on_chunk(c, chunk(None, finish="stop"))
+    assert out[0]["choices"][0]["delta"]["content"] == "short"
+    assert await g.on_stream_end(c) == []
+
+
+@pytest.mark.anyio
+async def test_non_streamed_response_redacted_or_blocked() -> None:
+    c = ctx()
+    c.response = {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": f"k={KEY}"}}]
+    }
+    await guard().on_response(c)
+    assert c.response["choices"][0]["message"]["content"] == "k=[REDACTED:api_key]"
+    c.response = {"choices": [{"index": 0, "message": {"content": f"x {CANARY}"}}]}
+    with pytest.raises(ContentPolicyError):
+        await guard(output={"canary": CANARY}).on_response(c)
+
+
+def test_output_config_validation() -> None:
+    with pytest.raises(ValueError, match="unknown type 'ssn'"):
+        GuardConfig.model_validate({"output": {"secret_types": ["ssn"]}})
+    with pytest.raises(ValueError, match=r"at least as long as output\.canary"):
+        GuardConfig.model_validate({"output": {"canary": "x" * 20, "window_chars": 10}})
