@@ -61,6 +61,38 @@ def _start_demo_upstream(settings: Settings) -> subprocess.Popen[bytes] | None:
     raise SystemExit("demo upstream did not start within 15 s")
 
 
+def _server_class() -> type:
+    import asyncio
+    import signal
+
+    import uvicorn
+
+    from gateway import state
+
+    class GatewayServer(uvicorn.Server):
+        """uvicorn's server with a drain phase: on SIGTERM ``/readyz`` turns 503 for
+        ``drain_delay_s`` while requests are still served, then the normal graceful shutdown
+        (stop accepting, wait up to ``drain_timeout_s``, lifespan shutdown flushes logs) runs
+        and the process exits 0 rather than re-raising the signal."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            gw = state.CURRENT
+            delay = gw.settings.server.drain_delay_s if gw is not None else 0
+            if sig == signal.SIGTERM and gw is not None and not gw.draining and delay > 0:
+                gw.draining, gw.ready = True, False
+                loop = asyncio.get_event_loop()
+                loop.call_soon_threadsafe(loop.call_later, delay, self._exit_now, sig)
+                return
+            self._exit_now(sig)
+
+        def _exit_now(self, sig: int) -> None:
+            super().handle_exit(sig, None)
+            if sig == signal.SIGTERM:
+                self._captured_signals = [s for s in self._captured_signals if s != sig]
+
+    return GatewayServer
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -84,7 +116,7 @@ def serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
     demo = _start_demo_upstream(settings)
     try:
-        uvicorn.run(
+        config = uvicorn.Config(
             "gateway.app:app_from_env",
             factory=True,
             host=host,
@@ -100,6 +132,16 @@ def serve(args: argparse.Namespace) -> int:
             server_header=False,
             date_header=False,
         )
+        if workers > 1:
+            from uvicorn.supervisors import Multiprocess
+
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+        else:
+            config.load()
+            server = _server_class()(config)
+            server.run()
+            if not server.started:
+                return 3
     finally:
         if demo is not None:
             demo.terminate()

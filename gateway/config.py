@@ -29,7 +29,11 @@ class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=256)
-    #: Seconds in-flight requests get to finish after SIGTERM before they are cut.
+    #: After SIGTERM, seconds ``/readyz`` answers 503 while still serving, so load balancers stop
+    #: sending new requests before the listener closes (one worker; several workers shut down
+    #: at once).
+    drain_delay_s: float = Field(2.0, ge=0)
+    #: Then, seconds in-flight requests (streams) get to finish before they are cut.
     drain_timeout_s: float = Field(10.0, ge=0)
 
 

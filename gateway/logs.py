@@ -23,7 +23,7 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for key, value in record.__dict__.items():
-            if key not in _STD_ATTRS and not key.startswith("_"):
+            if key not in _STD_ATTRS and not key.startswith("_") and key != "color_message":
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)

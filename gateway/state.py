@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 
+#: The gateway of this process once started (for the signal handler in ``gateway.cli``).
+CURRENT: Gateway | None = None
+
 
 class Gateway:
     """Settings, catalogue, pipeline, the one upstream client and the providers.
@@ -56,6 +59,8 @@ class Gateway:
             raise
         self._flusher = asyncio.create_task(self._flush_logs())
         self.ready = True
+        global CURRENT
+        CURRENT = self
         log.info(
             "gateway ready",
             extra={

@@ -1,0 +1,55 @@
+"""SIGTERM: /readyz turns 503 while requests are still served, the in-flight stream finishes,
+the request log is flushed, and the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.helpers import demo_model, fake_upstream, spawn_gateway
+
+
+def test_sigterm_drains_then_exits_zero(tmp_path: Path) -> None:
+    log_file = tmp_path / "requests.jsonl"
+    with fake_upstream(chunks=10, delay_ms=150) as fake:
+        config = {
+            "models": [demo_model(fake.url)],
+            "server": {"drain_delay_s": 1.0, "drain_timeout_s": 10},
+            "logging": {"request_log": str(log_file)},
+        }
+        gw = spawn_gateway(config)
+        result: dict[str, Any] = {}
+
+        def stream() -> None:
+            body = {"model": "demo", "stream": True,
+                    "messages": [{"role": "user", "content": "a long answer"}]}  # fmt: skip
+            r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=20)
+            result["status"] = r.status_code
+            result["text"] = r.text
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.4)  # the stream is under way (1.5 s long)
+        gw.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        ready = httpx.get(f"{gw.url}/readyz", timeout=5)
+        assert ready.status_code == 503
+        assert ready.json() == {"status": "draining"}
+        # still serving during the drain delay
+        r = httpx.post(f"{gw.url}/v1/chat/completions", timeout=5,
+                       json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+        assert r.status_code == 200
+        t.join(20)
+        code = gw.proc.wait(20)
+        assert code == 0, gw.output()[-2000:]
+        assert result["status"] == 200 and result["text"].endswith("data: [DONE]\n\n")
+        lines = [json.loads(x) for x in log_file.read_text().splitlines()]
+        assert len(lines) == 2
+        assert {line["stream"] for line in lines} == {True, False}
+        assert all(line["status"] == 200 for line in lines)
