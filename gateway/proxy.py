@@ -426,5 +426,7 @@ def account(gw: Gateway, ctx: RequestContext) -> None:
         if ctx.log:
             record.update(ctx.log)
         gw.request_log.write(record)
+        for observe in gw.observers:
+            observe(ctx, record)
     except Exception:
         log.exception("accounting failed", extra={"request_id": ctx.request_id})

@@ -39,6 +39,9 @@ class Gateway:
         self.request_log = RequestLog(settings.logging.request_log)
         self.session: aiohttp.ClientSession | None = None
         self.providers: dict[str, Provider] = {}
+        #: Called with (ctx, log record) once per request, after the request log line is built
+        #: (the usage ledger, tracing). Must not block: hand work to a background task.
+        self.observers: list[Any] = []
         self.ready = False
         self.draining = False
         self.in_flight = 0
