@@ -36,7 +36,7 @@ from gateway.validate import EXTENSION_FIELDS, validate_chat, validate_embedding
 
 if TYPE_CHECKING:
     from gateway.plugin import Plugin
-    from gateway.providers.base import UpstreamResponse
+    from gateway.providers.base import Provider, UpstreamResponse
     from gateway.state import Gateway
 
 log = logging.getLogger("gateway.proxy")
@@ -145,6 +145,8 @@ def usage_from(data: dict[str, Any]) -> Usage | None:
 async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: str) -> None:
     """``POST /v1/chat/completions`` and ``POST /v1/embeddings``."""
     ctx = new_context(scope, endpoint)
+    if gw.tracer is not None:
+        gw.tracer.start(ctx)
     ran: list[Plugin] = []
     responded = False
     gw.in_flight += 1
@@ -256,21 +258,18 @@ async def open_upstream(
             ctx.upstream_started = started
         body = upstream_body(ctx, dep.model)
         first: tuple[bytes, AsyncIterator[bytes]] | None = None
-        # The request's deadline bounds each attempt too, not only the start of the next one.
-        remaining = None if ctx.deadline is None else max(0.0, ctx.deadline - started)
         try:
-            try:
-                async with asyncio.timeout(remaining):
-                    if ctx.endpoint == "embeddings":
-                        resp = await provider.embeddings(ctx, body)
-                    else:
-                        resp = await provider.chat(ctx, body)
-                    if ctx.stream:
-                        first = await first_bytes(resp, gw.settings.upstream.first_byte_timeout_s)
-            except TimeoutError:
-                raise UpstreamTimeoutError(
-                    "the request deadline passed before the upstream answered", retryable=True
-                ) from None
+            if ctx.deadline is None:
+                resp, first = await attempt(gw, ctx, provider, body)
+            else:
+                # The request's deadline bounds each attempt too, not only the start of the next.
+                try:
+                    async with asyncio.timeout(max(0.0, ctx.deadline - started)):
+                        resp, first = await attempt(gw, ctx, provider, body)
+                except TimeoutError:
+                    raise UpstreamTimeoutError(
+                        "the request deadline passed before the upstream answered", retryable=True
+                    ) from None
         except GatewayError as err:
             elapsed = time.perf_counter() - started
             last = err
@@ -296,6 +295,18 @@ async def open_upstream(
     if last is not None:
         raise last
     raise ServiceUnavailableError("no deployment is available for this model")
+
+
+async def attempt(
+    gw: Gateway, ctx: RequestContext, provider: Provider, body: dict[str, Any]
+) -> tuple[UpstreamResponse, tuple[bytes, AsyncIterator[bytes]] | None]:
+    if ctx.endpoint == "embeddings":
+        resp = await provider.embeddings(ctx, body)
+    else:
+        resp = await provider.chat(ctx, body)
+    if not ctx.stream:
+        return resp, None
+    return resp, await first_bytes(resp, gw.settings.upstream.first_byte_timeout_s)
 
 
 async def first_bytes(
@@ -372,6 +383,14 @@ def estimate_usage(ctx: RequestContext, data: dict[str, Any]) -> Usage:
     return Usage(tokens.prompt_tokens(ctx), tokens.count_text(text, model), estimated=True)
 
 
+def _guard_blocked(verdict: Any) -> bool:
+    """Whether the guard's log entry (``ctx.log["guard"]``) says it refused the request or cut
+    the answer (shadow mode only reports)."""
+    if not isinstance(verdict, dict) or verdict.get("mode") == "shadow":
+        return False
+    return any(isinstance(v, dict) and v.get("action") == "block" for v in verdict.values())
+
+
 def account(gw: Gateway, ctx: RequestContext) -> None:
     """Metrics and the request log line; never raises."""
     try:
@@ -392,18 +411,25 @@ def account(gw: Gateway, ctx: RequestContext) -> None:
         if usage is not None and ctx.model_entry is not None:
             metrics.TOKENS.labels(model, "prompt").inc(usage.prompt_tokens)
             metrics.TOKENS.labels(model, "completion").inc(usage.completion_tokens)
+        used = ctx.deployment if ctx.deployment and ctx.attempts else None
         record: dict[str, Any] = {
             "ts": round(time.time(), 3),
             "request_id": ctx.request_id,
             "endpoint": ctx.endpoint,
             "status": ctx.status,
-            "model": ctx.model[:100] if ctx.model else None,
-            "deployment": ctx.deployment.id if ctx.deployment and ctx.attempts else None,
+            "model": ctx.model[:100] if ctx.model else None,  # as requested (maybe an alias)
+            "model_name": ctx.model_entry.name if ctx.model_entry is not None else None,
+            "model_used": used.model if used else None,  # what the upstream was asked for
+            "provider": used.provider if used else None,
+            "deployment": used.id if used else None,
             "attempts": ctx.attempts,
             "stream": ctx.stream,
             "ms_total": round(total * 1000, 3),
             "ms_upstream": round(upstream * 1000, 3),
+            "ms_overhead": round(max(0.0, total - upstream) * 1000, 3),
         }
+        if ctx.stream and ctx.upstream_first_byte is not None:
+            record["ms_ttft"] = round((ctx.upstream_first_byte - ctx.started) * 1000, 3)
         if ctx.identity is not None:
             record["user"] = ctx.identity.user
             record["tenant"] = ctx.identity.tenant
@@ -425,6 +451,11 @@ def account(gw: Gateway, ctx: RequestContext) -> None:
             record["attempt_log"] = ctx.attempt_log
         if ctx.log:
             record.update(ctx.log)
+        if _guard_blocked(ctx.log.get("guard")):
+            record["blocked"] = True
+        if ctx.status == 429 and not ctx.attempts:  # refused before any upstream call
+            record["limited"] = True
+            record.setdefault("limit", "rejected")
         gw.request_log.write(record)
         for observe in gw.observers:
             observe(ctx, record)
