@@ -7,6 +7,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from gateway import tokens
 from gateway.catalogue import Catalogue
 from gateway.logs import RequestLog
 from gateway.pipeline import Pipeline, build_pipeline
@@ -49,6 +50,9 @@ class Gateway:
         self._started: list[Any] = []
 
     async def startup(self) -> None:
+        # Load the BPE tables now (~0.3 s of CPU) rather than on the first request that counts.
+        await asyncio.to_thread(tokens.encoding, "o200k_base")
+        await asyncio.to_thread(tokens.encoding, "cl100k_base")
         self.session = make_session(self.settings.upstream)
         for dep in self.catalogue.deployments():
             cls = provider_class(dep.provider)
