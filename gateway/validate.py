@@ -120,7 +120,8 @@ def _message(i: int, msg: Any) -> None:
     if not isinstance(msg, dict):
         raise _bad(f"'{where}' must be an object", where)
     role = msg.get("role")
-    if role not in ROLES:
+    # isinstance first: an unhashable role (a list, an object) would make ``in`` raise.
+    if not isinstance(role, str) or role not in ROLES:
         raise _bad(
             f"'{where}.role' must be one of {', '.join(sorted(ROLES))}", f"{where}.role"
         )
@@ -138,7 +139,7 @@ def _message(i: int, msg: Any) -> None:
             if not isinstance(part, dict):
                 raise _bad(f"'{pw}' must be an object", pw)
             ptype = part.get("type")
-            if ptype not in allowed:
+            if not isinstance(ptype, str) or ptype not in allowed:
                 raise _bad(
                     f"'{pw}.type' must be one of {', '.join(sorted(allowed))} for role {role}",
                     f"{pw}.type",
