@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
 import re
 import unicodedata
 import urllib.parse
@@ -66,8 +67,7 @@ _SEPARATORS = re.compile(r"[ .\-_*]")
 _WHITESPACE = re.compile(r"\s+")
 
 
-def _leet(m: re.Match[str]) -> str:
-    tok = m.group(0)
+def _leet_token(tok: str) -> str:
     # A trailing "!" is punctuation ("hello!"), not a letter.
     core = tok.rstrip("!+")
     if len(core) < 2 or not any(c.isalpha() for c in core):
@@ -77,10 +77,44 @@ def _leet(m: re.Match[str]) -> str:
     return core.translate(_LEET_TABLE) + tok[len(core) :]
 
 
-def light(text: str) -> str:
-    """NFKC, invisible characters removed, lookalikes and case folded, whitespace collapsed."""
+def _leet(m: re.Match[str]) -> str:
+    return _leet_token(m.group(0))
+
+
+# _TOKEN matches exactly the maximal runs of [a-z0-9@$€!+] holding both a letter and a leet
+# character; each such run has a leet character next to a letter, which this finds. Starting
+# with a character class lets the engine skip to candidate characters instead of trying every
+# position (see _fold_leet).
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789@$€!+")
+_LEET_HINT = re.compile(r"[0-9@$€!+](?:(?<=[a-z].)|(?=[a-z]))")
+# Every _SPACED match contains "separator letter separator letter separator".
+_SPACED_HINT = re.compile(r"[ .\-_*][a-z][ .\-_*][a-z][ .\-_*]")
+
+
+def _fold_leet(s: str) -> str:
+    """``_TOKEN.sub(_leet, s)``, visiting only the runs around the hint's matches."""
+    m = _LEET_HINT.search(s)
+    if m is None:
+        return s
+    out: list[str] = []
+    last, n, chars = 0, len(s), _TOKEN_CHARS
+    while m is not None:
+        j = k = m.start()
+        while j > 0 and s[j - 1] in chars:
+            j -= 1
+        while k < n and s[k] in chars:
+            k += 1
+        out.append(s[last:j])
+        out.append(_leet_token(s[j:k]))
+        last = k
+        m = _LEET_HINT.search(s, k)
+    out.append(s[last:])
+    return "".join(out)
+
+
+def light_reference(text: str) -> str:
+    """:func:`light` step by step, as specified (slow; the tests check :func:`light` against it)."""
     if text.isascii():
-        # Fast path: ASCII needs none of the Unicode steps.
         s = text.lower()
     else:
         s = unicodedata.normalize("NFKC", text)
@@ -91,8 +125,77 @@ def light(text: str) -> str:
     return _WHITESPACE.sub(" ", s)
 
 
+@functools.cache
+def _fold_table() -> tuple[list[int | str | None], re.Pattern[str]]:
+    """One translate table for the Basic Multilingual Plane doing what :func:`light_reference`
+    does in three passes (invisible removal, lookalikes, lookalikes again after casefolding),
+    and a regex finding the characters it changes.
+
+    A list indexed by code point, not a dict: ``str.translate`` raises and clears a KeyError for
+    every character a dict lacks, which made it the slowest step. Built on first use (~20 ms)."""
+    table: list[int | str | None] = list(range(0x10000))
+    changed: list[str] = []
+    for cp in range(0x10000):
+        c = chr(cp)
+        if _INVISIBLE.match(c):
+            table[cp] = None
+        elif c in _CONFUSABLES:
+            table[cp] = _CONFUSABLES[c]
+        else:
+            # Characters whose casefolding yields a lookalike (e.g. upper-case Greek): map them
+            # to the folded, translated form now (casefolding it again changes nothing).
+            f = c.casefold()
+            if f == c or not any(ch in _CONFUSABLES for ch in f):
+                continue
+            g = f.translate(_CONFUSABLE_TABLE)
+            assert g.casefold() == g, c
+            table[cp] = g
+        changed.append(c)
+    cls = "".join(re.escape(c) for c in changed)
+    return table, re.compile(f"[{cls}]")
+
+
+def _collapse(s: str) -> str:
+    """``re.sub(r"\\s+", " ", s)`` (str.split uses the same definition of whitespace)."""
+    parts = s.split()
+    if not parts:
+        return " " if s else ""
+    out = " ".join(parts)
+    if s[0].isspace():
+        out = " " + out
+    if s[-1].isspace():
+        out += " "
+    return out
+
+
+def light(text: str) -> str:
+    """NFKC, invisible characters removed, lookalikes and case folded, whitespace collapsed."""
+    if text.isascii():
+        # Fast path: ASCII needs none of the Unicode steps.
+        return _collapse(text.lower())
+    s = unicodedata.normalize("NFKC", text)
+    table, changes = _fold_table()
+    first = changes.search(s)
+    if first is not None:
+        # Translate only the span holding changed characters (often one pasted passage of a
+        # long prompt): translate works character by character, so this is the same.
+        end = len(s) - changes.search(s[::-1]).start()  # type: ignore[union-attr]
+        s = s[: first.start()] + s[first.start() : end].translate(table) + s[end:]
+    if not s.isascii() and max(s) > "\uffff":
+        s = _INVISIBLE.sub("", s)  # tag characters are outside the table's plane
+    return _collapse(s.casefold())
+
+
 def deobfuscate(lit: str) -> str:
     """Leetspeak and spaced-out letters folded, on the output of :func:`light`."""
+    s = _fold_leet(lit)
+    if _SPACED_HINT.search(s) is None:
+        return s
+    return _SPACED.sub(lambda m: _SEPARATORS.sub("", m.group(0)), s)
+
+
+def deobfuscate_reference(lit: str) -> str:
+    """:func:`deobfuscate` as specified (slow; the tests check the fast one against it)."""
     s = _TOKEN.sub(_leet, lit)
     return _SPACED.sub(lambda m: _SEPARATORS.sub("", m.group(0)), s)
 
@@ -121,6 +224,12 @@ _HEX = re.compile(
 _HEX_STRIP = re.compile(r"0x|\\x|[\s:,]")
 _PCT = re.compile(r"%[0-9a-fA-F]{2}")
 _ROT13_HINT = re.compile(r"rot[\s\-_]?13|caesar|cipher", re.IGNORECASE)
+_ROT13_HINT_LOWER = re.compile(r"rot[\s\-_]?13|caesar|cipher")
+# The only non-ASCII characters that match ASCII letters under re.IGNORECASE or lower-case to
+# ASCII (checked over all of Unicode by the tests): only with them is lower() not enough.
+_CASE_SPECIAL = re.compile("[\u0130\u0131\u017f\u212a]")
+# Every separated-pairs hex match ("de ad be ef ...") contains this; most texts do not.
+_HEX_PAIRS_HINT = re.compile(r"[\s:,](?:0x)?[0-9a-fA-F]{2}[\s:,](?:0x)?[0-9a-fA-F]{2}[\s:,]")
 #: Cap on decoded segments per text, so a crafted prompt cannot make the scan expensive.
 MAX_SEGMENTS = 16
 #: Texts longer than this are only rot13-decoded when they mention rot13 (cost control).
@@ -167,26 +276,52 @@ def _hex(seg: str) -> str | None:
         return None
 
 
+def _mentions_rot13(text: str) -> bool:
+    """``_ROT13_HINT.search(text)``, without the slow case-insensitive engine in most cases."""
+    low = text.lower()
+    if "caesar" in low or "cipher" in low or ("rot" in low and _ROT13_HINT_LOWER.search(low)):
+        return True
+    if text.isascii() or not _CASE_SPECIAL.search(text):
+        return False
+    return _ROT13_HINT.search(text) is not None
+
+
+def _long_words(text: str) -> list[str]:
+    """Whitespace-free runs of 16+ characters, in order. Base64 and unseparated hex contain no
+    whitespace, so their matches in the text are exactly their matches in these words (the
+    look-arounds see whitespace, outside both classes, at a word's edges)."""
+    return [w for w in text.split() if len(w) >= 16]
+
+
 def _decode_once(text: str, kinds: Iterable[str]) -> list[str]:
     out: list[str] = []
+    words: list[str] | None = None  # computed on first need
     for kind in kinds:
+        if kind in ("base64", "hex") and words is None:
+            words = _long_words(text)
         if kind == "base64":
-            for m in _B64.finditer(text):
-                s = _b64(m.group(0))
-                if s:
-                    out.append(s)
+            for w in words or ():
+                # Runs of letters alone are never decoded (see _b64): skip such words.
+                if w.isalpha():
+                    continue
+                for m in _B64.finditer(w):
+                    s = _b64(m.group(0))
+                    if s:
+                        out.append(s)
         elif kind == "hex":
-            for m in _HEX.finditer(text):
-                s = _hex(m.group(0))
-                if s:
-                    out.append(s)
+            # Separated pairs ("de ad be ef ...") span words: then sweep the whole text.
+            for t in [text] if _HEX_PAIRS_HINT.search(text) else words or ():
+                for m in _HEX.finditer(t):
+                    s = _hex(m.group(0))
+                    if s:
+                        out.append(s)
         elif kind == "url":
             if len(_PCT.findall(text, 0, 4096)) >= 3:
                 s = urllib.parse.unquote(text.replace("+", " "))
                 if s != text:
                     out.append(s)
         elif kind == "rot13":
-            if len(text) < _ROT13_ALWAYS_BELOW or _ROT13_HINT.search(text):
+            if len(text) < _ROT13_ALWAYS_BELOW or _mentions_rot13(text):
                 out.append(codecs.encode(text, "rot13"))
         if len(out) >= MAX_SEGMENTS:
             break

@@ -5,8 +5,9 @@ and leetspeak folded, whitespace collapsed. A rule is either a ``pattern`` (a Py
 expression) or ``keywords`` (phrases matched case-insensitively, whole words, with up to four
 non-word characters between words: ``ignore--previous  instructions`` still matches).
 
-All rules compile into one alternation with one named group per rule, so a prompt is swept once
-whatever the number of rules (``m.lastgroup`` names the rule that fired).
+Matching does not sweep every rule over the text: the literal text each pattern starts with is
+derived from the parsed pattern, two sweeps find where any of those prefixes occur, and a rule's
+regex is tried only there (see :class:`RuleSet`).
 """
 
 from __future__ import annotations
@@ -118,98 +119,200 @@ class RulesConfig(Strict):
         return [r for r in rules.values() if r.id not in off]
 
 
-def _leading_literal(items: Any) -> str | None:
-    """The literal text every match of ``items`` starts with (after ``\\b``), if any."""
-    out: list[str] = []
+#: Most literal prefixes one rule may expand to (alternations multiply them).
+_MAX_PREFIXES = 256
+_Prefix = tuple[str, bool]  # (literal text, preceded by \b)
+
+
+def _expand(items: Any, prefixes: list[_Prefix]) -> tuple[list[_Prefix], bool]:
+    """Extend ``prefixes`` with the literal text every match of ``items`` starts with.
+
+    Returns the extended prefixes and whether ``items`` was literal to its end (so the caller
+    may keep appending what follows). Alternations, optional literals (``s?``) and small
+    character sets multiply the prefixes (up to :data:`_MAX_PREFIXES`); anything else stops."""
     for op, arg in items:
         if op is _c.AT:
-            if out:
-                break
-            continue
+            if all(not t for t, _ in prefixes):
+                if arg is _c.AT_BOUNDARY:
+                    prefixes = [(t, True) for t, _ in prefixes]
+                continue
+            return prefixes, False
         if op is _c.LITERAL:
-            out.append(chr(arg))
+            prefixes = [(t + chr(arg), b) for t, b in prefixes]
             continue
-        break
-    return "".join(out) if len(out) >= 2 else None
+        alts: list[list[_Prefix]] | None = None  # one list per way this item can start
+        done = True
+        if op is _c.IN and len(arg) <= 4 and all(o is _c.LITERAL for o, _ in arg):
+            alts = [[(t + chr(ch), b) for t, b in prefixes] for _, ch in arg]
+        elif op is _c.SUBPATTERN and arg[1] == 0 and arg[2] == 0:
+            sub, done = _expand(arg[-1], prefixes)
+            alts = [sub]
+        elif op is _c.BRANCH:
+            alts = []
+            for br in arg[1]:
+                sub, complete = _expand(br, prefixes)
+                alts.append(sub)
+                done = done and complete
+        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT) and arg[0] <= 1 and arg[1] == 1:
+            sub, done = _expand(arg[2], prefixes)
+            alts = [sub, prefixes] if arg[0] == 0 else [sub]
+        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT) and arg[0] >= 1:
+            sub = prefixes
+            for _ in range(min(arg[0], 8)):  # the mandatory repetitions only
+                sub, complete = _expand(arg[2], sub)
+                if not complete:
+                    break
+            return list(dict.fromkeys(sub)), False
+        if alts is None:
+            return prefixes, False
+        merged = list(dict.fromkeys(p for alt in alts for p in alt))
+        # Growing too large stops here (the prefixes so far are a valid, shorter, answer), except
+        # for an alternation at the very start, where there is nothing shorter (each branch
+        # capped its own growth).
+        if len(merged) > _MAX_PREFIXES and any(t for t, _ in prefixes):
+            return prefixes, False
+        prefixes = merged
+        if not done:
+            return prefixes, False
+    return prefixes, True
 
 
-def _triggers(items: Any) -> list[str] | None:
-    """Substrings one of which must occur for the pattern to match, or None (always run).
-
-    Derived from the parsed pattern: a leading alternation of words (``\\b(?:ignore|forget)``)
-    gives one trigger per branch; anything less literal gives None."""
-    items = list(items)
-    while items and items[0][0] is _c.AT:
-        items = items[1:]
-    if not items:
+def triggers(regex: str) -> list[_Prefix] | None:
+    """Literal prefixes one of which starts every match of ``regex`` (each with whether a
+    ``\\b`` precedes it), or None when some match could start otherwise (the rule then always
+    runs, or uses its hand-written ``triggers``)."""
+    try:
+        parsed = _p.parse(regex)
+    except Exception:
         return None
-    op, arg = items[0]
-    if op is _c.BRANCH:
-        branches = arg[1]
-    elif op is _c.SUBPATTERN and len(arg[-1]) == 1 and arg[-1][0][0] is _c.BRANCH:
-        branches = arg[-1][0][1][1]
-    elif op is _c.SUBPATTERN:
-        return _triggers(list(arg[-1]) + items[1:]) if arg[1] == 0 and arg[2] == 0 else None
-    else:
-        lit = _leading_literal(items)
-        return [lit] if lit else None
-    out: list[str] = []
-    for br in branches:
-        sub = _triggers(br)
-        if sub is None:
-            return None
-        out.extend(sub)
+    if parsed.state.flags & re.IGNORECASE:
+        return None
+    # Group flags such as (?i:...) stop the expansion (SUBPATTERN with flags is not expanded).
+    out, _ = _expand(list(parsed), [("", False)])
+    if not out or any(len(t) < 2 for t, _ in out):
+        return None
     return out
 
 
-def triggers(regex: str) -> list[str] | None:
-    try:
-        return _triggers(_p.parse(regex))
-    except Exception:
-        return None
+def _trie_regex(words: list[str]) -> str:
+    """A regex matching the longest of ``words`` at a position, factored by common prefixes: the
+    engine tests one branch per distinct next character instead of every word."""
+    tree: dict[str, Any] = {}
+    for w in words:
+        node = tree
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict[str, Any]) -> str:
+        branches = [re.escape(ch) + emit(child) for ch, child in sorted(node.items()) if ch]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        # Greedy: the longer word is tried first, the word ending here is the fallback.
+        return f"(?:{body})?" if "" in node else body
+
+    return emit(tree)
+
+
+def _is_word(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"  # what \w matches in a str pattern
+
+
+def _closure(owners: dict[str, list[int]], words: list[str]) -> dict[str, tuple[int, ...]]:
+    """For each word: the rules owning it or any of ``words`` it starts with (every prefix
+    that matches at a position is a prefix of the longest one that does)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for w in words:
+        idx = [i for k in range(2, len(w) + 1) if w[:k] in owners for i in owners[w[:k]]]
+        out[w] = tuple(sorted(set(idx)))
+    return out
 
 
 class RuleSet:
-    """Compiled rules. Each rule is guarded by cheap substring triggers derived from its pattern
-    (``str.__contains__`` is far faster than running a regex over the text), so on ordinary text
-    almost no regex runs at all."""
+    """Compiled rules, matched without sweeping every rule over the text.
+
+    Most patterns start with literal text (``\\b(?:ignore|disregard) ...``): those prefixes are
+    derived from the parsed pattern, two sweeps find every position where any rule's prefix
+    occurs, and only there is that rule's regex tried (``rx.match`` at the position).
+    Rules without a literal start run ``rx.search`` when one of their hand-written ``triggers``
+    substrings occurs, or always when they have none. Equivalent to ``rx.search`` of each rule
+    over the text (tests/plugins/test_guard_perf.py checks this)."""
 
     def __init__(self, rules: list[RuleSpec]) -> None:
         self.rules = rules
-        #: (rule, regex, triggers, anchored): anchored triggers start every match, so the regex
-        #: is only tried at their positions.
-        self._compiled: list[tuple[RuleSpec, re.Pattern[str], tuple[str, ...] | None, bool]] = []
-        for r in rules:
-            regex = r.regex()
-            auto = triggers(regex)
-            if auto:
-                self._compiled.append((r, re.compile(regex), tuple(dict.fromkeys(auto)), True))
-            else:
+        self._regexes = [re.compile(r.regex()) for r in rules]
+        #: Rule indexes with no literal start: (index, substrings one of which must occur).
+        self._searched: list[tuple[int, tuple[str, ...] | None]] = []
+        owners: dict[str, list[int]] = {}
+        bounded: dict[str, bool] = {}
+        for i, r in enumerate(rules):
+            auto = triggers(r.regex())
+            if auto is None:
                 manual = tuple(light(t) for t in r.triggers) or None
-                self._compiled.append((r, re.compile(regex), manual, False))
+                self._searched.append((i, manual))
+                continue
+            for text, b in auto:
+                owners.setdefault(text, []).append(i)
+                # A prefix shared by a rule without \b must be looked for everywhere.
+                bounded[text] = bounded.get(text, True) and b
+        # Two sweeps, each starting with a character class so that the engine skips ahead in C
+        # instead of trying every position: prefixes after \b that start with a word character
+        # (a word start is the text's start or follows a non-word character), and the rest
+        # anywhere, one branch per first character. Each captures the longest prefix at its
+        # position; the closures map it to every rule with a prefix of it.
+        words = sorted(t for t in owners if bounded[t] and _is_word(t[0]))
+        word_set = set(words)
+        free = sorted(t for t in owners if t not in word_set)
+        self._word_rules = _closure({t: owners[t] for t in words}, words)
+        self._free_rules = _closure({t: owners[t] for t in free}, free)
+        self._word_start: re.Pattern[str] | None = None
+        self._after_nonword: re.Pattern[str] | None = None
+        self._free: re.Pattern[str] | None = None
+        if words:
+            trie = _trie_regex(words)
+            self._word_start = re.compile(f"({trie})")
+            self._after_nonword = re.compile(rf"\W(?=({trie}))")
+        if free:
+            firsts: dict[str, list[str]] = {}
+            for t in free:
+                firsts.setdefault(t[0], []).append(t[1:])
+            self._free = re.compile(
+                "|".join(f"{re.escape(c)}(?=({_trie_regex(rests)}))" for c, rests in firsts.items())
+            )
 
     def __len__(self) -> int:
         return len(self.rules)
 
     def match(self, text: str) -> list[RuleSpec]:
         """Rules that fire on ``text`` (already normalised)."""
-        fired = []
-        for rule, rx, trig, anchored in self._compiled:
-            if trig is None:
-                hit = rx.search(text) is not None
-            elif not anchored:
-                hit = any(t in text for t in trig) and rx.search(text) is not None
-            else:
-                hit = False
-                for t in trig:
-                    i = text.find(t)
-                    while i != -1:
-                        if rx.match(text, i):
-                            hit = True
-                            break
-                        i = text.find(t, i + 1)
-                    if hit:
-                        break
-            if hit:
-                fired.append(rule)
-        return fired
+        return [self.rules[i] for i in sorted(self.fired(text))]
+
+    def fired(self, text: str, skip: set[int] | frozenset[int] = frozenset()) -> set[int]:
+        """Indexes of the rules that fire on ``text``, not trying those in ``skip``."""
+        hits: set[int] = set()
+        rxs = self._regexes
+        starts: list[tuple[int, tuple[int, ...]]] = []
+        if self._word_start is not None and self._after_nonword is not None:
+            word_rules = self._word_rules
+            m0 = self._word_start.match(text)
+            if m0 is not None:
+                starts.append((0, word_rules[m0.group(1)]))
+            starts.extend(
+                (m.end(), word_rules[m.group(1)]) for m in self._after_nonword.finditer(text)
+            )
+        if self._free is not None:
+            free_rules = self._free_rules
+            for m in self._free.finditer(text):
+                pos = m.start()
+                starts.append((pos, free_rules[text[pos] + m.group(m.lastindex or 0)]))
+        for pos, idx in starts:
+            for i in idx:
+                if i not in hits and i not in skip and rxs[i].match(text, pos):
+                    hits.add(i)
+        for i, trig in self._searched:
+            if i in hits or i in skip:
+                continue
+            if (trig is None or any(t in text for t in trig)) and rxs[i].search(text):
+                hits.add(i)
+        return hits

@@ -124,12 +124,17 @@ class Scanner:
         if self.decoders:
             for decoded in decoded_variants(text, self.decoders):
                 forms.extend(variants(decoded))
-        seen: dict[str, Finding] = {}
-        for form in forms:
-            for rule in self.rules.match(form):
-                if rule.id not in seen:
-                    seen[rule.id] = Finding("rules", rule.category, self.rules_action, rule.id)
-        return list(seen.values())
+        fired: set[int] = set()
+        out: list[Finding] = []
+        # Identical forms (a decoded segment equal to the text, ...) are matched once; a rule
+        # that fired is not tried again on later forms.
+        for form in dict.fromkeys(forms):
+            new = self.rules.fired(form, fired)
+            for i in sorted(new):
+                rule = self.rules.rules[i]
+                out.append(Finding("rules", rule.category, self.rules_action, rule.id))
+            fired |= new
+        return out
 
     def secret_findings(self, text: str) -> list[Finding]:
         if not self.secret_actions:

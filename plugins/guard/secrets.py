@@ -52,8 +52,15 @@ _COMPILED = {name: re.compile(p) for name, p in _PATTERNS.items()}
 # Cheap per-type prefilters (substring tests or a tiny regex): most prompts skip most patterns.
 _API_PREFIXES = ("sk-", "sk_live_", "rk_live_", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_",
                  "ghr_", "github_pat_", "xox", "AIza")  # fmt: skip
+# Fewer substring tests covering the same prefixes ("_live_" for both Stripe ones); the GitHub
+# ones only after "gh" was seen.
+_API_COARSE = ("sk-", "_live_", "AKIA", "ASIA", "AIza", "xox")
+_API_GITHUB = ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")
 _LONG_NUMBER = re.compile(r"\d[\d \-]{11,}\d")
-_IBAN_HINT = re.compile(r"[A-Z]{2}\d{2}")
+# "[A-Z]{2}\d{2}", written to start at the (rarer) digits so the engine skips ahead to them.
+_IBAN_HINT = re.compile(r"\d\d(?<=[A-Z]{2}\d\d)")
+# What the e-mail pattern's look-behind rejects, and its local-part characters.
+_EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
 _PHONE_HINT = re.compile(r"\+\d")
 
 
@@ -63,7 +70,9 @@ def _may_contain(kind: str, text: str) -> bool:
     if kind == "jwt":
         return "eyJ" in text
     if kind == "api_key":
-        return any(p in text for p in _API_PREFIXES)
+        return any(p in text for p in _API_COARSE) or (
+            "gh" in text and any(p in text for p in _API_GITHUB)
+        )
     if kind == "email":
         return "@" in text
     if kind == "credit_card":
@@ -71,6 +80,45 @@ def _may_contain(kind: str, text: str) -> bool:
     if kind == "iban":
         return _IBAN_HINT.search(text) is not None
     return _PHONE_HINT.search(text) is not None
+
+
+def _email_start(text: str, at: int, lo: int) -> int | None:
+    """Where the e-mail pattern's leftmost match using the "@" at ``at`` would start (searching
+    from ``lo``): the first position of the local-part run before it (at most 64 characters)
+    that its look-behind ``(?<![\\w.+\\-])`` accepts."""
+    j = at
+    lo = max(lo, at - 64)
+    while j > lo and text[j - 1] in _EMAIL_LOCAL:
+        j -= 1
+    for s in range(j, at):
+        if s == 0:
+            return s
+        prev = text[s - 1]
+        if not (prev.isalnum() or prev in "_.+-"):
+            return s
+    return None
+
+
+def _emails(text: str) -> list[re.Match[str]]:
+    """``_COMPILED["email"].finditer(text)``, tried only around each "@".
+
+    Every match is a local part, "@" and a domain; the part after "@" does not depend on where
+    the match starts, so one attempt per "@", at the leftmost start the regex would try, gives
+    the same matches as sweeping every position (the slowest step on long texts)."""
+    rx = _COMPILED["email"]
+    out: list[re.Match[str]] = []
+    pos = 0
+    at = text.find("@")
+    while at != -1:
+        start = _email_start(text, at, pos)
+        m = rx.match(text, start) if start is not None else None
+        if m is not None:
+            out.append(m)
+            pos = m.end()
+            at = text.find("@", pos)
+        else:
+            at = text.find("@", at + 1)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +171,7 @@ def find_secrets(text: str, types: frozenset[str] | None = None) -> list[SecretH
     for kind, rx in _COMPILED.items():
         if (types is not None and kind not in types) or not _may_contain(kind, text):
             continue
-        for m in rx.finditer(text):
+        for m in _emails(text) if kind == "email" else rx.finditer(text):
             if _valid(kind, m.group(0)):
                 found.append(SecretHit(kind, m.start(), m.end()))
     if len(found) < 2:
