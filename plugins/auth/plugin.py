@@ -156,7 +156,7 @@ class AuthPlugin(Plugin):
             if scheme.lower() != "bearer":
                 raise AuthFailure("authorization scheme is not Bearer")
             token = token.strip()
-            if xkey is not None and not hmac.compare_digest(xkey.strip(), token):
+            if xkey is not None and not hmac.compare_digest(xkey.strip().encode("latin-1"), token.encode("latin-1")):
                 raise AuthFailure("authorization and x-api-key disagree")
         if not token:
             raise AuthFailure("empty credential")
