@@ -1,0 +1,277 @@
+"""Admin HTTP routes for RAG documents: what ``gateway rag`` does, over HTTP.
+
+    GET    /admin/rag/collections                       collections and chunk counts
+    GET    /admin/rag/{collection}/documents[?tenant=]  documents (sources) in a collection
+    POST   /admin/rag/{collection}/documents            upload (JSON batch, or one raw file)
+    DELETE /admin/rag/{collection}/documents?tenant=T[&source=S]
+    DELETE /admin/rag/{collection}                      the whole collection
+
+Every handler first authorizes the caller through the ``auth`` plugin as an ``admin`` route and
+fails closed (403) when the pipeline has no auth plugin, so mounting these routes never opens an
+unauthenticated write path. Upload bodies:
+
+* ``application/json``: ``{"tenant": "acme", "meta": {...}, "documents": [{"name": "faq.md",
+  "content": "...", "meta": {...}}]}`` (``content_base64`` instead of ``content`` for PDF);
+* anything else: the raw file, with ``?name=faq.md&tenant=acme&meta=team=sales``; the
+  Content-Type (text/plain, text/markdown, text/html, application/pdf) or the name's extension
+  says how to read it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.context import Identity, RequestContext
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+)
+from plugins.rag.config import check_collection
+from plugins.rag.loaders import UnsupportedDocument, kind_for
+from plugins.rag.store import StoreError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from starlette.requests import Request
+
+    from plugins.rag.plugin import RagPlugin
+
+log = logging.getLogger("gateway.rag")
+_UPLOAD_TIMEOUT_S = 600.0
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json",
+                    headers={"cache-control": "no-store"})  # fmt: skip
+
+
+def _error(err: GatewayError) -> Response:
+    return Response(err.body(), status_code=err.status, media_type="application/json",
+                    headers=err.headers)  # fmt: skip
+
+
+def _context(request: Request) -> RequestContext:
+    headers: dict[str, str] = {}
+    pairs: list[tuple[str, str]] = []
+    for raw_name, raw_value in request.scope["headers"]:
+        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+        pairs.append((name, value))
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    client = request.scope.get("client")
+    return RequestContext(
+        request_id=headers.get("x-request-id", "")[:64] or secrets.token_hex(8),
+        endpoint="admin", path=request.scope["path"], method=request.scope["method"],
+        headers=headers, raw_headers=pairs, body={}, client=client[0] if client else "",
+    )  # fmt: skip
+
+
+async def _authorize(plugin: RagPlugin, request: Request) -> Identity:
+    gateway = plugin.gateway
+    auth = gateway.pipeline.find("auth") if gateway is not None else None
+    if auth is None:
+        raise PermissionDeniedError("RAG admin routes need the auth plugin in the pipeline")
+    ctx = _context(request)
+    await auth.on_request(ctx)
+    if ctx.identity is None:
+        raise PermissionDeniedError("this route requires an admin role")
+    return ctx.identity
+
+
+def _guarded(
+    plugin: RagPlugin, handler: Callable[[RagPlugin, Request, Identity], Awaitable[Response]]
+) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            identity = await _authorize(plugin, request)
+            if plugin.store is None or plugin.ingestor is None:
+                raise ServiceUnavailableError("the rag plugin is not started")
+            return await handler(plugin, request, identity)
+        except GatewayError as err:
+            return _error(err)
+        except StoreError as e:
+            log.warning("rag_admin_store_error", extra={"error": str(e)})
+            return _error(ServiceUnavailableError("the vector store is unavailable"))
+        except TimeoutError:
+            return _error(ServiceUnavailableError("the vector store did not answer in time"))
+
+    return endpoint
+
+
+def _collection(request: Request) -> str:
+    try:
+        return check_collection(request.path_params["collection"])
+    except ValueError as e:
+        raise InvalidRequestError(str(e), param="collection") from None
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"upload larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"upload larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _query_meta(request: Request) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for pair in request.query_params.getlist("meta"):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidRequestError("meta must be key=value", param="meta")
+        meta[key] = value
+    return meta
+
+
+def _documents(request: Request, raw: bytes) -> tuple[str | None, list[dict[str, Any]]]:
+    """(tenant, documents) where each document has name, data, kind, meta."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise InvalidRequestError("body is not valid JSON") from None
+        if not isinstance(body, dict) or not isinstance(body.get("documents"), list):
+            raise InvalidRequestError('expected {"documents": [...]}', param="documents")
+        common = body.get("meta") or {}
+        if not isinstance(common, dict):
+            raise InvalidRequestError("meta must be an object", param="meta")
+        docs = []
+        for i, d in enumerate(body["documents"]):
+            where = f"documents[{i}]"
+            if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not d["name"]:
+                raise InvalidRequestError(f"{where}.name is required", param=f"{where}.name")
+            if isinstance(d.get("content"), str):
+                data = d["content"].encode()
+            elif isinstance(d.get("content_base64"), str):
+                try:
+                    data = base64.b64decode(d["content_base64"], validate=True)
+                except (binascii.Error, ValueError):
+                    raise InvalidRequestError(
+                        f"{where}.content_base64 is not base64", param=f"{where}.content_base64"
+                    ) from None
+            else:
+                raise InvalidRequestError(f"{where}.content is required", param=f"{where}.content")
+            meta = d.get("meta") or {}
+            if not isinstance(meta, dict):
+                raise InvalidRequestError(f"{where}.meta must be an object", param=f"{where}.meta")
+            docs.append({"name": d["name"], "data": data, "kind": "",
+                         "content_type": str(d.get("content_type") or ""),
+                         "meta": {**common, **meta}})  # fmt: skip
+        tenant = body.get("tenant")
+        if tenant is not None and not isinstance(tenant, str):
+            raise InvalidRequestError("tenant must be a string", param="tenant")
+        return tenant, docs
+    name = request.query_params.get("name")
+    if not name:
+        raise InvalidRequestError("a raw upload needs ?name=", param="name")
+    doc = {"name": name, "data": raw, "kind": "", "content_type": ctype,
+           "meta": _query_meta(request)}  # fmt: skip
+    return request.query_params.get("tenant"), [doc]
+
+
+async def list_collections(plugin: RagPlugin, request: Request, _: Identity) -> Response:
+    assert plugin.store is not None
+    rows = await plugin.run_store(plugin.store.list_collections, limit_s=30)
+    return _json({"object": "list", "data": [{"collection": n, "chunks": c} for n, c in rows]})
+
+
+async def list_documents(plugin: RagPlugin, request: Request, _: Identity) -> Response:
+    assert plugin.store is not None
+    collection = _collection(request)
+    tenant = request.query_params.get("tenant") or None
+    rows = await plugin.run_store(plugin.store.list_sources, collection, tenant, limit_s=30)
+    return _json({"object": "list", "collection": collection,
+                  "data": [dataclasses.asdict(r) for r in rows]})  # fmt: skip
+
+
+async def upload(plugin: RagPlugin, request: Request, actor: Identity) -> Response:
+    assert plugin.ingestor is not None
+    collection = _collection(request)
+    raw = await _body(request, plugin.config.max_upload_bytes)
+    tenant, docs = _documents(request, raw)
+    tenant = tenant or actor.tenant
+    results = []
+    for doc in docs:
+        try:
+            kind = kind_for(doc["name"], doc["content_type"])
+            result = await plugin.run_store(
+                partial_ingest(plugin, collection, tenant, doc, kind), limit_s=_UPLOAD_TIMEOUT_S
+            )
+            results.append(dataclasses.asdict(result))
+        except (UnsupportedDocument, ValueError) as e:
+            results.append({"source": doc["name"], "status": "error", "chunks": 0, "error": str(e)})
+    log.info(
+        "rag_upload",
+        extra={"actor": actor.user, "collection": collection, "tenant": tenant,
+               "documents": [(r["source"], r["status"]) for r in results]},
+    )  # fmt: skip
+    failed = all(r["status"] == "error" for r in results)
+    return _json({"collection": collection, "tenant": tenant, "results": results},
+                 status=400 if failed and results else 200)  # fmt: skip
+
+
+def partial_ingest(plugin: RagPlugin, collection: str, tenant: str, doc: dict[str, Any],
+                   kind: str) -> Callable[[], Any]:  # fmt: skip
+    assert plugin.ingestor is not None
+    ingestor = plugin.ingestor
+
+    def run() -> Any:
+        return ingestor.ingest_bytes(collection, tenant, doc["name"], doc["data"], kind=kind,
+                                     meta=doc["meta"])  # fmt: skip
+
+    return run
+
+
+async def delete_documents(plugin: RagPlugin, request: Request, actor: Identity) -> Response:
+    assert plugin.store is not None
+    collection = _collection(request)
+    tenant = request.query_params.get("tenant")
+    if not tenant:
+        raise InvalidRequestError("?tenant= is required", param="tenant")
+    source = request.query_params.get("source") or None
+    n = await plugin.run_store(plugin.store.delete, collection, tenant, source, limit_s=60)
+    log.info("rag_delete", extra={"actor": actor.user, "collection": collection,
+                                  "tenant": tenant, "source": source, "chunks": n})  # fmt: skip
+    return _json({"collection": collection, "tenant": tenant, "source": source, "deleted": n})
+
+
+async def delete_collection(plugin: RagPlugin, request: Request, actor: Identity) -> Response:
+    assert plugin.store is not None
+    collection = _collection(request)
+    n = await plugin.run_store(plugin.store.delete, collection, limit_s=60)
+    log.info("rag_delete_collection",
+             extra={"actor": actor.user, "collection": collection, "chunks": n})  # fmt: skip
+    return _json({"collection": collection, "deleted": n})
+
+
+def admin_routes(plugin: RagPlugin) -> list[Route]:
+    """The routes; each authorizes through the auth plugin (admin role) before anything else."""
+
+    async def documents(request: Request) -> Response:
+        handler = {"GET": list_documents, "POST": upload}.get(request.method, delete_documents)
+        return await _guarded(plugin, handler)(request)
+
+    return [
+        Route("/admin/rag/collections", _guarded(plugin, list_collections), methods=["GET"]),
+        Route("/admin/rag/{collection}/documents", documents, methods=["GET", "POST", "DELETE"]),
+        Route("/admin/rag/{collection}", _guarded(plugin, delete_collection), methods=["DELETE"]),
+    ]

@@ -1,0 +1,301 @@
+"""rag: config, filters, loaders, chunking, re-ranking and context building (no model)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from gateway.catalogue import ModelEntry
+from gateway.config import ConfigError, parse_settings
+from gateway.context import RequestContext
+from gateway.errors import InvalidRequestError
+from gateway.pipeline import build_pipeline
+from gateway.tokens import count_text
+from plugins.rag import context as ctxbuild
+from plugins.rag.chunking import Section, chunk_section
+from plugins.rag.filters import sanitize, with_tenant
+from plugins.rag.loaders import kind_for, parse_html, parse_markdown, parse_text
+from plugins.rag.plugin import flagged
+from plugins.rag.rerank import bm25, hybrid, mmr
+from plugins.rag.store import Hit
+
+MODEL = {"name": "demo", "deployments": [{"model": "m", "base_url": "http://127.0.0.1:9"}]}
+
+
+def config_error(rag: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as e:
+        build_pipeline(
+            parse_settings(
+                {"models": [MODEL], "pipeline": [{"name": "rag", "config": rag}]}, "c.yaml"
+            )
+        )
+    return str(e.value)
+
+
+# -- config -----------------------------------------------------------------------------------
+
+
+def test_config_unknown_key_names_allowed_ones() -> None:
+    msg = config_error({"topk": 3})
+    assert msg.startswith("c.yaml: pipeline[0].config: unknown key 'topk'; allowed keys: ")
+    assert "top_k" in msg
+
+
+def test_config_overlap_must_be_smaller_than_chunk() -> None:
+    assert config_error({"chunk": {"tokens": 100, "overlap": 100}}) == (
+        "c.yaml: pipeline[0].config.chunk: overlap (100) must be smaller than tokens (100)"
+    )
+
+
+def test_config_bad_collection_name() -> None:
+    msg = config_error({"models": {"kb": {"collection": "x"}}})
+    assert msg.startswith("c.yaml: pipeline[0].config.models.kb.collection: invalid collection")
+
+
+def test_config_on_error_choices() -> None:
+    msg = config_error({"on_error": "retry"})
+    assert msg.startswith("c.yaml: pipeline[0].config.on_error: Input should be 'fail' or 'skip'")
+
+
+def test_config_store_url_shape() -> None:
+    assert config_error({"store": {"url": "chroma:8000"}}) == (
+        "c.yaml: pipeline[0].config.store.url: must look like http://host:port"
+    )
+
+
+def test_config_unknown_embedding_model_fails_at_startup() -> None:
+    msg = config_error({"embedding_model": "/nonexistent/model"})
+    assert "not a shipped model" in msg and "never downloaded" in msg
+
+
+def test_config_model_filter_on_tenant_is_refused() -> None:
+    with pytest.raises(InvalidRequestError, match="tenant is set by the gateway"):
+        build_pipeline(
+            parse_settings({"models": [MODEL], "pipeline": [{"name": "rag", "config": {
+                "models": {"kb": {"collection": "handbook", "filter": {"tenant": "x"}}}}}]})
+        )  # fmt: skip
+
+
+def test_config_top_k_above_max() -> None:
+    assert config_error({"top_k": 30, "max_top_k": 20}) == (
+        "c.yaml: pipeline[0].config: top_k (30) is larger than max_top_k (20)"
+    )
+
+
+# -- filters: the tenant always wins ----------------------------------------------------------
+
+
+def test_filter_scalar_becomes_eq_and_tenant_is_anded_on_top() -> None:
+    where, dropped = sanitize({"team": "sales"})
+    assert where == {"team": {"$eq": "sales"}} and dropped == []
+    assert with_tenant("a", where) == {
+        "$and": [{"tenant": {"$eq": "a"}}, {"team": {"$eq": "sales"}}]
+    }
+    assert with_tenant("a") == {"tenant": {"$eq": "a"}}
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        {"tenant": "b"},
+        {"tenant": {"$ne": "a"}},
+        {"tenant": {"$in": ["a", "b"]}},
+        {"$or": [{"tenant": "b"}, {"tenant": "a"}]},
+        {"TENANT": "b"},
+    ],
+)
+def test_filter_tenant_conditions_are_dropped(attack: dict[str, Any]) -> None:
+    where, dropped = sanitize(attack)
+    assert where is None
+    assert dropped
+
+
+def test_filter_tenant_in_or_keeps_the_rest_under_the_tenant() -> None:
+    where, _ = sanitize({"$or": [{"tenant": "b"}, {"team": "x"}]})
+    assert where == {"team": {"$eq": "x"}}
+    assert with_tenant("a", where)["$and"][0] == {"tenant": {"$eq": "a"}}
+
+
+def test_filter_reject_mode_is_a_400() -> None:
+    with pytest.raises(InvalidRequestError) as e:
+        sanitize({"tenant": "b"}, reject_tenant=True)
+    assert e.value.param == "rag.filter"
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"team": {"$regex": ".*"}}, "unsupported operator '$regex'"),
+        ({"$not": {"team": "x"}}, "unsupported operator '$not'"),
+        ({"team": {"$in": []}}, "$in needs a non-empty list"),
+        ({"team": ["a"]}, "must be a value or {operator: value}"),
+        ({"bad key!": 1}, "invalid metadata key"),
+        ("team=sales", "must be an object"),
+    ],
+)
+def test_filter_rejects_unknown_shapes(bad: Any, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message.replace("$", r"\$").replace("{", r"\{")
+                       .replace("}", r"\}")):  # fmt: skip
+        sanitize(bad)
+
+
+def test_filter_or_and_are_kept() -> None:
+    where, _ = sanitize({"$or": [{"team": "a"}, {"level": {"$gte": 2}}], "lang": "en"})
+    assert where == {
+        "$and": [{"$or": [{"team": {"$eq": "a"}}, {"level": {"$gte": 2}}]}, {"lang": {"$eq": "en"}}]
+    }
+
+
+# -- loaders ----------------------------------------------------------------------------------
+
+
+def test_markdown_headings_title_and_front_matter() -> None:
+    text = "---\ntitle: Hand Book\n---\n# Top\nintro\n## Sub\nbody\n```\n# not a heading\n```\n"
+    parsed = parse_markdown(text, "x.md")
+    assert parsed.title == "Hand Book"
+    assert [s.headings for s in parsed.sections] == [("Top",), ("Top", "Sub")]
+    assert "# not a heading" in parsed.sections[1].text
+
+
+def test_markdown_setext_heading() -> None:
+    parsed = parse_markdown("Title\n=====\n\ntext here\n", "x.md")
+    assert parsed.title == "Title"
+    assert parsed.sections[0].headings == ("Title",) and parsed.sections[0].text == "text here"
+
+
+def test_html_drops_scripts_and_nav_and_keeps_headings() -> None:
+    html = (
+        "<html><head><title>T</title><script>evil()</script></head><body><nav>menu</nav>"
+        "<h1>One</h1><p>alpha &amp; beta</p><h2>Two</h2><p>gamma</p><style>x{}</style></body>"
+    )
+    parsed = parse_html(html, "x.html")
+    assert parsed.title == "T"
+    assert [(s.headings, s.text) for s in parsed.sections] == [
+        (("One",), "alpha & beta"), (("One", "Two"), "gamma")]  # fmt: skip
+
+
+def test_text_title_from_first_line() -> None:
+    assert parse_text("My Doc\n\nbody", "a-b.txt").title == "My Doc"
+    assert parse_text("just one line", "a-b.txt").title == "a b"
+
+
+def test_kind_for_content_type_and_extension() -> None:
+    assert kind_for("x.bin", "text/markdown; charset=utf-8") == "markdown"
+    assert kind_for("X.HTM") == "html"
+    with pytest.raises(ValueError, match="unsupported file type"):
+        kind_for("x.docx")
+
+
+# -- chunking ---------------------------------------------------------------------------------
+
+
+def test_chunks_respect_size_and_overlap() -> None:
+    sentences = [f"Sentence number {i} talks about topic {i * 7}." for i in range(120)]
+    chunks = chunk_section(Section(("H",), " ".join(sentences)), 60, 15)
+    assert len(chunks) > 5
+    for c in chunks:
+        assert count_text(c.text) <= 60
+        assert c.headings == ("H",)
+    for a, b in itertools.pairwise(chunks):
+        # The next chunk starts with the tail of the previous one.
+        assert b.text.split(".")[0] in a.text
+    joined = " ".join(c.text for c in chunks)
+    assert all(s in joined for s in sentences)
+
+
+def test_run_on_text_is_windowed() -> None:
+    words = " ".join(f"w{i}" for i in range(1000))
+    chunks = chunk_section(Section((), words), 50, 10)
+    assert all(count_text(c.text) <= 52 for c in chunks)
+    assert "w999" in chunks[-1].text
+
+
+# -- re-ranking -------------------------------------------------------------------------------
+
+
+def hit(i: str, text: str, score: float, emb: list[float] | None = None) -> Hit:
+    return Hit(i, text, {"title": "", "headings": ""}, score, emb, score)
+
+
+def test_bm25_prefers_rare_exact_terms() -> None:
+    scores = bm25("error E1042", ["general error text", "the E1042 error code", "nothing"])
+    assert scores[1] > scores[0] > scores[2] == 0
+
+
+def test_hybrid_promotes_lexical_match_over_close_vector_score() -> None:
+    hits = [hit("a", "generic policy text", 0.62), hit("b", "the WireGuard client restart", 0.58)]
+    out = hybrid("restart wireguard", hits, alpha=0.5)
+    assert [h.id for h in out] == ["b", "a"]
+
+
+def test_mmr_skips_near_duplicates() -> None:
+    hits = [hit("a", "x", 0.9, [1.0, 0.0]), hit("a2", "x", 0.89, [1.0, 0.0]),
+            hit("b", "y", 0.7, [0.0, 1.0])]  # fmt: skip
+    assert [h.id for h in mmr(hits, 2, 0.5)][:2] == ["a", "b"]
+
+
+# -- verdicts ---------------------------------------------------------------------------------
+
+
+class V:
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+@pytest.mark.parametrize(
+    ("verdict", "expected"),
+    [
+        (V(flagged=True), True), (V(flagged=False), False), (V(action="block"), True),
+        (V(action="allow"), False), (True, True), ({"flagged": False}, False), (object(), True),
+    ],
+)  # fmt: skip
+def test_flagged_reads_verdict_shapes_and_fails_closed(verdict: Any, expected: bool) -> None:
+    assert flagged(verdict) is expected
+
+
+# -- context building -------------------------------------------------------------------------
+
+
+def make_ctx(window: int = 128_000, messages: list[dict[str, Any]] | None = None,
+             **body: Any) -> RequestContext:  # fmt: skip
+    entry = ModelEntry.model_validate({"name": "demo", "deployments": [
+        {"model": "gpt-4o", "base_url": "http://127.0.0.1:9", "context_window": window,
+         "max_output_tokens": 100}]})  # fmt: skip
+    return RequestContext(
+        request_id="r", endpoint="chat", path="/v1/chat/completions", method="POST", headers={},
+        raw_headers=[], body={"model": "demo", "messages": messages or
+                              [{"role": "user", "content": "hi"}], **body},
+        model="demo", model_entry=entry,
+    )  # fmt: skip
+
+
+def test_budget_subtracts_prompt_and_max_tokens() -> None:
+    ctx = make_ctx(window=1000, max_tokens=300)
+    prompt = 3 + 3 + count_text("hi")
+    assert ctxbuild.budget(ctx, 10_000) == 1000 - prompt - 300 - 16
+    assert ctxbuild.budget(make_ctx(window=1000), 10_000) == 1000 - prompt - 100 - 16
+    assert ctxbuild.budget(make_ctx(), 500) == 500
+
+
+def test_select_drops_lowest_ranked_first() -> None:
+    hits = [Hit(f"c{i}", "word " * 100, {"source": f"s{i}.md", "title": f"S{i}"}, 0.9 - i / 10)
+            for i in range(5)]  # fmt: skip
+    chosen = ctxbuild.select(make_ctx(window=600), hits, 10_000)
+    assert 0 < len(chosen) < 5
+    assert [s.hit.id for s in chosen] == [f"c{i}" for i in range(len(chosen))]
+    assert sum(s.tokens for s in chosen) <= ctxbuild.budget(make_ctx(window=600), 10_000)
+
+
+def test_inject_after_leading_system_and_header_encoding() -> None:
+    ctx = make_ctx(messages=[{"role": "system", "content": "be brief"},
+                             {"role": "user", "content": "q"}])  # fmt: skip
+    hits = [Hit("c", "text", {"source": "docs/ä b.md", "title": "T", "chunk": 2}, 0.8)]
+    chosen = ctxbuild.select(ctx, hits, 1000)
+    ctxbuild.inject(ctx, ctxbuild.message(chosen))
+    roles = [m["role"] for m in ctx.body["messages"]]
+    assert roles == ["system", "system", "user"]
+    assert ctx.body["messages"][1]["content"].endswith("[1] T (docs/ä b.md)\ntext")
+    srcs = ctxbuild.sources(chosen, "handbook")
+    assert ctxbuild.header_value(srcs) == "1=docs/%C3%A4%20b.md#2"
