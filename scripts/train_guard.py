@@ -6,9 +6,10 @@ Steps: read the labelled data (plus hard-negative files under tests/data/), spli
 each text's normalised key (``plugins.guard.semantic.split_of``: 20% validation, never by row
 order), drop ``origin == "wildguard_judgecomp"`` rows from training (research-only licence), embed
 with the serving encoder (int8 MiniLM, cached in .cache/ so reruns take seconds), fit a logistic
-regression, choose the threshold from out-of-fold scores on the *train* split for <= the target
-false-positive rate, and report validation numbers computed exactly as the gateway scores
-(max over windows). The bias is shifted so that the chosen threshold maps to probability 0.5,
+regression on embedding + n-grams and a small MLP on the embedding, stack their out-of-fold
+logits, choose the threshold from out-of-fold scores on the *train* split so that the whole
+guard (default rules OR classifier) stays <= the target false-positive rate, and report
+validation numbers computed as the gateway scores (max over windows). The bias is shifted so that the chosen threshold maps to probability 0.5,
 which is ``SemanticDetector``'s default threshold.
 """
 
@@ -120,6 +121,75 @@ def fit(x: object, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
     return model.coef_[0].astype(np.float32), float(model.intercept_[0])
 
 
+def rule_hits(texts: list[str]) -> np.ndarray:
+    """Whether the guard's default rules layer flags each text (the threshold is tuned for the
+    whole guard, rules or semantic, so the rules' own false positives use up part of the
+    budget)."""
+    from plugins.guard.normalize import DECODERS
+    from plugins.guard.rules import RulesConfig, RuleSet
+    from plugins.guard.scanner import Scanner
+
+    scanner = Scanner(RuleSet(RulesConfig().effective()), decoders=tuple(DECODERS))
+    return np.array([bool(scanner.rule_findings(t)) for t in texts], dtype=bool)
+
+
+def row_max(z_windows: np.ndarray, owners: np.ndarray, n: int) -> np.ndarray:
+    """A text is as suspicious as its worst window (as served)."""
+    z = np.full(n, -np.inf)
+    np.maximum.at(z, owners, z_windows)
+    return z
+
+
+def guard_threshold(
+    z: np.ndarray, y: np.ndarray, rules_hit: np.ndarray, target_fpr: float
+) -> tuple[float, dict]:
+    """Smallest logit threshold with FPR(rules or z >= threshold) <= target_fpr on train."""
+    benign = y == 0
+    budget = int(np.floor(target_fpr * benign.sum())) - int(rules_hit[benign].sum())
+    free = np.sort(z[benign & ~rules_hit])[::-1]
+    thr = float(np.nextafter(free[budget], np.inf)) if 0 <= budget < len(free) else float("inf")
+    sem = z >= thr
+    guard = sem | rules_hit
+    return thr, {
+        "semantic_tpr": float(sem[y == 1].mean()),
+        "semantic_fpr": float(sem[benign].mean()),
+        "guard_tpr": float(guard[y == 1].mean()),
+        "guard_fpr": float(guard[benign].mean()),
+    }
+
+
+def fit_mlp(x: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """A 384 -> hidden (ReLU) -> 1 network on the embedding, deterministic (fixed seed, CPU)."""
+    import torch
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    xt, yt = torch.from_numpy(np.asarray(x, np.float32)), torch.from_numpy(y.astype(np.float32))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(x.shape[1], args.mlp_hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(args.mlp_hidden, 1),
+    )
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-2)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for _ in range(args.mlp_epochs):
+        for idx in torch.randperm(len(xt), generator=gen).split(128):
+            opt.zero_grad()
+            loss_fn(net(xt[idx]).squeeze(1), yt[idx]).backward()
+            opt.step()
+    first, last = net[0], net[2]
+    return {
+        "W1": first.weight.detach().numpy().T.astype(np.float32).copy(),
+        "b1": first.bias.detach().numpy().astype(np.float32).copy(),
+        "w2": last.weight.detach().numpy()[0].astype(np.float32).copy(),
+        "b2": last.bias.detach().numpy().astype(np.float32).copy(),
+    }
+
+
+def mlp_logits(net: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    return np.maximum(x @ net["W1"] + net["b1"], 0.0) @ net["w2"] + float(net["b2"][0])
+
+
 def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
@@ -157,8 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--window-tokens", type=int, default=64)
     p.add_argument("--max-windows", type=int, default=2)
-    p.add_argument("--target-fpr", type=float, default=0.005, help="on train out-of-fold scores")
-    p.add_argument("--c", type=float, nargs="+", default=[16.0], help="sweep, e.g. 4 16 64")
+    p.add_argument(
+        "--target-fpr",
+        type=float,
+        default=0.008,
+        help="whole-guard (rules or semantic) FPR on train out-of-fold scores",
+    )
+    p.add_argument("--c", type=float, default=16.0, help="logistic regression C")
+    p.add_argument("--mlp-hidden", type=int, default=128, help="embedding MLP width (0: off)")
+    p.add_argument("--mlp-epochs", type=int, default=20)
     p.add_argument("--n-features", type=int, default=2**18, help="hashed n-gram buckets (0: off)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
@@ -178,53 +255,99 @@ def main(argv: list[str] | None = None) -> int:
     encoder = Encoder(quantize=True, threads=args.threads)
     encoder.load()
     cache = EmbeddingCache(args.cache, encoder, args.batch_size)
-    # Training sees each text's head window (its token ids and its text slice), as served.
-    heads = [encoder.window_slices(r["text"], args.window_tokens, 1)[0] for r in train]
-    x = cache.embed([ids for _, ids in heads])
-    y = np.array([r["label"] == "attack" for r in train], dtype=np.int8)
-    lexical = Lexical(args.n_features) if args.n_features else None
-    if lexical is not None:
-        import scipy.sparse as sp
-
-        x = sp.hstack([x, *lexical.transform([piece for piece, _ in heads])]).tocsr()
-
-    folds = np.array([fold_of(r["text"], args.folds) for r in train])
-    best: tuple[float, float, float, np.ndarray] | None = None
-    for c in args.c:
-        oof = np.zeros(len(train))
-        for k in range(args.folds):
-            w, b = fit(x[folds != k], y[folds != k], c)
-            oof[folds == k] = sigmoid(x[folds == k] @ w + b)
-        thr = threshold_for_fpr(oof[y == 0], args.target_fpr)
-        tpr = float(np.mean(oof[y == 1] >= thr))
-        print(f"C={c:g}: out-of-fold detection {tpr:.2%} at threshold {thr:.4f}")
-        if best is None or tpr > best[1]:
-            best = (c, tpr, thr, oof)
-    assert best is not None
-    c, cv_tpr, raw_thr, oof = best
-    coef, b = fit(x, y, c)
-    w = coef[:384]
-    n = args.n_features
-    w_char, w_word = coef[384 : 384 + n], coef[384 + n :]
-    # Shift the bias so that the tuned operating point is probability 0.5.
-    b_shifted = b - float(np.log(raw_thr / (1.0 - raw_thr)))
-
-    # Validation, scored as served: max over windows.
-    owners, slices, windows = [], [], []
-    for i, r in enumerate(val):
-        for piece, ids in encoder.window_slices(r["text"], args.window_tokens, args.max_windows):
+    # Every window of every train row, as served. Attacks train on their head window only (an
+    # attack's other windows may hold nothing suspicious); benign rows train on all their
+    # windows, so that long benign documents are seen where the max over windows scores them.
+    owners, slices, windows, is_head = [], [], [], []
+    for i, r in enumerate(train):
+        for j, (piece, ids) in enumerate(
+            encoder.window_slices(r["text"], args.window_tokens, args.max_windows)
+        ):
             owners.append(i)
             slices.append(piece)
             windows.append(ids)
-    z_windows = cache.embed(windows) @ w + b_shifted
+            is_head.append(j == 0)
+    own = np.array(owners)
+    emb = cache.embed(windows)
+    y = np.array([r["label"] == "attack" for r in train], dtype=np.int8)
+    wy = y[own]
+    fit_mask = np.array(is_head) | (wy == 0)
+    lexical = Lexical(args.n_features) if args.n_features else None
+    x: object = emb
     if lexical is not None:
-        char, word = lexical.transform(slices)
+        import scipy.sparse as sp
+
+        x = sp.hstack([emb, *lexical.transform(slices)]).tocsr()
+    rules_hit = rule_hits([r["text"] for r in train])
+    print(
+        f"train windows {len(windows)} ({int(fit_mask.sum())} fitted); rules flag "
+        f"{rules_hit[y == 1].mean():.1%} of train attacks, {rules_hit[y == 0].mean():.2%} of benign"
+    )
+
+    wfold = np.array([fold_of(r["text"], args.folds) for r in train])[own]
+    c = args.c
+    started = time.perf_counter()
+    oof_lr, oof_mlp = np.zeros(len(own)), np.zeros(len(own))
+    for k in range(args.folds):
+        fm = fit_mask & (wfold != k)
+        te = wfold == k
+        w, b = fit(x[fm], wy[fm], c)
+        oof_lr[te] = x[te] @ w + b
+        if args.mlp_hidden:
+            oof_mlp[te] = mlp_logits(fit_mlp(emb[fm], wy[fm], args), emb[te])
+    print(f"out-of-fold fits: {time.perf_counter() - started:.0f}s")
+    # Stacking: one logistic regression over the two out-of-fold logits (3 parameters).
+    parts = np.c_[oof_lr, oof_mlp] if args.mlp_hidden else oof_lr[:, None]
+    stack_w, stack_b = fit(parts[fit_mask], wy[fit_mask], 1.0)
+    z_oof = row_max(parts @ stack_w + stack_b, own, len(train))
+    raw_thr, cv = guard_threshold(z_oof, y, rules_hit, args.target_fpr)
+    print(
+        f"out-of-fold at threshold {raw_thr:.4f}: semantic alone detects {cv['semantic_tpr']:.2%} "
+        f"at {cv['semantic_fpr']:.2%} FPR; with rules {cv['guard_tpr']:.2%} at "
+        f"{cv['guard_fpr']:.2%} FPR (target {args.target_fpr:.2%})"
+    )
+
+    coef, b_lr = fit(x[fit_mask], wy[fit_mask], c)
+    a = float(stack_w[0])
+    w = a * coef[:384]
+    n = args.n_features
+    w_char, w_word = a * coef[384 : 384 + n], a * coef[384 + n :]
+    b_all = a * b_lr + float(stack_b)
+    tensors = {"W": w.astype(np.float32)}
+    if args.mlp_hidden:
+        net = fit_mlp(emb[fit_mask], wy[fit_mask], args)
+        m = float(stack_w[1])
+        tensors.update(
+            {
+                "W1": net["W1"],
+                "b1": net["b1"],
+                "w2": (m * net["w2"]).astype(np.float32),
+            }
+        )
+        b_all += m * float(net["b2"][0])
+    # Shift the bias so that the tuned operating point is probability 0.5.
+    b_shifted = b_all - raw_thr
+
+    # Validation, with the serving arithmetic (max over windows of the folded weights).
+    vowners, vslices, vwindows = [], [], []
+    for i, r in enumerate(val):
+        for piece, ids in encoder.window_slices(r["text"], args.window_tokens, args.max_windows):
+            vowners.append(i)
+            vslices.append(piece)
+            vwindows.append(ids)
+    vemb = cache.embed(vwindows)
+    z_windows = vemb @ tensors["W"] + b_shifted
+    if args.mlp_hidden:
+        z_windows = z_windows + np.maximum(vemb @ tensors["W1"] + tensors["b1"], 0) @ tensors["w2"]
+    if lexical is not None:
+        char, word = lexical.transform(vslices)
         z_windows = z_windows + char @ w_char + word @ w_word
-    z = np.full(len(val), -np.inf)
-    np.maximum.at(z, np.array(owners), z_windows)
-    val_scores = sigmoid(z)
+    val_scores = sigmoid(row_max(z_windows, np.array(vowners), len(val)))
     val_rates = rates(val, val_scores >= 0.5)
     print_rates("validation (in-distribution: near-duplicate templates cross the split)", val_rates)
+    val_rules = rule_hits([r["text"] for r in val])
+    val_guard = rates(val, (val_scores >= 0.5) | val_rules)
+    print_rates("validation, whole guard (rules or semantic)", val_guard)
     hn_val = [(r, s) for r, s in zip(val, val_scores, strict=True) if "hard_negative_file" in r]
     hn_rate = {
         "flagged": int(sum(s >= 0.5 for _, s in hn_val)),
@@ -235,15 +358,19 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     from safetensors.numpy import save_file
 
-    tensors = {"W": w.astype(np.float32), "b": np.array([b_shifted], dtype=np.float32)}
+    tensors["b"] = np.array([b_shifted], dtype=np.float32)
     if lexical is not None:
-        tensors.update({"W_char": w_char, "W_word": w_word})
+        tensors.update({"W_char": w_char.astype(np.float32), "W_word": w_word.astype(np.float32)})
     save_file(tensors, str(args.out / WEIGHTS_FILE))
     data_hash = hashlib.sha256()
     for f in [args.data, *hn_files]:
         data_hash.update(f.read_bytes())
     meta = {
-        "kind": "logistic_regression",
+        "kind": "logistic_regression + embedding MLP, stacked"
+        if args.mlp_hidden
+        else ("logistic_regression"),
+        "mlp": {"hidden": args.mlp_hidden, "activation": "relu"} if args.mlp_hidden else None,
+        "stack": {"lr": float(stack_w[0]), "mlp": float(stack_w[-1]) if args.mlp_hidden else None},
         "lexical": (
             {
                 "n_features": args.n_features,
@@ -262,11 +389,12 @@ def main(argv: list[str] | None = None) -> int:
             "pooling": "mean, L2-normalised",
         },
         "threshold": 0.5,
-        "raw_threshold": raw_thr,
+        "raw_threshold": float(sigmoid(np.array(raw_thr))),
         "note": "bias shifted so that raw_threshold maps to 0.5",
         "C": c,
         "target_fpr_train_oof": args.target_fpr,
-        "train_oof_detection": cv_tpr,
+        "target_fpr_applies_to": "whole guard (rules or semantic), out-of-fold on train",
+        "train_oof": cv,
         "trained_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "data": {
             "files": [str(args.data), *[f"tests/data/{f.name}" for f in hn_files]],

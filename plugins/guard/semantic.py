@@ -210,8 +210,10 @@ class Lexical:
 def load_classifier(model_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """``(tensors, meta)`` from ``model_dir``, validated; raises ``SemanticModelError``.
 
-    Tensors: ``W`` (384,) over the embedding, ``b`` (1,), and optionally ``W_char`` / ``W_word``
-    (n_features,) over the hashed n-grams when ``meta["lexical"]`` is present.
+    Tensors: ``W`` (384,) over the embedding, ``b`` (1,), optionally ``W_char`` / ``W_word``
+    (n_features,) over the hashed n-grams when ``meta["lexical"]`` is present, and optionally a
+    one-hidden-layer ReLU head over the embedding, ``W1`` (384, hidden), ``b1`` / ``w2``
+    (hidden,), when ``meta["mlp"]`` is present.
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -233,6 +235,10 @@ def load_classifier(model_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, A
     if lexical:
         n = int(lexical["n_features"])
         expected.update({"W_char": (n,), "W_word": (n,)})
+    mlp = meta.get("mlp")
+    if mlp:
+        h = int(mlp["hidden"])
+        expected.update({"W1": (EMBED_DIM, h), "b1": (h,), "w2": (h,)})
     for name, shape in expected.items():
         t = tensors.get(name)
         if t is None:
@@ -250,7 +256,8 @@ def load_classifier(model_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, A
 class SemanticDetector:
     """Attack probability of prompts; ``load()`` once (slow), then ``score()`` (blocking CPU).
 
-    The probability is ``max over windows sigmoid(W . embedding + lexical(slice) + b)``; training
+    The probability is ``max over windows sigmoid(W . embedding + mlp(embedding) + lexical(slice)
+    + b)``; training
     shifted ``b`` so that 0.5 is the operating point chosen for <=1% false positives on train.
     """
 
@@ -291,6 +298,11 @@ class SemanticDetector:
     def logits(self, slices: Sequence[str], window_embeddings: np.ndarray) -> np.ndarray:
         """Classifier logit of each window (its embedding plus its text slice's n-grams)."""
         z = window_embeddings @ self._t["W"] + float(self._t["b"][0])
+        if "W1" in self._t:
+            # The nonlinear head sees what a linear map of the embedding cannot (harmful-request
+            # semantics); training folded its output weight and the stacking weights into w2.
+            hidden = np.maximum(window_embeddings @ self._t["W1"] + self._t["b1"], 0.0)
+            z = z + hidden @ self._t["w2"]
         if self._lexical is not None and len(slices):
             char, word = self._lexical.transform(slices)
             z = z + char @ self._t["W_char"] + word @ self._t["W_word"]

@@ -150,3 +150,32 @@ def test_split_is_deterministic_and_keyed_on_normalised_text() -> None:
 
 
 PINNED = ["validation", "train", "train", "train", "train", "train", "train", "train"]
+
+
+def test_mlp_head_is_loaded_and_contributes_to_the_score(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors, meta = load_classifier(DEFAULT_MODEL_DIR)
+    hidden = int(meta["mlp"]["hidden"])
+    assert tensors["W1"].shape == (384, hidden) and tensors["w2"].shape == (hidden,)
+    # Zeroing the head's output weights must change the score of a prompt: the head is used.
+    model = _copy_model(tmp_path)
+    raw = load_file(str(model / WEIGHTS_FILE))
+    raw["w2"] = np.zeros_like(raw["w2"])
+    save_file(raw, str(model / WEIGHTS_FILE))
+    full, headless = SemanticDetector(), SemanticDetector(str(model))
+    full.load()
+    headless.load()
+    text = ATTACKS[1]
+    assert abs(full.score([text])[0] - headless.score([text])[0]) > 1e-4
+
+
+def test_wrong_shape_mlp_head_fails_with_clear_error(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    model = _copy_model(tmp_path)
+    raw = load_file(str(model / WEIGHTS_FILE))
+    raw["W1"] = np.zeros((10, 3), np.float32)
+    save_file(raw, str(model / WEIGHTS_FILE))
+    with pytest.raises(SemanticModelError, match=r"'W1' has shape \(10, 3\)"):
+        load_classifier(model)
