@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from gateway import metrics, proxy
+from gateway import metrics, proxy, usage
 from gateway.config import Settings, load_settings
 from gateway.errors import (
     AuthenticationError,
@@ -205,6 +205,7 @@ def build_routes(gw: Gateway) -> list[BaseRoute]:
     ]
     if gw.settings.metrics.enabled and gw.settings.metrics.port == 0:
         routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
+    routes.extend(usage.routes())
     for plugin in gw.pipeline.plugins:
         extra = getattr(plugin, "routes", None)
         if callable(extra):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from gateway.catalogue import ModelEntry
 from gateway.configbase import Strict
@@ -69,6 +69,12 @@ class MetricsConfig(Strict):
     bearer_token: str = Field("", repr=False)
     #: Serve ``/metrics`` on its own port instead (0: on the main port).
     port: int = Field(0, ge=0, le=65535)
+    #: Tenants that get their own ``tenant`` label value on the cost metrics; every other tenant
+    #: is counted as ``other`` (label values come only from configuration).
+    tenants: tuple[str, ...] = ()
+    #: Users that get per-user series (``gateway_user_*``); empty (the default) means no per-user
+    #: metrics at all. Users not listed are counted as ``other``.
+    users: tuple[str, ...] = ()
 
 
 class LoggingConfig(Strict):
@@ -76,6 +82,45 @@ class LoggingConfig(Strict):
     #: Where the one-line-per-request JSON log goes: ``stdout`` or a file path.
     request_log: str = "stdout"
     access_log: bool = False
+
+
+class LedgerConfig(Strict):
+    """The durable usage ledger (one row per request: tokens, cost, status, latency)."""
+
+    #: ``none`` (off), ``sqlite:///relative/or/absolute/path.db`` or ``postgresql://...``.
+    url: str = Field("none", repr=False)
+    #: Prefix of the ledger's table names (lets several gateways, or test runs, share a database).
+    table_prefix: str = Field("gateway_", pattern=r"^[a-z_][a-z0-9_]{0,40}$")
+    #: Rows written per database round trip.
+    batch_size: int = Field(200, ge=1, le=10_000)
+    #: Longest a row waits in memory before it is written.
+    flush_interval_s: float = Field(1.0, gt=0, le=60)
+    #: Rows kept in memory while the database is unreachable; beyond that new rows are dropped
+    #: (and counted in ``gateway_ledger_dropped_total``).
+    max_buffer: int = Field(100_000, ge=1)
+    #: On shutdown, how long the last rows may take to reach the database.
+    shutdown_timeout_s: float = Field(5.0, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v == "none" or v.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            return v
+        raise ValueError(
+            "must be none, sqlite:///path/to/usage.db or postgresql://user@host:5432/db"
+        )
+
+
+class TracingConfig(Strict):
+    """OpenTelemetry tracing (optional; needs ``opentelemetry-sdk``)."""
+
+    enabled: bool = False
+    #: ``otlp`` (gRPC to ``endpoint``), ``console`` (stderr) or ``memory`` (tests).
+    exporter: Literal["otlp", "console", "memory"] = "otlp"
+    endpoint: str = "http://127.0.0.1:4317"
+    service_name: str = "secure-llm-gateway"
+    #: Fraction of new traces sampled (a client's sampled ``traceparent`` is always followed).
+    sample_ratio: float = Field(1.0, ge=0, le=1)
 
 
 class DemoUpstreamConfig(Strict):
@@ -101,6 +146,8 @@ class Settings(Strict):
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     demo_upstream: DemoUpstreamConfig = DemoUpstreamConfig()
+    ledger: LedgerConfig = LedgerConfig()
+    tracing: TracingConfig = TracingConfig()
     models: tuple[ModelEntry, ...] = Field(min_length=1)
     pipeline: tuple[PipelineEntry, ...] = ()
     #: The file this came from, for error messages.

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import tokens
 from gateway.catalogue import Catalogue
+from gateway.ledger.metrics import UsageMetrics
 from gateway.logs import RequestLog
 from gateway.pipeline import Pipeline, build_pipeline
 from gateway.providers import provider_class
@@ -18,7 +19,9 @@ if TYPE_CHECKING:
     import aiohttp
 
     from gateway.config import Settings
+    from gateway.ledger import Ledger
     from gateway.providers.base import Provider
+    from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway")
 
@@ -42,7 +45,10 @@ class Gateway:
         self.providers: dict[str, Provider] = {}
         #: Called with (ctx, log record) once per request, after the request log line is built
         #: (the usage ledger, tracing). Must not block: hand work to a background task.
-        self.observers: list[Any] = []
+        self.observers: list[Any] = [UsageMetrics(settings.metrics)]
+        #: The usage ledger (``ledger.url``) and the tracer (``tracing.enabled``), or None.
+        self.ledger: Ledger | None = None
+        self.tracer: Tracing | None = None
         self.ready = False
         self.draining = False
         self.in_flight = 0
@@ -58,6 +64,7 @@ class Gateway:
             cls = provider_class(dep.provider)
             self.providers[dep.id] = cls(dep, self.session, self.settings.upstream)
         try:
+            await self._start_observability()
             for plugin in self.pipeline.plugins:
                 await plugin.startup(self)
                 self._started.append(plugin)
@@ -75,6 +82,20 @@ class Gateway:
                 "pipeline": [p.name for p in self.pipeline.plugins],
             },
         )
+
+    async def _start_observability(self) -> None:
+        if self.settings.ledger.url != "none":
+            from gateway.ledger import Ledger
+
+            self.ledger = Ledger(self.settings.ledger)
+            await self.ledger.start()
+            self.observers.append(self.ledger.observe)
+        if self.settings.tracing.enabled:
+            from gateway.tracing import Tracing
+
+            models = {d.id: d.model for d in self.catalogue.deployments()}
+            self.tracer = Tracing(self.settings.tracing, models)
+            self.observers.append(self.tracer)
 
     async def _flush_logs(self) -> None:
         while True:
@@ -106,3 +127,10 @@ class Gateway:
             await self.session.close()
             self.session = None
         self.request_log.close()
+        # After the plugins and the log: every request has been accounted by now.
+        if self.ledger is not None:
+            await self.ledger.close()
+            self.ledger = None
+        if self.tracer is not None:
+            self.tracer.shutdown()
+            self.tracer = None

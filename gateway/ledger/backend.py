@@ -1,0 +1,176 @@
+"""What a ledger database must do: create its table, insert batches, answer grouped queries.
+
+The SQL is shared between SQLite and PostgreSQL; a backend only supplies its connection, its
+parameter marker and the expression that truncates ``ts`` to a time bucket. Every method is
+synchronous and is called from the writer thread or through ``asyncio.to_thread``, never on the
+event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.ledger.row import COLUMNS, Row
+
+_TYPES = {
+    "ts": "DOUBLE PRECISION NOT NULL", "day": "TEXT NOT NULL", "status": "INTEGER NOT NULL",
+    "endpoint": "TEXT NOT NULL", "model": "TEXT NOT NULL", "request_id": "TEXT NOT NULL",
+    "blocked": "INTEGER", "limited": "INTEGER", "stream": "INTEGER",
+    "client_disconnected": "INTEGER", "attempts": "INTEGER", "prompt_tokens": "BIGINT",
+    "completion_tokens": "BIGINT", "tokens_estimated": "INTEGER", "cost_usd": "DOUBLE PRECISION",
+    "ms_total": "DOUBLE PRECISION", "ms_upstream": "DOUBLE PRECISION",
+    "ms_ttft": "DOUBLE PRECISION",
+}  # fmt: skip
+
+#: The sums every grouped query returns, in this order.
+AGGREGATES = (
+    "count(*)",
+    "coalesce(sum(prompt_tokens), 0)",
+    "coalesce(sum(completion_tokens), 0)",
+    "coalesce(sum(cost_usd), 0)",
+    "coalesce(sum(CASE WHEN status >= 400 THEN 1 ELSE 0 END), 0)",
+    "coalesce(sum(blocked), 0)",
+    "coalesce(sum(limited), 0)",
+)
+AGGREGATE_NAMES = (
+    "requests", "prompt_tokens", "completion_tokens", "cost_usd", "errors", "blocked", "limited",
+)  # fmt: skip
+
+#: Columns a query may group by (never a client-supplied string).
+GROUPS = {"day": "day", "model": "model", "tenant": "tenant", "user": "user_id",
+          "provider": "provider", "endpoint": "endpoint"}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which rows a query covers: ``start <= ts < end`` and optionally one tenant / user."""
+
+    start: float
+    end: float
+    tenant: str | None = None
+    user: str | None = None
+
+
+class Backend:
+    """Base class of the SQLite and PostgreSQL backends."""
+
+    marker = "?"
+    kind = "base"
+
+    def __init__(self, prefix: str) -> None:
+        self.table = f"{prefix}usage"
+        self.prefix = prefix
+
+    # -- what a backend provides ---------------------------------------------------------------
+
+    def connect(self) -> Any:
+        raise NotImplementedError
+
+    def bucket_expr(self, seconds: int) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """Where the ledger lives, without credentials (for logs)."""
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------------------
+
+    def schema(self) -> list[str]:
+        cols = ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in COLUMNS)
+        t = self.table
+        return [
+            f"CREATE TABLE IF NOT EXISTS {t} ({cols})",
+            f"CREATE INDEX IF NOT EXISTS {t}_ts ON {t} (ts)",
+            f"CREATE INDEX IF NOT EXISTS {t}_tenant_ts ON {t} (tenant, ts)",
+            f"CREATE INDEX IF NOT EXISTS {t}_user_ts ON {t} (user_id, ts)",
+        ]
+
+    def create_schema(self, conn: Any) -> None:
+        cur = conn.cursor()
+        for stmt in self.schema():
+            cur.execute(stmt)
+        conn.commit()
+
+    def insert(self, conn: Any, rows: list[Row]) -> None:
+        marks = ", ".join([self.marker] * len(COLUMNS))
+        sql = f"INSERT INTO {self.table} ({', '.join(COLUMNS)}) VALUES ({marks})"
+        cur = conn.cursor()
+        cur.executemany(sql, rows)
+        conn.commit()
+
+    def _where(self, flt: Filter) -> tuple[str, list[Any]]:
+        m = self.marker
+        clauses = [f"ts >= {m}", f"ts < {m}"]
+        params: list[Any] = [flt.start, flt.end]
+        if flt.tenant is not None:
+            clauses.append(f"tenant = {m}")
+            params.append(flt.tenant)
+        if flt.user is not None:
+            clauses.append(f"user_id = {m}")
+            params.append(flt.user)
+        return " AND ".join(clauses), params
+
+    def query(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+        conn = self.connect()
+        try:
+            cur = conn.cursor()
+            cur.execute(sql, params)
+            return [tuple(r) for r in cur.fetchall()]
+        finally:
+            conn.close()
+
+    def grouped(
+        self, flt: Filter, keys: tuple[str, ...], *, bucket_s: int = 0, order_by_cost: bool = False,
+        limit: int = 10_000,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """Sums per group. ``keys`` are names from ``GROUPS`` (plus ``bucket`` when
+        ``bucket_s`` is set: the start of the time bucket, epoch seconds)."""
+        exprs: list[str] = []
+        for key in keys:
+            exprs.append(self.bucket_expr(bucket_s) if key == "bucket" else GROUPS[key])
+        where, params = self._where(flt)
+        select = ", ".join([*exprs, *AGGREGATES])
+        sql = f"SELECT {select} FROM {self.table} WHERE {where}"
+        if exprs:
+            positions = ", ".join(str(i + 1) for i in range(len(exprs)))
+            sql += f" GROUP BY {positions}"
+            order = f"{len(exprs) + 4} DESC" if order_by_cost else positions
+            sql += f" ORDER BY {order}"
+        sql += f" LIMIT {int(limit)}"
+        out = []
+        for row in self.query(sql, params):
+            item = dict(zip(keys, row[: len(keys)], strict=True))
+            sums = row[len(keys) :]
+            for name, value in zip(AGGREGATE_NAMES, sums, strict=True):
+                item[name] = float(value) if name == "cost_usd" else int(value)
+            out.append(item)
+        return out
+
+    def latencies(self, flt: Filter, limit: int = 20_000) -> list[tuple[str, float, float | None]]:
+        """(model, ms_total, ms_ttft) of the latest successful requests, for percentiles."""
+        where, params = self._where(flt)
+        sql = (
+            f"SELECT model, ms_total, ms_ttft FROM {self.table} WHERE {where} AND status < 400 "
+            f"ORDER BY ts DESC LIMIT {int(limit)}"
+        )
+        return [(r[0], float(r[1]), None if r[2] is None else float(r[2]))
+                for r in self.query(sql, params)]  # fmt: skip
+
+    def rows(self, flt: Filter, limit: int = 100_000) -> list[tuple[Any, ...]]:
+        where, params = self._where(flt)
+        cols = ", ".join(COLUMNS)
+        sql = f"SELECT {cols} FROM {self.table} WHERE {where} ORDER BY ts LIMIT {int(limit)}"
+        return self.query(sql, params)
+
+    def count(self) -> int:
+        return int(self.query(f"SELECT count(*) FROM {self.table}", [])[0][0])
+
+    def drop(self) -> None:
+        """Drop the table (tests)."""
+        conn = self.connect()
+        try:
+            conn.cursor().execute(f"DROP TABLE IF EXISTS {self.table}")
+            conn.commit()
+        finally:
+            conn.close()

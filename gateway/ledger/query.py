@@ -1,0 +1,77 @@
+"""Answers for the usage API and the dashboard, built from the backend's grouped sums."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+from gateway.ledger.backend import Backend, Filter
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..100) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return round(ordered[rank - 1], 3)
+
+
+def _rates(item: dict[str, Any]) -> dict[str, Any]:
+    n = item.get("requests") or 0
+    item["error_rate"] = round(item["errors"] / n, 6) if n else 0.0
+    item["block_rate"] = round(item["blocked"] / n, 6) if n else 0.0
+    item["cost_usd"] = round(item["cost_usd"], 8)
+    return item
+
+
+def usage_by_day_model(backend: Backend, flt: Filter) -> list[dict[str, Any]]:
+    """``GET /v1/usage``: one entry per (day, model)."""
+    return [_rates(r) for r in backend.grouped(flt, ("day", "model"))]
+
+
+def summary(backend: Backend, flt: Filter, bucket_s: int, top: int = 20) -> dict[str, Any]:
+    """``GET /admin/usage/summary``: everything the dashboard draws."""
+    totals = backend.grouped(flt, ())
+    total = _rates(totals[0]) if totals else {}
+    series = [_rates(r) for r in backend.grouped(flt, ("bucket",), bucket_s=bucket_s)]
+    by_model_time = backend.grouped(flt, ("bucket", "model"), bucket_s=bucket_s)
+    lat = backend.latencies(flt)
+    per_model: dict[str, list[float]] = defaultdict(list)
+    ttft: list[float] = []
+    for model, ms, first in lat:
+        per_model[model].append(ms)
+        if first is not None:
+            ttft.append(first)
+    all_ms = [ms for _, ms, _ in lat]
+    return {
+        "totals": total,
+        "series": series,
+        "series_by_model": [
+            {"bucket": r["bucket"], "model": r["model"], "cost_usd": round(r["cost_usd"], 8),
+             "requests": r["requests"],
+             "tokens": r["prompt_tokens"] + r["completion_tokens"]}
+            for r in by_model_time
+        ],
+        "by_model": [_rates(r) for r in backend.grouped(flt, ("model",), order_by_cost=True)],
+        "by_tenant": [
+            _rates(r) for r in backend.grouped(flt, ("tenant",), order_by_cost=True, limit=top)
+        ],
+        "by_user": [
+            _rates(r) for r in backend.grouped(flt, ("user",), order_by_cost=True, limit=top)
+        ],
+        "latency_ms": {
+            "sample": len(all_ms),
+            "p50": percentile(all_ms, 50),
+            "p90": percentile(all_ms, 90),
+            "p99": percentile(all_ms, 99),
+            "ttft_p50": percentile(ttft, 50),
+            "ttft_p90": percentile(ttft, 90),
+        },
+        "latency_by_model": [
+            {"model": m, "p50": percentile(v, 50), "p90": percentile(v, 90),
+             "p99": percentile(v, 99)}
+            for m, v in sorted(per_model.items())
+        ],
+    }

@@ -1,0 +1,134 @@
+"""``GET /v1/usage`` (own usage; admins any tenant or user; CSV) and ``/admin/usage/*`` through
+the real gateway, with the ledger on SQLite."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gateway.usage import days_ago
+from tests.helpers import running_gateway
+from tests.plugins.test_auth_support import ADMIN_KEY, USER_KEY, base_config, key_entry
+
+BOB_KEY = "sk-test-BobKeyEeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee"
+CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+def auth_config() -> dict[str, Any]:
+    cfg = base_config()
+    cfg["keys"].append(key_entry(BOB_KEY, "bob", user="bob", tenant="globex"))
+    return cfg
+
+
+def ledger_gateway(tmp_path: Path, **extra: Any) -> Any:
+    return running_gateway(
+        pipeline=[{"name": "auth", "config": auth_config()}],
+        ledger={"url": f"sqlite:///{tmp_path}/usage.db", "flush_interval_s": 0.05},
+        **extra,
+    )
+
+
+def get(gw: Any, path: str, key: str | None, **params: Any) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.get(f"{gw.url}{path}", params=params, headers=headers, timeout=20)
+
+
+def chat(gw: Any, key: str, n: int = 1) -> None:
+    for _ in range(n):
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=CHAT,
+                       headers={"authorization": f"Bearer {key}"}, timeout=20)  # fmt: skip
+        assert r.status_code == 200, r.text
+
+
+def test_usage_is_own_for_users_and_any_for_admins(tmp_path: Path) -> None:
+    with ledger_gateway(tmp_path) as gw:
+        chat(gw, USER_KEY, 2)
+        chat(gw, BOB_KEY, 1)
+        mine = get(gw, "/v1/usage", USER_KEY)
+        assert mine.status_code == 200, mine.text
+        body = mine.json()
+        assert body["user"] == "user1-user" and body["tenant"] == "acme"
+        assert [(d["model"], d["requests"]) for d in body["data"]] == [("demo", 2)]
+        assert body["data"][0]["prompt_tokens"] > 0 and body["data"][0]["cost_usd"] > 0
+        # asking for someone else's usage is refused, not silently narrowed
+        assert get(gw, "/v1/usage", USER_KEY, tenant="globex").status_code == 403
+        assert get(gw, "/v1/usage", USER_KEY, user="bob").status_code == 403
+        assert get(gw, "/v1/usage", USER_KEY, user="user1-user").status_code == 200
+        # admins: any tenant or user, or everything
+        globex = get(gw, "/v1/usage", ADMIN_KEY, tenant="globex").json()["data"]
+        assert [(d["model"], d["requests"]) for d in globex] == [("demo", 1)]
+        everyone = get(gw, "/v1/usage", ADMIN_KEY).json()["data"]
+        assert sum(d["requests"] for d in everyone) == 3
+        # the usage calls themselves are not billed requests
+        assert sum(d["requests"] for d in get(gw, "/v1/usage", ADMIN_KEY).json()["data"]) == 3
+
+
+def test_usage_csv_export(tmp_path: Path) -> None:
+    with ledger_gateway(tmp_path) as gw:
+        chat(gw, USER_KEY, 2)
+        chat(gw, BOB_KEY, 1)
+        r = get(gw, "/v1/usage", ADMIN_KEY, format="csv")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/csv")
+        assert "attachment" in r.headers["content-disposition"]
+        rows = list(csv.DictReader(io.StringIO(r.text)))
+        assert len(rows) == 1 and rows[0]["model"] == "demo" and rows[0]["requests"] == "3"
+        raw = get(gw, "/admin/usage/export", ADMIN_KEY)
+        assert raw.status_code == 200
+        lines = list(csv.DictReader(io.StringIO(raw.text)))
+        assert len(lines) == 3
+        assert {x["user_id"] for x in lines} == {"user1-user", "bob"}
+        assert get(gw, "/admin/usage/export", USER_KEY).status_code == 403
+
+
+def test_csv_neutralises_formulas(tmp_path: Path) -> None:
+    evil = "sk-test-EvilKeyFfffffffffffffffffffffffffffffffffffff"
+    cfg = auth_config()
+    cfg["keys"].append(key_entry(evil, "evil", user="=HYPERLINK(1)", tenant="acme"))
+    with running_gateway(
+        pipeline=[{"name": "auth", "config": cfg}],
+        ledger={"url": f"sqlite:///{tmp_path}/usage.db", "flush_interval_s": 0.05},
+    ) as gw:
+        chat(gw, evil)
+        raw = get(gw, "/admin/usage/export", ADMIN_KEY).text
+        assert "'=HYPERLINK(1)" in raw and ",=HYPERLINK" not in raw
+
+
+def test_summary_and_errors(tmp_path: Path) -> None:
+    with ledger_gateway(tmp_path) as gw:
+        chat(gw, USER_KEY, 1)
+        s = get(gw, "/admin/usage/summary", ADMIN_KEY)
+        assert s.status_code == 200 and s.headers["cache-control"] == "no-store"
+        data = s.json()
+        assert data["totals"]["requests"] == 1 and data["bucket"] == "day"  # 30 days by default
+        assert data["by_user"][0]["user"] == "user1-user"
+        today = get(gw, "/admin/usage/summary", ADMIN_KEY, start=days_ago(0)).json()
+        assert today["bucket"] == "hour" and today["totals"]["requests"] == 1  # short range
+        assert get(gw, "/admin/usage/summary", ADMIN_KEY, bucket="hour").json()["bucket"] == "hour"
+        assert get(gw, "/admin/usage/summary", USER_KEY).status_code == 403
+        assert get(gw, "/admin/usage/summary", None).status_code == 401
+        assert get(gw, "/v1/usage", None).status_code == 401
+        bad = get(gw, "/v1/usage", USER_KEY, start="yesterday")
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "start"
+        rev = get(gw, "/v1/usage", USER_KEY, start="2026-02-01", end="2026-01-01")
+        assert rev.status_code == 400
+        wide = get(gw, "/v1/usage", USER_KEY, start="2020-01-01", end="2026-01-01")
+        assert wide.status_code == 400 and "400 days" in wide.json()["error"]["message"]
+        assert get(gw, "/admin/usage/summary", ADMIN_KEY, bucket="week").status_code == 400
+        # a date range in the past holds nothing
+        old = get(gw, "/v1/usage", USER_KEY, start="2025-01-01", end="2025-01-31")
+        assert old.status_code == 200 and old.json()["data"] == []
+
+
+def test_ledger_off_and_no_auth(tmp_path: Path) -> None:
+    with running_gateway(pipeline=[{"name": "auth", "config": auth_config()}]) as gw:
+        r = get(gw, "/v1/usage", USER_KEY)
+        assert r.status_code == 404 and "ledger" in r.json()["error"]["message"]
+    with running_gateway(ledger={"url": f"sqlite:///{tmp_path}/u.db"}) as gw:
+        # without an auth plugin nobody can be told apart: refused
+        assert get(gw, "/v1/usage", None).status_code == 401
+        assert get(gw, "/admin/dashboard", None).status_code == 401
