@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "rag": "plugins.rag:RagPlugin",
     "route": "plugins.route:RoutePlugin",
     "headers": "plugins.headers:HeadersPlugin",
+    "cache": "plugins.cache:CachePlugin",
 }
 
 

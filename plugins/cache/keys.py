@@ -1,0 +1,63 @@
+"""Which requests are cacheable, and the cache key: tenant + canonical request body."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+
+#: Fields that change nothing in the answer's content and are left out of the key.
+_IGNORED = frozenset({"user", "metadata", "store"})
+
+
+def deterministic(body: dict[str, Any]) -> bool:
+    """``temperature: 0`` or an integer ``seed``: the caller asked for a reproducible answer."""
+    temperature = body.get("temperature")
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        if temperature == 0:
+            return True
+    seed = body.get("seed")
+    return isinstance(seed, int) and not isinstance(seed, bool)
+
+
+def _canonical(value: dict[str, Any]) -> bytes:
+    # Sorted keys make {"a":1,"b":2} and {"b":2,"a":1} one key; orjson refuses NaN-free floats
+    # differently from json, but validated bodies come from orjson.loads, so they round-trip.
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def request_key(tenant: str, model: str, body: dict[str, Any], stream: bool) -> str:
+    """Hex digest over tenant, public model, stream mode and the canonical body."""
+    fields = {k: v for k, v in body.items() if k not in _IGNORED and k != "model"}
+    fields["stream"] = stream
+    h = hashlib.sha256()
+    h.update(orjson.dumps([tenant, model]))
+    h.update(b"\0")
+    h.update(_canonical(fields))
+    return h.hexdigest()
+
+
+def shape_key(tenant: str, model: str, body: dict[str, Any], stream: bool) -> str:
+    """Like ``request_key`` without the messages: semantic matches only within one shape
+    (same tenant, model, tools, temperature, max_tokens ...)."""
+    rest = {k: v for k, v in body.items() if k != "messages"}
+    return request_key(tenant, model, rest, stream)
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """The conversation as one text, for embedding (semantic mode)."""
+    parts: list[str] = []
+    for m in body.get("messages") or ():
+        if not isinstance(m, dict):
+            continue
+        content = m.get("content")
+        if isinstance(content, list):
+            content = " ".join(
+                p.get("text", "")
+                for p in content
+                if isinstance(p, dict) and p.get("type") == "text"
+            )
+        if isinstance(content, str):
+            parts.append(f"{m.get('role', '')}: {content}")
+    return "\n".join(parts)

@@ -1,0 +1,356 @@
+"""cache plugin: config, keys, stores (memory and real Redis), hooks, and end to end through the
+real gateway (SDK, plain and streamed, tenants, zero cost on hits, limits)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import orjson
+import pytest
+import redis as syncredis
+from pydantic import ValidationError
+
+from gateway.config import ConfigError
+from gateway.context import Identity, RequestContext, Usage
+from plugins.cache import CacheConfig, CachePlugin
+from plugins.cache.keys import deterministic, request_key
+from plugins.cache.store import MemoryStore, RedisStore
+
+from ..helpers import free_port, running_gateway
+from .test_auth_support import USER_KEY, base_config, key_entry
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/13")
+MSG = [{"role": "user", "content": "what is two plus two"}]
+_ids = itertools.count()
+
+
+def make_ctx(tenant: str | None = "acme", stream: bool = False, **body: Any) -> RequestContext:
+    data: dict[str, Any] = {"model": "demo", "messages": MSG, "temperature": 0}
+    data.update(body)
+    ctx = RequestContext(
+        request_id=f"r{next(_ids)}", endpoint="chat", path="/v1/chat/completions",
+        method="POST", headers={}, raw_headers=[], body=data, model="demo", stream=stream,
+    )  # fmt: skip
+    if tenant is not None:
+        ctx.identity = Identity(user="u", tenant=tenant)
+    return ctx
+
+
+async def started(**config: Any) -> CachePlugin:
+    plugin = CachePlugin(CacheConfig.model_validate(config))
+    await plugin.startup(None)
+    return plugin
+
+
+async def miss_then_store(plugin: CachePlugin, ctx: RequestContext, content: str) -> None:
+    assert await plugin.on_request(ctx) is None
+    ctx.status = 200
+    ctx.response = {"id": "x", "choices": [{"message": {"content": content}}]}
+    ctx.usage = Usage(7, 3)
+    await plugin.on_response(ctx)
+
+
+# --- config and keys ----------------------------------------------------------------------------
+
+
+def test_config_rejects_unknown_keys_bad_store_and_ttl() -> None:
+    with pytest.raises(ValidationError, match="ttl"):
+        CacheConfig.model_validate({"ttl": 5})
+    with pytest.raises(ValidationError, match="store must be 'memory' or a redis"):
+        CacheConfig.model_validate({"store": "memcached://x"})
+    with pytest.raises(ValidationError, match="greater than 0"):
+        CacheConfig.model_validate({"ttl_s": 0})
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
+        CacheConfig.model_validate({"semantic": {"threshold": 1.5}})
+    assert CacheConfig().semantic.enabled is False
+
+
+def test_only_deterministic_requests_are_cacheable() -> None:
+    assert deterministic({"temperature": 0})
+    assert deterministic({"temperature": 0.0})
+    assert deterministic({"seed": 42, "temperature": 0.9})
+    assert not deterministic({})
+    assert not deterministic({"temperature": 0.2})
+    assert not deterministic({"seed": True, "temperature": False})
+    assert not deterministic({"seed": "42"})
+
+
+def test_key_is_canonical_and_separates_tenant_model_stream_and_params() -> None:
+    a = {"messages": MSG, "temperature": 0, "max_tokens": 5}
+    b = {"max_tokens": 5, "temperature": 0, "messages": MSG}
+    base = request_key("acme", "demo", a, False)
+    assert request_key("acme", "demo", b, False) == base  # key order does not matter
+    assert request_key("acme", "demo", {**a, "user": "bob"}, False) == base
+    assert request_key("other", "demo", a, False) != base
+    assert request_key("acme", "demo2", a, False) != base
+    assert request_key("acme", "demo", a, True) != base
+    assert request_key("acme", "demo", {**a, "max_tokens": 6}, False) != base
+    assert request_key("acme", "demo", {**a, "tools": []}, False) != base
+    # A tenant name cannot be crafted to collide with another tenant + model split.
+    assert request_key("a", "cme:demo", a, False) != request_key("a:cme", "demo", a, False)
+
+
+# --- stores -------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_memory_store_ttl_lru_and_byte_bound() -> None:
+    now = [0.0]
+    store = MemoryStore(max_entries=2, max_bytes=10, clock=lambda: now[0])
+    await store.set("a", b"1111", 5)
+    await store.set("b", b"2222", 5)
+    assert await store.get("a") == b"1111"  # a is now the most recent
+    await store.set("c", b"33", 5)  # over 2 entries: b (least recent) goes
+    assert await store.get("b") is None
+    assert await store.get("a") == b"1111" and await store.get("c") == b"33"
+    await store.set("d", b"4444444", 5)  # over 10 bytes: evicts until it fits
+    assert store.bytes <= 10 and await store.get("d") == b"4444444"
+    await store.set("huge", b"x" * 11, 5)  # larger than the whole store: not kept
+    assert await store.get("huge") is None
+    now[0] = 5.0
+    assert await store.get("d") is None and await store.get("c") is None
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    p = f"gwcache-test-{uuid.uuid4().hex[:12]}"
+    yield p
+    client = syncredis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{p}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.mark.anyio
+async def test_redis_store_round_trip_with_ttl(prefix: str) -> None:
+    store = RedisStore(REDIS_URL, prefix, 0.25, 1.0)
+    await store.set("k", b"value", 0.3)
+    assert await store.get("k") == b"value"
+    ttl = syncredis.Redis.from_url(REDIS_URL).pttl(f"{prefix}:k")
+    assert 0 < ttl <= 300
+    await asyncio.sleep(0.4)
+    assert await store.get("k") is None
+    await store.close()
+
+
+@pytest.mark.anyio
+async def test_redis_down_is_a_miss_and_is_skipped_for_a_while() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", "p", 0.2, 30.0)
+    assert await store.get("k") is None  # connection refused: a miss, not an error
+    await store.set("k", b"v", 5)  # skipped silently
+    assert store._skip_until > 0
+    await store.close()
+
+
+# --- hooks --------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_miss_stores_then_hit_answers_with_zero_usage_per_tenant() -> None:
+    plugin = await started()
+    first = make_ctx()
+    await miss_then_store(plugin, first, "four")
+    assert first.response_headers["x-gateway-cache"] == "miss"
+    assert first.log["cache"] == "miss"
+
+    hit = make_ctx()
+    answer = await plugin.on_request(hit)
+    assert answer is not None and answer.status_code == 200
+    assert orjson.loads(answer.body)["choices"][0]["message"]["content"] == "four"
+    assert hit.response_headers["x-gateway-cache"] == "hit" and hit.log["cache"] == "hit"
+    assert hit.usage == Usage(0, 0)
+    await plugin.on_response(hit)  # a hit is not stored again (nor does it raise)
+
+    assert await plugin.on_request(make_ctx(tenant="other")) is None  # never crosses tenants
+    anonymous = make_ctx(tenant=None)  # no identity: the "default" tenant
+    assert await plugin.on_request(anonymous) is None
+    await plugin.shutdown()
+
+
+@pytest.mark.anyio
+async def test_sampled_requests_bypass_and_failures_are_not_stored() -> None:
+    plugin = await started()
+    sampled = make_ctx(temperature=0.7)
+    assert await plugin.on_request(sampled) is None
+    assert sampled.log["cache"] == "bypass" and "key" not in sampled.scratch_for("cache")
+
+    failed = make_ctx()
+    assert await plugin.on_request(failed) is None
+    failed.status, failed.error_type = 502, "upstream_error"
+    await plugin.on_response(failed)
+    blocked = make_ctx()
+    assert await plugin.on_request(blocked) is None
+    blocked.status, blocked.response = 400, {"error": {}}
+    await plugin.on_response(blocked)
+    assert await plugin.on_request(make_ctx()) is None  # still a miss
+    await plugin.shutdown()
+
+
+@pytest.mark.anyio
+async def test_stream_chunks_are_collected_and_replayed_as_sse() -> None:
+    plugin = await started()
+    opts = {"stream_options": {"include_usage": True}}
+    ctx = make_ctx(stream=True, **opts)
+    assert await plugin.on_request(ctx) is None
+    chunks = [
+        {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+         "choices": [{"index": 0, "delta": {"content": piece}}]}
+        for piece in ("Hel", "lo")
+    ]  # fmt: skip
+    for chunk in chunks:
+        assert await plugin.on_chunk(ctx, chunk) == [chunk]
+    chunks[0]["choices"] = []  # a plugin above mutating the dict later changes nothing stored
+    ctx.status, ctx.usage = 200, Usage(4, 2)
+    await plugin.on_response(ctx)
+
+    hit = make_ctx(stream=True, **opts)
+    answer = await plugin.on_request(hit)
+    assert answer is not None and answer.media_type == "text/event-stream"
+    body = b"".join([part async for part in answer.body_iterator])  # type: ignore[attr-defined]
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    payloads = [orjson.loads(e[6:]) for e in events[:-1]]
+    assert [p["choices"][0]["delta"]["content"] for p in payloads[:2]] == ["Hel", "lo"]
+    assert payloads[2]["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    # The same request not streamed is another entry.
+    assert await plugin.on_request(make_ctx(**opts)) is None
+    await plugin.shutdown()
+
+
+@pytest.mark.anyio
+async def test_oversized_or_dropped_streams_are_not_stored() -> None:
+    plugin = await started(max_entry_bytes=200)
+    ctx = make_ctx(stream=True)
+    await plugin.on_request(ctx)
+    await plugin.on_chunk(ctx, {"choices": [{"delta": {"content": "x" * 300}}]})
+    ctx.status = 200
+    await plugin.on_response(ctx)
+    dropped = make_ctx(stream=True)
+    await plugin.on_request(dropped)
+    await plugin.on_chunk(dropped, {"choices": [{"delta": {"content": "partial"}}]})
+    dropped.status, dropped.error_type = 200, "upstream_error"  # stream ended with an error
+    await plugin.on_response(dropped)
+    assert await plugin.on_request(make_ctx(stream=True)) is None
+    await plugin.shutdown()
+
+
+@pytest.mark.anyio
+async def test_redis_store_is_shared_by_two_instances(prefix: str) -> None:
+    a = await started(store=REDIS_URL, key_prefix=prefix)
+    b = await started(store=REDIS_URL, key_prefix=prefix)
+    await miss_then_store(a, make_ctx(), "shared")
+    answer = await b.on_request(make_ctx())
+    assert answer is not None and b"shared" in answer.body
+    await a.shutdown()
+    await b.shutdown()
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+OTHER_KEY = "sk-test-OtherTenantEeeeeeeeeeeeeeeeeeeeeeeeeeeeee"
+
+
+def _config(pipeline_extra: list[dict[str, Any]] | None = None, **cache: Any) -> Any:
+    auth = base_config()
+    auth["keys"] = [*auth["keys"], key_entry(OTHER_KEY, "other1", tenant="globex")]
+    return [{"name": "auth", "config": auth}, *(pipeline_extra or []),
+            {"name": "cache", "config": cache}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gw() -> Iterator[Any]:
+    limit = {"name": "limit", "config": {"rules": [{"scope": "tenant", "tpm": 100_000}]}}
+    with running_gateway(pipeline=_config([limit])) as running:
+        running.api_key = USER_KEY
+        yield running
+
+
+def test_e2e_second_identical_request_is_a_hit_and_upstream_is_not_called(gw: Any) -> None:
+    gw.upstream.clear()
+    records: list[dict[str, Any]] = []
+    gw.gateway.observers.append(lambda ctx, record: records.append(record))
+    client = gw.openai()
+    msgs = [{"role": "user", "content": f"cache me {uuid.uuid4().hex}"}]
+    try:
+        first = client.chat.completions.with_raw_response.create(
+            model="demo", messages=msgs, temperature=0
+        )
+        second = client.chat.completions.with_raw_response.create(
+            model="demo", messages=msgs, temperature=0
+        )
+        third = client.chat.completions.with_raw_response.create(
+            model="demo", messages=msgs, temperature=0.5
+        )
+    finally:
+        gw.gateway.observers.pop()
+    assert first.headers["x-gateway-cache"] == "miss"
+    assert second.headers["x-gateway-cache"] == "hit"
+    assert third.headers["x-gateway-cache"] == "bypass"
+    assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
+    assert len(gw.upstream_requests()) == 2  # the hit never reached the upstream
+    assert [r["cache"] for r in records] == ["miss", "hit", "bypass"]
+    assert records[0]["prompt_tokens"] > 0 and records[0]["cost_usd"] > 0
+    # The hit cost nothing in the log/ledger and the limits.
+    assert records[1]["prompt_tokens"] == 0 and records[1]["completion_tokens"] == 0
+    assert records[1]["cost_usd"] == 0 and records[1]["status"] == 200
+
+
+def test_e2e_streamed_hit_replays_through_the_sdk(gw: Any) -> None:
+    gw.upstream.clear()
+    client = gw.openai()
+    msgs = [{"role": "user", "content": f"stream me {uuid.uuid4().hex[:8]} please"}]
+
+    def run() -> tuple[str, str, int | None]:
+        raw = client.chat.completions.with_raw_response.create(
+            model="demo", messages=msgs, seed=7, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        text, total = "", None
+        for chunk in raw.parse():
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            if chunk.usage is not None:
+                total = chunk.usage.total_tokens
+        return raw.headers["x-gateway-cache"], text, total
+
+    first, second = run(), run()
+    assert first[0] == "miss" and second[0] == "hit"
+    assert second[1] == first[1] and first[1].startswith("Echo: stream me")
+    assert second[2] == first[2] and first[2] is not None
+    assert len(gw.upstream_requests()) == 1
+
+
+def test_e2e_tenants_never_share_entries(gw: Any) -> None:
+    gw.upstream.clear()
+    msgs = [{"role": "user", "content": f"tenant {uuid.uuid4().hex}"}]
+    acme = gw.openai().chat.completions.with_raw_response.create(
+        model="demo", messages=msgs, temperature=0
+    )
+    globex = gw.openai(api_key=OTHER_KEY).chat.completions.with_raw_response.create(
+        model="demo", messages=msgs, temperature=0
+    )
+    assert acme.headers["x-gateway-cache"] == "miss"
+    assert globex.headers["x-gateway-cache"] == "miss"
+    assert len(gw.upstream_requests()) == 2
+
+
+@pytest.mark.anyio
+async def test_guard_before_cache_is_refused_at_startup() -> None:
+    from types import SimpleNamespace
+
+    def gateway(*names: str) -> Any:
+        plugins = [SimpleNamespace(name=n) for n in names]
+        return SimpleNamespace(pipeline=SimpleNamespace(plugins=plugins))
+
+    plugin = CachePlugin(CacheConfig())
+    with pytest.raises(ConfigError, match="'cache' must come before 'guard'"):
+        await plugin.startup(gateway("auth", "guard", "cache"))
+    await plugin.startup(gateway("auth", "limit", "cache", "guard", "route"))
+    assert plugin.store is not None
+    await plugin.shutdown()
