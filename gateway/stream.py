@@ -224,7 +224,7 @@ async def relay_stream(
                     main.cancel()
                 return
 
-    watcher = asyncio.create_task(watch_disconnect())
+    watcher: asyncio.Task[None] | None = None
     final = b""
     try:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -232,9 +232,13 @@ async def relay_stream(
         metrics.TTFT.labels(ctx.model).observe(time.perf_counter() - ctx.started)
         # Forward each read at once, except after [DONE]: then only the end of the upstream
         # body can follow, and the last bytes go out in one write with the terminating chunk.
-        if relay.pending and not relay.saw_done:
-            await send({"type": "http.response.body", "body": relay.pending, "more_body": True})
-            relay.pending = b""
+        if not relay.saw_done:
+            # Only a stream still running needs a watcher (a task per request): a fast upstream
+            # often delivers the whole answer, [DONE] included, in the first read.
+            watcher = asyncio.create_task(watch_disconnect())
+            if relay.pending:
+                await send({"type": "http.response.body", "body": relay.pending, "more_body": True})
+                relay.pending = b""
         async for data in it:
             relay.pending += await relay.feed(data)
             if relay.pending and not relay.saw_done:
@@ -251,7 +255,8 @@ async def relay_stream(
         ctx.client_disconnected = True
     finally:
         state["active"] = False
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
         resp.close()
         ctx.finished = time.perf_counter()
         ctx.usage = relay.final_usage()
