@@ -210,7 +210,10 @@ def test_short_retry_after_is_waited_out_on_the_only_deployment() -> None:
         client = gw.openai()
 
         def heal() -> None:
-            time.sleep(0.3)
+            # Heal once the first (429) attempt has arrived, however long that took.
+            deadline = time.monotonic() + 5
+            while not state.requests and time.monotonic() < deadline:
+                time.sleep(0.01)
             state.behaviours["solo-up"] = {}
 
         import threading
