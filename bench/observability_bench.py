@@ -1,4 +1,4 @@
-"""Micro-benchmark of accounting: ``gateway.proxy.account`` per request (the core metrics, the
+"""Micro-benchmark of accounting: ``gateway.accounting.account`` per request (the core metrics, the
 request log line, the cost/usage metrics and the ledger's append), for N synthetic requests.
 
     python bench/observability_bench.py --n 20000
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.config import parse_settings
 from gateway.context import Identity, RequestContext, Usage
-from gateway.proxy import account
+from gateway.accounting import account
 from gateway.state import Gateway
 
 
