@@ -19,7 +19,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.configbase import Strict
-from gateway.context import RequestContext
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -27,6 +26,7 @@ from gateway.errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
 )
+from gateway.proxy import new_context
 from plugins.auth.config import as_utc
 from plugins.auth.keys import KeyRecord, hash_key, key_prefix, mint_key
 from plugins.auth.store import KeyConflictError
@@ -78,29 +78,11 @@ def _error(err: GatewayError) -> Response:
     )
 
 
-def context_from(request: Request) -> RequestContext:
-    headers: dict[str, str] = {}
-    pairs: list[tuple[str, str]] = []
-    for raw_name, raw_value in request.scope["headers"]:
-        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
-        pairs.append((name, value))
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    client = request.scope.get("client")
-    return RequestContext(
-        request_id=headers.get("x-request-id", "")[:64] or secrets.token_hex(8),
-        endpoint="admin",
-        path=request.scope["path"],
-        method=request.scope["method"],
-        headers=headers,
-        raw_headers=pairs,
-        body={},
-        client=client[0] if client else "",
-    )
 
 
 def _guarded(plugin: AuthPlugin, handler: Any) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
-        ctx = context_from(request)
+        ctx = new_context(request.scope, "admin")
         try:
             await plugin.on_request(ctx)
             assert ctx.identity is not None

@@ -23,14 +23,13 @@ import base64
 import binascii
 import dataclasses
 import logging
-import secrets
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.context import Identity, RequestContext
+from gateway.context import Identity
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -38,6 +37,7 @@ from gateway.errors import (
     PermissionDeniedError,
     ServiceUnavailableError,
 )
+from gateway.proxy import new_context
 from plugins.rag.config import check_collection
 from plugins.rag.loaders import UnsupportedDocument, kind_for
 from plugins.rag.store import StoreError
@@ -63,19 +63,6 @@ def _error(err: GatewayError) -> Response:
                     headers=err.headers)  # fmt: skip
 
 
-def _context(request: Request) -> RequestContext:
-    headers: dict[str, str] = {}
-    pairs: list[tuple[str, str]] = []
-    for raw_name, raw_value in request.scope["headers"]:
-        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
-        pairs.append((name, value))
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    client = request.scope.get("client")
-    return RequestContext(
-        request_id=headers.get("x-request-id", "")[:64] or secrets.token_hex(8),
-        endpoint="admin", path=request.scope["path"], method=request.scope["method"],
-        headers=headers, raw_headers=pairs, body={}, client=client[0] if client else "",
-    )  # fmt: skip
 
 
 async def _authorize(plugin: RagPlugin, request: Request) -> Identity:
@@ -83,7 +70,7 @@ async def _authorize(plugin: RagPlugin, request: Request) -> Identity:
     auth = gateway.pipeline.find("auth") if gateway is not None else None
     if auth is None:
         raise PermissionDeniedError("RAG admin routes need the auth plugin in the pipeline")
-    ctx = _context(request)
+    ctx = new_context(request.scope, "admin")
     await auth.on_request(ctx)
     if ctx.identity is None:
         raise PermissionDeniedError("this route requires an admin role")
