@@ -7,22 +7,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.errors import UpstreamError
-from gateway.headers import upstream_request_headers
+from gateway.errors import GatewayError, UpstreamError
 from gateway.providers.anthropic_translate import (
     StreamTranslator,
     error_from_body,
     from_anthropic,
     to_anthropic,
 )
-from gateway.providers.base import MAX_ERROR_BODY, Provider, UpstreamResponse, upstream_errors
+from gateway.providers.base import Provider, UpstreamResponse
 from gateway.providers.openai import AiohttpResponse
 
 if TYPE_CHECKING:
@@ -67,27 +65,14 @@ class AnthropicProvider(Provider):
             headers["x-api-key"] = self.deployment.api_key
         return headers
 
+    def error_for(self, status: int, headers: Mapping[str, str], raw: bytes) -> GatewayError:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            obj = None
+        return error_from_body(obj, headers, status)  # type: ignore[arg-type]
+
     async def chat(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:
         payload = to_anthropic(body, body["model"], self.deployment.max_output_tokens)
-        headers = upstream_request_headers(
-            ctx.raw_headers, self.auth_headers(), ctx.upstream_headers, ctx.request_id
-        )
-        async with upstream_errors(self.name):
-            async with asyncio.timeout(self.settings.first_byte_timeout_s):
-                resp = await self.session.post(
-                    self.deployment.base_url + "/messages",
-                    data=orjson.dumps(payload),
-                    headers=headers,
-                    allow_redirects=False,
-                )
-                if resp.status >= 300:
-                    try:
-                        raw = await resp.content.read(MAX_ERROR_BODY)
-                    finally:
-                        resp.close()
-                    try:
-                        obj = orjson.loads(raw)
-                    except orjson.JSONDecodeError:
-                        obj = None
-                    raise error_from_body(obj, resp.headers, resp.status)  # type: ignore[arg-type]
+        resp = await self.post(ctx, "/messages", payload)
         return AnthropicResponse(resp, body["model"])

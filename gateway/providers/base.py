@@ -28,6 +28,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from gateway.headers import upstream_request_headers
 
 if TYPE_CHECKING:
     from gateway.catalogue import Deployment
@@ -69,6 +70,35 @@ class Provider:
 
     def auth_headers(self) -> dict[str, str]:
         return {}
+
+    def error_for(self, status: int, headers: Mapping[str, str], raw: bytes) -> GatewayError:
+        """The error for an upstream status >= 300 (providers with their own error shape
+        override this)."""
+        return error_for_status(status, headers, upstream_message(raw), self.name)
+
+    async def post(
+        self, ctx: RequestContext, path: str, payload: dict[str, Any]
+    ) -> aiohttp.ClientResponse:
+        """POST ``payload`` to ``base_url + path`` with the rewritten headers; the response once
+        its status is 2xx (bounded by the first-byte timeout), else the mapped error."""
+        headers = upstream_request_headers(
+            ctx.raw_headers, self.auth_headers(), ctx.upstream_headers, ctx.request_id
+        )
+        async with upstream_errors(self.name):
+            async with asyncio.timeout(self.settings.first_byte_timeout_s):
+                resp = await self.session.post(
+                    self.deployment.base_url + path,
+                    data=orjson.dumps(payload),
+                    headers=headers,
+                    allow_redirects=False,
+                )
+                if resp.status >= 300:
+                    try:
+                        raw = await resp.content.read(MAX_ERROR_BODY)
+                    finally:
+                        resp.close()
+                    raise self.error_for(resp.status, resp.headers, raw)  # type: ignore[arg-type]
+        return resp
 
     async def chat(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:
         """Send a chat completion (``body`` is OpenAI format, model already rewritten)."""
@@ -151,7 +181,7 @@ async def upstream_errors(provider: str) -> AsyncIterator[None]:
         yield
     except GatewayError:
         raise
-    except (TimeoutError, asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+    except (TimeoutError, aiohttp.ServerTimeoutError):
         raise UpstreamTimeoutError(f"the {provider} upstream timed out", retryable=True) from None
     except aiohttp.ClientConnectorError:
         raise UpstreamError(f"cannot connect to the {provider} upstream", retryable=True) from None

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 
-from gateway.headers import upstream_request_headers
 from gateway.providers.base import (
-    MAX_ERROR_BODY,
     Provider,
     UpstreamResponse,
-    error_for_status,
     upstream_errors,
-    upstream_message,
 )
 
 if TYPE_CHECKING:
@@ -73,26 +68,7 @@ class OpenAIProvider(Provider):
         return headers
 
     async def _post(self, ctx: RequestContext, path: str, body: dict[str, Any]) -> UpstreamResponse:
-        headers = upstream_request_headers(
-            ctx.raw_headers, self.auth_headers(), ctx.upstream_headers, ctx.request_id
-        )
-        async with upstream_errors(self.name):
-            async with asyncio.timeout(self.settings.first_byte_timeout_s):
-                resp = await self.session.post(
-                    self.deployment.base_url + path,
-                    data=orjson.dumps(body),
-                    headers=headers,
-                    allow_redirects=False,
-                )
-                if resp.status >= 300:
-                    try:
-                        raw = await resp.content.read(MAX_ERROR_BODY)
-                    finally:
-                        resp.close()
-                    raise error_for_status(
-                        resp.status, resp.headers, upstream_message(raw), self.name  # type: ignore[arg-type]
-                    )
-        return AiohttpResponse(resp, self.name)
+        return AiohttpResponse(await self.post(ctx, path, body), self.name)
 
     async def chat(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:
         if body.get("stream") and self.deployment.stream_usage:
