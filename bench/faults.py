@@ -3,17 +3,21 @@ short durations).
 
     python -m bench.faults redis --seconds 30 --down 10    # Redis killed, restarted mid-load
     python -m bench.faults flap --seconds 30               # deployment A flaps 200/503/hang
+    python -m bench.faults postgres --seconds 30 --down 10 # ledger database unreachable
 
 Each prints one JSON line: requests, errors (by kind), p50/p99/max latency (ms). Loopback only:
 the fake upstream, the real gateway (in-process uvicorn) and, for ``redis``, a redis-server of
-its own on a free port (never the shared one on 6379).
+its own on a free port (never the shared one on 6379); for ``postgres``, the PostgreSQL server
+on 127.0.0.1:5432 (or ``DATABASE_URL``) reached through a TCP switch the scenario cuts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import secrets
 import threading
 import time
 import uuid
@@ -23,8 +27,13 @@ from typing import Any
 import httpx
 
 from gateway.fake_upstream.state import STATE
+from gateway.ledger import metrics as ledger_metrics
+from gateway.ledger.postgres import PostgresBackend
 from tests.helpers import demo_model, running_gateway
 from tests.plugins.test_limit_redis import OwnRedis
+from tests.test_ledger_postgres import Switch, via
+
+DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def load(url: str, seconds: float, body: Any, workers: int = 4) -> tuple[list[Any], list[float]]:
@@ -142,11 +151,58 @@ def flapping(seconds: float, period_s: float = 0.15) -> dict[str, Any]:
     return summary("flapping", statuses, latencies, period_s=period_s)
 
 
+def postgres_outage(seconds: float, down_at: float, down_s: float) -> dict[str, Any]:
+    """The gateway's ledger on PostgreSQL through a switch that is cut at ``down_at`` for
+    ``down_s`` (connections reset, new ones refused). Requests must keep succeeding; rows wait
+    in memory and reach the database after it comes back: ``rows == requests``, none dropped."""
+    from urllib.parse import urlsplit
+
+    target = urlsplit(DATABASE_URL)
+    switch = Switch((target.hostname or "127.0.0.1", target.port or 5432))
+    prefix = f"fault{secrets.token_hex(4)}_"
+    ledger = {"url": via(switch.port, DATABASE_URL), "table_prefix": prefix,
+              "flush_interval_s": 0.2}  # fmt: skip
+    backend = PostgresBackend(DATABASE_URL, prefix)
+    dropped = ledger_metrics.LEDGER_DROPPED.labels("buffer_full")._value.get()
+    outcome: dict[str, Any] = {"max_buffered": 0}
+    try:
+        with running_gateway(ledger=ledger) as gw:
+
+            def chaos() -> None:
+                time.sleep(down_at)
+                switch.cut()
+                end = time.monotonic() + down_s
+                while time.monotonic() < end:
+                    outcome["max_buffered"] = max(outcome["max_buffered"],
+                                                  int(ledger_metrics.LEDGER_BUFFERED._value.get()))
+                    time.sleep(0.05)
+                outcome["rows_when_restored"] = backend.count()
+                switch.up = True
+
+            t = threading.Thread(target=chaos)
+            t.start()
+            body = {"model": "demo", "messages": [{"role": "user", "content": "hello"}]}
+            statuses, latencies = load(gw.url, seconds, lambda: body)
+            t.join(30)
+            started = time.monotonic()
+            while backend.count() < len(statuses) and time.monotonic() - started < 30:
+                time.sleep(0.1)
+            outcome["catch_up_s"] = round(time.monotonic() - started, 2)
+        outcome["rows"] = backend.count()  # after the gateway's shutdown flush
+        now_dropped = ledger_metrics.LEDGER_DROPPED.labels("buffer_full")._value.get()
+        outcome["dropped"] = now_dropped - dropped
+    finally:
+        switch.close()
+        backend.drop()
+    return summary("postgres_outage", statuses, latencies, down_s=down_s, **outcome)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("scenario", choices=["redis", "flap"])
+    p.add_argument("scenario", choices=["redis", "flap", "postgres"])
     p.add_argument("--seconds", type=float, default=30)
-    p.add_argument("--down", type=float, default=10, help="redis: seconds Redis stays down")
+    p.add_argument("--down", type=float, default=10,
+                   help="redis, postgres: seconds the server stays down")  # fmt: skip
     args = p.parse_args(argv)
     if args.scenario == "redis":
         server = OwnRedis()
@@ -156,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             if server.proc is not None and server.proc.poll() is None:
                 server.kill()
+    elif args.scenario == "postgres":
+        result = postgres_outage(args.seconds, args.seconds / 4, args.down)
     else:
         result = flapping(args.seconds)
     print(json.dumps(result))

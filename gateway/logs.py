@@ -30,8 +30,15 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+#: Libraries that log every HTTP call at INFO (Chroma's client uses httpx): one line per
+#: retrieval would drown the request log. They speak at WARNING unless the level is debug.
+_CHATTY = ("httpx", "httpcore", "chromadb")
+
+
 def setup_logging(level: str = "info") -> None:
     root = logging.getLogger()
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel("DEBUG" if level == "debug" else "WARNING")
     if any(getattr(h, "_gateway", False) for h in root.handlers):
         root.setLevel(level.upper())
         return
@@ -68,7 +75,7 @@ class RequestLog:
         elif target == "stderr":
             self._fh = sys.stderr.buffer
         elif self._own:
-            self._fh = open(target, "ab", buffering=64 * 1024)  # noqa: SIM115
+            self._fh = open(target, "ab", buffering=64 * 1024)
         self._pending: list[bytes] = []
         self._size = 0
         self._last = time.monotonic()

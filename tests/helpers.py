@@ -240,3 +240,37 @@ def spawn_gateway(config: dict[str, Any], *, workers: int = 1, env: dict[str, st
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"gateway not ready: {log_path.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def chroma_server(path: Path | str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``chroma run`` (the Chroma server several replicas share) on a free loopback port, with
+    its data in ``path``; yields its URL and process (tests stop and resume it)."""
+    port = free_port()
+    chroma = Path(sys.executable).parent / "chroma"
+    proc = subprocess.Popen(
+        [str(chroma), "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/api/v2/heartbeat", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("chroma server did not start")
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)

@@ -1,6 +1,7 @@
-"""Fault injection under load: Redis stopped and restarted, an upstream flapping between 200,
-503 and hangs. Each test states its expectation and prints what it measured (``pytest -s``).
-The scenarios live in bench/faults.py; ``python -m bench.faults`` runs longer versions."""
+"""Fault injection under load: Redis stopped and restarted, the ledger's PostgreSQL unreachable,
+an upstream flapping between 200, 503 and hangs. Each test states its expectation and prints
+what it measured (``pytest -s``). The scenarios live in bench/faults.py; ``python -m
+bench.faults`` runs longer versions."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.faults import flapping, redis_outage
+from bench.faults import flapping, postgres_outage, redis_outage
 
 from .plugins.test_limit_redis import OwnRedis
 
@@ -47,3 +48,19 @@ def test_upstream_flapping_with_two_deployments_clients_see_no_errors() -> None:
     assert result["requests"] >= 20
     assert result["errors"] == 0
     assert result["max_ms"] < 2000
+
+
+@pytest.mark.slow
+def test_postgres_unreachable_mid_load_ledger_buffers_and_catches_up() -> None:
+    """Expectation: with the ledger's PostgreSQL cut for 1.5 s mid-load, clients see 0 errors
+    and no request slower than 1 s (the ledger is off the request path); rows wait in memory
+    and all reach the database after it returns: rows == requests, 0 dropped."""
+    result = postgres_outage(seconds=4.0, down_at=1.0, down_s=1.5)
+    print(f"\n[faults] {result}")
+    assert result["requests"] >= 20
+    assert result["errors"] == 0
+    assert result["max_ms"] < 1000
+    assert result["max_buffered"] > 0  # the outage was real: rows were held back
+    assert result["rows_when_restored"] < result["requests"]
+    assert result["rows"] == result["requests"]
+    assert result["dropped"] == 0

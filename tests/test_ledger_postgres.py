@@ -86,8 +86,8 @@ class Switch:
         self.sock.close()
 
 
-def via(port: int) -> str:
-    parts = urlsplit(URL)
+def via(port: int, url: str = URL) -> str:
+    parts = urlsplit(url)
     netloc = (parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else "")
     return urlunsplit(parts._replace(netloc=f"{netloc}127.0.0.1:{port}"))
 
