@@ -71,6 +71,40 @@ def insert(b: Backend, rows: list[dict[str, Any]]) -> None:
         conn.close()
 
 
+def test_retried_batch_is_not_counted_twice(tmp_path: Path) -> None:
+    """A batch whose commit landed but whose acknowledgement was lost is retried as is: the
+    second insert adds nothing. Two requests that share a client-chosen request id are still
+    two rows."""
+    b = sqlite_backend(tmp_path)
+    rows = [row_from(record(request_id="same")), row_from(record(request_id="same"))]
+    conn = b.connect()
+    try:
+        b.insert(conn, rows)
+        b.insert(conn, rows)  # the retry
+    finally:
+        conn.close()
+    assert b.count() == 2
+
+
+def test_table_from_before_row_id_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute(f"CREATE TABLE t_usage ({', '.join(COLUMNS)})")
+    conn.execute(f"INSERT INTO t_usage VALUES ({', '.join('?' * len(COLUMNS))})",
+                 row_from(record(request_id="old"))[: len(COLUMNS)])  # fmt: skip
+    conn.commit()
+    conn.close()
+    b = SqliteBackend(f"sqlite:///{path}", "t_")
+    for _ in range(2):  # idempotent: a second start changes nothing
+        conn = b.connect()
+        b.create_schema(conn)
+        conn.close()
+    insert(b, [record(request_id="new")])
+    got = dict(b.query("SELECT request_id, row_id FROM t_usage", []))
+    assert set(got) == {"old", "new"}
+    assert got["old"] is None and len(got["new"]) == 32
+
+
 def test_sqlite_grouped_sums_and_filters(tmp_path: Path) -> None:
     b = sqlite_backend(tmp_path)
     assert (tmp_path / "sub" / "usage.db").exists()  # parent directory created

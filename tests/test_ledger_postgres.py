@@ -19,6 +19,7 @@ from gateway.config import LedgerConfig
 from gateway.ledger import Filter, Ledger
 from gateway.ledger import metrics as lm
 from gateway.ledger.postgres import PostgresBackend
+from gateway.ledger.row import row_from
 from tests.test_ledger import record
 
 URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -179,3 +180,16 @@ async def test_postgres_down_at_startup_does_not_stop_the_gateway(
     assert ledger.writer.pending == 0
     logged = caplog.text + " ".join(str(r.__dict__) for r in caplog.records)
     assert "CANARY" not in logged and "rows lost at shutdown" in logged
+
+
+def test_postgres_retried_batch_is_not_counted_twice(prefix: str) -> None:
+    backend = PostgresBackend(URL, prefix)
+    rows = [row_from(record(request_id=f"r{i}")) for i in range(3)]
+    conn = backend.connect()
+    try:
+        backend.create_schema(conn)
+        backend.insert(conn, rows)
+        backend.insert(conn, rows)  # the retry of a batch whose acknowledgement was lost
+    finally:
+        conn.close()
+    assert backend.count() == 3

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.ledger.row import COLUMNS, Row
+from gateway.ledger.row import COLUMNS, STORED_COLUMNS, Row
 
 _TYPES = {
     "ts": "DOUBLE PRECISION NOT NULL", "day": "TEXT NOT NULL", "status": "INTEGER NOT NULL",
@@ -77,10 +77,11 @@ class Backend:
     # -- shared --------------------------------------------------------------------------------
 
     def schema(self) -> list[str]:
-        cols = ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in COLUMNS)
+        cols = ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in STORED_COLUMNS)
         t = self.table
         return [
             f"CREATE TABLE IF NOT EXISTS {t} ({cols})",
+            f"CREATE UNIQUE INDEX IF NOT EXISTS {t}_row_id ON {t} (row_id)",
             f"CREATE INDEX IF NOT EXISTS {t}_ts ON {t} (ts)",
             f"CREATE INDEX IF NOT EXISTS {t}_tenant_ts ON {t} (tenant, ts)",
             f"CREATE INDEX IF NOT EXISTS {t}_user_ts ON {t} (user_id, ts)",
@@ -88,13 +89,24 @@ class Backend:
 
     def create_schema(self, conn: Any) -> None:
         cur = conn.cursor()
-        for stmt in self.schema():
+        create, *indexes = self.schema()
+        cur.execute(create)
+        # A table made before a column existed gets it (old rows: NULL; NULL ids never conflict).
+        cur.execute(f"SELECT * FROM {self.table} LIMIT 0")
+        have = {d[0] for d in cur.description}
+        for col in STORED_COLUMNS:
+            if col not in have:
+                cur.execute(f"ALTER TABLE {self.table} ADD COLUMN {col} {_TYPES.get(col, 'TEXT')}")
+        for stmt in indexes:
             cur.execute(stmt)
         conn.commit()
 
     def insert(self, conn: Any, rows: list[Row]) -> None:
-        marks = ", ".join([self.marker] * len(COLUMNS))
-        sql = f"INSERT INTO {self.table} ({', '.join(COLUMNS)}) VALUES ({marks})"
+        """Insert a batch; rows already there (same ``row_id``: a retried batch whose first
+        commit did land) are skipped."""
+        marks = ", ".join([self.marker] * len(STORED_COLUMNS))
+        sql = (f"INSERT INTO {self.table} ({', '.join(STORED_COLUMNS)}) VALUES ({marks}) "
+               "ON CONFLICT (row_id) DO NOTHING")  # fmt: skip
         cur = conn.cursor()
         cur.executemany(sql, rows)
         conn.commit()

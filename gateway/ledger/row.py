@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 #: Column order of the ledger table (and of the CSV export).
@@ -12,6 +13,12 @@ COLUMNS: tuple[str, ...] = (
     "stream", "client_disconnected", "attempts", "prompt_tokens", "completion_tokens",
     "tokens_estimated", "cost_usd", "ms_total", "ms_upstream", "ms_ttft",
 )  # fmt: skip
+
+#: What the table stores: the columns above plus ``row_id``, a random id made when the row is
+#: built. A batch whose commit reached the database but whose acknowledgement was lost (the
+#: connection dropped) is retried; the unique ``row_id`` makes that retry insert nothing, so a
+#: row is never counted twice. (``request_id`` cannot serve: clients may reuse their own.)
+STORED_COLUMNS: tuple[str, ...] = (*COLUMNS, "row_id")
 
 Row = tuple[Any, ...]
 
@@ -49,8 +56,9 @@ def row_from(record: dict[str, Any]) -> Row:
         float(record.get("ms_total") or 0.0),
         float(record.get("ms_upstream") or 0.0),
         record.get("ms_ttft"),
+        uuid.uuid4().hex,
     )
 
 
 def as_dict(row: Row) -> dict[str, Any]:
-    return dict(zip(COLUMNS, row, strict=True))
+    return dict(zip(COLUMNS, row[: len(COLUMNS)], strict=True))
