@@ -97,7 +97,9 @@ def test_logs_metrics_ledger_and_dashboard_agree(tmp_path: Path) -> None:
     assert [x["request_id"] for x in lines if x.get("blocked")] and sum(
         1 for x in lines if x.get("blocked")) == 1  # fmt: skip
     limited = [x for x in lines if x.get("limited")]
-    assert len(limited) == 1 and limited[0]["status"] == 429 and limited[0]["limit"] == "rejected"
+    assert len(limited) == 1 and limited[0]["status"] == 429
+    assert limited[0]["limit"]["rejected"] == "rpm" and limited[0]["limit"]["scope"] == "user"
+    assert limited[0]["limit"]["retry_after_s"] > 0
     ok = [x for x in lines if x["status"] == 200]
     assert len(ok) == 9
     for x in ok:

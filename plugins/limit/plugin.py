@@ -114,6 +114,7 @@ class LimitPlugin(Plugin):
             if tokens > c.limit:
                 # Waiting would not help, so no Retry-After (OpenAI answers the same way).
                 REJECTIONS.labels("tpm", c.scope).inc()
+                ctx.log["limit"] = {"rejected": "tpm", "scope": c.scope, "reason": "too_large"}
                 raise RateLimitError(
                     f"Request too large for tokens per minute (TPM) on scope {c.scope}: "
                     f"limit {int(c.limit)}, requested {tokens}. Shorten the prompt or lower "
@@ -139,6 +140,10 @@ class LimitPlugin(Plugin):
             return None
         ctx.response_headers.update(rate_limit_headers(decision.requests, decision.tokens))
         if not decision.admitted:
+            denied = decision.denied
+            assert denied is not None
+            ctx.log["limit"] = {"rejected": denied.kind, "scope": denied.scope,
+                                "retry_after_s": round(decision.retry_after or 0.0, 3)}  # fmt: skip
             raise self._denial(decision)
         ctx.scratch_for(self.name)["reservation"] = decision.reservation
         ctx.log["limit"] = {"reserved_tokens": tokens} if plan.tpm else "admitted"
