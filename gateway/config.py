@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from gateway.catalogue import ModelEntry
 from gateway.configbase import Strict
+from gateway.redact import SECRET_TYPES
 
 
 class ConfigError(Exception):
@@ -82,6 +83,23 @@ class LoggingConfig(Strict):
     #: Where the one-line-per-request JSON log goes: ``stdout`` or a file path.
     request_log: str = "stdout"
     access_log: bool = False
+    #: Prompt and completion text in the request log (``prompt_text``, ``completion_text``).
+    #: Off by default. When on, the types in ``text_redact`` are replaced by
+    #: ``[REDACTED:<type>]`` before anything is written.
+    include_text: bool = False
+    #: Longest text logged per field; the prompt keeps its end (the latest turn), the
+    #: completion its beginning.
+    text_max_chars: int = Field(2000, ge=1, le=1_000_000)
+    #: What is redacted from logged text: any of the secret/PII types the guard also knows.
+    text_redact: tuple[str, ...] = SECRET_TYPES
+
+    @field_validator("text_redact")
+    @classmethod
+    def _redact_types(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [t for t in v if t not in SECRET_TYPES]
+        if unknown:
+            raise ValueError(f"unknown type {unknown[0]!r}; allowed: {', '.join(SECRET_TYPES)}")
+        return v
 
 
 class LedgerConfig(Strict):

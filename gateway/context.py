@@ -73,6 +73,9 @@ class RequestContext:
     usage: Usage | None = None
     #: Non-streamed response body (parsed) after the upstream answered; plugins may mutate it.
     response: dict[str, Any] | None = None
+    #: A streamed completion's text as the client received it; kept only when
+    #: ``logging.include_text`` is on.
+    completion_text: str | None = None
     status: int = 0
     error_type: str | None = None
     upstream_started: float | None = None

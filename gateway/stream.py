@@ -56,8 +56,13 @@ def _payload(event: bytes) -> bytes | None:
 
 
 class _Relay:
-    def __init__(self, ctx: RequestContext, hooks: list[Plugin], client_wants_usage: bool) -> None:
+    def __init__(
+        self, ctx: RequestContext, hooks: list[Plugin], client_wants_usage: bool,
+        keep_text: bool = False,
+    ) -> None:  # fmt: skip
         self.ctx = ctx
+        #: Keep every forwarded event (fast mode) so the completion text can be logged.
+        self.keep_text = keep_text
         self.hooks = hooks
         self.client_wants_usage = client_wants_usage
         self.buffer = b""
@@ -86,8 +91,10 @@ class _Relay:
         if complete.endswith(_DONE):
             self.saw_done = True
             complete = complete[: -len(_DONE)]
+        if self.keep_text:
+            self.kept.append(complete)
         if not _has_usage(complete):
-            if self.usage is None:
+            if self.usage is None and not self.keep_text:
                 self.kept.append(complete)
             return complete
         out: list[bytes] = []
@@ -111,7 +118,8 @@ class _Relay:
         usage = obj.get("usage")
         if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
             self.usage = Usage(usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
-            self.kept.clear()
+            if not self.keep_text:
+                self.kept.clear()
         return not obj.get("choices") and not self.client_wants_usage
 
     async def _parsed(self, complete: bytes) -> bytes:
@@ -160,31 +168,37 @@ class _Relay:
             raise UpstreamError("the upstream stream ended before it was complete")
         return out + _DONE
 
+    def completion_text(self) -> str:
+        """The text the client received: collected as chunks were encoded (parsed mode), or
+        parsed back from the kept events (fast mode)."""
+        if self.hooks:
+            return "".join(self.text)
+        parts: list[str] = []
+        for block in self.kept:
+            for event in block.split(b"\n\n"):
+                payload = _payload(event)
+                if not payload or payload == b"[DONE]":
+                    continue
+                try:
+                    obj = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    continue
+                for choice in obj.get("choices") or () if isinstance(obj, dict) else ():
+                    delta = choice.get("delta") if isinstance(choice, dict) else None
+                    if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                        parts.append(delta["content"])
+        return "".join(parts)
+
     def final_usage(self) -> Usage:
         if self.usage is not None:
             return self.usage
         from gateway import tokens
 
-        text = "".join(self.text)
-        if not self.hooks:
-            parts = []
-            for block in self.kept:
-                for event in block.split(b"\n\n"):
-                    payload = _payload(event)
-                    if not payload or payload == b"[DONE]":
-                        continue
-                    try:
-                        obj = orjson.loads(payload)
-                    except orjson.JSONDecodeError:
-                        continue
-                    for choice in obj.get("choices") or () if isinstance(obj, dict) else ():
-                        delta = choice.get("delta") or {}
-                        if isinstance(delta.get("content"), str):
-                            parts.append(delta["content"])
-            text = "".join(parts)
         model = self.ctx.deployment.model if self.ctx.deployment else self.ctx.model
         return Usage(
-            tokens.prompt_tokens(self.ctx), tokens.count_text(text, model), estimated=True
+            tokens.prompt_tokens(self.ctx),
+            tokens.count_text(self.completion_text(), model),
+            estimated=True,
         )
 
 
@@ -207,7 +221,8 @@ async def relay_stream(
         if gw.pipeline.has_chunk_hooks
         else []
     )
-    relay = _Relay(ctx, hooks, client_wants_usage)
+    keep_text = gw.settings.logging.include_text
+    relay = _Relay(ctx, hooks, client_wants_usage, keep_text)
     headers = response_headers(ctx, SSE_HEADERS)
     headers.extend(extra)
     ctx.status = 200
@@ -260,5 +275,7 @@ async def relay_stream(
         resp.close()
         ctx.finished = time.perf_counter()
         ctx.usage = relay.final_usage()
+        if keep_text:
+            ctx.completion_text = relay.completion_text()
     if not ctx.client_disconnected:
         await send({"type": "http.response.body", "body": final, "more_body": False})

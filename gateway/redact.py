@@ -1,0 +1,205 @@
+"""Secrets and PII detection: API keys, private keys, JWTs, cards (Luhn), e-mail, IBAN, phone.
+
+Core, because two parts need it: the guard plugin (block, redact or flag secrets in prompts and
+answers) and the request log (``logging.include_text`` redacts before writing).
+
+Detection works on the raw text (not the folded form), so redaction can rewrite exactly the
+matched span. Findings carry the type and the span, never the secret in a log or error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+#: Every type the detector knows; the guard's config gives each an action.
+SECRET_TYPES = (
+    "api_key",
+    "private_key",
+    "jwt",
+    "credit_card",
+    "email",
+    "iban",
+    "phone",
+)
+
+_API_KEY = (
+    r"sk-ant-(?:api|admin)\d{2}-[A-Za-z0-9_\-]{20,}"  # Anthropic
+    r"|sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}"  # OpenAI
+    r"|(?:AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key id
+    r"|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,}"  # GitHub
+    r"|xox[abposr]-[A-Za-z0-9\-]{10,}"  # Slack
+    r"|AIza[0-9A-Za-z_\-]{35}"  # Google
+    r"|sk_live_[0-9a-zA-Z]{24,}|rk_live_[0-9a-zA-Z]{24,}"  # Stripe
+)
+_PATTERNS: dict[str, str] = {
+    # A header alone is enough: an unterminated key block is redacted to the end of the text.
+    "private_key": (
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"
+        r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|[\s\S]*\Z)"
+    ),
+    "jwt": r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",
+    "api_key": rf"(?<![A-Za-z0-9])(?:{_API_KEY})(?![A-Za-z0-9])",
+    "email": (
+        r"(?<![\w.+\-])[A-Za-z0-9._%+\-]{1,64}@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*"
+        r"\.[A-Za-z]{2,24}\b"
+    ),
+    "credit_card": r"(?<![\d\-])(?:\d[ \-]?){12,18}\d(?![\d\-])",
+    "iban": r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b",
+    "phone": (
+        r"(?<![\w+])\+\d{1,3}[ \-.]?(?:\(\d{1,4}\)[ \-.]?)?\d{2,4}(?:[ \-.]?\d{2,4}){2,4}"
+        r"(?!\d)"
+    ),
+}
+_COMPILED = {name: re.compile(p) for name, p in _PATTERNS.items()}
+# Cheap per-type prefilters (substring tests or a tiny regex): most prompts skip most patterns.
+_API_PREFIXES = ("sk-", "sk_live_", "rk_live_", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_",
+                 "ghr_", "github_pat_", "xox", "AIza")  # fmt: skip
+# Fewer substring tests covering the same prefixes ("_live_" for both Stripe ones); the GitHub
+# ones only after "gh" was seen.
+_API_COARSE = ("sk-", "_live_", "AKIA", "ASIA", "AIza", "xox")
+_API_GITHUB = ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")
+_LONG_NUMBER = re.compile(r"\d[\d \-]{11,}\d")
+# "[A-Z]{2}\d{2}", written to start at the (rarer) digits so the engine skips ahead to them.
+_IBAN_HINT = re.compile(r"\d\d(?<=[A-Z]{2}\d\d)")
+# What the e-mail pattern's look-behind rejects, and its local-part characters.
+_EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
+_PHONE_HINT = re.compile(r"\+\d")
+
+
+def _may_contain(kind: str, text: str) -> bool:
+    if kind == "private_key":
+        return "-----BEGIN" in text
+    if kind == "jwt":
+        return "eyJ" in text
+    if kind == "api_key":
+        return any(p in text for p in _API_COARSE) or (
+            "gh" in text and any(p in text for p in _API_GITHUB)
+        )
+    if kind == "email":
+        return "@" in text
+    if kind == "credit_card":
+        return _LONG_NUMBER.search(text) is not None
+    if kind == "iban":
+        return _IBAN_HINT.search(text) is not None
+    return _PHONE_HINT.search(text) is not None
+
+
+def _email_start(text: str, at: int, lo: int) -> int | None:
+    """Where the e-mail pattern's leftmost match using the "@" at ``at`` would start (searching
+    from ``lo``): the first position of the local-part run before it (at most 64 characters)
+    that its look-behind ``(?<![\\w.+\\-])`` accepts."""
+    j = at
+    lo = max(lo, at - 64)
+    while j > lo and text[j - 1] in _EMAIL_LOCAL:
+        j -= 1
+    for s in range(j, at):
+        if s == 0:
+            return s
+        prev = text[s - 1]
+        if not (prev.isalnum() or prev in "_.+-"):
+            return s
+    return None
+
+
+def _emails(text: str) -> list[re.Match[str]]:
+    """``_COMPILED["email"].finditer(text)``, tried only around each "@".
+
+    Every match is a local part, "@" and a domain; the part after "@" does not depend on where
+    the match starts, so one attempt per "@", at the leftmost start the regex would try, gives
+    the same matches as sweeping every position (the slowest step on long texts)."""
+    rx = _COMPILED["email"]
+    out: list[re.Match[str]] = []
+    pos = 0
+    at = text.find("@")
+    while at != -1:
+        start = _email_start(text, at, pos)
+        m = rx.match(text, start) if start is not None else None
+        if m is not None:
+            out.append(m)
+            pos = m.end()
+            at = text.find("@", pos)
+        else:
+            at = text.find("@", at + 1)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SecretHit:
+    type: str
+    start: int
+    end: int
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _iban_ok(s: str) -> bool:
+    s = s.replace(" ", "")
+    if not 15 <= len(s) <= 34:
+        return False
+    moved = s[4:] + s[:4]
+    try:
+        return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
+    except ValueError:
+        return False
+
+
+def _valid(kind: str, text: str) -> bool:
+    if kind == "credit_card":
+        digits = re.sub(r"[ \-]", "", text)
+        return 13 <= len(digits) <= 19 and luhn_ok(digits) and len(set(digits)) > 1
+    if kind == "iban":
+        return _iban_ok(text)
+    if kind == "phone":
+        return 8 <= sum(c.isdigit() for c in text) <= 15
+    return True
+
+
+def find_secrets(text: str, types: frozenset[str] | None = None) -> list[SecretHit]:
+    """Secrets in ``text``, in order, non-overlapping; only ``types`` when given."""
+    if not text:
+        return []
+    found: list[SecretHit] = []
+    # Dict order is the priority when spans overlap (a key block contains base64 "numbers").
+    for kind, rx in _COMPILED.items():
+        if (types is not None and kind not in types) or not _may_contain(kind, text):
+            continue
+        for m in _emails(text) if kind == "email" else rx.finditer(text):
+            if _valid(kind, m.group(0)):
+                found.append(SecretHit(kind, m.start(), m.end()))
+    if len(found) < 2:
+        return found
+    hits: list[SecretHit] = []
+    for h in sorted(found, key=lambda h: (h.start, -h.end)):
+        if hits and h.start < hits[-1].end:
+            continue  # overlaps an earlier (or longer) finding
+        hits.append(h)
+    return hits
+
+
+def placeholder(kind: str) -> str:
+    return f"[REDACTED:{kind}]"
+
+
+def redact(text: str, hits: list[SecretHit]) -> str:
+    """``text`` with each hit replaced by ``[REDACTED:<type>]``."""
+    if not hits:
+        return text
+    out: list[str] = []
+    pos = 0
+    for h in hits:
+        out.append(text[pos : h.start])
+        out.append(placeholder(h.type))
+        pos = h.end
+    out.append(text[pos:])
+    return "".join(out)
