@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway import redact as S
 from plugins.guard import GuardConfig, GuardPlugin
 from plugins.guard import normalize as N
-from plugins.guard import secrets as S
 from plugins.guard.rules import RulesConfig, RuleSet, RuleSpec, triggers
 
 DATA = Path(__file__).resolve().parent.parent / "data"
