@@ -1,10 +1,10 @@
 """Admin HTTP routes for RAG documents: what ``gateway rag`` does, over HTTP.
 
-    GET    /admin/rag/collections                       collections and chunk counts
+    GET    /admin/rag/collections                       collections, chunk and tenant counts
     GET    /admin/rag/{collection}/documents[?tenant=]  documents (sources) in a collection
     POST   /admin/rag/{collection}/documents            upload (JSON batch, or one raw file)
-    DELETE /admin/rag/{collection}/documents?tenant=T[&source=S]
-    DELETE /admin/rag/{collection}                      the whole collection
+    DELETE /admin/rag/{collection}/documents?tenant=T[&source=S]   one document, or T's part
+    DELETE /admin/rag/{collection}                      the whole collection, every tenant
 
 Every handler first authorizes the caller through the ``auth`` plugin as an ``admin`` route and
 fails closed (403) when the pipeline has no auth plugin, so mounting these routes never opens an
@@ -61,8 +61,6 @@ def _json(data: Any, status: int = 200) -> Response:
 def _error(err: GatewayError) -> Response:
     return Response(err.body(), status_code=err.status, media_type="application/json",
                     headers=err.headers)  # fmt: skip
-
-
 
 
 async def _authorize(plugin: RagPlugin, request: Request) -> Identity:
@@ -178,7 +176,7 @@ def _documents(request: Request, raw: bytes) -> tuple[str | None, list[dict[str,
 async def list_collections(plugin: RagPlugin, request: Request, _: Identity) -> Response:
     assert plugin.store is not None
     rows = await plugin.run_store(plugin.store.list_collections, limit_s=30)
-    return _json({"object": "list", "data": [{"collection": n, "chunks": c} for n, c in rows]})
+    return _json({"object": "list", "data": [dataclasses.asdict(r) for r in rows]})
 
 
 async def list_documents(plugin: RagPlugin, request: Request, _: Identity) -> Response:

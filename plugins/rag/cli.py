@@ -4,6 +4,7 @@
     gateway rag list [--collection handbook] [--tenant acme] [--json]
     gateway rag delete --collection handbook --tenant acme [--source docs/old.md]
     gateway rag delete --collection handbook --all
+    gateway rag migrate --collection handbook   # old all-tenants layout -> one per tenant
 
 With the embedded store, stop the gateway (or use the admin upload route) while ingesting:
 two processes must not write one Chroma directory. With a Chroma server (``store.url``) the
@@ -93,6 +94,12 @@ def parser() -> argparse.ArgumentParser:
     rm.add_argument("--tenant")
     rm.add_argument("--source", help="one document (as shown by list)")
     rm.add_argument("--all", action="store_true", help="the whole collection, every tenant")
+
+    mig = sub.add_parser(
+        "migrate", parents=[common],
+        help="split a collection stored in the old all-tenants layout into one per tenant",
+    )  # fmt: skip
+    mig.add_argument("--collection", type=_collection, required=True)
     return p
 
 
@@ -137,11 +144,15 @@ def _list(args: argparse.Namespace, cfg: RagConfig, out: TextIO) -> int:
     if not args.collection:
         rows = store.list_collections()  # type: ignore[attr-defined]
         if args.json:
-            out.write(orjson.dumps([{"collection": n, "chunks": c} for n, c in rows]).decode())
+            out.write(orjson.dumps([dataclasses.asdict(r) for r in rows]).decode())
             out.write("\n")
-        else:
-            for name, count in rows:
-                out.write(f"{name}\t{count} chunks\n")
+            return 0
+        for r in rows:
+            if r.legacy:
+                out.write(f"{r.collection}\t{r.chunks} chunks\told layout, not searched: "
+                          f"gateway rag migrate --collection {r.collection}\n")  # fmt: skip
+            else:
+                out.write(f"{r.collection}\t{r.chunks} chunks\t{r.tenants} tenants\n")
         return 0
     sources = store.list_sources(args.collection, args.tenant)  # type: ignore[attr-defined]
     if args.json:
@@ -171,6 +182,20 @@ def _delete(args: argparse.Namespace, cfg: RagConfig, out: TextIO) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace, cfg: RagConfig, out: TextIO, err: TextIO) -> int:
+    store, _ = _build(cfg)
+    moved, orphans = store.migrate(args.collection)  # type: ignore[attr-defined]
+    if not moved and not orphans:
+        out.write(f"{args.collection}: nothing in the old layout\n")
+        return 0
+    out.write(f"{args.collection}: moved {sum(moved.values())} chunks into "
+              f"{len(moved)} tenant collections\n")  # fmt: skip
+    if orphans:
+        err.write(f"error: {orphans} chunks have no tenant; the old collection was kept\n")
+        return 1
+    return 0
+
+
 def rag_main(argv: list[str] | None = None, out: TextIO | None = None,
              err: TextIO | None = None) -> int:  # fmt: skip
     out = out or sys.stdout
@@ -182,6 +207,8 @@ def rag_main(argv: list[str] | None = None, out: TextIO | None = None,
             return _ingest(args, cfg, out, err)
         if args.command == "list":
             return _list(args, cfg, out)
+        if args.command == "migrate":
+            return _migrate(args, cfg, out, err)
         return _delete(args, cfg, out)
     except (ConfigError, CliError) as e:
         err.write(f"error: {e}\n")

@@ -76,7 +76,7 @@ class ModelRag(Strict):
 
     collection: str
     top_k: int | None = Field(None, ge=1, le=100)
-    #: A metadata filter applied to every request for this model (the tenant is added anyway).
+    #: A metadata filter applied to every request for this model (within the caller's tenant).
     filter: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("collection")
@@ -92,6 +92,9 @@ class RagConfig(PluginConfig):
     embedding_model: str = "all-MiniLM-L6-v2"
     #: Texts per embedding batch.
     embedding_batch: int = Field(32, ge=1, le=1024)
+    #: Query vectors kept in memory (LRU, per tenant and question; ~3 KB each): a repeated
+    #: question skips the embedding model. 0 disables the cache.
+    query_cache: int = Field(256, ge=0, le=100_000)
     #: Collection used by ``"use_rag": true`` and by requests that name none.
     default_collection: str = "default"
     #: If non-empty, the only collections a request may name.

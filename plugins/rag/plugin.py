@@ -2,7 +2,7 @@
 
 Retrieval happens when the model asked for is listed under ``models`` in the config, or the
 request carries ``"rag": {...}`` / ``"use_rag": true`` (the ``openai`` SDK sends them with
-``extra_body``). The caller's tenant is always enforced by the store query itself. Retrieved
+``extra_body``). Only the caller's tenant's own collection is searched. Retrieved
 chunks are re-ranked, scanned for indirect prompt injection, fitted into the model's context
 window and injected as one system message with numbered sources; the client learns which
 sources were used from the ``x-gateway-rag-sources`` header and a ``rag_sources`` body field.
@@ -70,7 +70,9 @@ class RagPlugin(Plugin):
         cfg = self.config
         self.gateway = gateway
         # One torch thread: the server shares its cores with request handling.
-        self.embedder = Embedder(cfg.embedding_model, cfg.embedding_batch, threads=1)
+        self.embedder = Embedder(
+            cfg.embedding_model, cfg.embedding_batch, threads=1, cache_size=cfg.query_cache
+        )
         self.store = VectorStore(cfg.store, self.embedder, timeout_s=max(cfg.timeout_s, 5.0))
         self.ingestor = Ingestor(self.store, self.embedder, cfg.chunk)
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rag-store")
@@ -78,6 +80,9 @@ class RagPlugin(Plugin):
         self.scanner = self._find_scanner(gateway)
         try:
             await self.run_store(self.store.client, limit_s=max(cfg.timeout_s, 5.0))
+            self._warn_legacy(
+                await self.run_store(self.store.legacy_collections, limit_s=max(cfg.timeout_s, 5.0))
+            )
         except (StoreError, TimeoutError) as e:
             # A store that is down now may be up by the first request; on_error decides then.
             log.warning("rag_store_unavailable", extra={"store": self.store.where, "error": str(e)})
@@ -86,6 +91,21 @@ class RagPlugin(Plugin):
             extra={"store": self.store.where, "scanner": type(self.scanner).__name__
                    if self.scanner is not None else None},
         )  # fmt: skip
+
+    def _warn_legacy(self, legacy: list[str]) -> None:
+        """Collections of the old all-tenants layout are not searched: say so at startup."""
+        cfg = self.config
+        named = {
+            cfg.default_collection,
+            *cfg.collections,
+            *(m.collection for m in cfg.models.values()),
+        }
+        for name in sorted(named.intersection(legacy)):
+            log.warning(
+                "rag_legacy_collection",
+                extra={"collection": name,
+                       "fix": f"gateway rag migrate --collection {name} (gateway stopped)"},
+            )  # fmt: skip
 
     def routes(self) -> list[Any]:
         """The admin routes (``/admin/rag/...``); the app mounts them, each checks admin role."""
@@ -259,7 +279,7 @@ class RagPlugin(Plugin):
         assert self.embedder is not None and self.store is not None
         cfg = self.config
         top_k: int = spec["top_k"]
-        vector = (await self.embedder.aembed([query]))[0]
+        vector = await self.embedder.aembed_query(query, tenant)
         n = top_k if cfg.rerank.method == "none" else max(20, top_k * cfg.rerank.candidates)
         hits: list[Hit] = await self.run_store(
             self.store.query, spec["collection"], vector, n, tenant, spec["where"],

@@ -68,29 +68,29 @@ def hybrid(query: str, hits: list[Hit], alpha: float) -> list[Hit]:
     return sorted(hits, key=lambda h: h.rank_score, reverse=True)
 
 
-def _dot(a: list[float], b: list[float]) -> float:
-    return sum(x * y for x, y in zip(a, b, strict=False))
-
-
 def mmr(hits: list[Hit], k: int, lam: float) -> list[Hit]:
     """Greedy MMR; needs unit vectors on the hits (falls back to store order without them)."""
-    if any(h.embedding is None for h in hits):
+    if not hits or any(h.embedding is None for h in hits):
         return hits
-    vec = {id(h): h.embedding or [] for h in hits}
-    chosen: list[Hit] = []
-    left = list(hits)
-    while left and len(chosen) < k:
-        best = max(
-            left,
-            key=lambda h: (
-                lam * h.score
-                - (1 - lam) * max((_dot(vec[id(h)], vec[id(c)]) for c in chosen), default=0.0)
-            ),
-        )
-        best.rank_score = best.score
-        chosen.append(best)
-        left.remove(best)
-    return chosen + left
+    import numpy as np
+
+    # Pairwise similarities at once: in pure Python this loop cost ~6 ms for 20 candidates.
+    vectors = np.asarray([h.embedding for h in hits], dtype=np.float64)
+    sims = vectors @ vectors.T
+    relevance = np.asarray([h.score for h in hits])
+    closest = np.zeros(len(hits))  # highest similarity to anything chosen (0 before any)
+    left = np.ones(len(hits), dtype=bool)
+    order: list[int] = []
+    while len(order) < min(k, len(hits)):
+        gain = lam * relevance - (1 - lam) * closest
+        best = int(np.argmax(np.where(left, gain, -np.inf)))
+        closest = sims[best] if not order else np.maximum(closest, sims[best])
+        order.append(best)
+        left[best] = False
+    chosen = [hits[i] for i in order]
+    for h in chosen:
+        h.rank_score = h.score
+    return chosen + [h for i, h in enumerate(hits) if left[i]]
 
 
 def rerank(method: str, query: str, hits: list[Hit], k: int, alpha: float) -> list[Hit]:

@@ -1,12 +1,20 @@
 """The vector store: Chroma, embedded (a local directory) or a Chroma server (several replicas).
 
 Every method is synchronous (Chroma's client is); the plugin calls them on a small thread pool
-under a timeout, so a store that hangs never holds a request. Every chunk carries its tenant in
-its metadata, and every read path ANDs the tenant on top (``filters.with_tenant``).
+under a timeout, so a store that hangs never holds a request.
+
+Layout: a *collection* (what configs, requests, the CLI and the admin routes name) is stored as
+one Chroma collection per tenant, named by ``physical_name(collection, tenant)`` and marked with
+both in its metadata. Retrieval opens the caller's tenant's collection only, so no request
+filter can reach another tenant's chunks, and the query needs no tenant condition: Chroma's
+metadata pre-filter costs 30-70 ms on 10,000 chunks, the unfiltered search 2-4 ms. Every chunk
+still carries its tenant in its metadata; the query path re-checks it on every hit, and the
+management paths (ingest, list, delete) still AND it into their ``where``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -27,6 +35,35 @@ log = logging.getLogger("gateway.rag")
 RESERVED = frozenset(
     {"tenant", "source", "title", "headings", "mtime", "content_hash", "chunk", "n_chunks", "kind"}
 )
+
+
+#: Chunks per Chroma ``get`` when paging through a collection.
+_PAGE = 1000
+#: Collection metadata naming what a physical collection holds.
+META_COLLECTION = "rag_collection"
+META_TENANT = "rag_tenant"
+
+
+def physical_name(collection: str, tenant: str) -> str:
+    """The Chroma collection holding ``tenant``'s chunks of ``collection``.
+
+    ``<collection>__t_<20 hex digits of sha256(collection, tenant)>``: valid for Chroma (3-63
+    characters of ``[A-Za-z0-9._-]``, alphanumeric at both ends) whatever the tenant holds
+    (``@``, ``:``), unique per (collection, tenant), and still readable by its prefix. The
+    collection's metadata says which pair it holds and is checked whenever it is opened.
+    """
+    digest = hashlib.sha256(f"{collection}\0{tenant}".encode()).hexdigest()[:20]
+    return f"{collection[:39]}__t_{digest}"
+
+
+@dataclass(slots=True)
+class CollectionInfo:
+    collection: str
+    chunks: int
+    tenants: int
+    #: An old single collection holding every tenant (``gateway rag migrate`` converts it);
+    #: retrieval does not read it.
+    legacy: bool = False
 
 
 class StoreError(Exception):
@@ -166,12 +203,16 @@ class VectorStore:
         except Exception as e:  # closing must never fail a shutdown
             log.warning("rag_store_close_failed", extra={"error": str(e)})
 
-    def _reset(self) -> None:
+    def _forget(self, physical: str) -> None:
+        """Drop a cached handle (its collection may have been deleted by another process)."""
         with self._lock:
-            self._collections.clear()
+            self._collections.pop(physical, None)
 
-    def collection(self, name: str, create: bool = False) -> Any | None:
-        cached = self._collections.get(name)
+    def collection(self, name: str, tenant: str, create: bool = False) -> Any | None:
+        """``tenant``'s part of collection ``name``; None when it does not exist (and not
+        ``create``). Raises ``StoreError`` if the Chroma collection belongs to another pair."""
+        physical = physical_name(name, tenant)
+        cached = self._collections.get(physical)
         if cached is not None:
             return cached
         client = self.client()
@@ -179,8 +220,9 @@ class VectorStore:
             if create:
                 cfg = self.config
                 coll = client.get_or_create_collection(
-                    name,
+                    physical,
                     embedding_function=self._ef,
+                    metadata={META_COLLECTION: name, META_TENANT: tenant},
                     configuration={
                         "hnsw": {
                             "space": "cosine",
@@ -191,21 +233,56 @@ class VectorStore:
                     },
                 )
             else:
-                coll = client.get_collection(name, embedding_function=self._ef)
+                coll = client.get_collection(physical, embedding_function=self._ef)
         except Exception as e:
             if not create and _is_not_found(e):
                 return None
             raise StoreError(f"vector store error on collection {name!r}: {e}") from e
-        self._collections[name] = coll
+        meta = coll.metadata or {}
+        if meta.get(META_COLLECTION) != name or meta.get(META_TENANT) != tenant:
+            # Only a hash collision or a hand-made collection can get here: never serve it.
+            raise StoreError(
+                f"Chroma collection {physical!r} is not collection {name!r} of tenant {tenant!r}"
+            )
+        with self._lock:
+            self._collections[physical] = coll
         return coll
 
-    def _call(self, name: str, fn: Any) -> Any:
+    def _call(self, name: str, tenant: str | None, fn: Any) -> Any:
         try:
             return fn()
         except Exception as e:
             # A stale handle (collection deleted by another replica) must not stick.
-            self._reset()
+            if tenant is not None:
+                self._forget(physical_name(name, tenant))
             raise StoreError(f"vector store error on collection {name!r}: {e}") from e
+
+    def _scan(self) -> list[tuple[str, str | None, Any]]:
+        """``(collection, tenant, Chroma collection)`` for every Chroma collection; tenant None
+        for one without our metadata (an old all-tenants collection, or not the gateway's)."""
+        try:
+            listed = self.client().list_collections()
+        except Exception as e:
+            raise StoreError(f"vector store error listing collections: {e}") from e
+        out: list[tuple[str, str | None, Any]] = []
+        for c in listed:
+            meta = c.metadata or {}
+            name, tenant = meta.get(META_COLLECTION), meta.get(META_TENANT)
+            if isinstance(name, str) and isinstance(tenant, str):
+                out.append((name, tenant, c))
+            else:
+                out.append((c.name, None, c))
+        return out
+
+    @staticmethod
+    def _count(coll: Any) -> int | None:
+        """Chunks in a Chroma collection; None when it vanished meanwhile."""
+        try:
+            return int(coll.count())
+        except Exception as e:
+            if _is_not_found(e):
+                return None
+            raise StoreError(f"vector store error counting {coll.name!r}: {e}") from e
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -218,40 +295,46 @@ class VectorStore:
         where: dict[str, Any] | None = None,
         with_embeddings: bool = False,
     ) -> list[Hit]:
-        coll = self.collection(name)
-        if coll is None:
-            return []
+        """The ``n`` nearest chunks of ``tenant``'s part of ``name``. ``where`` is the request's
+        filter only: the collection is the tenant boundary (see the module docstring)."""
         include = ["documents", "metadatas", "distances"]
         if with_embeddings:
             include.append("embeddings")
-        res = self._call(
-            name,
-            lambda: coll.query(
-                query_embeddings=[list(embedding)],
-                n_results=n,
-                where=with_tenant(tenant, where),
-                include=include,
-            ),
-        )
+        res: Any = None
+        for attempt in (1, 2):
+            coll = self.collection(name, tenant)
+            if coll is None:
+                return []
+            try:
+                res = coll.query(
+                    query_embeddings=[list(embedding)], n_results=n, where=where, include=include
+                )
+                break
+            except Exception as e:
+                self._forget(physical_name(name, tenant))
+                # Deleted and re-created by another process since we opened it: reopen once.
+                if attempt == 2 or not _is_not_found(e):
+                    raise StoreError(f"vector store error on collection {name!r}: {e}") from e
         hits: list[Hit] = []
         embs = res.get("embeddings")
         for i, cid in enumerate(res["ids"][0]):
             meta = dict(res["metadatas"][0][i] or {})
-            if meta.get("tenant") != tenant:  # defence in depth: never trust the filter alone
+            if meta.get("tenant") != tenant:  # defence in depth: never trust the layout alone
                 log.error("rag_tenant_mismatch", extra={"collection": name, "chunk": cid})
                 continue
             score = 1.0 - float(res["distances"][0][i])
-            emb = [float(x) for x in embs[0][i]] if embs is not None else None
+            emb = list(map(float, embs[0][i])) if embs is not None else None
             hits.append(Hit(cid, res["documents"][0][i] or "", meta, score, emb, score))
         return hits
 
     def source_hash(self, name: str, tenant: str, source: str) -> str | None:
         """The content hash of an ingested source, or None when it is not there."""
-        coll = self.collection(name)
+        coll = self.collection(name, tenant)
         if coll is None:
             return None
         res = self._call(
             name,
+            tenant,
             lambda: coll.get(
                 where=with_tenant(tenant, {"source": {"$eq": source}}),
                 include=["metadatas"],
@@ -261,44 +344,57 @@ class VectorStore:
         metas = res.get("metadatas") or []
         return str(metas[0].get("content_hash")) if metas else None
 
-    def list_collections(self) -> list[tuple[str, int]]:
-        client = self.client()
-        out = []
-        try:
-            for c in client.list_collections():
-                name = c if isinstance(c, str) else c.name
-                out.append((name, client.get_collection(name, embedding_function=self._ef).count()))
-        except Exception as e:
-            raise StoreError(f"vector store error listing collections: {e}") from e
-        return sorted(out)
+    def list_collections(self) -> list[CollectionInfo]:
+        """Collections with their chunk and tenant counts (old all-tenant ones flagged)."""
+        found: dict[tuple[str, bool], CollectionInfo] = {}
+        for name, tenant, coll in self._scan():
+            count = self._count(coll)
+            if count is None:
+                continue
+            legacy = tenant is None
+            info = found.setdefault((name, legacy), CollectionInfo(name, 0, 0, legacy))
+            info.chunks += count
+            info.tenants += not legacy
+        return sorted(found.values(), key=lambda c: (c.collection, c.legacy))
+
+    def legacy_collections(self) -> list[str]:
+        """Chroma collections without the gateway's per-tenant metadata."""
+        return sorted(coll.name for _, tenant, coll in self._scan() if tenant is None)
+
+    def tenants(self, name: str) -> list[str]:
+        """Tenants that have a part of collection ``name``."""
+        return sorted(t for n, t, _ in self._scan() if n == name and t is not None)
 
     def list_sources(self, name: str, tenant: str | None = None) -> list[SourceInfo]:
-        coll = self.collection(name)
-        if coll is None:
-            return []
-        where = with_tenant(tenant) if tenant else None
         found: dict[tuple[str, str], SourceInfo] = {}
-        offset, page = 0, 1000
-        while True:
-            res = self._call(
-                name,
-                lambda o=offset: coll.get(where=where, include=["metadatas"], limit=page, offset=o),
-            )
-            metas = res.get("metadatas") or []
-            for m in metas:
-                key = (str(m.get("tenant")), str(m.get("source")))
-                info = found.get(key)
-                if info is None:
-                    extra = {k: v for k, v in m.items() if k not in RESERVED}
-                    info = found[key] = SourceInfo(
-                        source=key[1], tenant=key[0], title=str(m.get("title", "")), chunks=0,
-                        mtime=float(m.get("mtime", 0.0)),
-                        content_hash=str(m.get("content_hash", "")), meta=extra,
-                    )  # fmt: skip
-                info.chunks += 1
-            if len(metas) < page:
-                break
-            offset += page
+        for t in [tenant] if tenant else self.tenants(name):
+            coll = self.collection(name, t)
+            if coll is None:
+                continue
+            offset = 0
+            while True:
+                res = self._call(
+                    name,
+                    t,
+                    lambda c=coll, t=t, o=offset: c.get(
+                        where=with_tenant(t), include=["metadatas"], limit=_PAGE, offset=o
+                    ),
+                )
+                metas = res.get("metadatas") or []
+                for m in metas:
+                    key = (str(m.get("tenant")), str(m.get("source")))
+                    info = found.get(key)
+                    if info is None:
+                        extra = {k: v for k, v in m.items() if k not in RESERVED}
+                        info = found[key] = SourceInfo(
+                            source=key[1], tenant=key[0], title=str(m.get("title", "")),
+                            chunks=0, mtime=float(m.get("mtime", 0.0)),
+                            content_hash=str(m.get("content_hash", "")), meta=extra,
+                        )  # fmt: skip
+                    info.chunks += 1
+                if len(metas) < _PAGE:
+                    break
+                offset += _PAGE
         return sorted(found.values(), key=lambda s: (s.tenant, s.source))
 
     # -- writes -------------------------------------------------------------------------------
@@ -313,15 +409,18 @@ class VectorStore:
         embeddings: list[list[float]],
         metadatas: list[dict[str, Any]],
     ) -> None:
-        coll = self.collection(name, create=True)
+        coll = self.collection(name, tenant, create=True)
         assert coll is not None  # create=True returns a collection or raises
         self._call(
-            name, lambda: coll.delete(where=with_tenant(tenant, {"source": {"$eq": source}}))
+            name,
+            tenant,
+            lambda: coll.delete(where=with_tenant(tenant, {"source": {"$eq": source}})),
         )
         for start in range(0, len(ids), 1000):
             end = start + 1000
             self._call(
                 name,
+                tenant,
                 lambda s=start, e=end: coll.add(
                     ids=ids[s:e],
                     documents=documents[s:e],
@@ -331,22 +430,87 @@ class VectorStore:
             )
 
     def delete(self, name: str, tenant: str | None = None, source: str | None = None) -> int:
-        """Delete a source, a tenant's chunks, or (neither given) the whole collection."""
-        coll = self.collection(name)
-        if coll is None:
-            return 0
+        """Delete a source, a tenant's part, or (neither given) the whole collection: every
+        tenant's part, and an old all-tenants collection of that name."""
         if tenant is None and source is None:
-            count = int(self._call(name, coll.count))
-            self._call(name, lambda: self.client().delete_collection(name))
-            self._reset()
-            return count
+            total = 0
+            for n, _, coll in self._scan():
+                if n == name:
+                    total += self._drop(name, coll.name)
+            return total
         if tenant is None:
             raise ValueError("deleting a source needs its tenant")
-        where = with_tenant(tenant, {"source": {"$eq": source}} if source else None)
-        ids = self._call(name, lambda: coll.get(where=where, include=[]))["ids"]
+        coll = self.collection(name, tenant)
+        if coll is None:
+            return 0
+        if source is None:
+            return self._drop(name, physical_name(name, tenant))
+        where = with_tenant(tenant, {"source": {"$eq": source}})
+        ids = self._call(name, tenant, lambda: coll.get(where=where, include=[]))["ids"]
         if ids:
-            self._call(name, lambda: coll.delete(ids=ids))
+            self._call(name, tenant, lambda: coll.delete(ids=ids))
         return len(ids)
+
+    def _drop(self, name: str, physical: str) -> int:
+        """Delete one Chroma collection; the chunks it held (0 if it was already gone)."""
+        self._forget(physical)
+        try:
+            # No embedding function given: a foreign collection may have persisted another.
+            count = int(self.client().get_collection(physical).count())
+            self.client().delete_collection(physical)
+        except Exception as e:
+            if _is_not_found(e):
+                return 0
+            raise StoreError(f"vector store error on collection {name!r}: {e}") from e
+        return count
+
+    def migrate(self, name: str) -> tuple[dict[str, int], int]:
+        """Split an old all-tenants collection ``name`` into per-tenant collections, copying
+        the stored vectors (nothing is re-embedded), then drop it. Returns the chunks moved per
+        tenant and the chunks without a tenant; with any of those the old collection is kept.
+        Safe to re-run after an interruption (chunks are upserted under their own ids)."""
+        try:
+            old = self.client().get_collection(name)
+        except Exception as e:
+            if _is_not_found(e):
+                return {}, 0
+            raise StoreError(f"vector store error on collection {name!r}: {e}") from e
+        if META_COLLECTION in (old.metadata or {}):
+            return {}, 0  # a per-tenant collection: nothing to migrate
+        moved: dict[str, int] = {}
+        orphans = offset = 0
+        while True:
+            try:
+                res = old.get(
+                    include=["documents", "metadatas", "embeddings"], limit=_PAGE, offset=offset
+                )
+            except Exception as e:
+                raise StoreError(f"vector store error on collection {name!r}: {e}") from e
+            groups: dict[str, list[int]] = {}
+            for i, m in enumerate(res["metadatas"] or []):
+                t = (m or {}).get("tenant")
+                if isinstance(t, str) and t:
+                    groups.setdefault(t, []).append(i)
+                else:
+                    orphans += 1
+            for t, idx in groups.items():
+                coll = self.collection(name, t, create=True)
+                assert coll is not None
+                batch = {
+                    "ids": [res["ids"][i] for i in idx],
+                    "documents": [res["documents"][i] for i in idx],
+                    "embeddings": [res["embeddings"][i] for i in idx],
+                    "metadatas": [res["metadatas"][i] for i in idx],
+                }
+                self._call(name, t, lambda c=coll, b=batch: c.upsert(**b))
+                moved[t] = moved.get(t, 0) + len(idx)
+            if len(res["ids"]) < _PAGE:
+                break
+            offset += _PAGE
+        if not orphans:
+            self._drop(name, name)
+        log.info("rag_migrated", extra={"collection": name, "tenants": moved, "orphans": orphans})
+        return moved, orphans
 
 
 def _is_not_found(e: Exception) -> bool:

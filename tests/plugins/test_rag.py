@@ -27,7 +27,14 @@ from plugins.rag.config import RagConfig, StoreConfig
 from plugins.rag.embed import Embedder
 from plugins.rag.ingest import Ingestor
 from plugins.rag.plugin import HEADER, RagPlugin
-from plugins.rag.store import VectorStore
+from plugins.rag.store import (
+    META_COLLECTION,
+    META_TENANT,
+    CollectionInfo,
+    StoreError,
+    VectorStore,
+    physical_name,
+)
 
 DOCS = Path(__file__).resolve().parent.parent / "data" / "rag" / "docs"
 SECRET = "Globex launch code is PURPLE-HIPPO-42"
@@ -355,6 +362,213 @@ async def test_slow_store_times_out(store_dir: Path) -> None:
     await plugin.shutdown()
 
 
+# -- layout: one Chroma collection per tenant -------------------------------------------------
+
+
+def open_store(path: Path) -> tuple[VectorStore, Embedder, Ingestor]:
+    cfg = RagConfig()
+    embedder = Embedder(cfg.embedding_model)
+    store = VectorStore(StoreConfig(path=str(path)), embedder)
+    return store, embedder, Ingestor(store, embedder, cfg.chunk)
+
+
+def test_each_tenant_has_its_own_chroma_collection(store_dir: Path) -> None:
+    store, _, _ = open_store(store_dir)
+    listed = {c.name: c for c in store.client().list_collections()}
+    assert set(listed) == {physical_name("handbook", "acme"), physical_name("handbook", "globex")}
+    for tenant in ("acme", "globex"):
+        coll = listed[physical_name("handbook", tenant)]
+        assert coll.metadata == {META_COLLECTION: "handbook", META_TENANT: tenant}
+        metas = coll.get(include=["metadatas"])["metadatas"]
+        assert metas and {m["tenant"] for m in metas} == {tenant}
+    assert store.tenants("handbook") == ["acme", "globex"]
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"tenant": "globex"},
+        {"tenant": {"$ne": "acme"}},
+        {"$or": [{"tenant": {"$eq": "globex"}}, {"team": {"$eq": "all"}}]},
+        {"source": {"$eq": "globex/vacation.md"}},
+    ],
+)
+def test_store_query_cannot_leave_the_tenants_collection(store_dir: Path, where: Any) -> None:
+    """Raw filters naming the other tenant, straight to the store (no sanitizer in between):
+    the collection, not the filter, is the boundary."""
+    store, embedder, _ = open_store(store_dir)
+    vector = embedder.embed(["How many vacation days do Globex staff get? launch code"])[0]
+    hits = store.query("handbook", vector, 50, "acme", where)
+    assert all(h.metadata["tenant"] == "acme" for h in hits)
+    assert not any(SECRET in h.text for h in hits)
+    if "team" in str(where):
+        assert hits  # acme's own team=all chunks still match
+    [globex] = store.query("handbook", vector, 50, "globex")
+    assert SECRET in globex.text
+
+
+def test_chunk_with_another_tenant_in_its_metadata_is_never_returned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, embedder, ingestor = open_store(tmp_path / "db")
+    ingestor.ingest_bytes("kb", "acme", "a.md", b"# Parking\n\nParking is in the basement.\n")
+    coll = store.collection("kb", "acme")
+    assert coll is not None
+    vector = embedder.embed(["Where do I park?"])[0]
+    coll.add(ids=["planted"], documents=["Globex parking secret"], embeddings=[vector],
+             metadatas=[{"tenant": "globex", "source": "x.md"}])  # fmt: skip
+    hits = store.query("kb", vector, 10, "acme")
+    assert [h.metadata["source"] for h in hits] == ["a.md"]
+    assert "rag_tenant_mismatch" in caplog.text
+
+
+def test_collection_not_marked_for_the_tenant_is_refused(tmp_path: Path) -> None:
+    store, embedder, _ = open_store(tmp_path / "db")
+    # Someone made a collection under acme's name by hand, marked for another tenant.
+    store.client().create_collection(
+        physical_name("kb", "acme"), metadata={META_COLLECTION: "kb", META_TENANT: "globex"},
+        embedding_function=store._ef,
+    )  # fmt: skip
+    with pytest.raises(StoreError, match="is not collection 'kb' of tenant 'acme'"):
+        store.query("kb", embedder.embed(["q"])[0], 5, "acme")
+
+
+def test_list_and_delete_per_tenant(tmp_path: Path) -> None:
+    store, embedder, ingestor = open_store(tmp_path / "db")
+    for tenant in ("acme", "globex"):
+        for name in ("one", "two"):
+            text = f"# {tenant} {name}\n\nThe {tenant} {name} policy says hello.\n"
+            assert ingestor.ingest_bytes("kb", tenant, f"{name}.md", text.encode()).status == (
+                "added")  # fmt: skip
+    assert store.list_collections() == [CollectionInfo("kb", 4, 2)]
+    assert [(s.tenant, s.source) for s in store.list_sources("kb", "acme")] == [
+        ("acme", "one.md"), ("acme", "two.md")]  # fmt: skip
+    assert len(store.list_sources("kb")) == 4
+    # One source of one tenant: the other tenant's same-named source stays.
+    assert store.delete("kb", "acme", "one.md") == 1
+    assert [(s.tenant, s.source) for s in store.list_sources("kb")] == [
+        ("acme", "two.md"), ("globex", "one.md"), ("globex", "two.md")]  # fmt: skip
+    # A tenant's whole part: its Chroma collection goes, the other tenant's stays.
+    assert store.delete("kb", "globex") == 2
+    assert physical_name("kb", "globex") not in {c.name for c in store.client().list_collections()}
+    assert store.tenants("kb") == ["acme"] and store.delete("kb", "globex") == 0
+    vector = embedder.embed(["globex policy"])[0]
+    assert store.query("kb", vector, 5, "globex") == []
+    assert [h.metadata["tenant"] for h in store.query("kb", vector, 5, "acme")] == ["acme"]
+    # Idempotency per tenant survives: acme's file is unchanged, globex's is new again.
+    text = b"# acme two\n\nThe acme two policy says hello.\n"
+    assert ingestor.ingest_bytes("kb", "acme", "two.md", text).status == "unchanged"
+    assert ingestor.ingest_bytes("kb", "globex", "two.md", text).status == "added"
+    assert store.delete("kb") == 2 and store.list_collections() == []
+
+
+def test_part_deleted_and_recreated_elsewhere_is_reopened(tmp_path: Path) -> None:
+    """Another process (replica, CLI) drops and re-fills a tenant's part: our cached handle
+    is stale, and the next query reopens it instead of failing."""
+    store, embedder, ingestor = open_store(tmp_path / "db")
+    other, _, other_ingestor = open_store(tmp_path / "db")
+    ingestor.ingest_bytes("kb", "acme", "x.md", b"# X\n\nold text about vacation\n")
+    vector = embedder.embed(["vacation"])[0]
+    assert [h.text for h in store.query("kb", vector, 5, "acme")] == ["old text about vacation"]
+    assert other.delete("kb", "acme") == 1
+    assert store.query("kb", vector, 5, "acme") == []
+    other_ingestor.ingest_bytes("kb", "acme", "x.md", b"# X\n\nnew text about vacation\n")
+    assert [h.text for h in store.query("kb", vector, 5, "acme")] == ["new text about vacation"]
+
+
+@pytest.mark.anyio
+async def test_old_all_tenants_collection_is_migrated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, embedder, _ = open_store(tmp_path / "db")
+    texts = {"a1": ("acme", "Acme staff get 27 vacation days."),
+             "a2": ("acme", "Acme laptops are ThinkPads."),
+             "g1": ("globex", f"Globex staff get 31 vacation days. {SECRET}")}  # fmt: skip
+    old = store.client().create_collection("kb1", configuration={"hnsw": {"space": "cosine"}})
+    old.add(ids=list(texts), documents=[t for _, t in texts.values()],
+            embeddings=embedder.embed([t for _, t in texts.values()]),
+            metadatas=[{"tenant": tenant, "source": f"{cid}.md"}
+                       for cid, (tenant, _) in texts.items()])  # fmt: skip
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "models": [{"name": "demo", "deployments": [{"model": "m", "base_url": "http://127.0.0.1:9"}]}],
+        "pipeline": [{"name": "rag", "config": {"store": {"path": str(tmp_path / "db")},
+                                                "default_collection": "kb1"}}],
+    }))  # fmt: skip
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = rag_main(["--config", str(config), *argv], out, err)
+        return code, out.getvalue(), err.getvalue()
+
+    code, out, _ = run("list")
+    assert code == 0
+    assert out == "kb1\t3 chunks\told layout, not searched: gateway rag migrate --collection kb1\n"
+    plugin = await make_plugin(tmp_path / "db", default_collection="kb1", min_score=0.0)
+    assert "rag_legacy_collection" in caplog.text  # startup says what to do
+    await plugin.shutdown()
+    assert run("migrate", "--collection", "kb1")[:2] == (
+        0, "kb1: moved 3 chunks into 2 tenant collections\n")  # fmt: skip
+    assert run("list")[1] == "kb1\t3 chunks\t2 tenants\n"
+    assert run("migrate", "--collection", "kb1")[1] == "kb1: nothing in the old layout\n"
+    plugin = await make_plugin(tmp_path / "db", default_collection="kb1", min_score=0.0)
+    ctx = make_ctx("How many vacation days?", use_rag=True)
+    await plugin.on_request(ctx)
+    assert {s["source"] for s in ctx.scratch["rag"]["sources"]} == {"a1.md", "a2.md"}
+    assert "PURPLE-HIPPO" not in orjson.dumps(ctx.body).decode()
+    await plugin.shutdown()
+
+
+def test_migrate_keeps_the_old_collection_when_chunks_have_no_tenant(tmp_path: Path) -> None:
+    store, embedder, _ = open_store(tmp_path / "db")
+    old = store.client().create_collection("kb1")
+    old.add(ids=["a", "b"], documents=["x", "y"], embeddings=embedder.embed(["x", "y"]),
+            metadatas=[{"tenant": "acme"}, {"source": "nobody.md"}])  # fmt: skip
+    assert store.migrate("kb1") == ({"acme": 1}, 1)
+    assert store.legacy_collections() == ["kb1"]
+    assert [h.id for h in store.query("kb1", embedder.embed(["x"])[0], 5, "acme")] == ["a"]
+
+
+# -- query embeddings -------------------------------------------------------------------------
+
+
+def test_query_fast_path_matches_encode() -> None:
+    embedder = Embedder(RagConfig().embedding_model)
+    long = "vacation policy " * 400  # past the model's 256 word pieces: truncated alike
+    for text in ("How many vacation days do I get?", "VPN", long):
+        assert embedder.embed_query(text) == pytest.approx(embedder.embed([text])[0], abs=1e-5)
+    embedder.close()
+
+
+@pytest.mark.anyio
+async def test_query_cache_is_per_tenant_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    embedder = Embedder(RagConfig().embedding_model, cache_size=2)
+    computed: list[str] = []
+    real = embedder.embed_query
+
+    def counting(text: str) -> list[float]:
+        computed.append(text)
+        return real(text)
+
+    monkeypatch.setattr(embedder, "embed_query", counting)
+    first = await embedder.aembed_query("vacation days", "acme")
+    assert await embedder.aembed_query("vacation days", "acme") == first
+    assert computed == ["vacation days"]
+    # Another tenant asking the same question is computed anew (a hit is faster: a timing
+    # channel between tenants otherwise).
+    assert await embedder.aembed_query("vacation days", "globex") == pytest.approx(first)
+    assert computed == ["vacation days"] * 2
+    await embedder.aembed_query("laptop", "acme")  # third entry: the oldest (acme's) goes
+    await embedder.aembed_query("vacation days", "acme")
+    assert computed == ["vacation days", "vacation days", "laptop", "vacation days"]
+    embedder.cache_size = 0
+    embedder._cache.clear()
+    await embedder.aembed_query("laptop", "acme")
+    await embedder.aembed_query("laptop", "acme")
+    assert computed[-2:] == ["laptop", "laptop"]
+    embedder.close()
+
+
 # -- ingestion --------------------------------------------------------------------------------
 
 
@@ -368,14 +582,14 @@ def test_ingest_idempotent_and_changed_file_replaces(tmp_path: Path) -> None:
     assert [r.status for r in ingestor.ingest_paths([doc], "coll", "t", progress=False)] == [
         "added"
     ]
-    assert store.list_collections() == [("coll", 2)]
+    assert store.list_collections() == [CollectionInfo("coll", 2, 1)]
     assert [r.status for r in ingestor.ingest_paths([doc], "coll", "t", progress=False)] == [
         "unchanged"]  # fmt: skip
-    assert store.list_collections() == [("coll", 2)]
+    assert store.list_collections() == [CollectionInfo("coll", 2, 1)]
     doc.write_text("# A\n\nonly one part now\n")
     res = ingestor.ingest_paths([doc], "coll", "t", progress=False)
     assert [(r.status, r.chunks) for r in res] == [("replaced", 1)]
-    assert store.list_collections() == [("coll", 1)]
+    assert store.list_collections() == [CollectionInfo("coll", 1, 1)]
     # New metadata is a change too.
     res = ingestor.ingest_paths([doc], "coll", "t", {"team": "x"}, progress=False)
     assert res[0].status == "replaced"
@@ -482,35 +696,52 @@ async def test_admin_routes(tmp_path: Path) -> None:
             )
             out.append(
                 client.post(
+                    "/admin/rag/kb1/documents?name=note.txt&tenant=globex",
+                    headers={**admin, "content-type": "text/plain"},
+                    content=b"Globex note: the parking code is 4711.",
+                )
+            )
+            out.append(
+                client.post(
                     "/admin/rag/kb1/documents?name=big.txt", headers=admin, content=b"x" * 5000
                 )
             )
             out.append(client.get("/admin/rag/kb1/documents", headers=admin))
+            out.append(client.get("/admin/rag/kb1/documents?tenant=globex", headers=admin))
             out.append(client.get("/admin/rag/collections", headers=admin))
             out.append(
                 client.delete(
                     "/admin/rag/kb1/documents?tenant=globex&source=page.html", headers=admin
                 )
             )
+            out.append(client.delete("/admin/rag/kb1/documents?tenant=acme", headers=admin))
+            out.append(client.get("/admin/rag/kb1/documents", headers=admin))
             out.append(client.delete("/admin/rag/kb1/documents", headers=admin))
             out.append(client.delete("/admin/rag/kb1", headers=admin))
             out.append(client.post("/admin/rag/x/documents", headers=admin, json={"documents": []}))
             return out
 
-    denied, up, raw, big, listed, colls, deleted, no_tenant, dropped, bad_name = (
-        await asyncio.to_thread(calls))  # fmt: skip
+    (denied, up, raw, note, big, listed, listed_globex, colls, deleted, deleted_acme, left,
+     no_tenant, dropped, bad_name) = await asyncio.to_thread(calls)  # fmt: skip
     assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
     assert up.status_code == 200 and up.json()["tenant"] == "acme"
     assert [(r["source"], r["status"]) for r in up.json()["results"]] == [
         ("faq.md", "added"), ("bad.docx", "error")]  # fmt: skip
     assert raw.status_code == 200 and raw.json()["results"][0]["status"] == "added"
+    assert note.json()["tenant"] == "globex" and note.json()["results"][0]["status"] == "added"
     assert big.status_code == 413
     data = {(d["tenant"], d["source"]): d for d in listed.json()["data"]}
-    assert set(data) == {("acme", "faq.md"), ("globex", "page.html")}
+    assert set(data) == {("acme", "faq.md"), ("globex", "page.html"), ("globex", "note.txt")}
     assert data[("acme", "faq.md")]["meta"] == {"team": "it"}
     assert data[("globex", "page.html")]["meta"] == {"k": "v"}
-    assert colls.json()["data"] == [{"collection": "kb1", "chunks": 2}]
+    assert [(d["tenant"], d["source"]) for d in listed_globex.json()["data"]] == [
+        ("globex", "note.txt"), ("globex", "page.html")]  # fmt: skip
+    assert colls.json()["data"] == [
+        {"collection": "kb1", "chunks": 3, "tenants": 2, "legacy": False}]  # fmt: skip
     assert deleted.json()["deleted"] == 1
+    assert deleted_acme.json() == {"collection": "kb1", "tenant": "acme", "source": None,
+                                   "deleted": 1}  # fmt: skip
+    assert [(d["tenant"], d["source"]) for d in left.json()["data"]] == [("globex", "note.txt")]
     assert no_tenant.status_code == 400 and no_tenant.json()["error"]["param"] == "tenant"
     assert dropped.json()["deleted"] == 1
     assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "collection"

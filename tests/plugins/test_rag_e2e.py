@@ -7,14 +7,10 @@ proves which context went to the model.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
-import httpx
 import openai
 import orjson
 import pytest
@@ -26,6 +22,7 @@ from plugins.rag.embed import Embedder
 from plugins.rag.ingest import Ingestor
 from plugins.rag.store import VectorStore
 from tests.helpers import build_config, demo_model, free_port, running_gateway
+from tests.helpers import chroma_server as run_chroma
 
 ACME = "# Acme vacation policy\n\nAcme employees get 27 days of paid vacation per year.\n"
 GLOBEX = ("# Globex vacation policy\n\nGlobex employees get 31 days of paid vacation per year. "
@@ -168,29 +165,8 @@ def test_store_down_skip_answers_and_fail_is_503() -> None:
 @pytest.fixture(scope="module")
 def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``chroma run`` on a free loopback port: the store several replicas share."""
-    port = free_port()
-    path = tmp_path_factory.mktemp("chroma-server")
-    chroma = Path(sys.executable).parent / "chroma"
-    proc = subprocess.Popen(
-        [str(chroma), "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/api/v2/heartbeat", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("chroma server did not start")
-            time.sleep(0.2)
+    with run_chroma(tmp_path_factory.mktemp("chroma-server")) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_chroma_server_mode(chroma_server: str) -> None:
@@ -205,3 +181,31 @@ def test_chroma_server_mode(chroma_server: str) -> None:
         assert [s["source"] for s in resp.json()["rag_sources"]] == ["globex/vacation.md"]
         [req] = gw.upstream_requests()
     assert "31 days" in system_text(req["body"]) and "27 days" not in system_text(req["body"])
+
+
+def test_chroma_server_mode_per_tenant_parts(chroma_server: str) -> None:
+    """The per-tenant layout over HTTP: list, narrow, delete and re-ingest one tenant's part."""
+    ingest(StoreConfig(url=chroma_server))  # idempotent: the other server test may have run
+    cfg = RagConfig()
+    embedder = Embedder(cfg.embedding_model)
+    store = VectorStore(StoreConfig(url=chroma_server), embedder)
+    ingestor = Ingestor(store, embedder, cfg.chunk)
+    res = ingestor.ingest_bytes("handbook", "acme", "acme/vacation.md", ACME.encode(),
+                                meta={"team": "hr"})  # fmt: skip
+    assert res.status == "unchanged"
+    assert [(c.collection, c.chunks, c.tenants) for c in store.list_collections()] == [
+        ("handbook", 2, 2)]  # fmt: skip
+    assert [s.source for s in store.list_sources("handbook", "globex")] == ["globex/vacation.md"]
+    vector = embedder.embed(["vacation days and internal code"])[0]
+    # A raw filter for the other tenant, straight to the store: nothing of globex's comes back.
+    assert store.query("handbook", vector, 10, "acme", {"tenant": "globex"}) == []
+    assert [h.metadata["tenant"] for h in store.query("handbook", vector, 10, "acme")] == ["acme"]
+    assert store.delete("handbook", "globex") == 1
+    assert store.tenants("handbook") == ["acme"]
+    assert store.query("handbook", vector, 10, "globex") == []
+    res = ingestor.ingest_bytes("handbook", "globex", "globex/vacation.md", GLOBEX.encode(),
+                                meta={"team": "hr"})  # fmt: skip
+    assert res.status == "added"
+    [hit] = store.query("handbook", vector, 10, "globex")
+    assert "BANANA-7731" in hit.text
+    store.close()

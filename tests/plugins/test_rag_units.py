@@ -15,11 +15,12 @@ from gateway.pipeline import build_pipeline
 from gateway.tokens import count_text
 from plugins.rag import context as ctxbuild
 from plugins.rag.chunking import Section, chunk_section
+from plugins.rag.config import check_collection
 from plugins.rag.filters import sanitize, with_tenant
 from plugins.rag.loaders import kind_for, parse_html, parse_markdown, parse_text
 from plugins.rag.plugin import flagged
 from plugins.rag.rerank import bm25, hybrid, mmr
-from plugins.rag.store import Hit
+from plugins.rag.store import Hit, physical_name
 
 MODEL = {"name": "demo", "deployments": [{"model": "m", "base_url": "http://127.0.0.1:9"}]}
 
@@ -82,6 +83,31 @@ def test_config_top_k_above_max() -> None:
     assert config_error({"top_k": 30, "max_top_k": 20}) == (
         "c.yaml: pipeline[0].config: top_k (30) is larger than max_top_k (20)"
     )
+
+
+# -- layout -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("collection", "tenant"),
+    [("kb1", "acme"), ("kb1", "user@example.com"), ("kb1", "org:team-7"),
+     ("a" * 63, "t" * 128), ("x.y-z_1", "a.b"), ("abc." + "d" * 35, "acme")],
+)  # fmt: skip
+def test_physical_name_is_a_valid_chroma_name(collection: str, tenant: str) -> None:
+    from chromadb.api.segment import check_index_name
+
+    name = physical_name(collection, tenant)
+    check_index_name(name)  # Chroma's own rule; raises when broken
+    assert check_collection(name) == name and len(name) <= 63
+    assert name.startswith(collection[:39] + "__t_")
+    assert physical_name(collection, tenant) == name  # stable across processes
+
+
+def test_physical_name_is_unique_per_collection_and_tenant() -> None:
+    collections = ["kb1", "kb2", "a" * 63, "a" * 62 + "b"]  # the last two share a prefix
+    tenants = ["acme", "acme2", "a:b", "a@b", "a_b"]  # what a character map would merge
+    names = {physical_name(c, t) for c in collections for t in tenants}
+    assert len(names) == len(collections) * len(tenants)
 
 
 # -- filters: the tenant always wins ----------------------------------------------------------
