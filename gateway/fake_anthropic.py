@@ -15,7 +15,6 @@ injected errors use Anthropic's shape ``{"type":"error","error":{"type":..., "me
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import orjson
@@ -27,8 +26,9 @@ from gateway.fake_upstream.state import (
     HeaderError,
     behaviour_for,
     counts_cancel,
-    cut,
+    drop,
     read_json,
+    serve_stream,
 )
 
 _ERROR_TYPES = {
@@ -169,17 +169,14 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(request: web.Request, b: Behaviour, msg: dict[str, Any]) -> web.StreamResponse:
-    stats = request.app[STATE].stats
     resp = web.StreamResponse(
         headers={"content-type": "text/event-stream", "cache-control": "no-cache"}
     )
     start = {**msg, "content": [], "stop_reason": None}
     start["usage"] = {"input_tokens": msg["usage"]["input_tokens"], "output_tokens": 1}
     delay = b.delay_ms / 1000
-    stats["streams_started"] += 1
-    stats["streams_in_flight"] += 1
-    try:
-        await resp.prepare(request)
+
+    async def produce() -> bool:
         await resp.write(_sse("message_start", {"type": "message_start", "message": start}))
         await resp.write(_sse("ping", {"type": "ping"}))
         sent = 0
@@ -207,9 +204,7 @@ async def _stream(request: web.Request, b: Behaviour, msg: dict[str, Any]) -> we
             }))  # fmt: skip
             for delta in pieces:
                 if sent == b.drop_after:
-                    stats["streams_dropped"] += 1
-                    cut(request)
-                    return resp
+                    return drop(request)
                 if delay:
                     await asyncio.sleep(delay)
                 await resp.write(_sse("content_block_delta", {
@@ -225,19 +220,9 @@ async def _stream(request: web.Request, b: Behaviour, msg: dict[str, Any]) -> we
             "usage": {"output_tokens": msg["usage"]["output_tokens"]},
         }))  # fmt: skip
         await resp.write(_sse("message_stop", {"type": "message_stop"}))
-        await resp.write_eof()
-        stats["streams_completed"] += 1
-        return resp
-    except asyncio.CancelledError:
-        stats["streams_cancelled"] += 1
-        stats["last_cancelled_at"] = time.time()
-        raise
-    except ConnectionError:
-        stats["streams_cancelled"] += 1
-        stats["last_cancelled_at"] = time.time()
-        return resp
-    finally:
-        stats["streams_in_flight"] -= 1
+        return True
+
+    return await serve_stream(request, resp, produce)
 
 
 def register(app: web.Application) -> None:

@@ -17,8 +17,10 @@ from gateway.fake_upstream.state import (
     Behaviour,
     counts_cancel,
     cut,
+    drop,
     prelude,
     read_json,
+    serve_stream,
 )
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
@@ -116,7 +118,6 @@ async def _stream(
     usage: dict[str, int] | None,
     request_id: str,
 ) -> web.StreamResponse:
-    stats = request.app[STATE].stats
     # Every chunk shares this envelope; only the delta differs, so pre-encode the two halves.
     envelope = b'data: {"id":' + orjson.dumps(cid) + b',"object":"chat.completion.chunk","created":'
     envelope += str(created).encode() + b',"model":' + orjson.dumps(model)
@@ -139,38 +140,22 @@ async def _stream(
             "x-request-id": request_id,
         }
     )
-    stats["streams_started"] += 1
-    stats["streams_in_flight"] += 1
     delay = b.delay_ms / 1000
-    try:
-        await resp.prepare(request)
+
+    async def produce() -> bool:
         if not delay and b.drop_after < 0:
             # A burst anyway: one write instead of ~24 keeps the fake cheap as a bench target.
             await resp.write(b"".join(events))
-        else:
-            for i, event in enumerate(events):
-                if b.drop_after >= 0 and i == b.drop_after + 1:  # events[0]: the role chunk
-                    stats["streams_dropped"] += 1
-                    cut(request)
-                    return resp
-                if delay and 1 <= i <= n:
-                    await asyncio.sleep(delay)
-                await resp.write(event)
-        await resp.write_eof()
-        stats["streams_completed"] += 1
-        return resp
-    except asyncio.CancelledError:
-        # The client went away and aiohttp cancelled the handler (handler_cancellation=True).
-        stats["streams_cancelled"] += 1
-        stats["last_cancelled_at"] = time.time()
-        raise
-    except ConnectionError:
-        # Or the next write found the socket closed first: same outcome, nothing to log.
-        stats["streams_cancelled"] += 1
-        stats["last_cancelled_at"] = time.time()
-        return resp
-    finally:
-        stats["streams_in_flight"] -= 1
+            return True
+        for i, event in enumerate(events):
+            if b.drop_after >= 0 and i == b.drop_after + 1:  # events[0]: the role chunk
+                return drop(request)
+            if delay and 1 <= i <= n:
+                await asyncio.sleep(delay)
+            await resp.write(event)
+        return True
+
+    return await serve_stream(request, resp, produce)
 
 
 def _vector(item: Any) -> list[float]:

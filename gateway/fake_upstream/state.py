@@ -214,6 +214,43 @@ def cut(request: web.Request) -> None:
         request.transport.close()
 
 
+def drop(request: web.Request) -> bool:
+    """``x-fake-drop-after`` reached: cut the connection mid-stream. Returns False, the value a
+    ``serve_stream`` producer returns for a stream that did not end cleanly."""
+    request.app[STATE].stats["streams_dropped"] += 1
+    cut(request)
+    return False
+
+
+async def serve_stream(
+    request: web.Request, resp: web.StreamResponse, produce: Callable[[], Awaitable[bool]]
+) -> web.StreamResponse:
+    """Send a streamed answer: prepare ``resp``, let ``produce`` write the events (it returns
+    False when it cut the stream), end it, and keep the stream counters of ``/_fake/stats``
+    (started, in flight, completed, cancelled) the same for every fake API."""
+    stats = request.app[STATE].stats
+    stats["streams_started"] += 1
+    stats["streams_in_flight"] += 1
+    try:
+        await resp.prepare(request)
+        if await produce():
+            await resp.write_eof()
+            stats["streams_completed"] += 1
+        return resp
+    except asyncio.CancelledError:
+        # The client went away and aiohttp cancelled the handler (handler_cancellation=True).
+        stats["streams_cancelled"] += 1
+        stats["last_cancelled_at"] = time.time()
+        raise
+    except ConnectionError:
+        # Or the next write found the socket closed first: same outcome, nothing to log.
+        stats["streams_cancelled"] += 1
+        stats["last_cancelled_at"] = time.time()
+        return resp
+    finally:
+        stats["streams_in_flight"] -= 1
+
+
 async def get_requests(request: web.Request) -> web.Response:
     return web.Response(
         body=orjson.dumps(list(request.app[STATE].requests)), content_type="application/json"
