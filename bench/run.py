@@ -144,12 +144,21 @@ def servers(args: argparse.Namespace, logdir: Path) -> Iterator[dict[str, Server
                 server.proc.kill()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     direct = {(r["scenario"], r["conc"]): r for r in rows if r["target"] == "direct"}
     out = [
         "| target | scenario | conc | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms "
-        "| errors |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| CPU µs/req | errors |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         base = direct.get((r["scenario"], r["conc"]))
@@ -159,9 +168,25 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             added = (f"{r['p50_ms'] - base['p50_ms']:+.2f}", f"{r['p99_ms'] - base['p99_ms']:+.2f}")
         out.append(
             f"| {r['target']} | {r['scenario']} | {r['conc']} | {r['rps']:.0f} "
-            f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {added[0]} | {added[1]} | {r['errors']} |"
+            f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {added[0]} | {added[1]} "
+            f"| {r['cpu_us']:.0f} | {r['errors']} |"
         )
     return "\n".join(out)
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """Gateway against null proxy at each concurrency: throughput and CPU per request."""
+    by = {(r["target"], r["scenario"], r["conc"]): r for r in rows}
+    lines = []
+    for (target, scenario, conc), g in by.items():
+        n = by.get(("null", scenario, conc))
+        if target != "gateway" or n is None:
+            continue
+        lines.append(
+            f"gateway/null {scenario} conc {conc}: {g['rps'] / n['rps']:.0%} of the req/s, "
+            f"{g['cpu_us'] / n['cpu_us']:.2f}x the CPU per request"
+        )
+    return "\n".join(lines)
 
 
 def _csv(text: str) -> list[str]:
@@ -213,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if tool == "python" and args.load_cpus:
         os.sched_setaffinity(0, {int(c) for c in _csv(args.load_cpus)})
     rows: list[dict[str, Any]] = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, servers(args, Path(tmp)) as procs:
         for scenario in args.scenarios:
             body = request_body(scenario)
@@ -222,18 +248,26 @@ def main(argv: list[str] | None = None) -> int:
                 # Warm-up (connections, caches, first-call imports); not recorded.
                 run_load(server.url, body, headers, 4, 1.0, tool, args.load_cpus)
                 for conc in args.conc:
+                    # CPU per request of the server under test (for direct: the fake itself):
+                    # unlike req/s, barely moved by whatever else shares the machine.
+                    cpu = cpu_seconds(server.proc.pid)
                     res: LoadResult = run_load(
                         server.url, body, headers, conc, args.duration, tool, args.load_cpus
                     )
-                    row = {"target": target, "scenario": scenario, **dataclasses.asdict(res)}
+                    cpu = cpu_seconds(server.proc.pid) - cpu
+                    row = {"target": target, "scenario": scenario, **dataclasses.asdict(res),
+                           "cpu_us": cpu / max(1, res.requests) * 1e6}  # fmt: skip
                     rows.append(row)
                     print(
                         f"  {target:8} {scenario:6} c={conc:<3} {res.rps:8.0f} req/s "
-                        f"p50 {res.p50_ms:7.2f} ms  p99 {res.p99_ms:7.2f} ms  errors {res.errors}",
+                        f"p50 {res.p50_ms:7.2f} ms  p99 {res.p99_ms:7.2f} ms  "
+                        f"cpu {row['cpu_us']:5.0f} us/req  errors {res.errors}",
                         file=sys.stderr,
                     )
     table = markdown(rows)
     print(table)
+    if summary(rows):
+        print("\n" + summary(rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     meta = {
@@ -245,9 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "load_cpus": args.load_cpus,
         "server_cpus": args.server_cpus,
+        "config": str(args.config),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
     }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\nresults: {out}", file=sys.stderr)
+    print(f"load average (1 min) before {load_before[0]:.2f}, after {meta['loadavg_after'][0]:.2f} "
+          f"on {os.cpu_count()} CPUs", file=sys.stderr)  # fmt: skip
     return 0
 
 

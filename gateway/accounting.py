@@ -24,34 +24,58 @@ def _guard_blocked(verdict: Any) -> bool:
     return any(isinstance(v, dict) and v.get("action") == "block" for v in verdict.values())
 
 
+class _Series:
+    """The metric children of one (endpoint, model, provider, status), looked up once."""
+
+    __slots__ = ("completion", "latency", "overhead", "prompt", "requests", "upstream")
+
+    def __init__(self, endpoint: str, model: str, provider: str, status: int) -> None:
+        self.requests = metrics.REQUESTS.labels(endpoint, model, provider, str(status))
+        self.latency = metrics.LATENCY.labels(endpoint, model)
+        self.upstream = metrics.UPSTREAM_LATENCY.labels(model, provider)
+        self.overhead = metrics.OVERHEAD.labels(endpoint)
+        self.prompt = metrics.TOKENS.labels(model, "prompt")
+        self.completion = metrics.TOKENS.labels(model, "completion")
+
+
+#: Label values come from configuration and a few status codes, so this stays small.
+_SERIES: dict[tuple[str, str, str, int], _Series] = {}
+
+
 def account(gw: Gateway, ctx: RequestContext) -> None:
     """Metrics and the request log line; never raises."""
     try:
         finished = ctx.finished or time.perf_counter()
         total = finished - ctx.started
-        model = ctx.model if ctx.model_entry is not None else "unknown"
-        provider = ctx.deployment.provider if ctx.deployment and ctx.attempts else "none"
-        metrics.REQUESTS.labels(ctx.endpoint, model, provider, str(ctx.status)).inc()
-        metrics.LATENCY.labels(ctx.endpoint, model).observe(total)
+        entry = ctx.model_entry
+        model = ctx.model if entry is not None else "unknown"
+        used = ctx.deployment if ctx.deployment and ctx.attempts else None
+        provider = used.provider if used is not None else "none"
+        key = (ctx.endpoint, model, provider, ctx.status)
+        series = _SERIES.get(key)
+        if series is None:
+            series = _SERIES[key] = _Series(*key)
+        series.requests.inc()
+        series.latency.observe(total)
         upstream = 0.0
         if ctx.upstream_started is not None:
             upstream = finished - ctx.upstream_started
-            metrics.UPSTREAM_LATENCY.labels(model, provider).observe(upstream)
-        metrics.OVERHEAD.labels(ctx.endpoint).observe(max(0.0, total - upstream))
+            series.upstream.observe(upstream)
+        overhead = total - upstream if total > upstream else 0.0
+        series.overhead.observe(overhead)
         if ctx.client_disconnected:
             metrics.DISCONNECTS.inc()
         usage = ctx.usage
-        if usage is not None and ctx.model_entry is not None:
-            metrics.TOKENS.labels(model, "prompt").inc(usage.prompt_tokens)
-            metrics.TOKENS.labels(model, "completion").inc(usage.completion_tokens)
-        used = ctx.deployment if ctx.deployment and ctx.attempts else None
+        if usage is not None and entry is not None:
+            series.prompt.inc(usage.prompt_tokens)
+            series.completion.inc(usage.completion_tokens)
         record: dict[str, Any] = {
             "ts": round(time.time(), 3),
             "request_id": ctx.request_id,
             "endpoint": ctx.endpoint,
             "status": ctx.status,
             "model": ctx.model[:100] if ctx.model else None,  # as requested (maybe an alias)
-            "model_name": ctx.model_entry.name if ctx.model_entry is not None else None,
+            "model_name": entry.name if entry is not None else None,
             "model_used": used.model if used else None,  # what the upstream was asked for
             "provider": used.provider if used else None,
             "deployment": used.id if used else None,
@@ -59,7 +83,7 @@ def account(gw: Gateway, ctx: RequestContext) -> None:
             "stream": ctx.stream,
             "ms_total": round(total * 1000, 3),
             "ms_upstream": round(upstream * 1000, 3),
-            "ms_overhead": round(max(0.0, total - upstream) * 1000, 3),
+            "ms_overhead": round(overhead * 1000, 3),
         }
         if ctx.stream and ctx.upstream_first_byte is not None:
             record["ms_ttft"] = round((ctx.upstream_first_byte - ctx.started) * 1000, 3)

@@ -85,7 +85,7 @@ class GatewayApp:
         await self.app(scope, receive, send)
 
 
-async def authenticate(gw: Gateway, scope: dict[str, Any], endpoint: str) -> proxy.RequestContext:
+async def authenticate(gw: Gateway, scope: proxy.Scope, endpoint: str) -> proxy.RequestContext:
     """Run the plugins that apply to a non-proxied route (the auth plugin) for this caller."""
     ctx = proxy.new_context(scope, endpoint)
     ran: list[Any] = []
@@ -179,7 +179,9 @@ class RequestIdMiddleware:
         if scope["type"] != "http" or scope["path"] in PROXIED_PATHS:
             await self.app(scope, receive, send)
             return
-        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
+        given = next(
+            (v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None
+        )
         rid = proxy.new_request_id(given).encode()
 
         async def send_with_id(message: dict[str, Any]) -> None:
@@ -216,6 +218,7 @@ def build_routes(gw: Gateway) -> list[BaseRoute]:
 def create_app(settings: Settings, registry: dict[str, Any] | None = None) -> GatewayApp:
     """Build the app for ``settings``; ``registry`` adds plugin classes (tests use it)."""
     gw = Gateway(settings, registry)
+    metrics.track_in_flight(gw)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

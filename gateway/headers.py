@@ -40,6 +40,11 @@ MANAGED = frozenset(
 )
 
 
+#: Client headers never copied upstream (checked once per header, in one set).
+_DROP = HOP_BY_HOP | CLIENT_CREDENTIALS | MANAGED | {"forwarded"}
+_DROP_PREFIXES = ("x-forwarded-", "proxy-", "x-gateway-")
+
+
 def upstream_request_headers(
     client_headers: Iterable[tuple[str, str]],
     provider_headers: Mapping[str, str],
@@ -53,26 +58,17 @@ def upstream_request_headers(
     client library manages; adds the provider's
     credentials, the configured extra headers and our request id.
     """
-    pairs = list(client_headers)
-    named_by_connection = {
-        token.strip().lower()
-        for name, value in pairs
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
     out: list[tuple[str, str]] = []
-    for name, value in pairs:
+    named_by_connection: set[str] = set()
+    for name, value in client_headers:
         low = name.lower()
-        if (
-            low in HOP_BY_HOP
-            or low in CLIENT_CREDENTIALS
-            or low in MANAGED
-            or low in named_by_connection
-            or low.startswith(("x-forwarded-", "proxy-", "x-gateway-"))
-            or low == "forwarded"
-        ):
+        if low in _DROP or low.startswith(_DROP_PREFIXES):
+            if low == "connection":
+                named_by_connection.update(t.strip().lower() for t in value.split(","))
             continue
         out.append((low, value))
+    if named_by_connection:
+        out = [(n, v) for n, v in out if n not in named_by_connection]
     for name, value in extra.items():
         out.append((name.lower(), value))
     for name, value in provider_headers.items():
@@ -83,7 +79,10 @@ def upstream_request_headers(
 
 
 #: Upstream response headers worth passing on (renamed so they cannot be confused with ours).
-_PASS_UPSTREAM = {"x-request-id": "x-upstream-request-id", "openai-processing-ms": "openai-processing-ms"}
+_PASS_UPSTREAM = {
+    "x-request-id": "x-upstream-request-id",
+    "openai-processing-ms": "openai-processing-ms",
+}
 
 
 def client_response_headers(upstream: Mapping[str, str]) -> list[tuple[bytes, bytes]]:

@@ -4,26 +4,46 @@ Label values come only from configuration (model names of the catalogue, endpoin
 classes), so a client cannot create series by inventing model names. With several worker
 processes, ``PROMETHEUS_MULTIPROC_DIR`` is set by the CLI before this module is imported and
 ``/metrics`` aggregates all workers.
+
+In one process (the default) the core's series are plain Python numbers that a collector turns
+into the usual exposition at scrape time. prometheus_client's own ``Counter``/``Histogram``
+validate, take a lock per value and scan the buckets on every update: the seven updates of a
+request cost about as much CPU as the rest of the accounting. Worker processes need
+prometheus_client's metrics, whose values live in the files ``/metrics`` aggregates.
 """
 
 from __future__ import annotations
 
 import os
+import time
+import weakref
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
 
 class _Children:
-    """``metric.labels(...)`` memoised: prometheus_client validates and locks on every call,
-    which showed in the per-request profile. Label values come from configuration, so the
-    cache is bounded."""
+    """``metric.labels(...)`` memoised: prometheus_client validates and locks on every call.
+    Label values come from configuration, so the cache is bounded."""
 
     __slots__ = ("_cache", "_metric")
 
@@ -38,60 +58,190 @@ class _Children:
         return child
 
 
+class _CounterChild:
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        # A counter never goes down; a negative amount (an upstream's odd usage) is ignored
+        # rather than raised, so accounting cannot fail on it.
+        if amount > 0:
+            self.value += amount
+
+
+class _HistogramChild:
+    __slots__ = ("bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        self.counts[bisect_left(self.bounds, amount)] += 1
+
+
+class _Family:
+    """One counter or histogram with labels, in one process."""
+
+    def __init__(
+        self, name: str, doc: str, labelnames: Sequence[str],
+        buckets: Sequence[float] | None = None,
+    ) -> None:  # fmt: skip
+        self.name = name.removesuffix("_total") if buckets is None else name
+        self.doc = doc
+        self.labelnames = tuple(labelnames)
+        self.bounds = (*buckets, float("inf")) if buckets is not None else None
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+            child = _CounterChild() if self.bounds is None else _HistogramChild(self.bounds)
+            self._children[values] = child
+        return child
+
+    def inc(self, amount: float = 1) -> None:
+        """For a family without labels."""
+        self.labels().inc(amount)
+
+    def collect(self) -> Metric:
+        # A copy first: a scrape from another thread may run while requests add children.
+        children = list(self._children.items())
+        if self.bounds is None:
+            counter = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+            for values, child in children:
+                counter.add_metric(values, child.value, created=child.created)
+            return counter
+        hist = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        les = [floatToGoString(b) for b in self.bounds]
+        for values, child in children:
+            total, buckets = 0, []
+            for le, count in zip(les, list(child.counts), strict=True):
+                total += count
+                buckets.append((le, total))
+            hist.add_metric(values, buckets, child.sum)
+            hist.add_sample(
+                self.name + "_created", dict(zip(self.labelnames, values, strict=True)),
+                child.created,
+            )  # fmt: skip
+        return hist
+
+
+class _InFlight:
+    """Requests being handled, summed over the live gateways of this process at scrape time
+    (``Gateway.in_flight`` already counts them: no per-request update at all)."""
+
+    def __init__(self) -> None:
+        self.sources: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def collect(self) -> Metric:
+        gauge = GaugeMetricFamily("gateway_in_flight_requests", "Requests being handled now.")
+        gauge.add_metric([], sum(s.in_flight for s in list(self.sources)))
+        return gauge
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.families: list[Any] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.collect()
+
+
+_COLLECTOR = _Collector()
+
+
+def _counter(name: str, doc: str, labelnames: Sequence[str] = ()) -> Any:
+    if MULTIPROCESS:
+        metric = Counter(name, doc, labelnames)
+        return _Children(metric) if labelnames else metric
+    family = _Family(name, doc, labelnames)
+    _COLLECTOR.families.append(family)
+    return family
+
+
+def _histogram(name: str, doc: str, labelnames: Sequence[str], buckets: Sequence[float]) -> Any:
+    if MULTIPROCESS:
+        return _Children(Histogram(name, doc, labelnames, buckets=buckets))
+    family = _Family(name, doc, labelnames, buckets)
+    _COLLECTOR.families.append(family)
+    return family
+
+
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
 )  # fmt: skip
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 
-REQUESTS = _Children(Counter(
+REQUESTS = _counter(
     "gateway_requests_total",
     "Requests answered, by endpoint, public model, provider and status code.",
     ["endpoint", "model", "provider", "status"],
-))
-LATENCY = _Children(Histogram(
+)
+LATENCY = _histogram(
     "gateway_request_duration_seconds",
     "Total time from request to last byte.",
     ["endpoint", "model"],
-    buckets=_LATENCY_BUCKETS,
-))
-UPSTREAM_LATENCY = _Children(Histogram(
+    _LATENCY_BUCKETS,
+)
+UPSTREAM_LATENCY = _histogram(
     "gateway_upstream_duration_seconds",
     "Time spent waiting on the upstream (first attempt to last byte).",
     ["model", "provider"],
-    buckets=_LATENCY_BUCKETS,
-))
-TTFT = _Children(Histogram(
+    _LATENCY_BUCKETS,
+)
+TTFT = _histogram(
     "gateway_time_to_first_token_seconds",
     "Time from request to the first streamed byte sent to the client.",
     ["model"],
-    buckets=_LATENCY_BUCKETS,
-))
-OVERHEAD = _Children(Histogram(
+    _LATENCY_BUCKETS,
+)
+OVERHEAD = _histogram(
     "gateway_overhead_seconds",
     "Time the gateway itself added (total minus upstream).",
     ["endpoint"],
-    buckets=_OVERHEAD_BUCKETS,
-))
-TOKENS = _Children(Counter(
-    "gateway_tokens_total", "Tokens by model and type.", ["model", "type"]
-))
-UPSTREAM_ERRORS = _Children(Counter(
+    _OVERHEAD_BUCKETS,
+)
+TOKENS = _counter("gateway_tokens_total", "Tokens by model and type.", ["model", "type"])
+UPSTREAM_ERRORS = _counter(
     "gateway_upstream_errors_total",
     "Failed upstream attempts by deployment and error type.",
     ["deployment", "error"],
-))
-IN_FLIGHT = Gauge(
-    "gateway_in_flight_requests",
-    "Requests being handled now.",
-    multiprocess_mode="livesum",
 )
-DISCONNECTS = Counter(
+DISCONNECTS = _counter(
     "gateway_client_disconnects_total", "Clients that went away before the answer ended."
 )
 
+#: In worker processes a ``livesum`` gauge updated per request; in one process, read from the
+#: gateways registered with :func:`track_in_flight` when scraped.
+IN_FLIGHT: Gauge | None = None
+_IN_FLIGHT = _InFlight()
+if MULTIPROCESS:
+    IN_FLIGHT = Gauge(
+        "gateway_in_flight_requests", "Requests being handled now.", multiprocess_mode="livesum"
+    )
+else:
+    _COLLECTOR.families.append(_IN_FLIGHT)
+    REGISTRY.register(_COLLECTOR)
+
+
+def track_in_flight(gateway: Any) -> None:
+    """Count ``gateway.in_flight`` in ``gateway_in_flight_requests`` (one process; held
+    weakly, so a gateway that is gone stops counting)."""
+    _IN_FLIGHT.sources.add(gateway)
+
 
 def render() -> tuple[bytes, str]:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if MULTIPROCESS:
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()

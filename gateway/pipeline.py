@@ -46,16 +46,42 @@ def build_pipeline(settings: Settings, registry: dict[str, Any] | None = None) -
     return plugins
 
 
+#: (plugin class, hook names) -> whether the class overrides any of them; classes are fixed
+#: at startup, so this stays small.
+_OVERRIDES: dict[tuple[type, tuple[str, ...]], bool] = {}
+
+
+def hooked(plugins: list[Plugin], *hooks: str) -> list[Plugin]:
+    """The plugins of ``plugins`` that override one of ``hooks``, in order. Calling the base
+    class's no-op hook still costs a coroutine per plugin per request, so the core skips it."""
+    out = []
+    for plugin in plugins:
+        key = (type(plugin), hooks)
+        has = _OVERRIDES.get(key)
+        if has is None:
+            has = _OVERRIDES[key] = any(plugin.overrides(h) for h in hooks)
+        if has:
+            out.append(plugin)
+    return out
+
+
 class Pipeline:
     def __init__(self, plugins: list[Plugin]) -> None:
         self.plugins = plugins
-        self.header_hooks = [p for p in plugins if p.overrides("on_headers")]
-        self.has_chunk_hooks = any(
-            p.overrides("on_chunk") or p.overrides("on_stream_end") for p in plugins
-        )
+        self.header_hooks = hooked(plugins, "on_headers")
+        self.has_chunk_hooks = bool(hooked(plugins, "on_chunk", "on_stream_end"))
+        self.has_attempt_hooks = bool(hooked(plugins, "on_attempt"))
+        #: Plugins per endpoint, in order (what a plugin applies to is fixed once it is built).
+        self._for: dict[str, list[Plugin]] = {}
 
     def find(self, name: str) -> Plugin | None:
         return next((p for p in self.plugins if p.name == name), None)
+
+    def for_endpoint(self, endpoint: str) -> list[Plugin]:
+        plugins = self._for.get(endpoint)
+        if plugins is None:
+            plugins = self._for[endpoint] = [p for p in self.plugins if p.applies_to(endpoint)]
+        return plugins
 
     async def run_headers(self, ctx: RequestContext) -> None:
         for plugin in self.header_hooks:
@@ -64,9 +90,7 @@ class Pipeline:
 
     async def run_request(self, ctx: RequestContext, ran: list[Plugin]) -> Response | None:
         """Run ``on_request`` down the list; ``ran`` collects the plugins reached."""
-        for plugin in self.plugins:
-            if not plugin.applies_to(ctx.endpoint):
-                continue
+        for plugin in self.for_endpoint(ctx.endpoint):
             ran.append(plugin)
             answer = await plugin.on_request(ctx)
             if answer is not None:
@@ -77,6 +101,8 @@ class Pipeline:
     async def run_chunk(
         ran: list[Plugin], ctx: RequestContext, chunk: dict[str, Any]
     ) -> list[dict[str, Any]]:
+        if len(ran) == 1:  # the usual case (the output guard): no lists to build
+            return await ran[0].on_chunk(ctx, chunk)
         chunks = [chunk]
         for plugin in reversed(ran):
             out: list[dict[str, Any]] = []

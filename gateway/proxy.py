@@ -7,12 +7,11 @@ gateway spends its time.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -32,6 +31,8 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.headers import client_response_headers
+from gateway.pipeline import hooked
+from gateway.providers.base import upstream_timeout
 from gateway.stream import relay_stream
 from gateway.validate import EXTENSION_FIELDS, validate_chat, validate_embeddings
 
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.proxy")
 
-Scope = dict[str, Any]
+Scope = MutableMapping[str, Any]
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -53,29 +54,44 @@ def new_request_id(given: str | None) -> str:
     return os.urandom(12).hex()
 
 
+#: Lower-cased header names by their raw bytes: the same few names arrive on every request.
+_NAMES: dict[bytes, str] = {}
+_MAX_NAMES = 512  # names are client-chosen: past this many, decode without caching
+
+
+#: Encoded response header names (plugins set the same few on every request).
+_RAW_NAMES: dict[str, bytes] = {}
+
+
 def parse_headers(scope: Scope) -> tuple[dict[str, str], list[tuple[str, str]]]:
     joined: dict[str, str] = {}
     pairs: list[tuple[str, str]] = []
+    names = _NAMES
     for raw_name, raw_value in scope["headers"]:
-        name = raw_name.decode("latin-1").lower()
+        name = names.get(raw_name)
+        if name is None:
+            name = raw_name.decode("latin-1").lower()
+            if len(names) < _MAX_NAMES:
+                names[raw_name] = name
         value = raw_value.decode("latin-1")
         pairs.append((name, value))
-        joined[name] = f"{joined[name]}, {value}" if name in joined else value
+        joined[name] = joined[name] + ", " + value if name in joined else value
     return joined, pairs
 
 
 def new_context(scope: Scope, endpoint: str) -> RequestContext:
     headers, pairs = parse_headers(scope)
     client = scope.get("client")
+    # Positional: keyword arguments cost a third more in this dataclass's __init__.
     return RequestContext(
-        request_id=new_request_id(headers.get("x-request-id")),
-        endpoint=endpoint,
-        path=scope["path"],
-        method=scope["method"],
-        headers=headers,
-        raw_headers=pairs,
-        body={},
-        client=client[0] if client else "",
+        new_request_id(headers.get("x-request-id")),  # request_id
+        endpoint,
+        scope["path"],
+        scope["method"],
+        headers,
+        pairs,  # raw_headers
+        {},  # body
+        client[0] if client else "",
     )
 
 
@@ -83,8 +99,15 @@ def response_headers(
     ctx: RequestContext, extra: list[tuple[bytes, bytes]] | None = None
 ) -> list[tuple[bytes, bytes]]:
     out = [(b"x-request-id", ctx.request_id.encode())]
+    names = _RAW_NAMES
     for name, value in ctx.response_headers.items():
-        out.append((name.encode("latin-1"), str(value).encode("latin-1", "replace")))
+        raw = names.get(name)
+        if raw is None:
+            raw = name.encode("latin-1")
+            if len(names) < _MAX_NAMES:
+                names[name] = raw
+        text = value if type(value) is str else str(value)
+        out.append((raw, text.encode("latin-1", "replace")))
     if extra:
         out.extend(extra)
     return out
@@ -128,7 +151,7 @@ async def read_body(receive: Any, ctx: RequestContext, limit: int) -> bytes:
 
 def check_content_type(ctx: RequestContext) -> None:
     ctype = ctx.headers.get("content-type", "")
-    if ctype.split(";", 1)[0].strip().lower() != "application/json":
+    if ctype != "application/json" and ctype.split(";", 1)[0].strip().lower() != "application/json":
         raise UnsupportedMediaTypeError("Content-Type must be application/json")
 
 
@@ -151,7 +174,8 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
     ran: list[Plugin] = []
     responded = False
     gw.in_flight += 1
-    metrics.IN_FLIGHT.inc()
+    if metrics.IN_FLIGHT is not None:  # worker processes; otherwise read from gw.in_flight
+        metrics.IN_FLIGHT.inc()
     try:
         if gw.pipeline.header_hooks:
             await gw.pipeline.run_headers(ctx)
@@ -203,7 +227,8 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
             await send_error(send, ctx, GatewayError("internal error"))
     finally:
         gw.in_flight -= 1
-        metrics.IN_FLIGHT.dec()
+        if metrics.IN_FLIGHT is not None:
+            metrics.IN_FLIGHT.dec()
         if ctx.finished is None:
             ctx.finished = time.perf_counter()
         if "response_done" not in ctx.scratch:
@@ -216,7 +241,7 @@ async def finish_response_phase(ran: list[Plugin], ctx: RequestContext) -> Gatew
     raises. Returns the first ``GatewayError`` raised."""
     ctx.scratch["response_done"] = {}
     first: GatewayError | None = None
-    for plugin in reversed(ran):
+    for plugin in reversed(hooked(ran, "on_response")):
         try:
             await plugin.on_response(ctx)
         except GatewayError as err:
@@ -232,6 +257,8 @@ async def finish_response_phase(ran: list[Plugin], ctx: RequestContext) -> Gatew
 
 
 def upstream_body(ctx: RequestContext, model: str) -> dict[str, Any]:
+    if EXTENSION_FIELDS.isdisjoint(ctx.body):
+        return {**ctx.body, "model": model}
     body = {k: v for k, v in ctx.body.items() if k not in EXTENSION_FIELDS}
     body["model"] = model
     return body
@@ -245,7 +272,7 @@ async def open_upstream(
     if not ctx.candidates:
         assert ctx.deployment is not None
         ctx.candidates = [ctx.deployment]
-    hooks = [p for p in ran if p.overrides("on_attempt")]
+    hooks = hooked(ran, "on_attempt") if gw.pipeline.has_attempt_hooks else []
     last: GatewayError | None = None
     while ctx.candidates:
         if ctx.deadline is not None and time.perf_counter() >= ctx.deadline:
@@ -265,7 +292,7 @@ async def open_upstream(
             else:
                 # The request's deadline bounds each attempt too, not only the start of the next.
                 try:
-                    async with asyncio.timeout(max(0.0, ctx.deadline - started)):
+                    with upstream_timeout(max(0.0, ctx.deadline - started)):
                         resp, first = await attempt(gw, ctx, provider, body)
                 except TimeoutError:
                     raise UpstreamTimeoutError(
@@ -284,8 +311,9 @@ async def open_upstream(
             if not err.retryable:
                 raise
             continue
-        elapsed = time.perf_counter() - started
-        ctx.upstream_first_byte = time.perf_counter()
+        now = time.perf_counter()
+        elapsed = now - started
+        ctx.upstream_first_byte = now
         ctx.attempt_log.append(
             {"deployment": dep.id, "provider": dep.provider, "status": resp.status,
              "error": None, "ms": round(elapsed * 1000, 2)}
@@ -310,11 +338,14 @@ async def attempt(
     return resp, await first_bytes(resp, gw.settings.upstream.first_byte_timeout_s)
 
 
-async def first_bytes(resp: UpstreamResponse, timeout: float) -> tuple[bytes, AsyncIterator[bytes]]:
-    """Wait (bounded) for the stream's first bytes; returns them and the iterator to go on."""
+async def first_bytes(
+    resp: UpstreamResponse, limit_s: float
+) -> tuple[bytes, AsyncIterator[bytes]]:
+    """Wait (at most ``limit_s``) for the stream's first bytes; returns them and the iterator
+    to go on."""
     it = aiter(resp.iter_bytes())
     try:
-        async with asyncio.timeout(timeout):
+        with upstream_timeout(limit_s):
             while True:
                 data = await anext(it)
                 if data:

@@ -24,7 +24,7 @@ import orjson
 from gateway import metrics
 from gateway.context import Usage
 from gateway.errors import GatewayError, UpstreamError
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Pipeline, hooked
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -40,15 +40,27 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _DONE = b"data: [DONE]\n\n"
-_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+#: Searched with ``bytes.find``: ``x in some_bytes`` first tries ``x`` as an integer and
+#: formats (then discards) a TypeError, several times the cost of the search itself.
+_USAGE_KEY = b'"usage":'
 
 
-def _has_usage(event: bytes) -> bool:
-    return _USAGE_MARKERS[0] in event or _USAGE_MARKERS[1] in event
+def _usage_at(data: bytes, start: int = 0) -> int:
+    """Where the first ``"usage":{`` or ``"usage": {`` at or after ``start`` is, or -1 (one
+    pass over the bytes: ``"usage":null`` chunks are skipped here)."""
+    at = data.find(_USAGE_KEY, start)
+    while at != -1:
+        after = at + len(_USAGE_KEY)
+        if data[after : after + 1] == b"{" or data[after : after + 2] == b" {":
+            return at
+        at = data.find(_USAGE_KEY, after)
+    return -1
 
 
 def _payload(event: bytes) -> bytes | None:
     """The data of one SSE event (several ``data:`` lines are joined per the SSE spec)."""
+    if event.startswith(b"data:") and event.find(b"\n") == -1:  # the usual one-line event
+        return event[5:].lstrip(b" ")
     data = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
     if not data:
         return None
@@ -61,7 +73,7 @@ class _Relay:
         keep_text: bool = False,
     ) -> None:  # fmt: skip
         self.ctx = ctx
-        #: Keep every forwarded event (fast mode) so the completion text can be logged.
+        #: Keep every forwarded event so the completion text can be logged.
         self.keep_text = keep_text
         self.hooks = hooks
         self.client_wants_usage = client_wants_usage
@@ -71,13 +83,13 @@ class _Relay:
         self.usage: Usage | None = None
         self.saw_done = False
         #: Forwarded events kept until the upstream's usage shows up (then dropped), so the
-        #: completion can still be counted if it never does.
+        #: completion can still be counted if it never does (all of them with ``keep_text``).
+        #: Parsed mode keeps what it sent, after the plugins' changes.
         self.kept: list[bytes] = []
-        self.text: list[str] = []
 
     async def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return what to send to the client now."""
-        if b"\r" in data:
+        if data.find(b"\r") != -1:
             data = data.replace(b"\r\n", b"\n")
         buf = self.buffer + data if self.buffer else data
         cut = buf.rfind(b"\n\n")
@@ -93,17 +105,23 @@ class _Relay:
             complete = complete[: -len(_DONE)]
         if self.keep_text:
             self.kept.append(complete)
-        if not _has_usage(complete):
+        at = _usage_at(complete)
+        if at == -1:
             if self.usage is None and not self.keep_text:
                 self.kept.append(complete)
             return complete
+        # Only the events carrying usage are parsed; the bytes around them pass as they came.
         out: list[bytes] = []
-        for event in complete.split(b"\n\n"):
-            if not event:
-                continue
-            if _has_usage(event) and self._take_usage(event):
-                continue
-            out.append(event + b"\n\n")
+        done = 0  # complete[:done] is decided
+        while at != -1:
+            start = complete.rfind(b"\n\n", done, at)
+            start = done if start == -1 else start + 2
+            end = complete.find(b"\n\n", at) + 2  # complete ends with an event's "\n\n"
+            if self._take_usage(complete[start : end - 2]):
+                out.append(complete[done:start])
+                done = end
+            at = _usage_at(complete, end)
+        out.append(complete[done:])
         return b"".join(out)
 
     def _take_usage(self, event: bytes) -> bool:
@@ -124,10 +142,18 @@ class _Relay:
 
     async def _parsed(self, complete: bytes) -> bytes:
         out: list[bytes] = []
+        hooks, ctx = self.hooks, self.ctx
+        only = hooks[0] if len(hooks) == 1 else None
         for event in complete.split(b"\n\n"):
-            payload = _payload(event) if event else None
-            if payload is None:
+            if not event:
                 continue
+            if event.startswith(b"data:") and event.find(b"\n") == -1:  # as _payload, inline
+                payload = event[5:].lstrip(b" ")
+            else:
+                found = _payload(event)
+                if found is None:
+                    continue
+                payload = found
             if payload == b"[DONE]":
                 self.saw_done = True
                 continue
@@ -146,33 +172,34 @@ class _Relay:
                     if self.client_wants_usage:
                         out.append(event + b"\n\n")
                 continue
-            for chunk in await Pipeline.run_chunk(self.hooks, self.ctx, obj):
-                out.append(self._encode(chunk))
-        return b"".join(out)
+            if only is not None:
+                chunks = await only.on_chunk(ctx, obj)
+            else:
+                chunks = await Pipeline.run_chunk(hooks, ctx, obj)
+            for chunk in chunks:
+                out.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        return self._keep(b"".join(out))
 
-    def _encode(self, chunk: dict[str, Any]) -> bytes:
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                self.text.append(delta["content"])
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+    def _keep(self, data: bytes) -> bytes:
+        """Parsed mode: keep what the client gets while its text may still be needed."""
+        if data and (self.usage is None or self.keep_text):
+            self.kept.append(data)
+        return data
 
     async def end(self) -> bytes:
         """The upstream is done: return the last bytes for the client (held chunks, [DONE])."""
         out = await self.feed(b"\n\n") if self.buffer.strip() else b""
         if self.hooks:
             released = await Pipeline.run_stream_end(self.hooks, self.ctx)
-            out += b"".join(self._encode(c) for c in released)
+            out += self._keep(b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in released))
         if not self.saw_done:
             self.pending = out
             raise UpstreamError("the upstream stream ended before it was complete")
         return out + _DONE
 
     def completion_text(self) -> str:
-        """The text the client received: collected as chunks were encoded (parsed mode), or
-        parsed back from the kept events (fast mode)."""
-        if self.hooks:
-            return "".join(self.text)
+        """The text the client received, parsed back from the kept events (only needed when
+        the upstream sent no usage, or to log the text)."""
         parts: list[str] = []
         for block in self.kept:
             for event in block.split(b"\n\n"):
@@ -202,6 +229,51 @@ class _Relay:
         )
 
 
+#: A stream still running this long after its first read gets a task that watches for the
+#: client going away. A fast upstream's answer is usually over by then, so it never pays for
+#: the task; a disconnect is still noticed at most this much later.
+WATCH_AFTER_S = 0.1
+
+
+class _Watch:
+    """Cancels the relaying task when the client disconnects (started after WATCH_AFTER_S)."""
+
+    __slots__ = ("active", "disconnected", "main", "receive", "task", "timer")
+
+    def __init__(self, receive: Any) -> None:
+        main = asyncio.current_task()
+        assert main is not None
+        self.main = main
+        self.receive = receive
+        self.active = True
+        self.disconnected = False
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            WATCH_AFTER_S, self._start
+        )
+
+    def _start(self) -> None:
+        self.timer = None
+        if self.active:
+            self.task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                if self.active:
+                    self.disconnected = True
+                    self.main.cancel()
+                return
+
+    def stop(self) -> None:
+        self.active = False
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+
+
 async def relay_stream(
     gw: Gateway,
     ctx: RequestContext,
@@ -216,30 +288,13 @@ async def relay_stream(
 ) -> None:
     from gateway.proxy import response_headers
 
-    hooks = (
-        [p for p in ran if p.overrides("on_chunk") or p.overrides("on_stream_end")]
-        if gw.pipeline.has_chunk_hooks
-        else []
-    )
+    hooks = hooked(ran, "on_chunk", "on_stream_end") if gw.pipeline.has_chunk_hooks else []
     keep_text = gw.settings.logging.include_text
     relay = _Relay(ctx, hooks, client_wants_usage, keep_text)
     headers = response_headers(ctx, SSE_HEADERS)
     headers.extend(extra)
     ctx.status = 200
-    main = asyncio.current_task()
-    assert main is not None
-    state = {"active": True, "disconnected": False}
-
-    async def watch_disconnect() -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if state["active"]:
-                    state["disconnected"] = True
-                    main.cancel()
-                return
-
-    watcher: asyncio.Task[None] | None = None
+    watch: _Watch | None = None
     final = b""
     try:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -248,9 +303,9 @@ async def relay_stream(
         # Forward each read at once, except after [DONE]: then only the end of the upstream
         # body can follow, and the last bytes go out in one write with the terminating chunk.
         if not relay.saw_done:
-            # Only a stream still running needs a watcher (a task per request): a fast upstream
-            # often delivers the whole answer, [DONE] included, in the first read.
-            watcher = asyncio.create_task(watch_disconnect())
+            # Only a stream still running needs watching: a fast upstream often delivers the
+            # whole answer, [DONE] included, in the first read.
+            watch = _Watch(receive)
             if relay.pending:
                 await send({"type": "http.response.body", "body": relay.pending, "more_body": True})
                 relay.pending = b""
@@ -264,14 +319,13 @@ async def relay_stream(
         ctx.error_type = err.type
         final = relay.pending + b"data: " + err.body() + b"\n\n"
     except asyncio.CancelledError:
-        if not state["disconnected"]:
+        if watch is None or not watch.disconnected:
             raise
-        main.uncancel()
+        watch.main.uncancel()
         ctx.client_disconnected = True
     finally:
-        state["active"] = False
-        if watcher is not None:
-            watcher.cancel()
+        if watch is not None:
+            watch.stop()
         resp.close()
         ctx.finished = time.perf_counter()
         ctx.usage = relay.final_usage()

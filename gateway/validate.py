@@ -70,11 +70,18 @@ PART_TYPES = {
 }
 
 
+_CHAT_ALLOWED = CHAT_FIELDS | EXTENSION_FIELDS
+# The fast path of _check_fields (all keys known) relies on this.
+assert FORBIDDEN.isdisjoint(_CHAT_ALLOWED | EMBEDDING_FIELDS)
+
+
 def _bad(message: str, param: str) -> InvalidRequestError:
     return InvalidRequestError(message, param=param)
 
 
 def _check_fields(body: dict[str, Any], allowed: frozenset[str], extra: tuple[str, ...]) -> None:
+    if allowed.issuperset(body):  # the usual case: only standard fields, none forbidden
+        return
     for key in body:
         if key in FORBIDDEN:
             raise InvalidRequestError(
@@ -115,17 +122,26 @@ def _model(body: dict[str, Any]) -> str:
     return model
 
 
+_PLAIN_ROLES = ROLES - {"tool"}
+
+
 def _message(i: int, msg: Any) -> None:
-    where = f"messages[{i}]"
     if not isinstance(msg, dict):
-        raise _bad(f"'{where}' must be an object", where)
+        raise _bad(f"'messages[{i}]' must be an object", f"messages[{i}]")
     role = msg.get("role")
+    content = msg.get("content")
+    # The usual message ({"role", "content": str}, not a tool answer): nothing more to check.
+    if len(msg) == 2 and type(content) is str and type(role) is str and role in _PLAIN_ROLES:
+        return
+    _check_message(f"messages[{i}]", msg, role, content)
+
+
+def _check_message(where: str, msg: dict[str, Any], role: Any, content: Any) -> None:
     # isinstance first: an unhashable role (a list, an object) would make ``in`` raise.
     if not isinstance(role, str) or role not in ROLES:
         raise _bad(
             f"'{where}.role' must be one of {', '.join(sorted(ROLES))}", f"{where}.role"
         )
-    content = msg.get("content")
     if content is None:
         if role not in ("assistant", "function") or not (
             msg.get("tool_calls") or msg.get("function_call")
@@ -167,9 +183,15 @@ def _message(i: int, msg: Any) -> None:
                 raise _bad(f"'{where}.tool_calls[{j}]' is malformed", f"{where}.tool_calls[{j}]")
 
 
+_CHAT_NUMBERS = (
+    ("temperature", 0, 2), ("top_p", 0, 1), ("frequency_penalty", -2, 2),
+    ("presence_penalty", -2, 2),
+)  # fmt: skip
+
+
 def validate_chat(body: dict[str, Any], cfg: RequestsConfig) -> str:
     """Validate a chat completion request in place; returns the model name."""
-    _check_fields(body, CHAT_FIELDS | EXTENSION_FIELDS, cfg.extra_params)
+    _check_fields(body, _CHAT_ALLOWED, cfg.extra_params)
     model = _model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -187,15 +209,20 @@ def validate_chat(body: dict[str, Any], cfg: RequestsConfig) -> str:
             raise _bad("'stream_options' must be an object", "stream_options")
         if not stream:
             raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
-    _number(body, "temperature", 0, 2)
-    _number(body, "top_p", 0, 1)
-    _number(body, "frequency_penalty", -2, 2)
-    _number(body, "presence_penalty", -2, 2)
-    _int(body, "max_tokens", 1, cfg.max_tokens)
-    _int(body, "max_completion_tokens", 1, cfg.max_tokens)
-    _int(body, "n", 1, cfg.max_n)
-    _int(body, "top_logprobs", 0, 20)
-    _int(body, "seed", -(2**63), 2**63 - 1)
+    # Each check only for a field that is there (most requests carry a few of them).
+    for key, lo, hi in _CHAT_NUMBERS:
+        if key in body:
+            _number(body, key, lo, hi)
+    if "max_tokens" in body:
+        _int(body, "max_tokens", 1, cfg.max_tokens)
+    if "max_completion_tokens" in body:
+        _int(body, "max_completion_tokens", 1, cfg.max_tokens)
+    if "n" in body:
+        _int(body, "n", 1, cfg.max_n)
+    if "top_logprobs" in body:
+        _int(body, "top_logprobs", 0, 20)
+    if "seed" in body:
+        _int(body, "seed", -(2**63), 2**63 - 1)
     stop = body.get("stop")
     if stop is not None and not (
         isinstance(stop, str)

@@ -114,6 +114,15 @@ def test_embeddings_go_through_the_gateway(gw: Any) -> None:
         ({"model": "demo", "messages": MSG, "n": 3}, "n"),
         ({"model": "demo", "messages": MSG, "stream": "yes"}, "stream"),
         ({"model": "demo", "messages": MSG, "frobnicate": 1}, "frobnicate"),
+        # Two-key messages are checked on a fast path: a tool answer still needs its id.
+        ({"model": "demo", "messages": [{"role": "tool", "content": "x"}]},
+         "messages[0].tool_call_id"),
+        ({"model": "demo", "messages": [*MSG, {"role": "user", "content": "x", "name": 5}]},
+         "messages[1].name"),
+        ({"model": "demo", "messages": [{"role": "user", "content": None}]},
+         "messages[0].content"),
+        ({"model": "demo", "messages": MSG, "top_p": 3}, "top_p"),
+        ({"model": "demo", "messages": MSG, "seed": 2**64}, "seed"),
     ],
 )  # fmt: skip
 def test_schema_errors_are_400_naming_the_param(gw: Any, body: dict[str, Any], param: str) -> None:
@@ -269,7 +278,8 @@ def test_health_readiness_and_metrics(gw: Any) -> None:
     assert httpx.get(f"{gw.url}/readyz").status_code == 200
     gw.openai().chat.completions.create(model="demo", messages=MSG)
     text = httpx.get(f"{gw.url}/metrics").text
-    assert 'gateway_requests_total{endpoint="chat",model="demo",provider="openai",status="200"}' in text
+    series = 'gateway_requests_total{endpoint="chat",model="demo",provider="openai",status="200"}'
+    assert series in text
     assert "gateway_request_duration_seconds_bucket" in text
     assert "CANARY" not in text
 

@@ -113,3 +113,24 @@ async def test_relay_normalises_crlf_framing_and_events_split_across_reads() -> 
     out = b"".join(sent)
     assert out == b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: [DONE]\n\n'
     assert relay.usage is not None and relay.usage.prompt_tokens == 4
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("wants_usage", [False, True])
+async def test_relay_drops_only_the_usage_event_and_passes_the_other_bytes_as_they_came(
+    wants_usage: bool,
+) -> None:
+    # One read holding content, a usage-only chunk, a chunk with both choices and usage (never
+    # dropped), more content and [DONE]: only the usage-only event may go, unless asked for.
+    from gateway.context import RequestContext
+    from gateway.stream import _Relay
+
+    a = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+    usage = b'data: {"choices":[],"usage": {"prompt_tokens":4,"completion_tokens":2}}\n\n'
+    both = b'data: {"choices":[{"delta":{}}],"usage":{"prompt_tokens":9,"completion_tokens":1}}\n\n'
+    b = b'data: {"choices":[{"delta":{"content":"b"}}]}\n\n'
+    ctx = RequestContext("r", "chat", "/v1/chat/completions", "POST", {}, [], {})
+    relay = _Relay(ctx, [], wants_usage)
+    out = await relay.feed(a + usage + both + b + b"data: [DONE]\n\n") + await relay.end()
+    assert out == a + (usage if wants_usage else b"") + both + b + b"data: [DONE]\n\n"
+    assert relay.usage is not None and relay.usage.prompt_tokens == 9  # the last one counts

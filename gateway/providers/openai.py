@@ -25,7 +25,7 @@ class AiohttpResponse(UpstreamResponse):
         self._provider = provider
 
     async def json(self) -> dict[str, Any]:
-        async with upstream_errors(self._provider):
+        with upstream_errors(self._provider):
             raw = await self._resp.read()
         try:
             data = orjson.loads(raw)
@@ -40,7 +40,7 @@ class AiohttpResponse(UpstreamResponse):
         return data
 
     async def iter_bytes(self) -> AsyncIterator[bytes]:  # type: ignore[override]
-        async with upstream_errors(self._provider):
+        with upstream_errors(self._provider):
             async for data in self._resp.content.iter_any():
                 yield data
 
@@ -67,15 +67,12 @@ class OpenAIProvider(Provider):
             headers["authorization"] = f"Bearer {self.deployment.api_key}"
         return headers
 
-    async def _post(self, ctx: RequestContext, path: str, body: dict[str, Any]) -> UpstreamResponse:
-        return AiohttpResponse(await self.post(ctx, path, body), self.name)
-
     async def chat(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:
         if body.get("stream") and self.deployment.stream_usage:
             opts = dict(body.get("stream_options") or {})
             opts["include_usage"] = True
             body["stream_options"] = opts
-        return await self._post(ctx, "/chat/completions", body)
+        return AiohttpResponse(await self.post(ctx, "/chat/completions", body), self.name)
 
     async def embeddings(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:
-        return await self._post(ctx, "/embeddings", body)
+        return AiohttpResponse(await self.post(ctx, "/embeddings", body), self.name)

@@ -38,7 +38,10 @@ MAX_CREDENTIAL_BYTES = 8192
 def effective_endpoint(ctx: RequestContext) -> str:
     """The endpoint to authorize: the core's label, but any ``/admin`` or ``/metrics`` path
     counts as such whatever the label says (decided on the ASGI path, never the Host)."""
-    first = ctx.path.lstrip("/").split("/", 1)[0]
+    path = ctx.path
+    if "admin" not in path and "metrics" not in path:  # the proxied routes: nothing to split
+        return ctx.endpoint
+    first = path.lstrip("/").split("/", 1)[0]
     if first == "admin":
         return "admin"
     if first == "metrics":
@@ -156,7 +159,9 @@ class AuthPlugin(Plugin):
             if scheme.lower() != "bearer":
                 raise AuthFailure("authorization scheme is not Bearer")
             token = token.strip()
-            if xkey is not None and not hmac.compare_digest(xkey.strip().encode("latin-1"), token.encode("latin-1")):
+            if xkey is not None and not hmac.compare_digest(
+                xkey.strip().encode("latin-1"), token.encode("latin-1")
+            ):
                 raise AuthFailure("authorization and x-api-key disagree")
         if not token:
             raise AuthFailure("empty credential")

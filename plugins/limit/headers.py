@@ -16,19 +16,19 @@ def format_duration(seconds: float) -> str:
     if ms < 1000:
         return f"{ms}ms"
     total = ms / 1000
+    if ms < 60000:  # the usual reset time, on every response: the short way
+        return f"{total:.3f}".rstrip("0").rstrip(".") + "s"
     hours, rest = divmod(int(total), 3600)
     minutes = rest // 60
     secs = total - hours * 3600 - minutes * 60
     sec_text = f"{secs:.3f}".rstrip("0").rstrip(".")
-    if total < 60:
-        return f"{sec_text}s"
     return (f"{hours}h" if hours else "") + f"{minutes}m{sec_text}s"
 
 
 def tightest(usages: list[Usage]) -> Usage | None:
     """Of several limits on one request, the one with the least left (then the smallest)."""
-    if not usages:
-        return None
+    if len(usages) < 2:
+        return usages[0] if usages else None
     return min(usages, key=lambda u: (u.remaining, u.limit))
 
 

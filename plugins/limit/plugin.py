@@ -47,6 +47,10 @@ REJECTIONS = Counter(
     ["kind", "scope"],
 )
 
+#: Distinct (caller, model) plans kept; past this the cache starts again (callers come from
+#: keys, JWT claims or client addresses, so the number is not bounded by configuration).
+_MAX_PLANS = 4096
+
 _KIND_TEXT = {
     "rpm": "requests per minute (RPM)",
     "tpm": "tokens per minute (TPM)",
@@ -65,6 +69,7 @@ class LimitPlugin(Plugin):
         #: Wall-clock seconds (UTC epoch); injectable so tests can cross minutes and days.
         self.clock = clock
         self.store: Store = MemoryStore()
+        self._plans: dict[tuple[object, ...], scopes.Plan] = {}
 
     async def startup(self, gateway: Gateway | None = None) -> None:
         cfg = self.config
@@ -105,8 +110,25 @@ class LimitPlugin(Plugin):
         n = body.get("n")
         return prompt + cap * (n if _positive_int(n) else 1)
 
+    def plan(self, ctx: RequestContext) -> scopes.Plan:
+        """The checks of this request: a function of the caller and the model only, so built
+        once per (identity, model) and reused (plans are never modified)."""
+        ident = ctx.identity
+        entry = ctx.model_entry
+        key = (
+            (ident.user, ident.tenant, ident.tier, ident.credential_id) if ident else ctx.client,
+            entry.name if entry is not None else None,
+            ctx.model,
+        )
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = scopes.plan(self.config, ctx)
+        return plan
+
     async def on_request(self, ctx: RequestContext) -> None:
-        plan = scopes.plan(self.config, ctx)
+        plan = self.plan(ctx)
         if not plan:
             return None
         tokens = self.reservation_tokens(ctx) if plan.tpm else 0
@@ -163,6 +185,10 @@ class LimitPlugin(Plugin):
             if dep is not None:
                 cost = dep.price.cost(usage.prompt_tokens, usage.completion_tokens)
         settle = self.store.settle(res, now=self.clock(), used_tokens=used, cost_usd=cost)
+        if isinstance(self.store, MemoryStore):
+            # Never suspends, so no cancellation can interrupt it: no task for a shield.
+            await settle
+            return
         try:
             # Shielded: a disconnect that cancels this task must still free the slot.
             await asyncio.shield(settle)

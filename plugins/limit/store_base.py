@@ -104,17 +104,31 @@ def tpm_usage(prev: float, cur: float, elapsed: float, limit: float) -> Usage:
 # --- budgets: UTC periods -------------------------------------------------------------------
 
 
-def period_key(check: Check, now: float) -> str:
+#: The UTC day and month last asked about, per kind: (start, end, key suffix). Every request
+#: of a budget rule needs its period twice, and formatting a date costs more than the rest of
+#: the check.
+_PERIODS: dict[str, tuple[float, float, str]] = {}
+
+
+def _period(kind: str, now: float) -> tuple[float, float, str]:
+    last = _PERIODS.get(kind)
+    if last is not None and last[0] <= now < last[1]:
+        return last
     t = datetime.fromtimestamp(now, UTC)
-    if check.kind == "budget_day":
-        return f"{check.key}/day/{t:%Y-%m-%d}"
-    return f"{check.key}/month/{t:%Y-%m}"
+    if kind == "budget_day":
+        start = datetime(t.year, t.month, t.day, tzinfo=UTC).timestamp()
+        period = (start, start + 86400, f"/day/{t:%Y-%m-%d}")
+    else:
+        start = datetime(t.year, t.month, 1, tzinfo=UTC).timestamp()
+        nxt = datetime(t.year + (t.month == 12), t.month % 12 + 1, 1, tzinfo=UTC)
+        period = (start, nxt.timestamp(), f"/month/{t:%Y-%m}")
+    _PERIODS[kind] = period
+    return period
+
+
+def period_key(check: Check, now: float) -> str:
+    return check.key + _period(check.kind, now)[2]
 
 
 def period_end(check: Check, now: float) -> float:
-    t = datetime.fromtimestamp(now, UTC)
-    if check.kind == "budget_day":
-        start = datetime(t.year, t.month, t.day, tzinfo=UTC)
-        return start.timestamp() + 86400
-    nxt = datetime(t.year + (t.month == 12), t.month % 12 + 1, 1, tzinfo=UTC)
-    return nxt.timestamp()
+    return _period(check.kind, now)[1]

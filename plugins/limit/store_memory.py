@@ -61,7 +61,8 @@ class MemoryStore:
             tpm_state.append((prev, cur))
         for c in plan.parallel:
             slots = self._par.get(c.key)
-            if slots:
+            # Expired slots only matter when they would make the count reach the limit.
+            if slots and len(slots) >= c.limit:
                 for sid in [s for s, exp in slots.items() if exp <= now]:
                     del slots[sid]
                 if len(slots) >= c.limit:

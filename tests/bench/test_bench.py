@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,7 +19,7 @@ import uvicorn
 
 from bench.load import parse_wrk, percentile, run_python
 from bench.null_proxy import NullProxy
-from bench.run import markdown, parse_args, request_body
+from bench.run import cpu_seconds, markdown, parse_args, request_body, summary
 from gateway.fake_upstream import start
 
 WRK_OUTPUT = """\
@@ -57,15 +63,34 @@ def test_percentile_is_nearest_rank() -> None:
     )
 
 
-def test_markdown_adds_latency_over_direct_for_the_same_cell() -> None:
-    def row(target: str, conc: int, p50: float, p99: float) -> dict[str, object]:
-        return {"target": target, "scenario": "chat", "conc": conc, "rps": 100.0,
-                "p50_ms": p50, "p99_ms": p99, "errors": 0}  # fmt: skip
+def row(target: str, conc: int, p50: float, p99: float, rps: float = 100.0,
+        cpu_us: float = 150.0) -> dict[str, object]:  # fmt: skip
+    return {"target": target, "scenario": "chat", "conc": conc, "rps": rps,
+            "p50_ms": p50, "p99_ms": p99, "errors": 0, "cpu_us": cpu_us}  # fmt: skip
 
-    table = markdown([row("direct", 1, 0.10, 0.20), row("gateway", 1, 0.45, 0.95)])
+
+def test_markdown_adds_latency_over_direct_for_the_same_cell() -> None:
+    table = markdown([row("direct", 1, 0.10, 0.20), row("gateway", 1, 0.45, 0.95, cpu_us=312.4)])
     lines = table.splitlines()
-    assert lines[2] == "| direct | chat | 1 | 100 | 0.10 | 0.20 |  |  | 0 |"
-    assert lines[3] == "| gateway | chat | 1 | 100 | 0.45 | 0.95 | +0.35 | +0.75 | 0 |"
+    assert lines[2] == "| direct | chat | 1 | 100 | 0.10 | 0.20 |  |  | 150 | 0 |"
+    assert lines[3] == "| gateway | chat | 1 | 100 | 0.45 | 0.95 | +0.35 | +0.75 | 312 | 0 |"
+
+
+def test_summary_compares_the_gateway_with_the_null_proxy_per_cell() -> None:
+    rows = [row("null", 32, 4.0, 9.0, rps=6000, cpu_us=200), row("gateway", 32, 6.0, 12.0,
+            rps=4500, cpu_us=300), row("gateway", 1, 0.5, 0.9)]  # fmt: skip
+    assert summary(rows) == (
+        "gateway/null chat conc 32: 75% of the req/s, 1.50x the CPU per request"
+    )
+
+
+def test_cpu_seconds_grows_with_work_done() -> None:
+    before = cpu_seconds(os.getpid())
+    end = time.process_time() + 0.05
+    while time.process_time() < end:
+        pass
+    assert cpu_seconds(os.getpid()) - before >= 0.03
+    assert math.isnan(cpu_seconds(2**22 + 12345))  # no such process
 
 
 def test_args_always_keep_the_direct_baseline_and_reject_unknown_targets() -> None:
@@ -143,3 +168,14 @@ async def test_python_load_counts_requests_and_errors() -> None:
     assert ok.requests > 10 and ok.errors == 0 and ok.rps > 0
     assert 0 < ok.p50_ms <= ok.p99_ms
     assert bad.requests > 0 and bad.errors == bad.requests
+
+
+@pytest.mark.parametrize(("target", "scenario"), [("gateway", "stream"), ("null", "chat")])
+def test_hotpath_driver_reports_cpu_per_request(target: str, scenario: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.hotpath", "--target", target, "--scenario", scenario,
+         "--config", "bench/gateway-core.yaml", "--n", "20", "--warmup", "5", "--conc", "4"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"{scenario} conc=4 n=20:" in out.stdout and "us CPU/request" in out.stdout

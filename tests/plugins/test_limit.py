@@ -157,6 +157,21 @@ async def test_tier_filter_and_model_scope() -> None:
 
 
 @pytest.mark.anyio
+async def test_plans_are_reused_per_caller_but_follow_identity_changes() -> None:
+    # Plans are cached per (identity, model): a caller whose tier or tenant changes (a key
+    # re-issued, a JWT with other claims) must be planned anew, not served the old plan.
+    plugin = make_plugin(rules=[{"scope": "user", "tier": "free", "rpm": 1},
+                                {"scope": "tenant", "rpm": 2}])  # fmt: skip
+    await plugin.on_request(make_ctx("alice", tier="free"))
+    with pytest.raises(RateLimitError, match="scope user"):
+        await plugin.on_request(make_ctx("alice", tier="free"))
+    await plugin.on_request(make_ctx("alice", tier="pro"))  # no per-user rule for pro
+    with pytest.raises(RateLimitError, match="scope tenant"):
+        await plugin.on_request(make_ctx("alice", tier="pro"))
+    await plugin.on_request(make_ctx("alice", tier="pro", tenant="other"))
+
+
+@pytest.mark.anyio
 async def test_anonymous_callers_are_keyed_by_client_ip() -> None:
     plugin = make_plugin(
         rules=[{"scope": "user", "rpm": 1}, {"scope": "key", "tier": "anonymous", "rpm": 1}]

@@ -1,0 +1,61 @@
+"""The provider interface's shared pieces: the upstream timeout and the error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from gateway.errors import UpstreamError, UpstreamTimeoutError
+from gateway.providers.base import upstream_errors, upstream_timeout
+
+
+@pytest.mark.anyio
+async def test_upstream_timeout_turns_its_own_cancellation_into_timeout_error() -> None:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(TimeoutError):
+        with upstream_timeout(0.05):
+            await asyncio.sleep(5)
+    assert loop.time() - start < 1
+    # The task carries no leftover cancellation: it can go on awaiting.
+    await asyncio.sleep(0)
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+@pytest.mark.anyio
+async def test_upstream_timeout_leaves_fast_blocks_and_outside_cancellations_alone() -> None:
+    with upstream_timeout(0.02):
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.05)  # the timer was cancelled on exit: no cancellation lands here
+
+    async def cancelled_from_outside() -> None:
+        with upstream_timeout(5):
+            await asyncio.sleep(5)
+
+    task = asyncio.create_task(cancelled_from_outside())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):  # not a TimeoutError
+        await task
+
+
+@pytest.mark.anyio
+async def test_upstream_timeout_inside_upstream_errors_is_a_504() -> None:
+    with pytest.raises(UpstreamTimeoutError) as e:
+        with upstream_errors("openai"), upstream_timeout(0.01):
+            await asyncio.sleep(5)
+    assert e.value.status == 504 and e.value.retryable
+
+
+@pytest.mark.anyio
+async def test_upstream_errors_maps_transport_failures_and_passes_the_rest() -> None:
+    with pytest.raises(UpstreamError) as e:
+        with upstream_errors("openai"):
+            raise aiohttp.ClientPayloadError("cut")
+    assert e.value.status == 502 and "connection failed" in e.value.message
+    with pytest.raises(ValueError):
+        with upstream_errors("openai"):
+            raise ValueError("a bug, not the upstream")

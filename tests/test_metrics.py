@@ -1,0 +1,75 @@
+"""The core's metrics in one process: plain numbers exposed by a collector, which must read
+exactly as prometheus_client's own Counter and Histogram would."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from gateway import metrics
+from gateway.metrics import _Family, _InFlight
+
+
+def _lines(registry: CollectorRegistry) -> list[str]:
+    # _created holds creation times, which differ between any two series.
+    return [ln for ln in generate_latest(registry).decode().splitlines() if "_created" not in ln]
+
+
+def _exposition(collector: object) -> list[str]:
+    registry = CollectorRegistry()
+    registry.register(collector)  # type: ignore[arg-type]
+    return _lines(registry)
+
+
+def test_histogram_family_reads_as_prometheus_histogram() -> None:
+    buckets = (0.001, 0.01, 0.1, 1.0)
+    ours = _Family("t_seconds", "Doc.", ["endpoint", "model"], buckets)
+    registry = CollectorRegistry()
+    theirs = Histogram("t_seconds", "Doc.", ["endpoint", "model"], buckets=buckets,
+                       registry=registry)  # fmt: skip
+    # Bucket edges included (le is "<="), beyond the last bucket, zero and a second series.
+    for labels, value in [(("chat", "a"), 0.001), (("chat", "a"), 0.0011), (("chat", "a"), 5.0),
+                          (("chat", "a"), 0.0), (("embeddings", "b"), 0.1)]:  # fmt: skip
+        ours.labels(*labels).observe(value)
+        theirs.labels(*labels).observe(value)
+    assert _exposition(_Single(ours)) == _lines(registry)
+
+
+def test_counter_family_reads_as_prometheus_counter_and_ignores_negative_amounts() -> None:
+    ours = _Family("c_total", "Doc.", ["model", "type"])
+    registry = CollectorRegistry()
+    theirs = Counter("c_total", "Doc.", ["model", "type"], registry=registry)
+    for labels, amount in [(("m", "prompt"), 7), (("m", "prompt"), 1), (("m", "completion"), 0)]:
+        ours.labels(*labels).inc(amount)
+        theirs.labels(*labels).inc(amount)
+    ours.labels("m", "prompt").inc(-5)  # an upstream's odd usage: no exception, no decrease
+    assert _exposition(_Single(ours)) == _lines(registry)
+
+
+def test_in_flight_gauge_sums_the_live_gateways() -> None:
+    class Gw:
+        in_flight = 0
+
+    gauge = _InFlight()
+    a, b = Gw(), Gw()
+    gauge.sources.add(a)
+    gauge.sources.add(b)
+    a.in_flight, b.in_flight = 2, 3
+    assert "gateway_in_flight_requests 5.0" in _exposition(_Single(gauge))
+    del b  # a gateway that is gone stops counting
+    assert "gateway_in_flight_requests 2.0" in _exposition(_Single(gauge))
+
+
+def test_core_metrics_are_exposed_by_the_default_registry() -> None:
+    metrics.TOKENS.labels("metrics-test-model", "prompt").inc(3)
+    text = metrics.render()[0].decode()
+    assert 'gateway_tokens_total{model="metrics-test-model",type="prompt"} 3.0' in text
+    assert "# TYPE gateway_request_duration_seconds histogram" in text
+    assert "gateway_in_flight_requests" in text
+
+
+class _Single:
+    def __init__(self, family: object) -> None:
+        self.family = family
+
+    def collect(self) -> object:
+        yield self.family.collect()  # type: ignore[attr-defined]
