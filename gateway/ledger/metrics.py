@@ -56,13 +56,20 @@ class UsageMetrics:
     def __init__(self, config: MetricsConfig) -> None:
         self.tenants = frozenset(config.tenants)
         self.users = frozenset(config.users)
+        #: ``COST.labels(...)`` children by (model, tenant label): prometheus_client validates
+        #: and locks on every ``labels`` call. Bounded: both come from configuration.
+        self._cost: dict[tuple[str, str], Any] = {}
 
     def __call__(self, ctx: RequestContext, record: dict[str, Any]) -> None:
         cost = record.get("cost_usd")
         if cost:
             tenant = record.get("tenant")
             label = tenant if tenant in self.tenants else "other"
-            COST.labels(record.get("model_name") or "unknown", label).inc(cost)
+            key = (record.get("model_name") or "unknown", label)
+            child = self._cost.get(key)
+            if child is None:
+                child = self._cost[key] = COST.labels(*key)
+            child.inc(cost)
         if record.get("blocked"):
             BLOCKED.labels(ctx.endpoint).inc()
         if self.users:
