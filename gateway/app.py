@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -26,20 +25,10 @@ from gateway.errors import (
     NotFoundError,
 )
 from gateway.logs import setup_logging
+from gateway.responses import error_response, json_response
 from gateway.state import Gateway
 
 log = logging.getLogger("gateway")
-
-
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(data), status, headers=headers, media_type="application/json")
-
-
-def error_response(err: GatewayError, request_id: str | None = None) -> Response:
-    headers = dict(err.headers)
-    if request_id:
-        headers["x-request-id"] = request_id
-    return Response(err.body(), err.status, headers=headers, media_type="application/json")
 
 
 class Endpoint:

@@ -22,7 +22,6 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -35,6 +34,7 @@ from gateway.errors import (
     PermissionDeniedError,
 )
 from gateway.ledger import COLUMNS, Filter
+from gateway.responses import NO_STORE, error_response, private_json
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -46,20 +46,11 @@ if TYPE_CHECKING:
 _DAY = 86_400
 _DEFAULT_DAYS = 30
 _MAX_DAYS = 400
-_NO_STORE = {"cache-control": "no-store"}
 _CSV_DANGEROUS = ("=", "+", "-", "@", "\t", "\r")
 _USAGE_FIELDS = (
     "day", "model", "requests", "prompt_tokens", "completion_tokens", "cost_usd", "errors",
     "blocked", "limited", "error_rate", "block_rate",
 )  # fmt: skip
-
-
-def _json(data: Any) -> Response:
-    return Response(orjson.dumps(data), media_type="application/json", headers=_NO_STORE)
-
-
-def _error(err: GatewayError) -> Response:
-    return Response(err.body(), err.status, headers=err.headers, media_type="application/json")
 
 
 async def _identify(request: Request, endpoint: str) -> tuple[Gateway, Identity, bool]:
@@ -148,7 +139,7 @@ def _csv(header: tuple[str, ...], rows: list[Any], filename: str) -> Response:
     return Response(
         buf.getvalue(),
         media_type="text/csv; charset=utf-8",
-        headers={**_NO_STORE, "content-disposition": f'attachment; filename="{filename}"'},
+        headers={**NO_STORE, "content-disposition": f'attachment; filename="{filename}"'},
     )
 
 
@@ -166,11 +157,11 @@ async def usage(request: Request) -> Response:
         flt = _filter(request, identity, admin)
         data = await ledger.usage(flt)
     except GatewayError as err:
-        return _error(err)
+        return error_response(err)
     if request.query_params.get("format") == "csv":
         rows = [[item[f] for f in _USAGE_FIELDS] for item in data]
         return _csv(_USAGE_FIELDS, rows, "usage.csv")
-    return _json({"object": "list", **_window(flt), "data": data})
+    return private_json({"object": "list", **_window(flt), "data": data})
 
 
 async def summary(request: Request) -> Response:
@@ -185,8 +176,8 @@ async def summary(request: Request) -> Response:
             raise InvalidRequestError("bucket must be hour or day", param="bucket")
         data = await ledger.summary(flt, 3600 if bucket == "hour" else _DAY)
     except GatewayError as err:
-        return _error(err)
-    return _json({**_window(flt), "bucket": bucket, "generated_at": time.time(), **data})
+        return error_response(err)
+    return private_json({**_window(flt), "bucket": bucket, "generated_at": time.time(), **data})
 
 
 async def export(request: Request) -> Response:
@@ -196,7 +187,7 @@ async def export(request: Request) -> Response:
         flt = _filter(request, identity, admin)
         rows = await ledger.rows(flt)
     except GatewayError as err:
-        return _error(err)
+        return error_response(err)
     return _csv(COLUMNS, rows, "usage-requests.csv")
 
 
@@ -207,7 +198,7 @@ def dashboard_html() -> bytes:
 
 #: The page's script and styles are inline (no CDN, nothing fetched but the summary JSON).
 _PAGE_HEADERS = {
-    **_NO_STORE,
+    **NO_STORE,
     "content-security-policy": (
         "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
         "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
@@ -222,7 +213,7 @@ async def dashboard(request: Request) -> Response:
     try:
         await _identify(request, "admin")
     except GatewayError as err:
-        return _error(err)
+        return error_response(err)
     return Response(dashboard_html(), media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
 
 

@@ -27,6 +27,7 @@ from gateway.errors import (
     PermissionDeniedError,
 )
 from gateway.proxy import new_context
+from gateway.responses import error_response, private_json
 from plugins.auth.config import as_utc
 from plugins.auth.keys import KeyRecord, hash_key, key_prefix, mint_key
 from plugins.auth.store import KeyConflictError
@@ -63,21 +64,6 @@ class NewKey(Strict):
         return as_utc(v)
 
 
-def _json(data: Any, status: int = 200) -> Response:
-    return Response(
-        orjson.dumps(data),
-        status_code=status,
-        media_type="application/json",
-        headers={"cache-control": "no-store"},
-    )
-
-
-def _error(err: GatewayError) -> Response:
-    return Response(
-        err.body(), status_code=err.status, media_type="application/json", headers=err.headers
-    )
-
-
 
 
 def _guarded(plugin: AuthPlugin, handler: Any) -> Callable[[Request], Awaitable[Response]]:
@@ -88,7 +74,7 @@ def _guarded(plugin: AuthPlugin, handler: Any) -> Callable[[Request], Awaitable[
             assert ctx.identity is not None
             return await handler(plugin, request, ctx.identity)  # type: ignore[no-any-return]
         except GatewayError as err:
-            return _error(err)
+            return error_response(err)
 
     return endpoint
 
@@ -165,14 +151,14 @@ async def create_key(plugin: AuthPlugin, request: Request, actor: Identity) -> R
         raise InvalidRequestError(f"key id {record.id!r} already exists", param="id") from None
     plugin.cache.forget(record.digest)
     await _audit(plugin, "created", actor, record)
-    return _json({**record.public(), "key": key}, status=201)
+    return private_json({**record.public(), "key": key}, status=201)
 
 
 async def list_keys(plugin: AuthPlugin, request: Request, actor: Identity) -> Response:
     records = list(plugin.table.by_id.values())
     if plugin.store is not None:
         records += await plugin.store.list()
-    return _json({"object": "list", "data": [r.public() for r in records]})
+    return private_json({"object": "list", "data": [r.public() for r in records]})
 
 
 async def _find(plugin: AuthPlugin, key_id: str) -> KeyRecord:
@@ -185,7 +171,7 @@ async def _find(plugin: AuthPlugin, key_id: str) -> KeyRecord:
 
 
 async def get_key(plugin: AuthPlugin, request: Request, actor: Identity) -> Response:
-    return _json((await _find(plugin, request.path_params["key_id"])).public())
+    return private_json((await _find(plugin, request.path_params["key_id"])).public())
 
 
 async def delete_key(plugin: AuthPlugin, request: Request, actor: Identity) -> Response:
@@ -200,7 +186,7 @@ async def delete_key(plugin: AuthPlugin, request: Request, actor: Identity) -> R
     # This replica forgets at once; the others within store.cache_ttl_s.
     plugin.cache.forget(deleted.digest)
     await _audit(plugin, "deleted", actor, deleted)
-    return _json({"id": key_id, "object": "key", "deleted": True})
+    return private_json({"id": key_id, "object": "key", "deleted": True})
 
 
 def admin_routes(plugin: AuthPlugin) -> list[Route]:

@@ -38,6 +38,7 @@ from gateway.errors import (
     ServiceUnavailableError,
 )
 from gateway.proxy import new_context
+from gateway.responses import error_response, private_json
 from plugins.rag.config import check_collection
 from plugins.rag.loaders import UnsupportedDocument, kind_for
 from plugins.rag.store import StoreError
@@ -51,16 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.rag")
 _UPLOAD_TIMEOUT_S = 600.0
-
-
-def _json(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json",
-                    headers={"cache-control": "no-store"})  # fmt: skip
-
-
-def _error(err: GatewayError) -> Response:
-    return Response(err.body(), status_code=err.status, media_type="application/json",
-                    headers=err.headers)  # fmt: skip
 
 
 async def _authorize(plugin: RagPlugin, request: Request) -> Identity:
@@ -85,12 +76,14 @@ def _guarded(
                 raise ServiceUnavailableError("the rag plugin is not started")
             return await handler(plugin, request, identity)
         except GatewayError as err:
-            return _error(err)
+            return error_response(err)
         except StoreError as e:
             log.warning("rag_admin_store_error", extra={"error": str(e)})
-            return _error(ServiceUnavailableError("the vector store is unavailable"))
+            return error_response(ServiceUnavailableError("the vector store is unavailable"))
         except TimeoutError:
-            return _error(ServiceUnavailableError("the vector store did not answer in time"))
+            return error_response(
+                ServiceUnavailableError("the vector store did not answer in time")
+            )
 
     return endpoint
 
@@ -176,7 +169,7 @@ def _documents(request: Request, raw: bytes) -> tuple[str | None, list[dict[str,
 async def list_collections(plugin: RagPlugin, request: Request, _: Identity) -> Response:
     assert plugin.store is not None
     rows = await plugin.run_store(plugin.store.list_collections, limit_s=30)
-    return _json({"object": "list", "data": [dataclasses.asdict(r) for r in rows]})
+    return private_json({"object": "list", "data": [dataclasses.asdict(r) for r in rows]})
 
 
 async def list_documents(plugin: RagPlugin, request: Request, _: Identity) -> Response:
@@ -184,7 +177,7 @@ async def list_documents(plugin: RagPlugin, request: Request, _: Identity) -> Re
     collection = _collection(request)
     tenant = request.query_params.get("tenant") or None
     rows = await plugin.run_store(plugin.store.list_sources, collection, tenant, limit_s=30)
-    return _json({"object": "list", "collection": collection,
+    return private_json({"object": "list", "collection": collection,
                   "data": [dataclasses.asdict(r) for r in rows]})  # fmt: skip
 
 
@@ -210,7 +203,7 @@ async def upload(plugin: RagPlugin, request: Request, actor: Identity) -> Respon
                "documents": [(r["source"], r["status"]) for r in results]},
     )  # fmt: skip
     failed = all(r["status"] == "error" for r in results)
-    return _json({"collection": collection, "tenant": tenant, "results": results},
+    return private_json({"collection": collection, "tenant": tenant, "results": results},
                  status=400 if failed and results else 200)  # fmt: skip
 
 
@@ -236,7 +229,9 @@ async def delete_documents(plugin: RagPlugin, request: Request, actor: Identity)
     n = await plugin.run_store(plugin.store.delete, collection, tenant, source, limit_s=60)
     log.info("rag_delete", extra={"actor": actor.user, "collection": collection,
                                   "tenant": tenant, "source": source, "chunks": n})  # fmt: skip
-    return _json({"collection": collection, "tenant": tenant, "source": source, "deleted": n})
+    return private_json(
+        {"collection": collection, "tenant": tenant, "source": source, "deleted": n}
+    )
 
 
 async def delete_collection(plugin: RagPlugin, request: Request, actor: Identity) -> Response:
@@ -245,7 +240,7 @@ async def delete_collection(plugin: RagPlugin, request: Request, actor: Identity
     n = await plugin.run_store(plugin.store.delete, collection, limit_s=60)
     log.info("rag_delete_collection",
              extra={"actor": actor.user, "collection": collection, "chunks": n})  # fmt: skip
-    return _json({"collection": collection, "deleted": n})
+    return private_json({"collection": collection, "deleted": n})
 
 
 def admin_routes(plugin: RagPlugin) -> list[Route]:
