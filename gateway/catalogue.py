@@ -16,7 +16,8 @@ class Price(Strict):
     output_per_mtok: float = Field(0.0, ge=0)
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+        per_mtok = prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok
+        return per_mtok / 1e6
 
 
 Capability = Literal["tools", "vision", "json", "streaming", "embeddings"]

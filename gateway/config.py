@@ -220,7 +220,9 @@ def format_validation_error(source: str, err: ValidationError, prefix: tuple[Any
     return "\n".join(lines)
 
 
-def parse_settings(raw: Any, source: str = "<memory>", env: dict[str, str] | None = None) -> Settings:
+def parse_settings(
+    raw: Any, source: str = "<memory>", env: dict[str, str] | None = None
+) -> Settings:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

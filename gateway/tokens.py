@@ -94,7 +94,8 @@ def count_messages(messages: list[dict[str, Any]], model: str = "") -> int:
             total += 1
         for call in msg.get("tool_calls") or ():
             fn = call.get("function") or {}
-            total += len(enc.encode(f"{fn.get('name', '')}{fn.get('arguments', '')}", disallowed_special=()))
+            text = f"{fn.get('name', '')}{fn.get('arguments', '')}"
+            total += len(enc.encode(text, disallowed_special=()))
     return total
 
 
