@@ -242,6 +242,22 @@ def spawn_gateway(config: dict[str, Any], *, workers: int = 1, env: dict[str, st
     raise RuntimeError(f"gateway not ready: {log_path.read_text()[-3000:]}")
 
 
+def wait_http_ok(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+    """Poll ``url`` until it answers 200; RuntimeError if ``proc`` exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def chroma_server(path: Path | str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``chroma run`` (the Chroma server several replicas share) on a free loopback port, with
@@ -254,16 +270,7 @@ def chroma_server(path: Path | str) -> Iterator[tuple[str, subprocess.Popen[byte
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/api/v2/heartbeat", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("chroma server did not start")
-            time.sleep(0.2)
+        wait_http_ok(f"{url}/api/v2/heartbeat", proc, "chroma server")
         yield url, proc
     finally:
         if proc.poll() is None:

@@ -7,12 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import httpx
 import openai
 
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, free_port, wait_http_ok
 
 DEMO_KEY = "sk-demo-LocalOnlyNeverDeployThisKey"
 
@@ -28,16 +26,12 @@ def test_shipped_config_answers_the_sdk_with_the_demo_key() -> None:
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            assert time.monotonic() < deadline, "gateway did not become ready"
-            time.sleep(0.2)
+        try:
+            wait_http_ok(f"{url}/readyz", proc, "gateway")
+        except RuntimeError as e:
+            proc.kill()
+            output = proc.stdout.read().decode() if proc.stdout else ""
+            raise AssertionError(f"{e}: {output[-3000:]}") from None
         with openai.OpenAI(base_url=f"{url}/v1", api_key=DEMO_KEY, max_retries=0) as client:
             reply = client.chat.completions.create(
                 model="demo", messages=[{"role": "user", "content": "Hello!"}]

@@ -489,12 +489,7 @@ async def test_old_all_tenants_collection_is_migrated(
             embeddings=embedder.embed([t for _, t in texts.values()]),
             metadatas=[{"tenant": tenant, "source": f"{cid}.md"}
                        for cid, (tenant, _) in texts.items()])  # fmt: skip
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "models": [{"name": "demo", "deployments": [{"model": "m", "base_url": "http://127.0.0.1:9"}]}],
-        "pipeline": [{"name": "rag", "config": {"store": {"path": str(tmp_path / "db")},
-                                                "default_collection": "kb1"}}],
-    }))  # fmt: skip
+    config = cli_config(tmp_path)
 
     def run(*argv: str) -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
@@ -597,13 +592,19 @@ def test_ingest_idempotent_and_changed_file_replaces(tmp_path: Path) -> None:
     assert (info.tenant, info.chunks, info.meta, info.title) == ("t", 1, {"team": "x"}, "A")
 
 
-def test_cli_ingest_list_delete(tmp_path: Path, store_dir: Path) -> None:
+def cli_config(tmp_path: Path) -> Path:
+    """A config.yaml for ``gateway rag`` with an embedded store under ``tmp_path``."""
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "models": [{"name": "demo", "deployments": [{"model": "m", "base_url": "http://127.0.0.1:9"}]}],
         "pipeline": [{"name": "rag", "config": {"store": {"path": str(tmp_path / "db")},
                                                 "default_collection": "kb1"}}],
     }))  # fmt: skip
+    return config
+
+
+def test_cli_ingest_list_delete(tmp_path: Path, store_dir: Path) -> None:
+    config = cli_config(tmp_path)
     docs = tmp_path / "docs"
     docs.mkdir()
     for name in ("vacation.md", "vpn.txt", "data-retention.html"):
