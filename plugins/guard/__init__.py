@@ -176,8 +176,9 @@ class GuardPlugin(Plugin):
         scan = [s for s in slots if s[2] in roles]
         verdict = Verdict()
         # Injection layers: one verdict per scanned text, no secrets (done below, with spans).
+        texts = [c[k] for c, k, _ in scan]
         for v in await self.scanner.scan(
-            [c[k] for c, k, _ in scan], secrets=False, offload_chars=self.config.offload_chars
+            texts, secrets=False, offload_chars=self.config.offload_chars, exhaustive=self.shadow
         ):
             verdict.merge(v)
         redactions: list[tuple[Slot, list[Any]]] = []

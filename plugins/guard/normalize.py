@@ -91,8 +91,9 @@ _LEET_HINT = re.compile(r"[0-9@$€!+](?:(?<=[a-z].)|(?=[a-z]))")
 _SPACED_HINT = re.compile(r"[ .\-_*][a-z][ .\-_*][a-z][ .\-_*]")
 
 
-def _fold_leet(s: str) -> str:
-    """``_TOKEN.sub(_leet, s)``, visiting only the runs around the hint's matches."""
+def _fold_leet(s: str, spans: list[tuple[int, int]] | None = None) -> str:
+    """``_TOKEN.sub(_leet, s)``, visiting only the runs around the hint's matches. Folding keeps
+    lengths; ``spans`` (when given) receives the ``(start, end)`` of every run it changed."""
     m = _LEET_HINT.search(s)
     if m is None:
         return s
@@ -105,7 +106,11 @@ def _fold_leet(s: str) -> str:
         while k < n and s[k] in chars:
             k += 1
         out.append(s[last:j])
-        out.append(_leet_token(s[j:k]))
+        run = s[j:k]
+        folded = _leet_token(run)
+        out.append(folded)
+        if spans is not None and folded != run:
+            spans.append((j, k))
         last = k
         m = _LEET_HINT.search(s, k)
     out.append(s[last:])
@@ -168,12 +173,20 @@ def _collapse(s: str) -> str:
     return out
 
 
-def light(text: str) -> str:
-    """NFKC, invisible characters removed, lookalikes and case folded, whitespace collapsed."""
-    if text.isascii():
-        # Fast path: ASCII needs none of the Unicode steps.
-        return _collapse(text.lower())
-    s = unicodedata.normalize("NFKC", text)
+# A stretch of non-ASCII text, with up to 8 ASCII characters between two non-ASCII ones so that a
+# Cyrillic passage is one stretch, not one per word. light() adds the character before it (NFKC
+# composes "e" + U+0301). ASCII characters are stable under NFKC (they never compose with what
+# precedes them), so normalising each stretch on its own gives the same text as normalising the
+# whole. Starting with a character class lets the engine skip ahead to candidates.
+_NON_ASCII = re.compile(r"[^\x00-\x7f](?:[\x00-\x7f]{0,8}[^\x00-\x7f])*")
+#: Beyond this many stretches, one pass over the whole text is cheaper.
+_MAX_STRETCHES = 32
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+
+
+def _fold_unicode(s: str) -> str:
+    """The Unicode steps of :func:`light_reference`, before the whitespace collapse."""
+    s = unicodedata.normalize("NFKC", s)
     table, changes = _fold_table()
     first = changes.search(s)
     if first is not None:
@@ -181,17 +194,93 @@ def light(text: str) -> str:
         # long prompt): translate works character by character, so this is the same.
         end = len(s) - changes.search(s[::-1]).start()  # type: ignore[union-attr]
         s = s[: first.start()] + s[first.start() : end].translate(table) + s[end:]
-    if not s.isascii() and max(s) > "\uffff":
+    if _ASTRAL.search(s) is not None:
         s = _INVISIBLE.sub("", s)  # tag characters are outside the table's plane
-    return _collapse(s.casefold())
+    return s.casefold()
+
+
+def light(text: str) -> str:
+    """NFKC, invisible characters removed, lookalikes and case folded, whitespace collapsed."""
+    if text.isascii():
+        # Fast path: ASCII needs none of the Unicode steps.
+        return _collapse(text.lower())
+    # Most prompts are ASCII with a few curly quotes, dashes or emoji: only those stretches go
+    # through the Unicode steps; the ASCII between them is only lower-cased.
+    out: list[str] = []
+    last = 0
+    for i, m in enumerate(_NON_ASCII.finditer(text)):
+        if i == _MAX_STRETCHES:
+            return _collapse(_fold_unicode(text))
+        start = max(m.start() - 1, last)
+        out.append(text[last:start].lower())
+        out.append(_fold_unicode(text[start : m.end()]))
+        last = m.end()
+    out.append(text[last:].lower())
+    return _collapse("".join(out))
+
+
+def _spaced(s: str, joins: list[tuple[int, int, int, int]] | None) -> str:
+    """``_SPACED.sub(<separators removed>, s)``, tried only where :data:`_SPACED_HINT` matches
+    (every match holds one, starting at its second character). ``joins`` (when given) receives
+    each joined word's extent in ``s`` and in the result: ``(start, end, new_start, new_end)``."""
+    h = _SPACED_HINT.search(s)
+    if h is None:
+        return s
+    out: list[str] = []
+    last = size = 0
+    while h is not None:
+        m = _SPACED.match(s, h.start() - 1) if h.start() > 0 else None
+        if m is None:
+            h = _SPACED_HINT.search(s, h.start() + 1)
+            continue
+        out.append(s[last : m.start()])
+        size += m.start() - last
+        word = _SEPARATORS.sub("", m.group(0))
+        out.append(word)
+        if joins is not None:
+            joins.append((m.start(), m.end(), size, size + len(word)))
+        size += len(word)
+        last = m.end()
+        h = _SPACED_HINT.search(s, last)
+    out.append(s[last:])
+    return "".join(out)
 
 
 def deobfuscate(lit: str) -> str:
     """Leetspeak and spaced-out letters folded, on the output of :func:`light`."""
-    s = _fold_leet(lit)
-    if _SPACED_HINT.search(s) is None:
-        return s
-    return _SPACED.sub(lambda m: _SEPARATORS.sub("", m.group(0)), s)
+    return _spaced(_fold_leet(lit), None)
+
+
+def deobfuscate_spans(lit: str) -> tuple[str, list[tuple[int, int]]]:
+    """:func:`deobfuscate`, and the ``(start, end)`` spans of the result that differ from
+    ``lit`` (folded leetspeak runs, joined spaced-out words), sorted and merged. Outside them
+    the result is ``lit``'s text, shifted left by the joins before it."""
+    leet: list[tuple[int, int]] = []
+    s = _fold_leet(lit, leet)
+    joins: list[tuple[int, int, int, int]] = []
+    out = _spaced(s, joins)
+    if not joins:
+        return out, leet
+
+    def where(p: int) -> int:
+        """Position ``p`` of ``s`` in the result (inside a join: that join's word)."""
+        shift = 0
+        for a, b, na, nb in joins:
+            if p < a:
+                break
+            if p < b:
+                return min(na + (p - a), nb)
+            shift = b - nb
+        return p - shift
+
+    spans = [(where(a), where(b)) for a, b in leet] + [(na, nb) for _, _, na, nb in joins]
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return out, merged
 
 
 def deobfuscate_reference(lit: str) -> str:
@@ -228,12 +317,21 @@ _ROT13_HINT_LOWER = re.compile(r"rot[\s\-_]?13|caesar|cipher")
 # The only non-ASCII characters that match ASCII letters under re.IGNORECASE or lower-case to
 # ASCII (checked over all of Unicode by the tests): only with them is lower() not enough.
 _CASE_SPECIAL = re.compile("[\u0130\u0131\u017f\u212a]")
-# Every separated-pairs hex match ("de ad be ef ...") contains this; most texts do not.
-_HEX_PAIRS_HINT = re.compile(r"[\s:,](?:0x)?[0-9a-fA-F]{2}[\s:,](?:0x)?[0-9a-fA-F]{2}[\s:,]")
+# Separated hex pairs ("69 67 6e ...") span words, so finding them takes a sweep of the whole
+# text. It is done only when three pairs in a row encode ASCII-range bytes (first digit 0-7), as
+# any hex-encoded English payload has: starting with a digit, this search skips prose quickly
+# (one starting at every space or comma cost a tenth of a millisecond on 2,000 tokens).
+_HEX_PAIRS_HINT = re.compile(
+    r"[0-7][0-9a-fA-F][\s:,](?:0x)?[0-7][0-9a-fA-F][\s:,](?:0x)?[0-7][0-9a-fA-F]"
+)
 #: Cap on decoded segments per text, so a crafted prompt cannot make the scan expensive.
 MAX_SEGMENTS = 16
 #: Texts longer than this are only rot13-decoded when they mention rot13 (cost control).
 _ROT13_ALWAYS_BELOW = 4096
+#: %-escapes are decoded with this many characters of context on each side (escapes closer
+#: than twice this share one segment), not the whole text: a URL in a long document costs a
+#: few hundred characters of matching, not a second pass over the document.
+URL_CONTEXT = 256
 
 
 def _printable(raw: bytes) -> str | None:
@@ -293,6 +391,80 @@ def _long_words(text: str) -> list[str]:
     return [w for w in text.split() if len(w) >= 16]
 
 
+# What a run of separated hex pairs is made of.
+_HEX_RUN = re.compile(r"[0-9a-fA-Fx\s:,]+")
+_HEX_RUN_CHARS = frozenset("0123456789abcdefABCDEFx:, \t\n\r\f\v")
+#: How far before a hint a run of separated pairs is looked for.
+_HEX_LOOKBACK = 600
+
+
+def _hex_pair_regions(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` ranges to sweep for separated hex pairs: the run of hex digits,
+    separators and "0x" around each :data:`_HEX_PAIRS_HINT` match (at most
+    :data:`_HEX_LOOKBACK` characters before it), plus the character after the run, so that the
+    pattern's look-ahead sees the real text."""
+    out: list[tuple[int, int]] = []
+    h = _HEX_PAIRS_HINT.search(text)
+    while h is not None:
+        lo = h.start()
+        floor = max(0, lo - _HEX_LOOKBACK)
+        while lo > floor and text[lo - 1] in _HEX_RUN_CHARS:
+            lo -= 1
+        end = _HEX_RUN.match(text, h.start()).end()  # type: ignore[union-attr]
+        out.append((lo, min(len(text), end + 1)))
+        h = _HEX_PAIRS_HINT.search(text, end)
+    return out
+
+
+def _url_segments(text: str) -> list[str]:
+    """Each cluster of %-escapes decoded with :data:`URL_CONTEXT` characters around it ("+" read
+    as a space), when the text holds at least three escapes."""
+    starts = [m.start() for m in _PCT.finditer(text)]
+    if len(starts) < 3:
+        return []
+    out: list[str] = []
+    first = last = starts[0]
+    for p in [*starts[1:], -1]:
+        if p != -1 and p - last <= 2 * URL_CONTEXT:
+            last = p
+            continue
+        seg = text[max(0, first - URL_CONTEXT) : last + 3 + URL_CONTEXT]
+        decoded = urllib.parse.unquote(seg.replace("+", " "))
+        if decoded != seg:
+            out.append(decoded)
+        first = last = p
+    return out
+
+
+def rot13_windows(text: str, lit: str) -> list[tuple[int, int]]:
+    """Where in ``lit`` (``light(text)``) the scanner matches rules against its rot13: all of it
+    for texts under :data:`_ROT13_ALWAYS_BELOW` characters; otherwise :data:`ROT13_CONTEXT`
+    characters either side of each mention of rot13, a Caesar shift or a cipher (looked for in
+    the folded form, so lookalike letters count), or nowhere."""
+    if len(text) < _ROT13_ALWAYS_BELOW:
+        return [(0, len(lit))]
+    # Three searches with literal starts: one alternation would try every "r" and "c".
+    spans = [m.span() for m in _ROT13_MENTION.finditer(lit)]
+    for word in ("caesar", "cipher"):
+        i = lit.find(word)
+        while i != -1:
+            spans.append((i, i + len(word)))
+            i = lit.find(word, i + 1)
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        lo, hi = max(0, a - ROT13_CONTEXT), min(len(lit), b + ROT13_CONTEXT)
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+#: A long text's rot13 is matched this many characters around each mention of rot13.
+ROT13_CONTEXT = 512
+_ROT13_MENTION = re.compile(r"rot[ \-_]?13")
+
+
 def _decode_once(text: str, kinds: Iterable[str]) -> list[str]:
     out: list[str] = []
     words: list[str] | None = None  # computed on first need
@@ -309,17 +481,14 @@ def _decode_once(text: str, kinds: Iterable[str]) -> list[str]:
                     if s:
                         out.append(s)
         elif kind == "hex":
-            # Separated pairs ("de ad be ef ...") span words: then sweep the whole text.
-            for t in [text] if _HEX_PAIRS_HINT.search(text) else words or ():
-                for m in _HEX.finditer(t):
-                    s = _hex(m.group(0))
-                    if s:
-                        out.append(s)
+            found = [s for w in words or () for m in _HEX.finditer(w) if (s := _hex(m.group(0)))]
+            # Separated pairs ("69 67 6e ...") span words: sweep the runs of hex-ish characters
+            # around each hint (a match there may also lie in a long word: counted once).
+            for lo, hi in _hex_pair_regions(text):
+                found += [s for m in _HEX.finditer(text, lo, hi) if (s := _hex(m.group(0)))]
+            out.extend(dict.fromkeys(found))
         elif kind == "url":
-            if len(_PCT.findall(text, 0, 4096)) >= 3:
-                s = urllib.parse.unquote(text.replace("+", " "))
-                if s != text:
-                    out.append(s)
+            out.extend(_url_segments(text))
         elif kind == "rot13":
             if len(text) < _ROT13_ALWAYS_BELOW or _mentions_rot13(text):
                 out.append(codecs.encode(text, "rot13"))

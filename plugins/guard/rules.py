@@ -6,7 +6,7 @@ expression) or ``keywords`` (phrases matched case-insensitively, whole words, wi
 non-word characters between words: ``ignore--previous  instructions`` still matches).
 
 Matching does not sweep every rule over the text: the literal text each pattern starts with is
-derived from the parsed pattern, two sweeps find where any of those prefixes occur, and a rule's
+derived from the parsed pattern, a few sweeps find where any of those prefixes occur, and a rule's
 regex is tried only there (see :class:`RuleSet`).
 """
 
@@ -119,9 +119,37 @@ class RulesConfig(Strict):
         return [r for r in rules.values() if r.id not in off]
 
 
+#: How far past the end of a window (see :meth:`RuleSet.fired`) a match may reach, and how far
+#: before a folded character it may start, for the scanner to see it in the deobfuscated form.
+WINDOW_REACH = 160
 #: Most literal prefixes one rule may expand to (alternations multiply them).
 _MAX_PREFIXES = 256
 _Prefix = tuple[str, bool]  # (literal text, preceded by \b)
+
+
+#: Ends a prefix that must be followed by a separator, a non-word character or "_" (keywords
+#: join their words with ``[\W_]{0,4}``): "do" then only stands for "do anything" where the next
+#: character is one, not in every "does", "done" or "document".
+SEP = "\x00"
+_SEP_RE = r"(?=[\W_])"
+
+
+def _is_separator_class(items: Any) -> bool:
+    """Whether ``items`` is one character that is never a letter or digit (``[\\W_]``)."""
+    if len(items) != 1:
+        return False
+    op, arg = items[0]
+    if op is _c.LITERAL:
+        return not chr(arg).isalnum() and chr(arg) != SEP
+    if op is not _c.IN:
+        return False
+    for o, a in arg:
+        if o is _c.CATEGORY and a in (_c.CATEGORY_NOT_WORD, _c.CATEGORY_SPACE):
+            continue
+        if o is _c.LITERAL and not chr(a).isalnum() and chr(a) != SEP:
+            continue
+        return False
+    return True
 
 
 def _expand(items: Any, prefixes: list[_Prefix]) -> tuple[list[_Prefix], bool]:
@@ -129,8 +157,10 @@ def _expand(items: Any, prefixes: list[_Prefix]) -> tuple[list[_Prefix], bool]:
 
     Returns the extended prefixes and whether ``items`` was literal to its end (so the caller
     may keep appending what follows). Alternations, optional literals (``s?``) and small
-    character sets multiply the prefixes (up to :data:`_MAX_PREFIXES`); anything else stops."""
-    for op, arg in items:
+    character sets multiply the prefixes (up to :data:`_MAX_PREFIXES`); an optional run of
+    separators (``[\\W_]{0,4}``) ends a prefix with :data:`SEP`; anything else stops."""
+    items = list(items)
+    for k, (op, arg) in enumerate(items):
         if op is _c.AT:
             if all(not t for t, _ in prefixes):
                 if arg is _c.AT_BOUNDARY:
@@ -138,8 +168,22 @@ def _expand(items: Any, prefixes: list[_Prefix]) -> tuple[list[_Prefix], bool]:
                 continue
             return prefixes, False
         if op is _c.LITERAL:
+            if chr(arg) == SEP:
+                return prefixes, False
             prefixes = [(t + chr(arg), b) for t, b in prefixes]
             continue
+        if (
+            op in (_c.MAX_REPEAT, _c.MIN_REPEAT)
+            and arg[0] == 0
+            and arg[1] > 1
+            and all(t for t, _ in prefixes)
+            and _is_separator_class(arg[2])
+        ):
+            # Either no separator (the literal text after it continues the prefix) or one or
+            # more (the prefix ends, followed by a separator).
+            rest, _ = _expand(items[k + 1 :], prefixes)
+            ended = [(t + SEP, b) for t, b in prefixes]
+            return list(dict.fromkeys(ended + rest)), False
         alts: list[list[_Prefix]] | None = None  # one list per way this item can start
         done = True
         if op is _c.IN and len(arg) <= 4 and all(o is _c.LITERAL for o, _ in arg):
@@ -189,7 +233,7 @@ def triggers(regex: str) -> list[_Prefix] | None:
         return None
     # Group flags such as (?i:...) stop the expansion (SUBPATTERN with flags is not expanded).
     out, _ = _expand(list(parsed), [("", False)])
-    if not out or any(len(t) < 2 for t, _ in out):
+    if not out or any(len(t.rstrip(SEP)) < 2 for t, _ in out):
         return None
     return out
 
@@ -205,7 +249,12 @@ def _trie_regex(words: list[str]) -> str:
         node[""] = {}
 
     def emit(node: dict[str, Any]) -> str:
-        branches = [re.escape(ch) + emit(child) for ch, child in sorted(node.items()) if ch]
+        branches = [
+            re.escape(ch) + emit(child) for ch, child in sorted(node.items()) if ch not in ("", SEP)
+        ]
+        if SEP in node:
+            # A word ending here if a separator follows; tried after the longer words.
+            branches.append(_SEP_RE)
         if not branches:
             return ""
         body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
@@ -220,12 +269,18 @@ def _is_word(ch: str) -> bool:
 
 
 def _closure(owners: dict[str, list[int]], words: list[str]) -> dict[str, tuple[int, ...]]:
-    """For each word: the rules owning it or any of ``words`` it starts with (every prefix
-    that matches at a position is a prefix of the longest one that does)."""
+    """For each text the trie can capture (a word, less a final :data:`SEP`): the rules owning
+    it or any of ``words`` it starts with (every prefix that matches at a position is a prefix
+    of the longest one that does). A prefix ending in :data:`SEP` counts when the captured text
+    continues with a non-word character or "_" after it, or ends there."""
     out: dict[str, tuple[int, ...]] = {}
-    for w in words:
-        idx = [i for k in range(2, len(w) + 1) if w[:k] in owners for i in owners[w[:k]]]
-        out[w] = tuple(sorted(set(idx)))
+    for w in {w.rstrip(SEP) for w in words}:
+        idx: set[int] = set()
+        for k in range(1, len(w) + 1):
+            idx.update(owners.get(w[:k], ()))
+            if k == len(w) or not w[k].isalnum():
+                idx.update(owners.get(w[:k] + SEP, ()))
+        out[w] = tuple(sorted(idx))
     return out
 
 
@@ -233,7 +288,7 @@ class RuleSet:
     """Compiled rules, matched without sweeping every rule over the text.
 
     Most patterns start with literal text (``\\b(?:ignore|disregard) ...``): those prefixes are
-    derived from the parsed pattern, two sweeps find every position where any rule's prefix
+    derived from the parsed pattern, sweeps find every position where any rule's prefix
     occurs, and only there is that rule's regex tried (``rx.match`` at the position).
     Rules without a literal start run ``rx.search`` when one of their hand-written ``triggers``
     substrings occurs, or always when they have none. Equivalent to ``rx.search`` of each rule
@@ -256,23 +311,32 @@ class RuleSet:
                 owners.setdefault(text, []).append(i)
                 # A prefix shared by a rule without \b must be looked for everywhere.
                 bounded[text] = bounded.get(text, True) and b
-        # Two sweeps, each starting with a character class so that the engine skips ahead in C
-        # instead of trying every position: prefixes after \b that start with a word character
-        # (a word start is the text's start or follows a non-word character), and the rest
-        # anywhere, one branch per first character. Each captures the longest prefix at its
+        # Sweeps, each starting with a literal or a character class so that the engine skips
+        # ahead in C instead of trying every position: prefixes after \b that start with a word
+        # character (a word start is the text's start or follows a non-word character), and the
+        # rest anywhere, one branch per first character. Each captures the longest prefix at its
         # position; the closures map it to every rule with a prefix of it.
+        #: Longest prefix (plus the character before it), for bounding window sweeps.
+        self._longest = 2 + max((len(t) for t in owners), default=0)
         words = sorted(t for t in owners if bounded[t] and _is_word(t[0]))
         word_set = set(words)
         free = sorted(t for t in owners if t not in word_set)
         self._word_rules = _closure({t: owners[t] for t in words}, words)
         self._free_rules = _closure({t: owners[t] for t in free}, free)
         self._word_start: re.Pattern[str] | None = None
-        self._after_nonword: re.Pattern[str] | None = None
+        self._after_nonword: tuple[re.Pattern[str], ...] = ()
         self._free: re.Pattern[str] | None = None
         if words:
             trie = _trie_regex(words)
             self._word_start = re.compile(f"({trie})")
-            self._after_nonword = re.compile(rf"\W(?=({trie}))")
+            # A word starts after a non-word character: after a space (most of them; a literal
+            # first character is the engine's fastest skip), or after ASCII punctuation or a
+            # non-ASCII non-word character. Explicit ranges compile to a bitmap the engine
+            # skips along cheaply; "\W" is a category test per character, 3x slower in all.
+            self._after_nonword = (
+                re.compile(f" (?=({trie}))"),
+                re.compile(rf"[\x00-\x1f!-/:-@\[-^`{{-~\x7f-\U0010ffff](?<=\W)(?=({trie}))"),
+            )
         if free:
             firsts: dict[str, list[str]] = {}
             for t in free:
@@ -288,24 +352,43 @@ class RuleSet:
         """Rules that fire on ``text`` (already normalised)."""
         return [self.rules[i] for i in sorted(self.fired(text))]
 
-    def fired(self, text: str, skip: set[int] | frozenset[int] = frozenset()) -> set[int]:
-        """Indexes of the rules that fire on ``text``, not trying those in ``skip``."""
+    def fired(
+        self,
+        text: str,
+        skip: set[int] | frozenset[int] = frozenset(),
+        windows: list[tuple[int, int]] | None = None,
+    ) -> set[int]:
+        """Indexes of the rules that fire on ``text``, not trying those in ``skip``.
+
+        ``windows``: only matches starting within one of these ``(first, last)`` position
+        ranges count (the scanner's deobfuscated form differs from the plain one only around
+        folded characters). Rules without a literal start then look :data:`WINDOW_REACH`
+        characters past a window's end at most."""
         hits: set[int] = set()
         rxs = self._regexes
+        n = len(text)
+        spans = windows if windows is not None else [(0, n)]
         starts: list[tuple[int, tuple[int, ...]]] = []
-        if self._word_start is not None and self._after_nonword is not None:
-            word_rules = self._word_rules
-            m0 = self._word_start.match(text)
-            if m0 is not None:
-                starts.append((0, word_rules[m0.group(1)]))
-            starts.extend(
-                (m.end(), word_rules[m.group(1)]) for m in self._after_nonword.finditer(text)
-            )
-        if self._free is not None:
-            free_rules = self._free_rules
-            for m in self._free.finditer(text):
-                pos = m.start()
-                starts.append((pos, free_rules[text[pos] + m.group(m.lastindex or 0)]))
+        for lo, hi in spans:
+            if self._word_start is not None:
+                word_rules = self._word_rules
+                if lo == 0:
+                    m0 = self._word_start.match(text)
+                    if m0 is not None:
+                        starts.append((0, word_rules[m0.group(1)]))
+                for rx in self._after_nonword:
+                    # The sweep stops where a prefix starting in the window could end.
+                    for m in rx.finditer(text, max(lo - 1, 0), hi + self._longest):
+                        if m.end() > hi:
+                            break
+                        starts.append((m.end(), word_rules[m.group(1)]))
+            if self._free is not None:
+                free_rules = self._free_rules
+                for m in self._free.finditer(text, lo, hi + self._longest):
+                    pos = m.start()
+                    if pos > hi:
+                        break
+                    starts.append((pos, free_rules[text[pos] + m.group(m.lastindex or 0)]))
         for pos, idx in starts:
             for i in idx:
                 if i not in hits and i not in skip and rxs[i].match(text, pos):
@@ -313,6 +396,13 @@ class RuleSet:
         for i, trig in self._searched:
             if i in hits or i in skip:
                 continue
-            if (trig is None or any(t in text for t in trig)) and rxs[i].search(text):
-                hits.add(i)
+            if trig is not None and not any(t in text for t in trig):
+                continue
+            rx = rxs[i]
+            for lo, hi in spans:
+                end = n if windows is None else min(n, hi + WINDOW_REACH)
+                found = rx.search(text, lo, end)
+                if found is not None and found.start() <= hi:
+                    hits.add(i)
+                    break
         return hits

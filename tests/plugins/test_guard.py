@@ -345,3 +345,42 @@ async def test_semantic_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(semantic, "SemanticDetector", Broken)
     with pytest.raises(RuntimeError, match="semantic classifier could not be loaded"):
         await guard(semantic={"enabled": True}).startup(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_classifier_skips_prompts_the_rules_already_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import plugins.guard.semantic as semantic
+
+    scored: list[str] = []
+
+    class Fake:
+        def __init__(self, model_path: str | None = None, threshold: float = 0.5) -> None:
+            pass
+
+        def load(self) -> None:
+            pass
+
+        def score(self, texts: list[str]) -> list[float]:
+            scored.extend(texts)
+            return [0.9] * len(texts)
+
+    monkeypatch.setattr(semantic, "SemanticDetector", Fake)
+    sneaky = "a sneaky request"
+    for mode, want in (("enforce", [sneaky]), ("shadow", [ATTACK, sneaky])):
+        scored.clear()
+        g = guard(mode=mode, semantic={"enabled": True})
+        await g.startup(None)  # type: ignore[arg-type]
+        try:
+            ctx = chat(user(ATTACK), user(sneaky))
+            if mode == "shadow":
+                await g.on_request(ctx)
+            else:
+                assert await blocked(g, ctx)
+            # Enforce: the message the rules block is not scored; shadow scores every one.
+            assert scored == want
+            layers = [f["layer"] for f in ctx.log["guard"]["input"]["findings"]]
+            assert layers.count("semantic") == len(want) and "rules" in layers
+        finally:
+            await g.shutdown()
