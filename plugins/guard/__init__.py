@@ -18,12 +18,12 @@ from pydantic import Field
 from gateway.configbase import Strict
 from gateway.errors import ContentPolicyError
 from gateway.plugin import Plugin, PluginConfig
+from gateway.redact import find_secrets, redact
 from plugins.guard.normalize import DECODERS
 from plugins.guard.output import OutputConfig, OutputGuard, response_texts
 from plugins.guard.rules import RulesConfig, RuleSet
 from plugins.guard.scanner import Finding, Scanner, Verdict, record_metrics
 from plugins.guard.schema import InputConfig, check_input
-from plugins.guard.secrets import find_secrets, redact
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext

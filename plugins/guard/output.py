@@ -15,8 +15,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from gateway.configbase import Strict
+from gateway.redact import SECRET_TYPES, find_secrets, placeholder
 from plugins.guard.scanner import Finding
-from plugins.guard.secrets import SECRET_TYPES, find_secrets, placeholder
 
 _NUMERIC_TAIL = re.compile(r"[\d+(][\d \-()]*$")
 _KEY_BEGIN = "-----BEGIN"

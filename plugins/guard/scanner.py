@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
+from gateway.redact import find_secrets
 from plugins.guard.normalize import (
     decoded_variants,
     deobfuscate_spans,
@@ -24,7 +25,6 @@ from plugins.guard.normalize import (
     variants,
 )
 from plugins.guard.rules import WINDOW_REACH, RuleSet
-from plugins.guard.secrets import find_secrets
 
 if TYPE_CHECKING:
     from plugins.guard.semantic import SemanticDetector
