@@ -312,20 +312,28 @@ async def test_large_prompt_is_scanned_off_loop() -> None:
     assert await blocked(guard(offload_chars=1000), chat(user(text)))
 
 
+class FakeDetector:
+    """Stands in for ``SemanticDetector``: scores 0.9 for texts containing "sneaky", else 0.1,
+    and records what it was asked to score."""
+
+    scored: list[str] = []
+
+    def __init__(self, model_path: str | None = None, threshold: float = 0.5) -> None:
+        pass
+
+    def load(self) -> None:
+        pass
+
+    def score(self, texts: list[str]) -> list[float]:
+        self.scored.extend(texts)
+        return [0.9 if "sneaky" in t else 0.1 for t in texts]
+
+
 @pytest.mark.anyio
 async def test_semantic_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     import plugins.guard.semantic as semantic
 
-    class Fake:
-        def __init__(self, model_path: str | None = None, threshold: float = 0.5) -> None:
-            pass
-
-        def load(self) -> None:
-            pass
-
-        def score(self, texts: list[str]) -> list[float]:
-            return [0.9 if "sneaky" in t else 0.1 for t in texts]
-
+    Fake = FakeDetector
     monkeypatch.setattr(semantic, "SemanticDetector", Fake)
     g = guard(semantic={"enabled": True, "threshold": 0.8})
     await g.startup(None)  # type: ignore[arg-type]
@@ -353,19 +361,14 @@ async def test_classifier_skips_prompts_the_rules_already_block(
 ) -> None:
     import plugins.guard.semantic as semantic
 
-    scored: list[str] = []
-
-    class Fake:
-        def __init__(self, model_path: str | None = None, threshold: float = 0.5) -> None:
-            pass
-
-        def load(self) -> None:
-            pass
+    class Fake(FakeDetector):
+        scored: list[str] = []
 
         def score(self, texts: list[str]) -> list[float]:
-            scored.extend(texts)
-            return [0.9] * len(texts)
+            super().score(texts)
+            return [0.9] * len(texts)  # every text it is asked about would be blocked
 
+    scored = Fake.scored
     monkeypatch.setattr(semantic, "SemanticDetector", Fake)
     sneaky = "a sneaky request"
     for mode, want in (("enforce", [sneaky]), ("shadow", [ATTACK, sneaky])):
