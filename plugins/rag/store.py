@@ -38,7 +38,7 @@ RESERVED = frozenset(
 
 
 #: Chunks per Chroma ``get`` when paging through a collection.
-_PAGE = 1000
+PAGE_SIZE = 1000
 #: Collection metadata naming what a physical collection holds.
 META_COLLECTION = "rag_collection"
 META_TENANT = "rag_tenant"
@@ -235,7 +235,7 @@ class VectorStore:
             else:
                 coll = client.get_collection(physical, embedding_function=self._ef)
         except Exception as e:
-            if not create and _is_not_found(e):
+            if not create and is_not_found(e):
                 return None
             raise StoreError(f"vector store error on collection {name!r}: {e}") from e
         meta = coll.metadata or {}
@@ -248,7 +248,7 @@ class VectorStore:
             self._collections[physical] = coll
         return coll
 
-    def _call(self, name: str, tenant: str | None, fn: Any) -> Any:
+    def call(self, name: str, tenant: str | None, fn: Any) -> Any:
         try:
             return fn()
         except Exception as e:
@@ -280,7 +280,7 @@ class VectorStore:
         try:
             return int(coll.count())
         except Exception as e:
-            if _is_not_found(e):
+            if is_not_found(e):
                 return None
             raise StoreError(f"vector store error counting {coll.name!r}: {e}") from e
 
@@ -313,7 +313,7 @@ class VectorStore:
             except Exception as e:
                 self._forget(physical_name(name, tenant))
                 # Deleted and re-created by another process since we opened it: reopen once.
-                if attempt == 2 or not _is_not_found(e):
+                if attempt == 2 or not is_not_found(e):
                     raise StoreError(f"vector store error on collection {name!r}: {e}") from e
         hits: list[Hit] = []
         embs = res.get("embeddings")
@@ -332,7 +332,7 @@ class VectorStore:
         coll = self.collection(name, tenant)
         if coll is None:
             return None
-        res = self._call(
+        res = self.call(
             name,
             tenant,
             lambda: coll.get(
@@ -373,11 +373,11 @@ class VectorStore:
                 continue
             offset = 0
             while True:
-                res = self._call(
+                res = self.call(
                     name,
                     t,
                     lambda c=coll, t=t, o=offset: c.get(
-                        where=with_tenant(t), include=["metadatas"], limit=_PAGE, offset=o
+                        where=with_tenant(t), include=["metadatas"], limit=PAGE_SIZE, offset=o
                     ),
                 )
                 metas = res.get("metadatas") or []
@@ -392,9 +392,9 @@ class VectorStore:
                             content_hash=str(m.get("content_hash", "")), meta=extra,
                         )  # fmt: skip
                     info.chunks += 1
-                if len(metas) < _PAGE:
+                if len(metas) < PAGE_SIZE:
                     break
-                offset += _PAGE
+                offset += PAGE_SIZE
         return sorted(found.values(), key=lambda s: (s.tenant, s.source))
 
     # -- writes -------------------------------------------------------------------------------
@@ -411,14 +411,14 @@ class VectorStore:
     ) -> None:
         coll = self.collection(name, tenant, create=True)
         assert coll is not None  # create=True returns a collection or raises
-        self._call(
+        self.call(
             name,
             tenant,
             lambda: coll.delete(where=with_tenant(tenant, {"source": {"$eq": source}})),
         )
         for start in range(0, len(ids), 1000):
             end = start + 1000
-            self._call(
+            self.call(
                 name,
                 tenant,
                 lambda s=start, e=end: coll.add(
@@ -436,7 +436,7 @@ class VectorStore:
             total = 0
             for n, _, coll in self._scan():
                 if n == name:
-                    total += self._drop(name, coll.name)
+                    total += self.drop_physical(name, coll.name)
             return total
         if tenant is None:
             raise ValueError("deleting a source needs its tenant")
@@ -444,14 +444,14 @@ class VectorStore:
         if coll is None:
             return 0
         if source is None:
-            return self._drop(name, physical_name(name, tenant))
+            return self.drop_physical(name, physical_name(name, tenant))
         where = with_tenant(tenant, {"source": {"$eq": source}})
-        ids = self._call(name, tenant, lambda: coll.get(where=where, include=[]))["ids"]
+        ids = self.call(name, tenant, lambda: coll.get(where=where, include=[]))["ids"]
         if ids:
-            self._call(name, tenant, lambda: coll.delete(ids=ids))
+            self.call(name, tenant, lambda: coll.delete(ids=ids))
         return len(ids)
 
-    def _drop(self, name: str, physical: str) -> int:
+    def drop_physical(self, name: str, physical: str) -> int:
         """Delete one Chroma collection; the chunks it held (0 if it was already gone)."""
         self._forget(physical)
         try:
@@ -459,61 +459,19 @@ class VectorStore:
             count = int(self.client().get_collection(physical).count())
             self.client().delete_collection(physical)
         except Exception as e:
-            if _is_not_found(e):
+            if is_not_found(e):
                 return 0
             raise StoreError(f"vector store error on collection {name!r}: {e}") from e
         return count
 
     def migrate(self, name: str) -> tuple[dict[str, int], int]:
-        """Split an old all-tenants collection ``name`` into per-tenant collections, copying
-        the stored vectors (nothing is re-embedded), then drop it. Returns the chunks moved per
-        tenant and the chunks without a tenant; with any of those the old collection is kept.
-        Safe to re-run after an interruption (chunks are upserted under their own ids)."""
-        try:
-            old = self.client().get_collection(name)
-        except Exception as e:
-            if _is_not_found(e):
-                return {}, 0
-            raise StoreError(f"vector store error on collection {name!r}: {e}") from e
-        if META_COLLECTION in (old.metadata or {}):
-            return {}, 0  # a per-tenant collection: nothing to migrate
-        moved: dict[str, int] = {}
-        orphans = offset = 0
-        while True:
-            try:
-                res = old.get(
-                    include=["documents", "metadatas", "embeddings"], limit=_PAGE, offset=offset
-                )
-            except Exception as e:
-                raise StoreError(f"vector store error on collection {name!r}: {e}") from e
-            groups: dict[str, list[int]] = {}
-            for i, m in enumerate(res["metadatas"] or []):
-                t = (m or {}).get("tenant")
-                if isinstance(t, str) and t:
-                    groups.setdefault(t, []).append(i)
-                else:
-                    orphans += 1
-            for t, idx in groups.items():
-                coll = self.collection(name, t, create=True)
-                assert coll is not None
-                batch = {
-                    "ids": [res["ids"][i] for i in idx],
-                    "documents": [res["documents"][i] for i in idx],
-                    "embeddings": [res["embeddings"][i] for i in idx],
-                    "metadatas": [res["metadatas"][i] for i in idx],
-                }
-                self._call(name, t, lambda c=coll, b=batch: c.upsert(**b))
-                moved[t] = moved.get(t, 0) + len(idx)
-            if len(res["ids"]) < _PAGE:
-                break
-            offset += _PAGE
-        if not orphans:
-            self._drop(name, name)
-        log.info("rag_migrated", extra={"collection": name, "tenants": moved, "orphans": orphans})
-        return moved, orphans
+        """Convert an old all-tenants collection (``plugins.rag.migrate``)."""
+        from plugins.rag.migrate import migrate_layout
+
+        return migrate_layout(self, name)
 
 
-def _is_not_found(e: Exception) -> bool:
+def is_not_found(e: Exception) -> bool:
     text = f"{type(e).__name__} {e}".lower()
     return "notfound" in text or "does not exist" in text or "not found" in text
 
