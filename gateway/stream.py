@@ -143,17 +143,10 @@ class _Relay:
     async def _parsed(self, complete: bytes) -> bytes:
         out: list[bytes] = []
         hooks, ctx = self.hooks, self.ctx
-        only = hooks[0] if len(hooks) == 1 else None
         for event in complete.split(b"\n\n"):
-            if not event:
+            payload = _payload(event) if event else None
+            if payload is None:
                 continue
-            if event.startswith(b"data:") and event.find(b"\n") == -1:  # as _payload, inline
-                payload = event[5:].lstrip(b" ")
-            else:
-                found = _payload(event)
-                if found is None:
-                    continue
-                payload = found
             if payload == b"[DONE]":
                 self.saw_done = True
                 continue
@@ -172,11 +165,7 @@ class _Relay:
                     if self.client_wants_usage:
                         out.append(event + b"\n\n")
                 continue
-            if only is not None:
-                chunks = await only.on_chunk(ctx, obj)
-            else:
-                chunks = await Pipeline.run_chunk(hooks, ctx, obj)
-            for chunk in chunks:
+            for chunk in await Pipeline.run_chunk(hooks, ctx, obj):
                 out.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
         return self._keep(b"".join(out))
 
