@@ -67,6 +67,26 @@ _IBAN_HINT = re.compile(r"\d\d(?<=[A-Z]{2}\d\d)")
 # What the e-mail pattern's look-behind rejects, and its local-part characters.
 _EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
 _PHONE_HINT = re.compile(r"\+\d")
+#: Something every secret of every type contains (each type's hint above implies one of these),
+#: so the usual text with none of them costs a few substring tests and one character-class
+#: sweep: an "@", a key, JWT or key-block prefix, or two digits at most one separator apart
+#: (cards, IBANs and phone numbers have them). One alternation regex was ~8x slower.
+_ANY_HINTS = ("@", "-----BEGIN", "eyJ", "sk-", "_live_", "AKIA", "ASIA", "AIza", "xox")
+_DIGIT_PAIR = re.compile(r"[0-9][ \-]?[0-9]")
+_DIGIT_PAIR_UNICODE = re.compile(r"\d[ \-]?\d")
+
+
+def _may_hold_secret(text: str) -> bool:
+    for hint in _ANY_HINTS:
+        if hint in text:
+            return True
+    # "gh" is common in English ("right"): the GitHub prefixes only after it.
+    if "gh" in text and any(p in text for p in _API_GITHUB):
+        return True
+    # "\d" also matches non-ASCII digits, one Unicode category test per character: only needed
+    # when there are non-ASCII characters.
+    rx = _DIGIT_PAIR if text.isascii() else _DIGIT_PAIR_UNICODE
+    return rx.search(text) is not None
 
 
 def _may_contain(kind: str, text: str) -> bool:
@@ -169,7 +189,7 @@ def _valid(kind: str, text: str) -> bool:
 
 def find_secrets(text: str, types: frozenset[str] | None = None) -> list[SecretHit]:
     """Secrets in ``text``, in order, non-overlapping; only ``types`` when given."""
-    if not text:
+    if not text or not _may_hold_secret(text):
         return []
     found: list[SecretHit] = []
     # Dict order is the priority when spans overlap (a key block contains base64 "numbers").

@@ -356,8 +356,18 @@ def test_find_secrets_equals_sweeping_every_pattern() -> None:
         "4111 1111 1111 1111", "4111-1111-1111-1112", "DE89 3704 0044 0532 0130 00", "GB82",
         "+44 20 7946 0958", "eyJhbGciOiJI.eyJzdWIiOiIx.c2lnbmF0dXJlX2hlcmU", "sk_live_" + "x" * 24,
         "-----BEGIN RSA PRIVATE KEY-----\nabc\n-----END RSA PRIVATE KEY-----", "%", ".", "+",
+        # Non-ASCII digits match the patterns' \d: the prefilter must see them too.
+        " ".join(["\u0664\u0661\u0661\u0661"] + ["\u0661" * 4] * 3),
+        "\uff14\uff11", "+\u0664\u0664 20 7946 0958", "right", "ghost", "7", "-",
     ]  # fmt: skip
+    # Only non-ASCII digits (fullwidth card, Arabic-Indic phone): found, so the prefilter that
+    # skips texts without digits must know them.
+    unicode_digits = [
+        "\uff14" + "\uff11" * 15,
+        "+\u0664\u0664\u0662\u0660\u0667\u0669\u0664\u0666\u0660\u0669\u0665\u0668",
+    ]
+    assert all(S.find_secrets(t) for t in unicode_digits)
     texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 25))) for _ in range(800)]
-    for text in texts + SAMPLES:
+    for text in texts + SAMPLES + unicode_digits:
         got = [(h.type, h.start, h.end) for h in S.find_secrets(text)]
         assert got == _reference_secrets(text), text
