@@ -12,6 +12,7 @@ regex is tried only there (see :class:`RuleSet`).
 
 from __future__ import annotations
 
+import codecs
 import functools
 import re
 from importlib import resources
@@ -284,6 +285,77 @@ def _closure(owners: dict[str, list[int]], words: list[str]) -> dict[str, tuple[
     return out
 
 
+class _Sweeps:
+    """Finds where any of a set of literal prefixes occurs, and whose they are.
+
+    ``owners`` maps each prefix to the indexes owning it; ``bounded`` says whether every owner
+    has ``\\b`` before it. Sweeps, each starting with a literal or a character class so that the
+    engine skips ahead in C instead of trying every position: prefixes after \\b that start with
+    a word character (a word start is the text's start or follows a non-word character), and
+    the rest anywhere, one branch per first character. Each captures the longest prefix at its
+    position; the closures map it to every owner of a prefix of it."""
+
+    def __init__(self, owners: dict[str, list[int]], bounded: dict[str, bool]) -> None:
+        #: Longest prefix (plus the character before it), for bounding window sweeps.
+        self.longest = 2 + max((len(t) for t in owners), default=0)
+        words = sorted(t for t in owners if bounded[t] and _is_word(t[0]))
+        word_set = set(words)
+        free = sorted(t for t in owners if t not in word_set)
+        self.word_owners = _closure({t: owners[t] for t in words}, words)
+        self.free_owners = _closure({t: owners[t] for t in free}, free)
+        self.word_start: re.Pattern[str] | None = None
+        self.after_nonword: tuple[re.Pattern[str], ...] = ()
+        self.free: re.Pattern[str] | None = None
+        if words:
+            trie = _trie_regex(words)
+            self.word_start = re.compile(f"({trie})")
+            # A word starts after a non-word character: after a space (most of them; a literal
+            # first character is the engine's fastest skip), or after ASCII punctuation or a
+            # non-ASCII non-word character. Explicit ranges compile to a bitmap the engine
+            # skips along cheaply; "\W" is a category test per character, 3x slower in all.
+            self.after_nonword = (
+                re.compile(f" (?=({trie}))"),
+                re.compile(rf"[\x00-\x1f!-/:-@\[-^`{{-~\x7f-\U0010ffff](?<=\W)(?=({trie}))"),
+            )
+        if free:
+            firsts: dict[str, list[str]] = {}
+            for t in free:
+                firsts.setdefault(t[0], []).append(t[1:])
+            self.free = re.compile(
+                "|".join(f"{re.escape(c)}(?=({_trie_regex(rests)}))" for c, rests in firsts.items())
+            )
+
+    def starts(self, text: str, spans: list[tuple[int, int]]) -> list[tuple[int, tuple[int, ...]]]:
+        """``(position, owners)`` of each prefix occurrence starting within one of ``spans``."""
+        starts: list[tuple[int, tuple[int, ...]]] = []
+        longest = self.longest
+        for lo, hi in spans:
+            if self.word_start is not None:
+                word_owners = self.word_owners
+                if lo == 0:
+                    m0 = self.word_start.match(text)
+                    if m0 is not None:
+                        starts.append((0, word_owners[m0.group(1)]))
+                for rx in self.after_nonword:
+                    # The sweep stops where a prefix starting in the window could end.
+                    for m in rx.finditer(text, max(lo - 1, 0), hi + longest):
+                        if m.end() > hi:
+                            break
+                        starts.append((m.end(), word_owners[m.group(1)]))
+            if self.free is not None:
+                free_owners = self.free_owners
+                for m in self.free.finditer(text, lo, hi + longest):
+                    pos = m.start()
+                    if pos > hi:
+                        break
+                    starts.append((pos, free_owners[text[pos] + m.group(m.lastindex or 0)]))
+        return starts
+
+
+def _rot13(s: str) -> str:
+    return codecs.encode(s, "rot13")
+
+
 class RuleSet:
     """Compiled rules, matched without sweeping every rule over the text.
 
@@ -292,7 +364,13 @@ class RuleSet:
     occurs, and only there is that rule's regex tried (``rx.match`` at the position).
     Rules without a literal start run ``rx.search`` when one of their hand-written ``triggers``
     substrings occurs, or always when they have none. Equivalent to ``rx.search`` of each rule
-    over the text (tests/plugins/test_guard_perf.py checks this)."""
+    over the text (tests/plugins/test_guard_perf.py checks this).
+
+    :meth:`fired_with_rot13` also matches the rules against the text's rot13 in the same sweeps:
+    rot13 maps letters to letters and leaves every other character alone, so a prefix ``p``
+    occurs in ``rot13(text)`` exactly where ``rot13(p)`` occurs in ``text``, with the same
+    characters (word or not) around it. Sweeping for both sets of prefixes at once costs about
+    what one sweep does; the rot13 text is only built when one of its prefixes occurs."""
 
     def __init__(self, rules: list[RuleSpec]) -> None:
         self.rules = rules
@@ -311,39 +389,16 @@ class RuleSet:
                 owners.setdefault(text, []).append(i)
                 # A prefix shared by a rule without \b must be looked for everywhere.
                 bounded[text] = bounded.get(text, True) and b
-        # Sweeps, each starting with a literal or a character class so that the engine skips
-        # ahead in C instead of trying every position: prefixes after \b that start with a word
-        # character (a word start is the text's start or follows a non-word character), and the
-        # rest anywhere, one branch per first character. Each captures the longest prefix at its
-        # position; the closures map it to every rule with a prefix of it.
-        #: Longest prefix (plus the character before it), for bounding window sweeps.
-        self._longest = 2 + max((len(t) for t in owners), default=0)
-        words = sorted(t for t in owners if bounded[t] and _is_word(t[0]))
-        word_set = set(words)
-        free = sorted(t for t in owners if t not in word_set)
-        self._word_rules = _closure({t: owners[t] for t in words}, words)
-        self._free_rules = _closure({t: owners[t] for t in free}, free)
-        self._word_start: re.Pattern[str] | None = None
-        self._after_nonword: tuple[re.Pattern[str], ...] = ()
-        self._free: re.Pattern[str] | None = None
-        if words:
-            trie = _trie_regex(words)
-            self._word_start = re.compile(f"({trie})")
-            # A word starts after a non-word character: after a space (most of them; a literal
-            # first character is the engine's fastest skip), or after ASCII punctuation or a
-            # non-ASCII non-word character. Explicit ranges compile to a bitmap the engine
-            # skips along cheaply; "\W" is a category test per character, 3x slower in all.
-            self._after_nonword = (
-                re.compile(f" (?=({trie}))"),
-                re.compile(rf"[\x00-\x1f!-/:-@\[-^`{{-~\x7f-\U0010ffff](?<=\W)(?=({trie}))"),
-            )
-        if free:
-            firsts: dict[str, list[str]] = {}
-            for t in free:
-                firsts.setdefault(t[0], []).append(t[1:])
-            self._free = re.compile(
-                "|".join(f"{re.escape(c)}(?=({_trie_regex(rests)}))" for c, rests in firsts.items())
-            )
+        self._plain = _Sweeps(owners, bounded)
+        # Plain prefixes own rule i, rot13'd ones i + n (a string may be both).
+        n = len(rules)
+        both = {t: list(v) for t, v in owners.items()}
+        both_bounded = dict(bounded)
+        for t, idx in owners.items():
+            rot = _rot13(t)
+            both.setdefault(rot, []).extend(i + n for i in idx)
+            both_bounded[rot] = both_bounded.get(rot, True) and bounded[t]
+        self._both = _Sweeps(both, both_bounded)
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -351,6 +406,30 @@ class RuleSet:
     def match(self, text: str) -> list[RuleSpec]:
         """Rules that fire on ``text`` (already normalised)."""
         return [self.rules[i] for i in sorted(self.fired(text))]
+
+    def _search(
+        self,
+        text: str,
+        hits: set[int],
+        skip: set[int] | frozenset[int],
+        windows: list[tuple[int, int]] | None,
+    ) -> None:
+        """The rules without a literal start (into ``hits``)."""
+        n = len(text)
+        spans = windows if windows is not None else [(0, n)]
+        rxs = self._regexes
+        for i, trig in self._searched:
+            if i in hits or i in skip:
+                continue
+            if trig is not None and not any(t in text for t in trig):
+                continue
+            rx = rxs[i]
+            for lo, hi in spans:
+                end = n if windows is None else min(n, hi + WINDOW_REACH)
+                found = rx.search(text, lo, end)
+                if found is not None and found.start() <= hi:
+                    hits.add(i)
+                    break
 
     def fired(
         self,
@@ -366,43 +445,36 @@ class RuleSet:
         characters past a window's end at most."""
         hits: set[int] = set()
         rxs = self._regexes
-        n = len(text)
-        spans = windows if windows is not None else [(0, n)]
-        starts: list[tuple[int, tuple[int, ...]]] = []
-        for lo, hi in spans:
-            if self._word_start is not None:
-                word_rules = self._word_rules
-                if lo == 0:
-                    m0 = self._word_start.match(text)
-                    if m0 is not None:
-                        starts.append((0, word_rules[m0.group(1)]))
-                for rx in self._after_nonword:
-                    # The sweep stops where a prefix starting in the window could end.
-                    for m in rx.finditer(text, max(lo - 1, 0), hi + self._longest):
-                        if m.end() > hi:
-                            break
-                        starts.append((m.end(), word_rules[m.group(1)]))
-            if self._free is not None:
-                free_rules = self._free_rules
-                for m in self._free.finditer(text, lo, hi + self._longest):
-                    pos = m.start()
-                    if pos > hi:
-                        break
-                    starts.append((pos, free_rules[text[pos] + m.group(m.lastindex or 0)]))
-        for pos, idx in starts:
+        spans = windows if windows is not None else [(0, len(text))]
+        for pos, idx in self._plain.starts(text, spans):
             for i in idx:
                 if i not in hits and i not in skip and rxs[i].match(text, pos):
                     hits.add(i)
-        for i, trig in self._searched:
-            if i in hits or i in skip:
-                continue
-            if trig is not None and not any(t in text for t in trig):
-                continue
-            rx = rxs[i]
-            for lo, hi in spans:
-                end = n if windows is None else min(n, hi + WINDOW_REACH)
-                found = rx.search(text, lo, end)
-                if found is not None and found.start() <= hi:
+        if self._searched:
+            self._search(text, hits, skip, windows)
+        return hits
+
+    def fired_with_rot13(
+        self, text: str, skip: set[int] | frozenset[int] = frozenset()
+    ) -> set[int]:
+        """``fired(text, skip) | fired(rot13(text), skip)``, in one set of sweeps."""
+        hits: set[int] = set()
+        rxs = self._regexes
+        n = len(self.rules)
+        rot: str | None = None
+        for pos, idx in self._both.starts(text, [(0, len(text))]):
+            for i in idx:
+                if i >= n:
+                    i -= n
+                    if i in hits or i in skip:
+                        continue
+                    if rot is None:
+                        rot = _rot13(text)
+                    if rxs[i].match(rot, pos):
+                        hits.add(i)
+                elif i not in hits and i not in skip and rxs[i].match(text, pos):
                     hits.add(i)
-                    break
+        if self._searched:
+            self._search(text, hits, skip, None)
+            self._search(rot if rot is not None else _rot13(text), hits, skip, None)
         return hits

@@ -120,6 +120,8 @@ class Scanner:
         self.rules = rules
         self.rules_action = rules_action
         self.decoders = decoders
+        self._decoders_but_rot13 = tuple(k for k in decoders if k != "rot13")
+        self._rot13 = "rot13" in decoders
         self.semantic = semantic
         self.semantic_threshold = semantic_threshold
         self.semantic_action = semantic_action
@@ -147,19 +149,23 @@ class Scanner:
         if rules is None or not len(rules) or not text:
             return []
         lit = light(text)
-        fired = rules.fired(lit)
+        kinds = self._decoders_but_rot13
+        rot13_windows_ = rot13_windows(text, lit) if self._rot13 else []
+        if rot13_windows_ == [(0, len(lit))]:
+            # The whole rot13 too (short texts): in the same sweeps as the light form.
+            fired = rules.fired_with_rot13(lit)
+            rot13_windows_ = []
+        else:
+            fired = rules.fired(lit)
         full, changed = deobfuscate_spans(lit)
         if changed:
             fired |= rules.fired(full, fired, _windows(changed))
-        kinds = tuple(k for k in self.decoders if k != "rot13")
         if kinds:
             for decoded in dict.fromkeys(decoded_variants(text, kinds)):
                 for form in variants(decoded):
                     fired |= rules.fired(form, fired)
-        if len(self.decoders) > len(kinds):
-            windows = rot13_windows(text, lit)
-            if windows:
-                fired |= rules.fired(codecs.encode(lit, "rot13"), fired, windows)
+        if rot13_windows_:
+            fired |= rules.fired(codecs.encode(lit, "rot13"), fired, rot13_windows_)
         return [
             Finding("rules", rules.rules[i].category, self.rules_action, rules.rules[i].id)
             for i in sorted(fired)

@@ -263,6 +263,22 @@ def test_ruleset_equals_searching_every_rule(extra: list[RuleSpec]) -> None:
             assert [r.id for r in rules.match(form)] == _reference_match(rules, form), form
 
 
+@pytest.mark.parametrize("extra", [[], CUSTOM])
+def test_fired_with_rot13_equals_two_sweeps(extra: list[RuleSpec]) -> None:
+    """One set of sweeps for a text and its rot13 finds what sweeping each does."""
+    rules = RuleSet(RulesConfig(add=tuple(extra)).effective())
+    rot = [codecs.encode(N.light(t), "rot13") for t in SAMPLES]
+    extra_texts = ["system: x", "flfgrz: k", "a token=abcd", "n gbxra=nopq", "--force", "--sbepr"]
+    hidden = 0
+    for text in [*SAMPLES, *rot, *extra_texts]:
+        lit = N.light(text)
+        plain, rotated = rules.fired(lit), rules.fired(codecs.encode(lit, "rot13"))
+        assert rules.fired_with_rot13(lit) == plain | rotated, text
+        assert rules.fired_with_rot13(lit, plain) == rotated - plain, text
+        hidden += bool(rotated - plain)
+    assert hidden >= len(ATTACKS) // 2  # the rot13'd attacks are only found the second way
+
+
 def _reference_findings(scanner: object, text: str) -> list[str]:
     """The scanner's rules path as specified, from the reference pieces: every rule searched
     over every form, each form whole."""
@@ -286,7 +302,8 @@ def _reference_findings(scanner: object, text: str) -> list[str]:
 def test_scanner_rule_findings_equal_reference() -> None:
     scanner = GuardPlugin(GuardConfig.model_validate({"semantic": {"enabled": False}})).scanner
     fired = 0
-    for text in SAMPLES:
+    rot = [codecs.encode(t, "rot13") for t in ATTACKS]  # found only through their rot13
+    for text in SAMPLES + rot:
         got = [f.rule for f in scanner.rule_findings(text)]
         assert got == _reference_findings(scanner, text), text
         fired += bool(got)
