@@ -488,7 +488,8 @@ def _decode_once(text: str, kinds: Iterable[str]) -> list[str]:
                 found += [s for m in _HEX.finditer(text, lo, hi) if (s := _hex(m.group(0)))]
             out.extend(dict.fromkeys(found))
         elif kind == "url":
-            out.extend(_url_segments(text))
+            if "%" in text:
+                out.extend(_url_segments(text))
         elif kind == "rot13":
             if len(text) < _ROT13_ALWAYS_BELOW or _mentions_rot13(text):
                 out.append(codecs.encode(text, "rot13"))
