@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.load import counter_start, numbered
 from bench.run import DEMO_KEY, ROOT, free_port, request_body
 
 
@@ -87,12 +88,15 @@ async def _one(app: Any, scope: dict[str, Any], body: bytes) -> int:
 
 async def _drive(app: Any, scope: dict[str, Any], body: bytes, n: int, conc: int) -> None:
     remaining = n
+    # A different prompt in each request (as bench.load sends): nothing cached can help.
+    start = counter_start()
+    bodies = [numbered(body, start + i) for i in range(n)]
 
     async def worker() -> None:
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            status = await _one(app, scope, body)
+            status = await _one(app, scope, bodies[remaining])
             if status != 200:
                 raise SystemExit(f"status {status}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import random
 import re
 import shutil
 import subprocess
@@ -32,13 +33,40 @@ class LoadResult:
     p99_ms: float
 
 
+#: In a request body, replaced by a different zero-padded number in each request (same width,
+#: so the length never changes): every prompt is new, as in real traffic, so no cache along the
+#: way (token counts, guard verdicts, responses) can make the benchmark's one prompt free.
+COUNTER = b"%REQ_NUM%"
+
+
+def counter_start() -> int:
+    """Where a run's numbers start: far from the last run's, so nothing cached carries over."""
+    return random.randrange(10**8)
+
+
+def numbered(body: bytes, n: int) -> bytes:
+    """``body`` with its :data:`COUNTER` replaced by ``n``."""
+    return body.replace(COUNTER, b"%09d" % (n % 10**9))
+
+
 _LUA = """
 local f = assert(io.open("{body}", "rb"))
-wrk.method = "POST"
-wrk.body = f:read("*a")
+local body = f:read("*a")
 f:close()
+wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 {headers}
+local at = string.find(body, "{counter}", 1, true)
+if at then
+  local head, tail = string.sub(body, 1, at - 1), string.sub(body, at + {counter_len})
+  local n = {start}
+  request = function()
+    n = n + 1
+    return wrk.format(nil, nil, nil, head .. string.format("%09d", n % 1000000000) .. tail)
+  end
+else
+  wrk.body = body
+end
 """
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -96,7 +124,12 @@ def run_wrk(
         body_path.write_bytes(body)
         lua = "\n".join(f"wrk.headers[{_lua_str(k)}] = {_lua_str(v)}" for k, v in headers.items())
         script = Path(tmp, "post.lua")
-        script.write_text(_LUA.format(body=body_path, headers=lua))
+        script.write_text(
+            _LUA.format(
+                body=body_path, headers=lua, counter=COUNTER.decode(),
+                counter_len=len(COUNTER), start=counter_start(),
+            )
+        )  # fmt: skip
         cmd = ["wrk", "-t1", f"-c{conc}", f"-d{int(duration)}s", "--latency", "--timeout", "10s"]
         cmd += ["-s", str(script), url]
         if cpus:
@@ -123,16 +156,18 @@ async def run_python(
     errors = 0
     hdrs = {"content-type": "application/json", **headers}
     connector = aiohttp.TCPConnector(limit=conc, force_close=False)
+    n = counter_start()
     async with aiohttp.ClientSession(connector=connector) as session:
         start = time.perf_counter()
         end = start + duration
 
         async def worker() -> None:
-            nonlocal errors
+            nonlocal errors, n
             while time.perf_counter() < end:
                 t0 = time.perf_counter()
+                n += 1
                 try:
-                    async with session.post(url, data=body, headers=hdrs) as resp:
+                    async with session.post(url, data=numbered(body, n), headers=hdrs) as resp:
                         await resp.read()
                         ok = resp.status < 300
                 except aiohttp.ClientError:

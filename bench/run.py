@@ -34,7 +34,8 @@ from bench.load import LoadResult, have_wrk, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-PROMPT = "Say hello in one short sentence, please."
+#: Each request's prompt differs (bench.load replaces the counter), as real prompts do.
+PROMPT = "Say hello in one short sentence, please. (request %REQ_NUM%)"
 TARGETS = ("direct", "null", "gateway")
 DEMO_KEY = "sk-demo-LocalOnlyNeverDeployThisKey"
 SCENARIOS = ("chat", "stream")

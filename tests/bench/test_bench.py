@@ -17,7 +17,7 @@ import httpx
 import pytest
 import uvicorn
 
-from bench.load import parse_wrk, percentile, run_python
+from bench.load import COUNTER, have_wrk, numbered, parse_wrk, percentile, run_python, run_wrk
 from bench.null_proxy import NullProxy
 from bench.run import cpu_seconds, markdown, parse_args, request_body, summary
 from gateway.fake_upstream import start
@@ -168,6 +168,42 @@ async def test_python_load_counts_requests_and_errors() -> None:
     assert ok.requests > 10 and ok.errors == 0 and ok.rps > 0
     assert 0 < ok.p50_ms <= ok.p99_ms
     assert bad.requests > 0 and bad.errors == bad.requests
+
+
+def test_numbered_bodies_differ_only_in_the_counter_and_keep_their_length() -> None:
+    body = request_body("chat")
+    assert body.count(COUNTER) == 1
+    a, b = numbered(body, 7), numbered(body, 123456789012)
+    assert len(a) == len(b) == len(body) and a != b
+    assert b"000000007" in a and COUNTER not in a
+
+
+async def _prompts_sent(load: str) -> list[str]:
+    """The prompts the fake upstream received from a short run of ``load``."""
+    runner, up = await start(record=10_000)
+    try:
+        url = f"http://127.0.0.1:{up}/v1/chat/completions"
+        if load == "wrk":
+            res = await asyncio.to_thread(run_wrk, url, request_body("chat"), {}, 2, 1.0)
+        else:
+            res = await run_python(url, request_body("chat"), {}, conc=2, duration=0.3)
+        async with httpx.AsyncClient() as client:
+            seen = (await client.get(f"http://127.0.0.1:{up}/_fake/requests")).json()
+    finally:
+        await runner.cleanup()
+    assert res.errors == 0 and res.requests > 10
+    return [r["body"]["messages"][0]["content"] for r in seen]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("load", ["python", "wrk"])
+async def test_every_request_of_a_run_has_its_own_prompt(load: str) -> None:
+    # CI installs wrk (.ci/run); elsewhere it is optional.
+    if load == "wrk" and not have_wrk() and not os.environ.get("CI"):
+        pytest.skip("wrk is not installed")
+    prompts = await _prompts_sent(load)
+    assert len(prompts) > 10 and len(set(prompts)) == len(prompts)
+    assert all(p.startswith("Say hello") and COUNTER.decode() not in p for p in prompts)
 
 
 @pytest.mark.parametrize(("target", "scenario"), [("gateway", "stream"), ("null", "chat")])
