@@ -41,12 +41,22 @@ COUNTER = b"%REQ_NUM%"
 
 def counter_start() -> int:
     """Where a run's numbers start: far from the last run's, so nothing cached carries over."""
-    return random.randrange(10**8)
+    return random.randrange(26**8)
+
+
+def counter_word(n: int) -> bytes:
+    """``n`` as 9 lower-case letters (base 26). Letters, not digits: runs of digits make the
+    secrets detectors look closer (card and phone numbers), which a typical prompt does not."""
+    out = bytearray(9)
+    for i in range(8, -1, -1):
+        n, d = divmod(n, 26)
+        out[i] = 97 + d
+    return bytes(out)
 
 
 def numbered(body: bytes, n: int) -> bytes:
-    """``body`` with its :data:`COUNTER` replaced by ``n``."""
-    return body.replace(COUNTER, b"%09d" % (n % 10**9))
+    """``body`` with its :data:`COUNTER` replaced by ``n`` (as :func:`counter_word`)."""
+    return body.replace(COUNTER, counter_word(n))
 
 
 _LUA = """
@@ -60,9 +70,19 @@ local at = string.find(body, "{counter}", 1, true)
 if at then
   local head, tail = string.sub(body, 1, at - 1), string.sub(body, at + {counter_len})
   local n = {start}
+  -- n as 9 lower-case letters, as bench.load.counter_word writes it.
+  local function word(v)
+    local t = {{}}
+    for i = 9, 1, -1 do
+      local d = v % 26
+      t[i] = string.char(97 + d)
+      v = (v - d) / 26
+    end
+    return table.concat(t)
+  end
   request = function()
     n = n + 1
-    return wrk.format(nil, nil, nil, head .. string.format("%09d", n % 1000000000) .. tail)
+    return wrk.format(nil, nil, nil, head .. word(n) .. tail)
   end
 else
   wrk.body = body
