@@ -46,6 +46,9 @@ def build_pipeline(settings: Settings, registry: dict[str, Any] | None = None) -
     return plugins
 
 
+#: The hooks that make the core parse streamed chunks (see gateway/plugin.py).
+CHUNK_HOOKS = ("on_chunk", "on_chunks", "on_stream_end")
+
 #: (plugin class, hook names) -> whether the class overrides any of them; classes are fixed
 #: at startup, so this stays small.
 _OVERRIDES: dict[tuple[type, tuple[str, ...]], bool] = {}
@@ -69,7 +72,7 @@ class Pipeline:
     def __init__(self, plugins: list[Plugin]) -> None:
         self.plugins = plugins
         self.header_hooks = hooked(plugins, "on_headers")
-        self.has_chunk_hooks = bool(hooked(plugins, "on_chunk", "on_stream_end"))
+        self.has_chunk_hooks = bool(hooked(plugins, *CHUNK_HOOKS))
         self.has_attempt_hooks = bool(hooked(plugins, "on_attempt"))
         #: Plugins per endpoint, in order (what a plugin applies to is fixed once it is built).
         self._for: dict[str, list[Plugin]] = {}
@@ -98,17 +101,15 @@ class Pipeline:
         return None
 
     @staticmethod
-    async def run_chunk(
-        ran: list[Plugin], ctx: RequestContext, chunk: dict[str, Any]
+    async def run_chunks(
+        ran: list[Plugin], ctx: RequestContext, chunks: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
-        if len(ran) == 1:  # the usual case (the output guard): no lists to build
-            return await ran[0].on_chunk(ctx, chunk)
-        chunks = [chunk]
+        """The chunks of one relay block through each plugin's ``on_chunks``, in reverse order:
+        each plugin gets the whole list the one below it returned."""
+        if len(ran) == 1:  # the usual case (the output guard)
+            return await ran[0].on_chunks(ctx, chunks)
         for plugin in reversed(ran):
-            out: list[dict[str, Any]] = []
-            for c in chunks:
-                out.extend(await plugin.on_chunk(ctx, c))
-            chunks = out
+            chunks = await plugin.on_chunks(ctx, chunks)
             if not chunks:
                 break
         return chunks
@@ -119,9 +120,7 @@ class Pipeline:
         pending: list[dict[str, Any]] = []
         for idx in range(len(ran) - 1, -1, -1):
             plugin = ran[idx]
-            out: list[dict[str, Any]] = []
-            for c in pending:
-                out.extend(await plugin.on_chunk(ctx, c))
+            out = list(await plugin.on_chunks(ctx, pending)) if pending else []
             out.extend(await plugin.on_stream_end(ctx))
             pending = out
         return pending

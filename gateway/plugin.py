@@ -18,6 +18,16 @@ After the upstream answers, the plugins that ran are asked about the response in
   Return the chunks to pass on: ``[chunk]`` unchanged, ``[]`` to hold text back (for matching
   across chunk boundaries), several to release held text. Raise a ``GatewayError`` to end the
   stream with a final SSE error event.
+* ``on_chunks(ctx, chunks) -> list[chunk]``: what the core actually calls, once per relay
+  block: the chunks of the complete events of one upstream read, in order (on a fast upstream
+  often the whole answer; on a slow one, usually a single chunk). The default calls
+  ``on_chunk`` on each and concatenates the results. A plugin may override it to work on the
+  block as a whole (the output guard scans a block's text once, and passes it on as one chunk
+  per choice instead of one per event): it returns the chunks to pass on, in order, and may
+  merge, drop, rewrite (in place is fine: the core re-serialises every chunk) or add chunks,
+  as long as the client-visible text of each choice stays in order. With several plugins, each
+  gets the whole block the one below it returned, so the order of calls across plugins is per
+  block, not per chunk.
 * ``on_stream_end(ctx) -> list[chunk]`` once the upstream stream is over: release held chunks.
 * ``on_attempt(ctx, deployment, error, elapsed_s)`` after each upstream attempt, for health
   tracking and circuit breakers (the route plugin).
@@ -26,8 +36,8 @@ After the upstream answers, the plugins that ran are asked about the response in
   before the body is sent and may rewrite ``ctx.response`` or raise; for a stream it runs after
   the last byte, so it only accounts (reconcile limits, cost, logs).
 
-The core only parses streamed chunks when some plugin in the pipeline overrides ``on_chunk``:
-otherwise upstream bytes are relayed as they arrive.
+The core only parses streamed chunks when some plugin in the pipeline overrides ``on_chunk``,
+``on_chunks`` or ``on_stream_end``: otherwise upstream bytes are relayed as they arrive.
 
 ``startup(gateway)``/``shutdown()`` run in the app lifespan; long-lived resources (pools, compiled
 rules, models) are created there, never per request. Plugins keep no per-request state on
@@ -80,6 +90,16 @@ class Plugin:
 
     async def on_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         return [chunk]
+
+    async def on_chunks(
+        self, ctx: RequestContext, chunks: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        if len(chunks) == 1:
+            return await self.on_chunk(ctx, chunks[0])
+        out: list[dict[str, Any]] = []
+        for chunk in chunks:
+            out.extend(await self.on_chunk(ctx, chunk))
+        return out
 
     async def on_stream_end(self, ctx: RequestContext) -> list[dict[str, Any]]:
         return []

@@ -85,6 +85,9 @@ class GuardConfig(PluginConfig):
     offload_chars: int = Field(4096, ge=0)
 
 
+#: Embedding inputs count as the user's text.
+_USER_ONLY = frozenset({"user"})
+
 # A text slot in the body: (container, key) with container[key] a str, and the message role.
 Slot = tuple[Any, Any, str]
 
@@ -127,6 +130,7 @@ class GuardPlugin(Plugin):
         self.shadow = cfg.mode == "shadow"
         self.secret_actions = {k: v for k, v in cfg.secrets.model_dump().items() if v != "allow"}
         self.secret_types = frozenset(self.secret_actions)
+        self._scan_roles = frozenset(cfg.scan_roles)
         #: Ready without ``startup`` (rules only) so unit tests and tools can use it directly;
         #: ``startup`` adds the semantic model.
         self.scanner = self._make_scanner(None)
@@ -172,11 +176,10 @@ class GuardPlugin(Plugin):
         t0 = time.perf_counter()
         check_input(self.config.input, ctx)
         slots = _slots(ctx)
-        roles = set(self.config.scan_roles) if ctx.endpoint == "chat" else {"user"}
-        scan = [s for s in slots if s[2] in roles]
+        roles = self._scan_roles if ctx.endpoint == "chat" else _USER_ONLY
         verdict = Verdict()
         # Injection layers: one verdict per scanned text, no secrets (done below, with spans).
-        texts = [c[k] for c, k, _ in scan]
+        texts = [c[k] for c, k, role in slots if role in roles]
         for v in await self.scanner.scan(
             texts, secrets=False, offload_chars=self.config.offload_chars, exhaustive=self.shadow
         ):
@@ -204,16 +207,19 @@ class GuardPlugin(Plugin):
 
     def _report(self, ctx: RequestContext, verdict: Verdict, phase: str, t0: float) -> None:
         entry = ctx.log.setdefault("guard", {"mode": self.config.mode})
+        ms = round((time.perf_counter() - t0) * 1000, 3)
+        if not verdict.findings:  # the usual case, without building the verdict's summary
+            entry[phase] = {"action": "allow", "categories": [], "findings": [], "ms": ms}
+            return
         data = verdict.as_dict()
-        data["ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        data["ms"] = ms
         entry[phase] = data
-        if verdict.findings:
-            record_metrics(verdict, self.shadow)
-            log.info(
-                "guard verdict",
-                extra={"request_id": ctx.request_id, "phase": phase, "mode": self.config.mode,
-                       "action": verdict.action, "categories": verdict.categories},
-            )  # fmt: skip
+        record_metrics(verdict, self.shadow)
+        log.info(
+            "guard verdict",
+            extra={"request_id": ctx.request_id, "phase": phase, "mode": self.config.mode,
+                   "action": verdict.action, "categories": verdict.categories},
+        )  # fmt: skip
 
     # --- response ------------------------------------------------------------------------------
 
@@ -239,14 +245,85 @@ class GuardPlugin(Plugin):
             entry["output"] = Verdict(findings).as_dict()
 
     async def on_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
-        if not self._output_on():
-            return [chunk]
+        return await self.on_chunks(ctx, [chunk])
+
+    async def on_chunks(
+        self, ctx: RequestContext, chunks: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """One relay block. A chunk that only adds text to one choice (the bulk of a stream) is
+        not scanned on its own: the text of a run of them is fed to the output guard once per
+        choice, and what it releases goes on as one chunk per choice (the run's last chunk of
+        that choice, rewritten) where the run ends. Any other chunk (role, finish_reason, tool
+        calls, logprobs, several choices) ends the run and is handled alone. Each choice's text
+        is the same as event by event: the guard holds back text on the same rules (only the
+        points where it is cut differ, and none falls inside a secret or the canary)."""
+        if not chunks or not self._output_on():
+            return chunks
         state = ctx.scratch_for(self.name)
-        held: dict[int, str] = state.setdefault("held", {})
-        if "template" not in state:
+        held: dict[Any, str] | None = state.get("held")
+        if held is None:
+            held = state["held"] = {}
+            first = chunks[0]
             state["template"] = {
-                k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk
+                k: first[k] for k in ("id", "object", "created", "model") if k in first
             }
+        shadow = self.shadow
+        out: list[dict[str, Any]] = []
+        texts: dict[Any, list[str]] = {}  # choice index -> text of the current run
+        last: dict[Any, dict[str, Any]] = {}  # choice index -> the run's last chunk
+        for chunk in chunks:
+            choices = chunk.get("choices")
+            if type(choices) is list and len(choices) == 1:
+                choice = choices[0]
+                delta = choice.get("delta") if type(choice) is dict else None
+                if (
+                    type(delta) is dict
+                    and len(delta) == 1
+                    and type(text := delta.get("content")) is str
+                    and choice.get("finish_reason") is None
+                    and not choice.get("logprobs")
+                ):
+                    idx = choice.get("index", 0)
+                    parts = texts.get(idx)
+                    if parts is None:
+                        texts[idx] = [text]
+                    else:
+                        parts.append(text)
+                    last[idx] = chunk
+                    if shadow:  # shadow changes nothing: every chunk goes on as it came
+                        out.append(chunk)
+                    continue
+            if texts:
+                self._release(ctx, held, texts, last, out)
+                texts, last = {}, {}
+            if self._chunk(ctx, held, chunk):
+                out.append(chunk)
+        if texts:
+            self._release(ctx, held, texts, last, out)
+        return out
+
+    def _release(
+        self,
+        ctx: RequestContext,
+        held: dict[Any, str],
+        texts: dict[Any, list[str]],
+        last: dict[Any, dict[str, Any]],
+        out: list[dict[str, Any]],
+    ) -> None:
+        """Feed a run's text per choice; what is released goes out in the run's last chunk."""
+        for idx, parts in texts.items():
+            text = parts[0] if len(parts) == 1 else "".join(parts)
+            released, held[idx], findings = self.output.feed(held.get(idx, ""), text, False)
+            if findings:
+                self._act(ctx, findings)
+            if released and not self.shadow:
+                chunk = last[idx]
+                chunk["choices"][0]["delta"]["content"] = released
+                out.append(chunk)
+
+    def _chunk(self, ctx: RequestContext, held: dict[Any, str], chunk: dict[str, Any]) -> bool:
+        """Any other chunk, alone: its text is fed (flushing at ``finish_reason``) and replaced
+        by what is released; True if the chunk should go on."""
         keep = False
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta")
@@ -269,7 +346,7 @@ class GuardPlugin(Plugin):
                     keep = True
             if final or any(k != "content" for k in delta) or choice.get("logprobs"):
                 keep = True
-        return [chunk] if keep else []
+        return keep
 
     async def on_stream_end(self, ctx: RequestContext) -> list[dict[str, Any]]:
         state = ctx.scratch_for(self.name)
@@ -291,7 +368,7 @@ class GuardPlugin(Plugin):
         return out
 
     async def on_response(self, ctx: RequestContext) -> None:
-        # Streams were handled chunk by chunk; this only logs. Non-streamed answers are checked
+        # Streams were handled block by block; this only logs. Non-streamed answers are checked
         # here, before the body is sent.
         if ctx.response is not None and ctx.endpoint == "chat" and self._output_on():
             for msg, key in response_texts(ctx.response):

@@ -135,6 +135,8 @@ class OutputGuard:
     def feed(self, held: str, text: str, final: bool) -> tuple[str, str, list[Finding]]:
         """Add ``text`` to the ``held`` text of one choice: (released, still held, findings)."""
         pending = held + text
+        if not final and len(pending) <= self.cfg.window_chars:
+            return "", pending, []  # all of it is still held: nothing to scan yet
         findings: list[Finding] = []
         cut = len(pending) if final else self._safe_cut(pending)
         if cut == 0:

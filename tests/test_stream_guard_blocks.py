@@ -1,0 +1,252 @@
+"""The parsed relay with the output guard: the events of one upstream read go through the hooks
+as one block (runs of text-only events in the same envelope as one chunk), and the client gets
+the same text, redactions and blocks as when every event arrives in its own read."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.context import RequestContext
+from gateway.errors import ContentPolicyError, GatewayError
+from gateway.plugin import Plugin
+from gateway.stream import _Envelope, _Relay
+from plugins.guard import GuardConfig, GuardPlugin
+
+KEY = "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
+CANARY = "CANARY-7f3a9c"
+USAGE = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+
+
+def guard(**cfg: Any) -> GuardPlugin:
+    cfg.setdefault("semantic", {"enabled": False})
+    return GuardPlugin(GuardConfig.model_validate(cfg))
+
+
+def ctx() -> RequestContext:
+    return RequestContext("r", "chat", "/v1/chat/completions", "POST", {}, [], {}, stream=True)
+
+
+def event(delta: dict[str, Any], index: int = 0, finish: str | None = None) -> bytes:
+    # The envelope OpenAI (and the shipped fake) use.
+    return (
+        b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"system_fingerprint":null,"choices":[{"index":' + str(index).encode()
+        + b',"delta":' + orjson.dumps(delta) + b',"logprobs":null,"finish_reason":'
+        + orjson.dumps(finish) + b"}]}\n\n"
+    )  # fmt: skip
+
+
+def wire(pieces: list[str], index: int = 0, usage: bool = True, finish: bool = True) -> bytes:
+    out = [event({"role": "assistant", "content": ""}, index)]
+    out += [event({"content": p}, index) for p in pieces]
+    if finish:
+        out.append(event({}, index, "stop"))
+    if usage:
+        out.append(b'data: {"id":"c1","choices":[],"usage":' + orjson.dumps(USAGE) + b"}\n\n")
+    out.append(b"data: [DONE]\n\n")
+    return b"".join(out)
+
+
+def split3(text: str, secret: str) -> list[str]:
+    i = text.index(secret)
+    a, b = i + len(secret) // 3, i + 2 * len(secret) // 3
+    return [text[:a], text[a:b], text[b:]]
+
+
+def small(text: str, size: int = 3) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+async def relay(
+    g: Plugin, data: bytes, reads: list[int] | None = None, wants_usage: bool = False
+) -> tuple[list[Any], _Relay, RequestContext]:
+    """Feed ``data`` in reads of the given sizes (all at once when None); the parsed events."""
+    c = ctx()
+    r = _Relay(c, [g], wants_usage)
+    out = b""
+    if reads is None:
+        out += await r.feed(data)
+    else:
+        pos = 0
+        for size in reads:
+            out += await r.feed(data[pos : pos + size])
+            pos += size
+        out += await r.feed(data[pos:])
+    out += await r.end()
+    await g.on_response(c)
+    events = []
+    for ev in out.split(b"\n\n"):
+        if ev:
+            assert ev.startswith(b"data: ")
+            events.append("[DONE]" if ev == b"data: [DONE]" else json.loads(ev[6:]))
+    return events, r, c
+
+
+def text_of(events: list[Any], index: int = 0) -> str:
+    return "".join(
+        ch.get("delta", {}).get("content") or ""
+        for e in events
+        if isinstance(e, dict)
+        for ch in e.get("choices") or ()
+        if ch.get("index", 0) == index
+    )
+
+
+def per_event(data: bytes) -> list[int]:
+    """Read sizes that deliver one event per read."""
+    return [len(e) + 2 for e in data.split(b"\n\n")[:-1]]
+
+
+TEXT = "Sure! Your key is " + KEY + " and keep it safe. " + "More words follow. " * 6
+REDACTED = TEXT.replace(KEY, "[REDACTED:api_key]")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("pieces", [split3(TEXT, KEY), small(TEXT), small(TEXT, 1)])
+async def test_secret_split_across_chunks_in_one_block_or_many_reads(pieces: list[str]) -> None:
+    data = wire(pieces)
+    for reads in (None, per_event(data), [7] * (len(data) // 7), [1000, 3, 500]):
+        events, r, c = await relay(guard(), data, reads)
+        assert text_of(events) == REDACTED, reads
+        assert KEY[:10] not in json.dumps(events) and KEY[-10:] not in json.dumps(events)
+        assert c.log["guard"]["output"]["findings"][0]["rule"] == "api_key"
+        assert events[-1] == "[DONE]" and r.usage is not None and r.usage.completion_tokens == 7
+
+
+@pytest.mark.anyio
+async def test_one_block_becomes_few_events() -> None:
+    events, _, _ = await relay(guard(), wire(small("plain words, nothing secret here. " * 4)))
+    # role, the released run, the finish chunk (with the held tail), [DONE]
+    assert len(events) == 4
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[2]["choices"][0]["finish_reason"] == "stop"
+    assert text_of(events) == "plain words, nothing secret here. " * 4
+
+
+@pytest.mark.anyio
+async def test_canary_split_across_events_blocks_in_a_block_and_event_by_event() -> None:
+    text = "My instructions say " + CANARY + " and then some more words."
+    data = wire(small(text, 2))
+    for reads in (None, per_event(data)):
+        with pytest.raises(ContentPolicyError):
+            await relay(guard(output={"canary": CANARY}), data, reads)
+    events, _, _ = await relay(guard(output={"canary": CANARY, "canary_action": "redact"}), data)
+    assert text_of(events) == text.replace(CANARY, "[REDACTED:canary]")
+
+
+@pytest.mark.anyio
+async def test_two_choices_interleaved() -> None:
+    a = "Choice zero says hello to everyone here. " * 2
+    b = "Choice one leaks " + KEY + " right here, sadly. " * 2
+    evs = [event({"role": "assistant", "content": ""}, 0), event({"role": "assistant"}, 1)]
+    pa, pb = small(a, 4), small(b, 4)
+    for i in range(max(len(pa), len(pb))):
+        if i < len(pa):
+            evs.append(event({"content": pa[i]}, 0))
+        if i < len(pb):
+            evs.append(event({"content": pb[i]}, 1))
+    evs += [event({}, 0, "stop"), event({}, 1, "stop"), b"data: [DONE]\n\n"]
+    data = b"".join(evs)
+    for reads in (None, per_event(data)):
+        events, _, _ = await relay(guard(), data, reads)
+        assert text_of(events, 0) == a
+        assert text_of(events, 1) == b.replace(KEY, "[REDACTED:api_key]")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("wants_usage", [False, True])
+async def test_usage_event_is_taken_and_passed_only_when_asked(wants_usage: bool) -> None:
+    events, r, _ = await relay(guard(), wire(small("hello there")), wants_usage=wants_usage)
+    assert r.usage is not None and r.usage.prompt_tokens == 5
+    with_usage = [e for e in events if isinstance(e, dict) and "usage" in e]
+    assert len(with_usage) == (1 if wants_usage else 0)
+    if wants_usage:
+        assert with_usage[0]["usage"] == USAGE and with_usage[0]["choices"] == []
+
+
+@pytest.mark.anyio
+async def test_shadow_mode_changes_no_text_but_reports() -> None:
+    pieces = split3(TEXT, KEY)
+    data = wire(pieces)
+    for reads in (None, per_event(data)):
+        events, _, c = await relay(guard(mode="shadow", output={"secrets": "block"}), data, reads)
+        if reads:  # event by event, each one goes on as it came
+            assert [e["choices"][0]["delta"].get("content") for e in events[1:-2]] == pieces
+        assert text_of(events) == TEXT
+        assert c.log["guard"]["output"]["action"] == "block"
+
+
+@pytest.mark.anyio
+async def test_stream_without_finish_reason_releases_held_text_at_the_end() -> None:
+    data = wire(split3("tail " + KEY, KEY), finish=False, usage=False)
+    for reads in (None, per_event(data)):
+        events, _, _ = await relay(guard(), data, reads)
+        assert text_of(events) == "tail [REDACTED:api_key]"
+    # No [DONE] either: the held text still goes out, then the error event.
+    c = ctx()
+    r = _Relay(c, [guard()], False)
+    out = await r.feed(data[: -len(b"data: [DONE]\n\n")])
+    with pytest.raises(GatewayError):
+        await r.end()
+    assert KEY not in (out + r.pending).decode()
+    assert b"[REDACTED:api_key]" in r.pending
+
+
+@pytest.mark.anyio
+async def test_other_framings_fall_back_to_event_by_event() -> None:
+    pieces = split3(TEXT, KEY)
+    data = wire(pieces)
+    variants = [
+        data.replace(b"data: ", b"data:"),  # no space
+        data.replace(b"\n\n", b"\n\n: keep-alive\n\n", 3),  # comments
+        data.replace(b"\n\n", b"\r\n\r\n"),  # CRLF
+        data.replace(b'"content":', b'"content": '),  # other JSON spacing
+    ]
+    for v in variants:
+        events, _, _ = await relay(guard(), v)
+        assert text_of(events) == REDACTED
+
+
+@pytest.mark.anyio
+async def test_malformed_event_is_an_upstream_error() -> None:
+    data = wire(["a", "b"]).replace(b'{"content":"a"}', b'{"content":"a}')
+    with pytest.raises(GatewayError):
+        await relay(guard(), data)
+
+
+def test_envelope_merges_runs_and_checks_them() -> None:
+    data = wire(['a "quoted" \\ text', "é\n2", "3"], usage=False)[: -len(b"data: [DONE]\n\n")]
+    env = _Envelope()
+    objs = env.parse(data)
+    assert env.pre.endswith(b'"content":') and env.suf.startswith(b'},"logprobs"')
+    # role, the event it was learnt from, the rest of the run as one chunk, stop
+    assert objs is not None and len(objs) == 4
+    objs = env.parse(data)  # now known: the whole run is one chunk
+    assert objs is not None and len(objs) == 3
+    assert objs[1]["choices"][0]["delta"] == {"content": 'a "quoted" \\ text' + "é\n2" + "3"}
+    # A payload in the envelope whose "text" is not one string falls back.
+    bad = data.replace(b'"3"', b'"3","x"')
+    assert env.parse(bad) is None
+
+
+@pytest.mark.anyio
+async def test_default_on_chunks_calls_on_chunk_for_each() -> None:
+    seen: list[str] = []
+
+    class Upper(Plugin):
+        name = "upper"
+
+        async def on_chunk(self, ctx: Any, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+            delta = chunk["choices"][0]["delta"]
+            seen.append(delta.get("content") or "")
+            if delta.get("content"):
+                delta["content"] = delta["content"].upper()
+            return [chunk]
+
+    events, _, _ = await relay(Upper(None), wire(["ab", "cd"]))
+    assert text_of(events) == "ABCD"
+    assert "".join(seen) == "abcd"
