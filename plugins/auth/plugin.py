@@ -17,7 +17,7 @@ from gateway.plugin import Plugin
 from plugins.auth.config import DEMO_SECRET, AuthConfig
 from plugins.auth.failure import AuthFailure
 from plugins.auth.jwtauth import JwtVerifier
-from plugins.auth.keys import KeyRecord, KeyTable, now
+from plugins.auth.keys import KeyRecord, KeyTable, fingerprint, now
 from plugins.auth.rbac import Rbac
 from plugins.auth.store import RedisKeyStore, TTLCache
 
@@ -180,15 +180,24 @@ class AuthPlugin(Plugin):
         return record.identity()
 
     async def lookup(self, key: str) -> KeyRecord | None:
-        digest = self.table.digest(key)
+        fp = fingerprint(key)
+        digest = self.table.remembered(fp)
+        known = digest is not None
+        if digest is None:
+            digest = self.table.digest(key)
         record = self.table.get(digest)
-        if record is not None or self.store is None:
-            return record
+        if record is None and self.store is not None:
+            record = await self.stored(digest)
+        if record is not None and not known:
+            self.table.remember(fp, digest)
+        return record
+
+    async def stored(self, digest: bytes) -> KeyRecord | None:
         hit, record = self.cache.get(digest)
         if hit:
             return record
         try:
-            record = await self.store.get(digest)
+            record = await self.store.get(digest)  # type: ignore[union-attr]
         except Exception as e:
             # Fail closed: without the store we cannot tell a revoked key from a valid one.
             log.error("key store unavailable", extra={"error": type(e).__name__})

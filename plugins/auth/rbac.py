@@ -92,8 +92,10 @@ class Rbac:
             raise PermissionDeniedError(f"your credentials may not use the {endpoint} endpoint")
         if model is None:
             return
-        if endpoint in ("chat", "embeddings") and not any(
-            grant.model_allowed(n) for n in self.names_of(model)
+        if (
+            endpoint in ("chat", "embeddings")
+            and not grant.all_models  # the usual grant: no names to resolve
+            and not any(grant.model_allowed(n) for n in self.names_of(model))
         ):
             raise PermissionDeniedError(
                 f"you do not have access to model '{model[:100]}'", param="model"
