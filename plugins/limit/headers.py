@@ -15,13 +15,12 @@ def format_duration(seconds: float) -> str:
         return "0s"
     if ms < 1000:
         return f"{ms}ms"
-    total = ms / 1000
+    whole, frac = divmod(ms, 1000)
     if ms < 60000:  # the usual reset time, on every response: the short way
-        return f"{total:.3f}".rstrip("0").rstrip(".") + "s"
-    hours, rest = divmod(int(total), 3600)
-    minutes = rest // 60
-    secs = total - hours * 3600 - minutes * 60
-    sec_text = f"{secs:.3f}".rstrip("0").rstrip(".")
+        return f"{whole}.{frac:03d}".rstrip("0") + "s" if frac else f"{whole}s"
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    sec_text = f"{secs}.{frac:03d}".rstrip("0") if frac else str(secs)
     return (f"{hours}h" if hours else "") + f"{minutes}m{sec_text}s"
 
 
@@ -32,14 +31,24 @@ def tightest(usages: list[Usage]) -> Usage | None:
     return min(usages, key=lambda u: (u.remaining, u.limit))
 
 
+_NAMES = {
+    suffix: (f"x-ratelimit-limit-{suffix}", f"x-ratelimit-remaining-{suffix}",
+             f"x-ratelimit-reset-{suffix}")
+    for suffix in ("requests", "tokens")
+}  # fmt: skip
+
+
 def rate_limit_headers(requests: list[Usage], tokens: list[Usage]) -> dict[str, str]:
     out: dict[str, str] = {}
-    for suffix, usages in (("requests", requests), ("tokens", tokens)):
-        u = tightest(usages)
+    for (limit, remaining, reset), usages in (
+        (_NAMES["requests"], requests),
+        (_NAMES["tokens"], tokens),
+    ):
+        u = usages[0] if len(usages) == 1 else tightest(usages)
         if u is not None:
-            out[f"x-ratelimit-limit-{suffix}"] = str(int(u.limit))
-            out[f"x-ratelimit-remaining-{suffix}"] = str(max(0, int(u.remaining)))
-            out[f"x-ratelimit-reset-{suffix}"] = format_duration(u.reset_s)
+            out[limit] = str(int(u.limit))
+            out[remaining] = str(max(0, int(u.remaining)))
+            out[reset] = format_duration(u.reset_s)
     return out
 
 

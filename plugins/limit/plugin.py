@@ -10,6 +10,7 @@ spend.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
@@ -70,9 +71,18 @@ class LimitPlugin(Plugin):
         self.clock = clock
         self.store: Store = MemoryStore()
         self._plans: dict[tuple[object, ...], scopes.Plan] = {}
+        self._new_slot_ids()
+
+    def _new_slot_ids(self) -> None:
+        """Concurrency slot ids: ``<request id>.<process prefix><counter>``. The request id may
+        come from the client, so the prefix (random, drawn again in every worker's ``startup``)
+        and the counter keep ids unique across requests, workers and replicas."""
+        self._slot_prefix = secrets.token_hex(4)
+        self._slot_counter = itertools.count()
 
     async def startup(self, gateway: Gateway | None = None) -> None:
         cfg = self.config
+        self._new_slot_ids()
         if cfg.store == "memory":
             self.store = MemoryStore()
             return
@@ -142,7 +152,7 @@ class LimitPlugin(Plugin):
                     f"limit {int(c.limit)}, requested {tokens}. Shorten the prompt or lower "
                     "max_tokens."
                 )
-        slot_id = f"{ctx.request_id}.{secrets.token_hex(4)}"
+        slot_id = f"{ctx.request_id}.{self._slot_prefix}{next(self._slot_counter):x}"
         try:
             decision = await self.store.admit(
                 plan,
@@ -224,4 +234,5 @@ class LimitPlugin(Plugin):
 
 
 def _positive_int(v: object) -> TypeGuard[int]:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    # type() rather than isinstance: bool is an int subclass, and JSON gives no other.
+    return type(v) is int and v > 0

@@ -130,5 +130,11 @@ def period_key(check: Check, now: float) -> str:
     return check.key + _period(check.kind, now)[2]
 
 
+def period_of(check: Check, now: float) -> tuple[str, float]:
+    """``(period_key, period_end)`` in one look-up."""
+    _, end, suffix = _period(check.kind, now)
+    return check.key + suffix, end
+
+
 def period_end(check: Check, now: float) -> float:
     return _period(check.kind, now)[1]

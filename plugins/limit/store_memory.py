@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections import deque
 
-from .scopes import Plan
+from .scopes import Check, Plan
 from .store_base import (
     WINDOW,
     Decision,
     Reservation,
     period_end,
     period_key,
+    period_of,
     tpm_retry_after,
     tpm_usage,
     tpm_used,
@@ -51,14 +52,15 @@ class MemoryStore:
                     return Decision(False, c, retry, requests=[LimitUsage(c.limit, 0, retry)])
         w = window_index(now)
         elapsed = now - w * WINDOW
-        tpm_state: list[tuple[float, float]] = []
+        tpm_state: list[tuple[Check, str, float, float]] = []
         for c in plan.tpm:
+            key = f"{c.key}/{w}"
             prev = self._tokens(f"{c.key}/{w - 1}")
-            cur = self._tokens(f"{c.key}/{w}")
+            cur = self._tokens(key)
             if tpm_used(prev, cur, elapsed) + tokens > c.limit:
                 retry = tpm_retry_after(prev, cur, elapsed, c.limit, tokens)
                 return Decision(False, c, retry, tokens=[tpm_usage(prev, cur, elapsed, c.limit)])
-            tpm_state.append((prev, cur))
+            tpm_state.append((c, key, prev, cur))
         for c in plan.parallel:
             slots = self._par.get(c.key)
             # Expired slots only matter when they would make the count reach the limit.
@@ -72,27 +74,28 @@ class MemoryStore:
             if entry is not None and entry[1] >= c.limit:
                 return Decision(False, c, period_end(c, now) - now)
 
-        # Commit.
-        decision = Decision(True, reservation=Reservation(slot_id, tokens, budget=plan.budget))
+        # Commit. (Positional constructors: this runs on every request.)
+        requests: list[LimitUsage] = []
         for c in plan.rpm:
             dq = self._rpm.get(c.key)
             if dq is None:
                 dq = self._rpm[c.key] = deque(maxlen=int(c.limit))
             dq.append(now)
-            decision.requests.append(LimitUsage(c.limit, c.limit - len(dq), dq[0] + WINDOW - now))
-        res = decision.reservation
-        assert res is not None
-        for c, (prev, cur) in zip(plan.tpm, tpm_state, strict=True):
-            key = f"{c.key}/{w}"
-            if key not in res.tpm_keys:  # rules sharing a scope share its counter
-                res.tpm_keys.append(key)
+            requests.append(LimitUsage(c.limit, c.limit - len(dq), dq[0] + WINDOW - now))
+        token_usage: list[LimitUsage] = []
+        tpm_keys: list[str] = []
+        for c, key, prev, cur in tpm_state:
+            if key not in tpm_keys:  # rules sharing a scope share its counter
+                tpm_keys.append(key)
                 self._tpm.setdefault(key, [w, 0])[1] += tokens
-            decision.tokens.append(tpm_usage(prev, cur + tokens, elapsed, c.limit))
+            token_usage.append(tpm_usage(prev, cur + tokens, elapsed, c.limit))
+        parallel_keys: list[str] = []
         for c in plan.parallel:
             self._par.setdefault(c.key, {})[slot_id] = now + slot_ttl
-            if c.key not in res.parallel_keys:
-                res.parallel_keys.append(c.key)
-        return decision
+            if c.key not in parallel_keys:
+                parallel_keys.append(c.key)
+        res = Reservation(slot_id, tokens, tpm_keys, parallel_keys, plan.budget)
+        return Decision(True, None, None, requests, token_usage, res)
 
     async def settle(
         self, res: Reservation, *, now: float, used_tokens: int, cost_usd: float
@@ -108,7 +111,8 @@ class MemoryStore:
             if slots is not None:
                 slots.pop(res.slot_id, None)
         if cost_usd > 0:
-            for pkey, end in {period_key(c, now): period_end(c, now) for c in res.budget}.items():
+            # Rules sharing a scope share its period counter: count the spend once.
+            for pkey, end in dict(period_of(c, now) for c in res.budget).items():
                 self._usd.setdefault(pkey, [end, 0.0])[1] += cost_usd
 
     async def close(self) -> None:
