@@ -47,6 +47,7 @@ def encoding(name: str = "o200k_base") -> Any:
     return tiktoken.get_encoding(name)
 
 
+@functools.lru_cache(maxsize=256)
 def encoding_for_model(model: str) -> Any:
     """o200k for the GPT-4o/4.1/5 and o-series families, cl100k for older ones and others."""
     m = model.lower()
@@ -55,10 +56,43 @@ def encoding_for_model(model: str) -> Any:
     return encoding("o200k_base")
 
 
+#: How many texts' counts are remembered (then the memo starts over).
+_MEMO_MAX = 4096
+#: Token count by a 16-byte BLAKE2b digest of (encoding name, text): the text itself is never
+#: kept, so no prompt outlives its request in the gateway's memory.
+_memo: dict[bytes, int] = {}
+
+
+def _digest(name: str, text: str) -> bytes:
+    h = hashlib.blake2b(name.encode(), digest_size=16)
+    h.update(b"\0")
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
+def encoded_len(enc: Any, text: str) -> int:
+    """Tokens in ``text``; special tokens' text counts as plain text (``encode_ordinary`` is
+    ``encode(text, disallowed_special=())`` without building the special-token sets).
+
+    Counts are remembered by a digest of the text: system prompts and the earlier turns of a
+    conversation come back on every request, and tokenizing costs far more than hashing (a
+    2,000-token system prompt: ~0.5 ms against a few microseconds). Bounded: at most
+    :data:`_MEMO_MAX` digests, then the memo starts over.
+    """
+    key = _digest(enc.name, text)
+    n = _memo.get(key)
+    if n is None:
+        n = len(enc.encode_ordinary(text))
+        if len(_memo) >= _MEMO_MAX:
+            _memo.clear()
+        _memo[key] = n
+    return n
+
+
 def count_text(text: str, model: str = "") -> int:
     if not text:
         return 0
-    return len(encoding_for_model(model).encode(text, disallowed_special=()))
+    return encoded_len(encoding_for_model(model), text)
 
 
 def message_text(content: Any) -> str:
@@ -85,7 +119,7 @@ def count_messages(messages: list[dict[str, Any]], model: str = "") -> int:
         content = msg.get("content")
         text = message_text(content)
         if text:
-            total += len(enc.encode(text, disallowed_special=()))
+            total += encoded_len(enc, text)
         if isinstance(content, list):
             total += _PER_IMAGE * sum(
                 1 for p in content if isinstance(p, dict) and p.get("type") == "image_url"
@@ -95,7 +129,7 @@ def count_messages(messages: list[dict[str, Any]], model: str = "") -> int:
         for call in msg.get("tool_calls") or ():
             fn = call.get("function") or {}
             text = f"{fn.get('name', '')}{fn.get('arguments', '')}"
-            total += len(enc.encode(text, disallowed_special=()))
+            total += encoded_len(enc, text)
     return total
 
 
