@@ -81,8 +81,10 @@ def _may_hold_secret(text: str) -> bool:
         if hint in text:
             return True
     # "gh" is common in English ("right"): the GitHub prefixes only after it.
-    if "gh" in text and any(p in text for p in _API_GITHUB):
-        return True
+    if "gh" in text:
+        for prefix in _API_GITHUB:
+            if prefix in text:
+                return True
     # "\d" also matches non-ASCII digits, one Unicode category test per character: only needed
     # when there are non-ASCII characters.
     rx = _DIGIT_PAIR if text.isascii() else _DIGIT_PAIR_UNICODE

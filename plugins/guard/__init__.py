@@ -131,6 +131,8 @@ class GuardPlugin(Plugin):
         self.secret_actions = {k: v for k, v in cfg.secrets.model_dump().items() if v != "allow"}
         self.secret_types = frozenset(self.secret_actions)
         self._scan_roles = frozenset(cfg.scan_roles)
+        o = cfg.output
+        self._output_enabled = o.enabled and bool(o.secret_types or o.canary)
         #: Ready without ``startup`` (rules only) so unit tests and tools can use it directly;
         #: ``startup`` adds the semantic model.
         self.scanner = self._make_scanner(None)
@@ -224,8 +226,7 @@ class GuardPlugin(Plugin):
     # --- response ------------------------------------------------------------------------------
 
     def _output_on(self) -> bool:
-        o = self.config.output
-        return o.enabled and bool(o.secret_types or o.canary)
+        return self._output_enabled
 
     def _act(self, ctx: RequestContext, findings: list[Finding]) -> None:
         if not findings:

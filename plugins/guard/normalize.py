@@ -498,9 +498,22 @@ def _decode_once(text: str, kinds: Iterable[str]) -> list[str]:
     return out[:MAX_SEGMENTS]
 
 
+def _may_decode(text: str) -> bool:
+    """Whether base64, hex or %-escapes could be found at all: a word of 16+ characters (base64,
+    unseparated hex), a hint of separated hex pairs, or a "%". False for most prompts, at the
+    cost of one split and one search."""
+    return (
+        "%" in text
+        or any(len(w) >= 16 for w in text.split())
+        or _HEX_PAIRS_HINT.search(text) is not None
+    )
+
+
 def decoded_variants(text: str, kinds: Iterable[str] = DECODERS, depth: int = 2) -> list[str]:
     """Decoded payloads hidden in ``text`` (base64 of hex, etc. up to ``depth`` levels)."""
     kinds = tuple(kinds)
+    if "rot13" not in kinds and not _may_decode(text):
+        return []
     found: list[str] = []
     frontier = [text]
     for _ in range(depth):
