@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -99,6 +100,15 @@ def _windows(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+#: Classifier scores remembered per scanner (then the memo starts over).
+_MEMO_MAX = 4096
+
+
+def _digest(text: str) -> bytes:
+    """What a score is remembered by: 16 bytes of BLAKE2b, so no prompt text is kept."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 def record_metrics(verdict: Verdict, shadow: bool) -> None:
     for f in verdict.findings:
         VERDICTS.labels(f.category, f"shadow_{f.action}" if shadow else f.action, f.layer).inc()
@@ -131,6 +141,8 @@ class Scanner:
         self._executor = (
             ThreadPoolExecutor(1, thread_name_prefix="guard-semantic") if semantic else None
         )
+        #: digest of a text -> its classifier score (see :meth:`semantic_scores`).
+        self._scores: dict[bytes, float] = {}
 
     def close(self) -> None:
         if self._executor is not None:
@@ -193,10 +205,26 @@ class Scanner:
     # --- semantic ------------------------------------------------------------------------------
 
     async def semantic_scores(self, texts: list[str]) -> list[float]:
+        """The classifier's score for each text. Scores are remembered by a digest of the text:
+        a conversation sends every earlier user turn again with each request, and RAG retrieves
+        the same chunks again, so without this each request would re-score them all (one
+        forward pass each, ~4 ms)."""
         if self.semantic is None or not texts:
             return [0.0] * len(texts)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.semantic.score, texts)
+        keys = [_digest(t) for t in texts]
+        memo = self._scores
+        scores = [memo.get(k, -1.0) for k in keys]  # scores are probabilities: -1 is "unknown"
+        todo = [i for i, s in enumerate(scores) if s < 0.0]
+        if todo:
+            loop = asyncio.get_running_loop()
+            fresh = await loop.run_in_executor(
+                self._executor, self.semantic.score, [texts[i] for i in todo]
+            )
+            if len(memo) + len(todo) > _MEMO_MAX:
+                memo.clear()
+            for i, s in zip(todo, fresh, strict=True):
+                scores[i] = memo[keys[i]] = s
+        return scores
 
     def _semantic_findings(self, score: float) -> list[Finding]:
         if score >= self.semantic_threshold:

@@ -387,3 +387,35 @@ async def test_classifier_skips_prompts_the_rules_already_block(
             assert layers.count("semantic") == len(want) and "rules" in layers
         finally:
             await g.shutdown()
+
+
+@pytest.mark.anyio
+async def test_classifier_scores_each_text_once_across_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A conversation resends its earlier turns with every request: each is scored once (the
+    memo keeps digests, not texts), and the verdicts stay the same."""
+    import plugins.guard.scanner as scanner_mod
+    import plugins.guard.semantic as semantic
+
+    class Fake(FakeDetector):
+        scored: list[str] = []
+
+    monkeypatch.setattr(semantic, "SemanticDetector", Fake)
+    g = guard(semantic={"enabled": True, "threshold": 0.8})
+    await g.startup(None)  # type: ignore[arg-type]
+    try:
+        turns = ["hello there", "tell me about tulips", "a sneaky follow-up"]
+        for n in range(1, len(turns) + 1):
+            ctx = chat(*(user(t) for t in turns[:n]))
+            assert await blocked(g, ctx) == (n == 3)
+        assert Fake.scored == turns  # each once, in the order they first came
+        memo = g.scanner._scores
+        assert len(memo) == 3 and all(len(k) == 16 for k in memo)
+        assert not any(t.encode() in k for t in turns for k in memo)
+        # Bounded: past the limit the memo starts over instead of growing.
+        monkeypatch.setattr(scanner_mod, "_MEMO_MAX", 4)
+        await g.scanner.semantic_scores([f"text {i}" for i in range(3)])
+        assert len(memo) <= 4
+    finally:
+        await g.shutdown()
