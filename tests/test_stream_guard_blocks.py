@@ -250,3 +250,24 @@ async def test_default_on_chunks_calls_on_chunk_for_each() -> None:
     events, _, _ = await relay(Upper(None), wire(["ab", "cd"]))
     assert text_of(events) == "ABCD"
     assert "".join(seen) == "abcd"
+
+
+def test_envelope_splits_events_that_only_share_one_end_of_it() -> None:
+    """Around a run: an event ending like the envelope (the role event) and one starting like
+    it (text with a finish_reason) are parsed on their own, and the run between stays one."""
+    head = event({"role": "assistant", "content": ""})
+    run = b"".join(event({"content": p}) for p in ["a", "b", "c"])
+    last = event({"content": "d"}, finish="stop")
+    env = _Envelope()
+    assert env.parse(event({"content": "x"})) is not None and env.pre  # learnt
+    objs = env.parse(head + run + last)
+    assert objs is not None
+    assert [o["choices"][0]["delta"] for o in objs] == [
+        {"role": "assistant", "content": ""}, {"content": "abc"}, {"content": "d"},
+    ]  # fmt: skip
+    assert [o["choices"][0]["finish_reason"] for o in objs] == [None, None, "stop"]
+    # The same with one text event only between them: no merging needed, same chunks.
+    objs = env.parse(head + event({"content": "a"}) + last)
+    assert objs is not None and [o["choices"][0]["delta"] for o in objs][1] == {"content": "a"}
+    # A NUL byte (never in valid JSON) is left to the event-by-event path.
+    assert env.parse(run.replace(b'"b"', b'"b\x00"')) is None
