@@ -26,7 +26,7 @@ from gateway.tokens import prompt_tokens
 
 from . import scopes
 from .config import LimitConfig
-from .headers import format_duration, rate_limit_headers, retry_after_headers
+from .headers import add_rate_limit_headers, format_duration, retry_after_headers
 from .store_base import Decision, Reservation, Store, period_end
 from .store_memory import MemoryStore
 from .store_redis import RedisStore, StoreUnavailable
@@ -139,7 +139,7 @@ class LimitPlugin(Plugin):
 
     async def on_request(self, ctx: RequestContext) -> None:
         plan = self.plan(ctx)
-        if not plan:
+        if plan.empty:
             return None
         tokens = self.reservation_tokens(ctx) if plan.tpm else 0
         for c in plan.tpm:
@@ -153,24 +153,31 @@ class LimitPlugin(Plugin):
                     "max_tokens."
                 )
         slot_id = f"{ctx.request_id}.{self._slot_prefix}{next(self._slot_counter):x}"
-        try:
-            decision = await self.store.admit(
-                plan,
-                now=self.clock(),
-                slot_id=slot_id,
-                tokens=tokens,
-                slot_ttl=self.config.parallel_slot_ttl_s,
+        memory = self.store
+        if type(memory) is MemoryStore:
+            # Never suspends (so admission stays atomic) and never fails: no coroutine needed.
+            decision = memory.admit_now(
+                plan, self.clock(), slot_id, tokens, self.config.parallel_slot_ttl_s
             )
-        except StoreUnavailable as e:
-            self._store_error("admit", e)
-            ctx.log["limit"] = "store_unavailable"
-            if self.config.on_store_error == "fail_closed":
-                raise ServiceUnavailableError(
-                    "Rate limiting is temporarily unavailable; please retry shortly.",
-                    headers={"retry-after": "1"},
-                ) from None
-            return None
-        ctx.response_headers.update(rate_limit_headers(decision.requests, decision.tokens))
+        else:
+            try:
+                decision = await self.store.admit(
+                    plan,
+                    now=self.clock(),
+                    slot_id=slot_id,
+                    tokens=tokens,
+                    slot_ttl=self.config.parallel_slot_ttl_s,
+                )
+            except StoreUnavailable as e:
+                self._store_error("admit", e)
+                ctx.log["limit"] = "store_unavailable"
+                if self.config.on_store_error == "fail_closed":
+                    raise ServiceUnavailableError(
+                        "Rate limiting is temporarily unavailable; please retry shortly.",
+                        headers={"retry-after": "1"},
+                    ) from None
+                return None
+        add_rate_limit_headers(ctx.response_headers, decision.requests, decision.tokens)
         if not decision.admitted:
             denied = decision.denied
             assert denied is not None
@@ -182,7 +189,8 @@ class LimitPlugin(Plugin):
         return None
 
     async def on_response(self, ctx: RequestContext) -> None:
-        res: Reservation | None = ctx.scratch_for(self.name).pop("reservation", None)
+        scratch = ctx.scratch.get(self.name)
+        res: Reservation | None = scratch.pop("reservation", None) if scratch else None
         if res is None:  # refused, failed open, or no rule applied
             return
         usage = ctx.usage
@@ -194,11 +202,12 @@ class LimitPlugin(Plugin):
                 dep = ctx.model_entry.deployments[0]
             if dep is not None:
                 cost = dep.price.cost(usage.prompt_tokens, usage.completion_tokens)
-        settle = self.store.settle(res, now=self.clock(), used_tokens=used, cost_usd=cost)
-        if isinstance(self.store, MemoryStore):
+        memory = self.store
+        if type(memory) is MemoryStore:
             # Never suspends, so no cancellation can interrupt it: no task for a shield.
-            await settle
+            memory.settle_now(res, self.clock(), used, cost)
             return
+        settle = self.store.settle(res, now=self.clock(), used_tokens=used, cost_usd=cost)
         try:
             # Shielded: a disconnect that cancels this task must still free the slot.
             await asyncio.shield(settle)

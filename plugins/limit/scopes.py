@@ -40,15 +40,20 @@ class Check:
 
 @dataclass(slots=True)
 class Plan:
-    """The deduplicated checks of one request, grouped by kind."""
+    """The deduplicated checks of one request, grouped by kind (never modified once built)."""
 
     rpm: list[Check] = field(default_factory=list)
     tpm: list[Check] = field(default_factory=list)
     parallel: list[Check] = field(default_factory=list)
     budget: list[Check] = field(default_factory=list)
+    #: No check at all (an attribute rather than ``__bool__``: read on every request).
+    empty: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.empty = not (self.rpm or self.tpm or self.parallel or self.budget)
 
     def __bool__(self) -> bool:
-        return bool(self.rpm or self.tpm or self.parallel or self.budget)
+        return not self.empty
 
 
 def scope_value(rule: RuleConfig, ctx: RequestContext) -> str:
@@ -86,7 +91,10 @@ def applies(rule: RuleConfig, ctx: RequestContext) -> bool:
 
 
 def plan(config: LimitConfig, ctx: RequestContext) -> Plan:
-    out = Plan()
+    rpm: list[Check] = []
+    tpm: list[Check] = []
+    parallel: list[Check] = []
+    budget: list[Check] = []
     seen: set[tuple[str, str, float]] = set()
 
     def add(bucket: list[Check], check: Check) -> None:
@@ -101,15 +109,15 @@ def plan(config: LimitConfig, ctx: RequestContext) -> Plan:
         value = scope_value(rule, ctx)
         if rule.rpm is not None:
             item = RateLimitItemPerMinute(rule.rpm, namespace="rpm")
-            add(out.rpm, Check("rpm", rule.scope, item.key_for(value), rule.rpm))
+            add(rpm, Check("rpm", rule.scope, item.key_for(value), rule.rpm))
         if rule.tpm is not None:
-            add(out.tpm, Check("tpm", rule.scope, f"tpm/{value}", rule.tpm))
+            add(tpm, Check("tpm", rule.scope, f"tpm/{value}", rule.tpm))
         if rule.max_parallel is not None:
-            add(out.parallel, Check("parallel", rule.scope, f"par/{value}", rule.max_parallel))
+            add(parallel, Check("parallel", rule.scope, f"par/{value}", rule.max_parallel))
         if rule.budget_usd is not None:
-            budget = rule.budget_usd
-            if budget.day is not None:
-                add(out.budget, Check("budget_day", rule.scope, f"usd/{value}", budget.day))
-            if budget.month is not None:
-                add(out.budget, Check("budget_month", rule.scope, f"usd/{value}", budget.month))
-    return out
+            usd = rule.budget_usd
+            if usd.day is not None:
+                add(budget, Check("budget_day", rule.scope, f"usd/{value}", usd.day))
+            if usd.month is not None:
+                add(budget, Check("budget_month", rule.scope, f"usd/{value}", usd.month))
+    return Plan(rpm, tpm, parallel, budget)

@@ -98,7 +98,9 @@ def tpm_usage(prev: float, cur: float, elapsed: float, limit: float) -> Usage:
         reset = WINDOW - elapsed
     else:
         reset = 0.0
-    return Usage(limit, max(0.0, math.floor(limit - tpm_used(prev, cur, elapsed))), reset)
+    # max(0.0, floor(limit - tpm_used(...))), spelt out: this runs on every admission.
+    remaining = math.floor(limit - (prev * (WINDOW - elapsed) / WINDOW + cur))
+    return Usage(limit, remaining if remaining > 0 else 0.0, reset)
 
 
 # --- budgets: UTC periods -------------------------------------------------------------------

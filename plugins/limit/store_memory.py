@@ -7,6 +7,7 @@ request can run between its checks and its commits.
 from __future__ import annotations
 
 from collections import deque
+from math import floor
 
 from .scopes import Check, Plan
 from .store_base import (
@@ -34,33 +35,56 @@ class MemoryStore:
         self._par: dict[str, dict[str, float]] = {}  # key -> slot id -> expiry
         self._usd: dict[str, list[float]] = {}  # period key -> [period end, spent]
         self._next_sweep = 0.0
+        self._minute: tuple[int | None, str, str] = (None, "", "")
 
     async def admit(
         self, plan: Plan, *, now: float, slot_id: str, tokens: int, slot_ttl: float
     ) -> Decision:
+        return self.admit_now(plan, now, slot_id, tokens, slot_ttl)
+
+    async def settle(
+        self, res: Reservation, *, now: float, used_tokens: int, cost_usd: float
+    ) -> None:
+        self.settle_now(res, now, used_tokens, cost_usd)
+
+    async def close(self) -> None:
+        return None
+
+    # The synchronous forms: what ``admit`` and ``settle`` do, for callers that know they hold a
+    # memory store (the plugin calls these directly, saving a coroutine per call).
+
+    def admit_now(
+        self, plan: Plan, now: float, slot_id: str, tokens: int, slot_ttl: float
+    ) -> Decision:
         if now >= self._next_sweep:
             self._sweep(now)
-        cutoff = now - WINDOW
         # Checks first, all of them, so a refused request consumes nothing.
-        for c in plan.rpm:
-            dq = self._rpm.get(c.key)
-            if dq is not None:
-                while dq and dq[0] <= cutoff:
-                    dq.popleft()
-                if len(dq) >= c.limit:
-                    retry = dq[-int(c.limit)] + WINDOW - now
-                    return Decision(False, c, retry, requests=[LimitUsage(c.limit, 0, retry)])
-        w = window_index(now)
-        elapsed = now - w * WINDOW
+        rpm = self._rpm
+        if plan.rpm:
+            cutoff = now - WINDOW
+            for c in plan.rpm:
+                dq = rpm.get(c.key)
+                if dq is not None:
+                    while dq and dq[0] <= cutoff:
+                        dq.popleft()
+                    if len(dq) >= c.limit:
+                        retry = dq[-int(c.limit)] + WINDOW - now
+                        return Decision(False, c, retry, [LimitUsage(c.limit, 0, retry)])
         tpm_state: list[tuple[Check, str, float, float]] = []
-        for c in plan.tpm:
-            key = f"{c.key}/{w}"
-            prev = self._tokens(f"{c.key}/{w - 1}")
-            cur = self._tokens(key)
-            if tpm_used(prev, cur, elapsed) + tokens > c.limit:
-                retry = tpm_retry_after(prev, cur, elapsed, c.limit, tokens)
-                return Decision(False, c, retry, tokens=[tpm_usage(prev, cur, elapsed, c.limit)])
-            tpm_state.append((c, key, prev, cur))
+        if plan.tpm:
+            w, elapsed, cur_suffix, prev_suffix = self._minute_of(now)
+            tpm = self._tpm
+            for c in plan.tpm:
+                key = c.key + cur_suffix
+                entry = tpm.get(key)
+                cur = entry[1] if entry is not None else 0.0
+                entry = tpm.get(c.key + prev_suffix)
+                prev = entry[1] if entry is not None else 0.0
+                if tpm_used(prev, cur, elapsed) + tokens > c.limit:
+                    retry = tpm_retry_after(prev, cur, elapsed, c.limit, tokens)
+                    usage = tpm_usage(prev, cur, elapsed, c.limit)
+                    return Decision(False, c, retry, tokens=[usage])
+                tpm_state.append((c, key, prev, cur))
         for c in plan.parallel:
             slots = self._par.get(c.key)
             # Expired slots only matter when they would make the count reach the limit.
@@ -77,9 +101,9 @@ class MemoryStore:
         # Commit. (Positional constructors: this runs on every request.)
         requests: list[LimitUsage] = []
         for c in plan.rpm:
-            dq = self._rpm.get(c.key)
+            dq = rpm.get(c.key)
             if dq is None:
-                dq = self._rpm[c.key] = deque(maxlen=int(c.limit))
+                dq = rpm[c.key] = deque(maxlen=int(c.limit))
             dq.append(now)
             requests.append(LimitUsage(c.limit, c.limit - len(dq), dq[0] + WINDOW - now))
         token_usage: list[LimitUsage] = []
@@ -87,19 +111,26 @@ class MemoryStore:
         for c, key, prev, cur in tpm_state:
             if key not in tpm_keys:  # rules sharing a scope share its counter
                 tpm_keys.append(key)
-                self._tpm.setdefault(key, [w, 0])[1] += tokens
+                entry = self._tpm.get(key)
+                if entry is None:
+                    self._tpm[key] = [w, tokens]
+                else:
+                    entry[1] += tokens
             token_usage.append(tpm_usage(prev, cur + tokens, elapsed, c.limit))
         parallel_keys: list[str] = []
+        expiry = now + slot_ttl
         for c in plan.parallel:
-            self._par.setdefault(c.key, {})[slot_id] = now + slot_ttl
+            slots = self._par.get(c.key)
+            if slots is None:
+                self._par[c.key] = {slot_id: expiry}
+            else:
+                slots[slot_id] = expiry
             if c.key not in parallel_keys:
                 parallel_keys.append(c.key)
         res = Reservation(slot_id, tokens, tpm_keys, parallel_keys, plan.budget)
         return Decision(True, None, None, requests, token_usage, res)
 
-    async def settle(
-        self, res: Reservation, *, now: float, used_tokens: int, cost_usd: float
-    ) -> None:
+    def settle_now(self, res: Reservation, now: float, used_tokens: int, cost_usd: float) -> None:
         delta = used_tokens - res.tokens
         if delta:
             for key in res.tpm_keys:
@@ -110,17 +141,29 @@ class MemoryStore:
             slots = self._par.get(key)
             if slots is not None:
                 slots.pop(res.slot_id, None)
-        if cost_usd > 0:
+        budget = res.budget
+        if cost_usd > 0 and budget:
             # Rules sharing a scope share its period counter: count the spend once.
-            for pkey, end in dict(period_of(c, now) for c in res.budget).items():
-                self._usd.setdefault(pkey, [end, 0.0])[1] += cost_usd
+            periods = (
+                [period_of(budget[0], now)]
+                if len(budget) == 1
+                else dict(period_of(c, now) for c in budget).items()
+            )
+            for pkey, end in periods:
+                entry = self._usd.get(pkey)
+                if entry is None:
+                    self._usd[pkey] = [end, cost_usd]
+                else:
+                    entry[1] += cost_usd
 
-    async def close(self) -> None:
-        return None
-
-    def _tokens(self, key: str) -> float:
-        entry = self._tpm.get(key)
-        return entry[1] if entry is not None else 0.0
+    def _minute_of(self, now: float) -> tuple[int, float, str, str]:
+        """The minute ``now`` falls in, the seconds into it, and the token counter key suffixes
+        of that minute and the one before (formatted once per minute, not per request)."""
+        w = floor(now / WINDOW)  # window_index(now)
+        minute = self._minute
+        if minute[0] != w:
+            minute = self._minute = (w, f"/{w}", f"/{w - 1}")
+        return w, now - w * WINDOW, minute[1], minute[2]
 
     def _sweep(self, now: float) -> None:
         """Drop counters that can no longer matter, so memory follows active callers only."""
