@@ -59,20 +59,29 @@ def upstream_request_headers(
     credentials, the configured extra headers and our request id.
     """
     out: list[tuple[str, str]] = []
-    named_by_connection: set[str] = set()
+    named_by_connection: set[str] | None = None
     for name, value in client_headers:
-        low = name.lower()
-        if low in _DROP or low.startswith(_DROP_PREFIXES):
-            if low == "connection":
-                named_by_connection.update(t.strip().lower() for t in value.split(","))
-            continue
-        out.append((low, value))
+        # parse_headers' names are lower case already (and their hashes cached): most dropped
+        # headers are dropped on this first look, without lower() and a new string to hash.
+        if name in _DROP:
+            low = name
+        else:
+            low = name.lower()
+            if low not in _DROP and not low.startswith(_DROP_PREFIXES):
+                out.append((low, value))
+                continue
+        if low == "connection":
+            if named_by_connection is None:
+                named_by_connection = set()
+            named_by_connection.update(t.strip().lower() for t in value.split(","))
     if named_by_connection:
         out = [(n, v) for n, v in out if n not in named_by_connection]
-    for name, value in extra.items():
-        out.append((name.lower(), value))
-    for name, value in provider_headers.items():
-        out.append((name.lower(), value))
+    if extra:
+        for name, value in extra.items():
+            out.append((name.lower(), value))
+    if provider_headers:
+        for name, value in provider_headers.items():
+            out.append((name.lower(), value))
     out.append(("content-type", "application/json"))
     out.append(("x-request-id", request_id))
     return out
@@ -85,10 +94,14 @@ _PASS_UPSTREAM = {
 }
 
 
+#: The same, with the names as sent already encoded.
+_PASS_UPSTREAM_RAW = tuple((name, renamed.encode()) for name, renamed in _PASS_UPSTREAM.items())
+
+
 def client_response_headers(upstream: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
     out = []
-    for name, renamed in _PASS_UPSTREAM.items():
+    for name, renamed in _PASS_UPSTREAM_RAW:
         value = upstream.get(name)
         if value is not None and "\n" not in value and "\r" not in value:
-            out.append((renamed.encode(), value.encode("latin-1", "replace")))
+            out.append((renamed, value.encode("latin-1", "replace")))
     return out

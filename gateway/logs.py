@@ -83,7 +83,7 @@ class RequestLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self._enabled:
             return
-        line = orjson.dumps(record, default=str) + b"\n"
+        line = orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
         self._pending.append(line)
         self._size += len(line)
         now = time.monotonic()

@@ -169,6 +169,19 @@ def _counter(name: str, doc: str, labelnames: Sequence[str] = ()) -> Any:
     return family
 
 
+def own_counter(name: str, doc: str, labelnames: Sequence[str]) -> Any:
+    """A counter with labels for another module (the ledger's cost): as the core's, but in one
+    process with a collector of its own, registered now, since the registry learns a
+    collector's metric names when it is registered."""
+    if MULTIPROCESS:
+        return _Children(Counter(name, doc, labelnames))
+    family = _Family(name, doc, labelnames)
+    collector = _Collector()
+    collector.families.append(family)
+    REGISTRY.register(collector)
+    return family
+
+
 def _histogram(name: str, doc: str, labelnames: Sequence[str], buckets: Sequence[float]) -> Any:
     if MULTIPROCESS:
         return _Children(Histogram(name, doc, labelnames, buckets=buckets))

@@ -12,11 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge
 
+from gateway.metrics import own_counter
+
 if TYPE_CHECKING:
     from gateway.config import MetricsConfig
     from gateway.context import RequestContext
 
-COST = Counter(
+#: Updated on every request with a price: in one process a plain-number counter like the core's
+#: (prometheus_client's ``inc`` validates and locks: ~4k instructions of a request).
+COST = own_counter(
     "gateway_cost_usd",
     "Estimated spend in USD (price table x tokens), by public model and tenant.",
     ["model", "tenant"],

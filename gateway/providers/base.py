@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from gateway.errors import (
     GatewayError,
@@ -68,6 +69,11 @@ class Provider:
         self.settings = settings
         #: The deployment's credentials and headers: fixed at startup, so built once.
         self.static_headers = {k.lower(): v for k, v in self.auth_headers().items()}
+        #: Per request, aiohttp would parse the URL string (~0.5k instructions) and this would
+        #: build a context manager (~0.8k): both are the same every time.
+        self._urls: dict[str, URL] = {}
+        self._errors = upstream_errors(self.name)
+        self._first_byte_timeout_s = settings.first_byte_timeout_s  # settings are frozen
 
     def auth_headers(self) -> dict[str, str]:
         """The provider's credentials and the deployment's headers (called once, at startup)."""
@@ -86,9 +92,12 @@ class Provider:
         headers = upstream_request_headers(
             ctx.raw_headers, self.static_headers, ctx.upstream_headers, ctx.request_id
         )
-        with upstream_errors(self.name), upstream_timeout(self.settings.first_byte_timeout_s):
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.deployment.base_url + path)
+        with self._errors, upstream_timeout(self._first_byte_timeout_s):
             resp = await self.session.post(
-                self.deployment.base_url + path,
+                url,
                 data=orjson.dumps(payload),
                 headers=headers,
                 allow_redirects=False,
@@ -236,6 +245,24 @@ class upstream_timeout:  # lower case: a drop-in for asyncio.timeout
             raise TimeoutError from exc
 
 
+class _UpstreamRequest(aiohttp.ClientRequest):
+    """aiohttp's request, sending no ``User-Agent`` of its own (the client's, if it sent one,
+    is passed on as any other header).
+
+    The same headers as ``skip_auto_headers=("User-Agent",)`` on the session, which makes
+    aiohttp build, copy and extend two multidicts per request to honour it: ~9k instructions
+    per request (callgrind), 1.5% of the core's whole cost."""
+
+    def update_auto_headers(self, skip_auto_headers: Any) -> None:
+        if skip_auto_headers:  # skips asked for (the gateway asks none): aiohttp's own way
+            super().update_auto_headers([*skip_auto_headers, "User-Agent"])
+            return
+        headers = self.headers
+        for name, value in self.DEFAULT_HEADERS.items():
+            if name not in headers:
+                headers[name] = value
+
+
 def make_session(settings: UpstreamConfig) -> aiohttp.ClientSession:
     """The one upstream client: explicit timeouts and pool, no cookie jar, no redirects."""
     connector = aiohttp.TCPConnector(
@@ -254,6 +281,6 @@ def make_session(settings: UpstreamConfig) -> aiohttp.ClientSession:
         timeout=timeout,
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=True,
-        skip_auto_headers=("User-Agent",),
+        request_class=_UpstreamRequest,  # adds no User-Agent
         json_serialize=lambda o: orjson.dumps(o).decode(),
     )

@@ -18,14 +18,24 @@ if TYPE_CHECKING:
     from gateway.context import RequestContext
 
 
+#: The error mapper of each provider name (stateless, so shared by all its responses).
+_ERRORS: dict[str, upstream_errors] = {}
+
+
 class AiohttpResponse(UpstreamResponse):
     def __init__(self, resp: aiohttp.ClientResponse, provider: str) -> None:
-        super().__init__(resp.status, resp.headers)  # type: ignore[arg-type]
+        # UpstreamResponse.__init__, without the call.
+        self.status = resp.status
+        self.headers = resp.headers  # type: ignore[assignment]
         self._resp = resp
         self._provider = provider
+        errors = _ERRORS.get(provider)
+        if errors is None:
+            errors = _ERRORS[provider] = upstream_errors(provider)
+        self._errors = errors
 
     async def json(self) -> dict[str, Any]:
-        with upstream_errors(self._provider):
+        with self._errors:
             raw = await self._resp.read()
         try:
             data = orjson.loads(raw)
@@ -40,7 +50,7 @@ class AiohttpResponse(UpstreamResponse):
         return data
 
     async def iter_bytes(self) -> AsyncIterator[bytes]:  # type: ignore[override]
-        with upstream_errors(self._provider):
+        with self._errors:
             async for data in self._resp.content.iter_any():
                 yield data
 

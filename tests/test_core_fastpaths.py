@@ -1,0 +1,158 @@
+"""The core's per-request shortcuts give exactly what the plain code they replace gave."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import math
+import random
+import struct
+from typing import Any
+
+import pytest
+
+from gateway.accounting import fast_round
+from gateway.config import RequestsConfig, UpstreamConfig
+from gateway.context import RequestContext
+from gateway.errors import InvalidRequestError
+from gateway.headers import upstream_request_headers
+from gateway.providers.base import make_session
+from gateway.validate import validate_chat
+
+
+def _bits(x: float) -> bytes:
+    return struct.pack("<d", x)
+
+
+def test_fast_round_is_round_bit_for_bit() -> None:
+    rng = random.Random(3)
+    values: list[tuple[float, int]] = []
+    for _ in range(50_000):
+        digits = rng.choice((2, 3, 8))
+        values.append((10 ** rng.uniform(-12, 13), digits))
+        # ties at the rounding digit and their float neighbours
+        tie = (rng.randrange(10 ** rng.randint(1, 12)) + 0.5) / 10**digits
+        values += [(tie, digits), (math.nextafter(tie, 0), digits),
+                   (math.nextafter(tie, math.inf), digits)]  # fmt: skip
+    values += [(x, d) for x in (0.0, -0.0, -1.5, 1e20, 5e-324, 0.0005) for d in (2, 3, 8)]
+    for x, digits in values:
+        got, want = fast_round(x, digits), round(x, digits)
+        assert type(got) is float and _bits(got) == _bits(want), (x, digits, got, want)
+    assert math.isnan(fast_round(math.nan, 3))
+
+
+def test_request_context_init_sets_every_field() -> None:
+    names = [f.name for f in dataclasses.fields(RequestContext)]
+    params = list(inspect.signature(RequestContext.__init__).parameters)[1:]
+    assert params == names  # a field added to the class must be added to __init__ too
+    a = RequestContext("r", "chat", "/p", "POST", {}, [], {})
+    b = RequestContext("r", "chat", "/p", "POST", {}, [], {})
+    for name in names:
+        getattr(a, name)
+    assert a.started > 0 and a.candidates == [] and a.log == {}
+    assert a.candidates is not b.candidates and a.scratch is not b.scratch  # fresh containers
+
+
+def _error(body: dict[str, Any]) -> str | None:
+    with pytest.raises(InvalidRequestError) as info:
+        validate_chat(body, RequestsConfig(max_tokens=100, max_n=2))
+    return info.value.param
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"stop": 5, "temperature": 9}, "temperature"),
+        ({"logit_bias": 1, "max_tokens": 0, "top_p": 2}, "top_p"),
+        ({"user": 1, "tools": "x"}, "tools"),
+        ({"metadata": [], "user": 3}, "user"),
+        ({"seed": "x", "n": 3, "max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"response_format": {}, "stop": ["a"] * 5}, "stop"),
+        ({"max_tokens": 101}, "max_tokens"),
+    ],
+)
+def test_several_bad_fields_report_the_first_in_the_fixed_order(
+    extra: dict[str, Any], param: str
+) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+    assert _error(body) == param
+
+
+def test_upstream_headers_drop_in_any_case() -> None:
+    pairs = [("Host", "h"), ("authorization", "Bearer k"), ("Connection", "x-drop"),
+             ("X-Drop", "1"), ("X-Forwarded-For", "1.2.3.4"), ("X-Keep", "v")]  # fmt: skip
+    out = upstream_request_headers(pairs, {"Authorization": "Bearer up"}, {}, "rid")
+    assert out == [("x-keep", "v"), ("authorization", "Bearer up"),
+                   ("content-type", "application/json"), ("x-request-id", "rid")]  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_the_upstream_client_adds_no_user_agent() -> None:
+    """The client's own User-Agent is passed on; aiohttp's is never added."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                          if line.startswith(b"content-length:"))  # fmt: skip
+            await reader.readexactly(length)
+            heads.append(head.lower())
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    session = make_session(UpstreamConfig())
+    try:
+        for headers in ({}, {"user-agent": "client/1"}):
+            async with session.post(f"http://127.0.0.1:{port}/x", data=b"{}",
+                                    headers=headers) as resp:  # fmt: skip
+                assert resp.status == 200
+    finally:
+        await session.close()
+        server.close()
+    assert b"user-agent" not in heads[0]
+    assert b"\r\nuser-agent: client/1\r\n" in heads[1]
+    assert all(b"\r\naccept: */*\r\n" in h and b"\r\naccept-encoding: " in h for h in heads)
+
+
+@pytest.mark.anyio
+async def test_read_body_in_one_message_or_several() -> None:
+    from gateway.errors import PayloadTooLargeError
+    from gateway.proxy import read_body
+
+    def receiver(*messages: dict[str, Any]) -> Any:
+        it = iter(messages)
+
+        async def receive() -> dict[str, Any]:
+            return next(it)
+
+        return receive
+
+    def ctx() -> RequestContext:
+        return RequestContext("r", "chat", "/p", "POST", {}, [], {})
+
+    one = receiver({"type": "http.request", "body": b"abc"})
+    assert await read_body(one, ctx(), 10) == b"abc"
+    parts = receiver({"type": "http.request", "body": b"ab", "more_body": True},
+                     {"type": "http.request", "body": b"", "more_body": True},
+                     {"type": "http.request", "body": b"c"})  # fmt: skip
+    assert await read_body(parts, ctx(), 10) == b"abc"
+    with pytest.raises(PayloadTooLargeError):
+        await read_body(receiver({"type": "http.request", "body": b"x" * 11}), ctx(), 10)
+    with pytest.raises(PayloadTooLargeError):
+        six = {"type": "http.request", "body": b"x" * 6}
+        await read_body(receiver({**six, "more_body": True}, six), ctx(), 10)
+    gone = ctx()
+    with pytest.raises(InvalidRequestError):
+        await read_body(receiver({"type": "http.request", "body": b"a", "more_body": True},
+                                 {"type": "http.disconnect"}), gone, 10)  # fmt: skip
+    assert gone.client_disconnected
+    with pytest.raises(InvalidRequestError):
+        await read_body(receiver({"type": "http.disconnect"}), ctx(), 10)
