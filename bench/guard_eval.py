@@ -35,6 +35,9 @@ from plugins.guard.semantic import SemanticDetector, split_of  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/guard-data/dev.jsonl")
 HARD_NEGATIVE_GLOB = "guard_hard_negatives*.jsonl"
+#: Short everyday prompts ("Hiya", "Carry on") never used in training: the dev data has almost
+#: no short benign prompts, and a classifier trained on it learnt "short means attack".
+HELD_OUT = ("guard_short_benign_holdout.jsonl",)
 #: Left out of training by scripts/train_guard.py (research-only licence).
 EXCLUDED_ORIGINS = {"wildguard_judgecomp"}
 
@@ -156,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         f.name: read_jsonl(f, "hard_negative")
         for f in sorted(args.hard_negatives_dir.glob(HARD_NEGATIVE_GLOB))
     }
+    held_out = {
+        name: read_jsonl(args.hard_negatives_dir / name, "held_out")
+        for name in HELD_OUT
+        if (args.hard_negatives_dir / name).exists()
+    }
 
     import torch
 
@@ -195,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         res = {layer: evaluate(hrows, fn) for layer, fn in layers.items()}
         results["hard_negatives"][name] = res
         print_table(f"hard negatives: tests/data/{name}, {len(hrows)} rows (all splits)", res)
+    for name, hrows in held_out.items():
+        res = {layer: evaluate(hrows, fn) for layer, fn in layers.items()}
+        results["hard_negatives"][name] = res
+        print_table(f"held out (never trained on): tests/data/{name}, {len(hrows)} rows", res)
     if args.json:
         for res in [
             *results["layers"].values(),

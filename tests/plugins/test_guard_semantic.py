@@ -58,6 +58,16 @@ def test_obvious_benign_prompts_score_below_threshold(detector: SemanticDetector
     assert not any(detector.is_attack(s) for s in scores), scores
 
 
+def test_short_everyday_prompts_pass(detector: SemanticDetector) -> None:
+    """The dev data has almost no short benign prompts, and a model trained on it alone blocked
+    "Hello!" and "Thanks!" (most of tests/data/guard_short_benign_holdout.jsonl). The README's
+    demo prompts and everyday chat turns must pass."""
+    short = ["Hello!", "Stream it", "Hi", "Thanks!", "ok", "Continue", "Yes please", "Carry on",
+             "Say hello in one short sentence, please.", "Make it shorter", "Hiya"]  # fmt: skip
+    scores = detector.score(short)
+    assert not any(detector.is_attack(s) for s in scores), dict(zip(short, scores, strict=True))
+
+
 def test_scores_are_probabilities_one_per_text(detector: SemanticDetector) -> None:
     texts = ["", "x", *ATTACKS, "word " * 3000]
     scores = detector.score(texts)
