@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from gateway.digest import text_digest
+
 _BLOB = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 _ENCODINGS = ("cl100k_base", "o200k_base")
 
@@ -63,13 +65,6 @@ _MEMO_MAX = 4096
 _memo: dict[bytes, int] = {}
 
 
-def _digest(name: str, text: str) -> bytes:
-    h = hashlib.blake2b(name.encode(), digest_size=16)
-    h.update(b"\0")
-    h.update(text.encode("utf-8", "surrogatepass"))
-    return h.digest()
-
-
 def encoded_len(enc: Any, text: str) -> int:
     """Tokens in ``text``; special tokens' text counts as plain text (``encode_ordinary`` is
     ``encode(text, disallowed_special=())`` without building the special-token sets).
@@ -79,7 +74,7 @@ def encoded_len(enc: Any, text: str) -> int:
     2,000-token system prompt: ~0.5 ms against a few microseconds). Bounded: at most
     :data:`_MEMO_MAX` digests, then the memo starts over.
     """
-    key = _digest(enc.name, text)
+    key = text_digest(text, enc.name)
     n = _memo.get(key)
     if n is None:
         n = len(enc.encode_ordinary(text))

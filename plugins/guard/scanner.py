@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
+from gateway.digest import text_digest
 from gateway.redact import find_secrets
 from plugins.guard.normalize import (
     decoded_variants,
@@ -102,11 +102,6 @@ def _windows(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 #: Classifier scores remembered per scanner (then the memo starts over).
 _MEMO_MAX = 4096
-
-
-def _digest(text: str) -> bytes:
-    """What a score is remembered by: 16 bytes of BLAKE2b, so no prompt text is kept."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def record_metrics(verdict: Verdict, shadow: bool) -> None:
@@ -211,7 +206,7 @@ class Scanner:
         forward pass each, ~4 ms)."""
         if self.semantic is None or not texts:
             return [0.0] * len(texts)
-        keys = [_digest(t) for t in texts]
+        keys = [text_digest(t, "guard-score") for t in texts]
         memo = self._scores
         scores = [memo.get(k, -1.0) for k in keys]  # scores are probabilities: -1 is "unknown"
         todo = [i for i, s in enumerate(scores) if s < 0.0]
