@@ -11,9 +11,10 @@ import orjson
 import pytest
 
 from gateway.context import RequestContext
+from gateway.envelope import Envelope as _Envelope
 from gateway.errors import ContentPolicyError, GatewayError
 from gateway.plugin import Plugin
-from gateway.stream import _Envelope, _Relay
+from gateway.stream import _Relay
 from plugins.guard import GuardConfig, GuardPlugin
 
 KEY = "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
