@@ -81,12 +81,6 @@ def add_rate_limit_headers(out: dict[str, str], requests: list[Usage], tokens: l
         _add_trio(out, tokens, _TOKEN_NAMES)
 
 
-def rate_limit_headers(requests: list[Usage], tokens: list[Usage]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    add_rate_limit_headers(out, requests, tokens)
-    return out
-
-
 def retry_after_headers(seconds: float) -> dict[str, str]:
     # Whole seconds per RFC 9110 (never 0: "retry now" would be a lie); the openai SDK also
     # reads retry-after-ms for a precise wait.
