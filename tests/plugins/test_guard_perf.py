@@ -21,7 +21,8 @@ import pytest
 from gateway import redact as S
 from plugins.guard import GuardConfig, GuardPlugin
 from plugins.guard import normalize as N
-from plugins.guard.rules import RulesConfig, RuleSet, RuleSpec, triggers
+from plugins.guard.prefixes import triggers
+from plugins.guard.rules import RulesConfig, RuleSet, RuleSpec
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 ATTACKS = [
