@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import metrics
 
 if TYPE_CHECKING:
+    from gateway.catalogue import Deployment, ModelEntry
     from gateway.context import RequestContext
     from gateway.state import Gateway
 
@@ -51,21 +52,50 @@ def _guard_blocked(verdict: Any) -> bool:
 
 
 class _Series:
-    """The metric children of one (endpoint, model, provider, status), looked up once."""
+    """What one (endpoint, model entry, deployment used, status) gives every request's
+    accounting, looked up once: the metric series and the plain values of the entry and the
+    deployment (they are pydantic models: each attribute read costs ~450 instructions, a slot
+    here ~40)."""
 
-    __slots__ = ("completion", "latency", "overhead", "prompt", "requests", "upstream")
+    __slots__ = (
+        "deployment", "entry", "input_per_mtok", "metrics", "model_name", "model_used",
+        "output_per_mtok", "provider", "used",
+    )  # fmt: skip
 
-    def __init__(self, endpoint: str, model: str, provider: str, status: int) -> None:
-        self.requests = metrics.REQUESTS.labels(endpoint, model, provider, str(status))
-        self.latency = metrics.LATENCY.labels(endpoint, model)
-        self.upstream = metrics.UPSTREAM_LATENCY.labels(model, provider)
-        self.overhead = metrics.OVERHEAD.labels(endpoint)
-        self.prompt = metrics.TOKENS.labels(model, "prompt")
-        self.completion = metrics.TOKENS.labels(model, "completion")
+    def __init__(
+        self, endpoint: str, model: str, entry: ModelEntry | None, used: Deployment | None,
+        status: int,
+    ) -> None:  # fmt: skip
+        # Held, so that their ids (in the key) cannot be reused while this entry exists.
+        self.entry = entry
+        self.used = used
+        provider = used.provider if used is not None else "none"
+        self.metrics = metrics.RequestSeries(endpoint, model, provider, status)
+        self.model_name = entry.name if entry is not None else None
+        self.model_used = used.model if used is not None else None
+        self.provider = provider if used is not None else None
+        self.deployment = used.id if used is not None else None
+        price = used.price if used is not None else None
+        self.input_per_mtok = price.input_per_mtok if price is not None else 0.0
+        self.output_per_mtok = price.output_per_mtok if price is not None else 0.0
 
 
-#: Label values come from configuration and a few status codes, so this stays small.
-_SERIES: dict[tuple[str, str, str, int], _Series] = {}
+#: By (endpoint, model label, id of the entry, id of the deployment used, status). The labels
+#: come from configuration and a few status codes, so this stays small; entries and deployments
+#: are the catalogue's, fixed for a gateway's life (more appear only when several gateways are
+#: built in one process, as tests do: hence the bound).
+_SERIES: dict[tuple[str, str, int, int, int], _Series] = {}
+_MAX_SERIES = 4096
+
+
+def _series(ctx: RequestContext, model: str, used: Deployment | None) -> _Series:
+    key = (ctx.endpoint, model, id(ctx.model_entry), id(used), ctx.status)
+    series = _SERIES.get(key)
+    if series is None:
+        if len(_SERIES) >= _MAX_SERIES:
+            _SERIES.clear()
+        series = _SERIES[key] = _Series(ctx.endpoint, model, ctx.model_entry, used, ctx.status)
+    return series
 
 
 def account(gw: Gateway, ctx: RequestContext) -> None:
@@ -75,36 +105,32 @@ def account(gw: Gateway, ctx: RequestContext) -> None:
         total = finished - ctx.started
         entry = ctx.model_entry
         model = ctx.model if entry is not None else "unknown"
-        used = ctx.deployment if ctx.deployment and ctx.attempts else None
-        provider = used.provider if used is not None else "none"
-        key = (ctx.endpoint, model, provider, ctx.status)
-        series = _SERIES.get(key)
-        if series is None:
-            series = _SERIES[key] = _Series(*key)
-        series.requests.inc()
-        series.latency.observe(total)
+        used = ctx.deployment if ctx.attempts and ctx.deployment is not None else None
+        series = _series(ctx, model, used)
         upstream = 0.0
+        observed: float | None = None  # the upstream latency, when there was an upstream call
         if ctx.upstream_started is not None:
-            upstream = finished - ctx.upstream_started
-            series.upstream.observe(upstream)
+            upstream = observed = finished - ctx.upstream_started
         overhead = total - upstream if total > upstream else 0.0
-        series.overhead.observe(overhead)
-        if ctx.client_disconnected:
-            metrics.DISCONNECTS.inc()
         usage = ctx.usage
         if usage is not None and entry is not None:
-            series.prompt.inc(usage.prompt_tokens)
-            series.completion.inc(usage.completion_tokens)
+            series.metrics.record(
+                total, observed, overhead, usage.prompt_tokens, usage.completion_tokens
+            )
+        else:
+            series.metrics.record(total, observed, overhead, None, 0)
+        if ctx.client_disconnected:
+            metrics.DISCONNECTS.inc()
         record: dict[str, Any] = {
             "ts": fast_round(time.time(), 3),
             "request_id": ctx.request_id,
             "endpoint": ctx.endpoint,
             "status": ctx.status,
             "model": ctx.model[:100] if ctx.model else None,  # as requested (maybe an alias)
-            "model_name": entry.name if entry is not None else None,
-            "model_used": used.model if used else None,  # what the upstream was asked for
-            "provider": provider if used is not None else None,
-            "deployment": used.id if used else None,
+            "model_name": series.model_name,
+            "model_used": series.model_used,  # what the upstream was asked for
+            "provider": series.provider,
+            "deployment": series.deployment,
             "attempts": ctx.attempts,
             "stream": ctx.stream,
             "ms_total": fast_round(total * 1000, 3),
@@ -125,7 +151,13 @@ def account(gw: Gateway, ctx: RequestContext) -> None:
             record["completion_tokens"] = usage.completion_tokens
             if usage.estimated:
                 record["tokens_estimated"] = True
-            if ctx.deployment is not None:
+            if used is not None:  # Price.cost, with the prices read once
+                per_mtok = (
+                    usage.prompt_tokens * series.input_per_mtok
+                    + usage.completion_tokens * series.output_per_mtok
+                )
+                record["cost_usd"] = fast_round(per_mtok / 1e6, 8)
+            elif ctx.deployment is not None:  # answered without an upstream call (a cache hit)
                 record["cost_usd"] = fast_round(
                     ctx.deployment.price.cost(usage.prompt_tokens, usage.completion_tokens), 8
                 )

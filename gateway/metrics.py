@@ -247,6 +247,57 @@ else:
     REGISTRY.register(_COLLECTOR)
 
 
+class RequestSeries:
+    """The series every request of one (endpoint, model, provider, status) updates: labelled
+    once, updated in one call. In one process the updates are made here in place (six calls
+    to the children's ``inc``/``observe`` cost ~2k instructions more per request); with worker
+    processes, through prometheus_client's children."""
+
+    __slots__ = ("completion", "latency", "overhead", "prompt", "requests", "upstream")
+
+    def __init__(self, endpoint: str, model: str, provider: str, status: int) -> None:
+        self.requests = REQUESTS.labels(endpoint, model, provider, str(status))
+        self.latency = LATENCY.labels(endpoint, model)
+        self.upstream = UPSTREAM_LATENCY.labels(model, provider)
+        self.overhead = OVERHEAD.labels(endpoint)
+        self.prompt = TOKENS.labels(model, "prompt")
+        self.completion = TOKENS.labels(model, "completion")
+
+    def record(
+        self, total: float, upstream: float | None, overhead: float,
+        prompt_tokens: int | None, completion_tokens: int,
+    ) -> None:  # fmt: skip
+        """One request: its latencies (``upstream`` None when no upstream was called) and its
+        tokens (``prompt_tokens`` None when not counted)."""
+        if MULTIPROCESS:
+            self.requests.inc()
+            self.latency.observe(total)
+            if upstream is not None:
+                self.upstream.observe(upstream)
+            self.overhead.observe(overhead)
+            if prompt_tokens is not None:
+                self.prompt.inc(prompt_tokens)
+                self.completion.inc(completion_tokens)
+            return
+        # _CounterChild.inc and _HistogramChild.observe, inline.
+        self.requests.value += 1
+        h = self.latency
+        h.sum += total
+        h.counts[bisect_left(h.bounds, total)] += 1
+        if upstream is not None:
+            h = self.upstream
+            h.sum += upstream
+            h.counts[bisect_left(h.bounds, upstream)] += 1
+        h = self.overhead
+        h.sum += overhead
+        h.counts[bisect_left(h.bounds, overhead)] += 1
+        if prompt_tokens is not None:
+            if prompt_tokens > 0:
+                self.prompt.value += prompt_tokens
+            if completion_tokens > 0:
+                self.completion.value += completion_tokens
+
+
 def track_in_flight(gateway: Any) -> None:
     """Count ``gateway.in_flight`` in ``gateway_in_flight_requests`` (one process; held
     weakly, so a gateway that is gone stops counting)."""

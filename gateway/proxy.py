@@ -32,7 +32,7 @@ from gateway.errors import (
 )
 from gateway.headers import client_response_headers
 from gateway.pipeline import hooked
-from gateway.providers.base import upstream_timeout
+from gateway.providers.base import TimeoutQueue, upstream_timeout
 from gateway.stream import relay_stream
 from gateway.validate import EXTENSION_FIELDS, validate_chat, validate_embeddings
 
@@ -346,17 +346,17 @@ async def attempt(
         resp = await provider.chat(ctx, body)
     if not ctx.stream:
         return resp, None
-    return resp, await first_bytes(resp, gw.settings.upstream.first_byte_timeout_s)
+    return resp, await first_bytes(resp, provider.first_byte_timeout)
 
 
 async def first_bytes(
-    resp: UpstreamResponse, limit_s: float
+    resp: UpstreamResponse, deadlines: TimeoutQueue
 ) -> tuple[bytes, AsyncIterator[bytes]]:
-    """Wait (at most ``limit_s``) for the stream's first bytes; returns them and the iterator
-    to go on."""
+    """Wait (at most the first-byte timeout) for the stream's first bytes; returns them and the
+    iterator to go on."""
     it = aiter(resp.iter_bytes())
     try:
-        with upstream_timeout(limit_s):
+        with deadlines.start():
             while True:
                 data = await anext(it)
                 if data:
@@ -379,7 +379,9 @@ async def forward(
     gw: Gateway, ctx: RequestContext, ran: list[Plugin], scope: Scope, receive: Any, send: Any
 ) -> bool:
     """Call the upstream and relay its answer. Returns whether a response was started."""
-    client_wants_usage = bool((ctx.body.get("stream_options") or {}).get("include_usage"))
+    client_wants_usage = ctx.stream and bool(
+        (ctx.body.get("stream_options") or {}).get("include_usage")
+    )
     resp, first = await open_upstream(gw, ctx, ran)
     extra = client_response_headers(resp.headers)
     extra.append((b"x-gateway-model", ctx.model.encode("latin-1", "replace")))

@@ -156,3 +156,41 @@ async def test_read_body_in_one_message_or_several() -> None:
     assert gone.client_disconnected
     with pytest.raises(InvalidRequestError):
         await read_body(receiver({"type": "http.disconnect"}), ctx(), 10)
+
+
+def test_accounting_reads_the_deployment_once_and_logs_what_it_says() -> None:
+    """The request log's deployment fields and cost, from the values accounting keeps per
+    (entry, deployment): the same as reading the models each time, for each deployment."""
+    from types import SimpleNamespace
+
+    from gateway.accounting import account, fast_round
+    from gateway.catalogue import Catalogue, ModelEntry
+    from gateway.config import LoggingConfig
+    from gateway.context import Usage
+
+    entry = ModelEntry.model_validate({"name": "acc-m", "aliases": ["acc-alias"], "deployments": [
+        {"model": "up-a", "base_url": "http://a", "price": {"input_per_mtok": 0.15,
+                                                            "output_per_mtok": 0.6}},
+        {"model": "up-b", "base_url": "http://b", "provider": "anthropic",
+         "price": {"input_per_mtok": 3, "output_per_mtok": 15}},
+    ]})  # fmt: skip
+    Catalogue((entry,))  # gives the deployments their ids
+    records: list[dict[str, Any]] = []
+    settings = SimpleNamespace(logging=LoggingConfig())
+    gw = SimpleNamespace(settings=settings, observers=[],
+                         request_log=SimpleNamespace(write=records.append))  # fmt: skip
+    for dep in (*entry.deployments, entry.deployments[0]):
+        ctx = RequestContext("r", "chat", "/p", "POST", {}, [], {})
+        ctx.model, ctx.model_entry, ctx.deployment = "acc-alias", entry, dep
+        ctx.attempts, ctx.status, ctx.usage = 1, 200, Usage(1234, 567)
+        account(gw, ctx)  # type: ignore[arg-type]
+        record = records.pop()
+        assert record["model"] == "acc-alias" and record["model_name"] == "acc-m"
+        used = (record["model_used"], record["provider"], record["deployment"])
+        assert used == (dep.model, dep.provider, dep.id)
+        assert record["cost_usd"] == fast_round(dep.price.cost(1234, 567), 8)
+    ctx = RequestContext("r", "chat", "/p", "POST", {}, [], {})  # refused before any upstream
+    ctx.model, ctx.model_entry, ctx.deployment, ctx.status = "acc-m", entry, dep, 429
+    account(gw, ctx)  # type: ignore[arg-type]
+    record = records.pop()
+    assert record["model_used"] is record["provider"] is record["deployment"] is None

@@ -73,3 +73,28 @@ class _Single:
 
     def collect(self) -> object:
         yield self.family.collect()  # type: ignore[attr-defined]
+
+
+def test_request_series_records_as_the_separate_updates_would() -> None:
+    """RequestSeries.record (one call per request) gives the children what their own inc and
+    observe calls would."""
+    series = metrics.RequestSeries("chat", "rs-test-a", "rs-provider", 200)
+    series.record(0.02, 0.015, 0.005, 7, 3)
+    series.record(0.5, None, 0.5, None, 0)  # no upstream call, no tokens counted
+    series.record(0.001, 0.0, 0.001, -2, 0)  # odd usage: ignored, never a decrease
+    expected = {
+        "requests": (metrics.REQUESTS.labels("chat", "rs-test-a", "rs-provider", "200"), 3.0),
+        "prompt": (metrics.TOKENS.labels("rs-test-a", "prompt"), 7.0),
+        "completion": (metrics.TOKENS.labels("rs-test-a", "completion"), 3.0),
+    }
+    for child, value in expected.values():
+        assert child.value == value
+    separate = _Family("x_seconds", "Doc.", ["l"], metrics._LATENCY_BUCKETS).labels("v")
+    for value in (0.02, 0.5, 0.001):
+        separate.observe(value)
+    latency = metrics.LATENCY.labels("chat", "rs-test-a")
+    assert latency.counts == separate.counts and latency.sum == separate.sum
+    upstream = metrics.UPSTREAM_LATENCY.labels("rs-test-a", "rs-provider")
+    assert sum(upstream.counts) == 2 and upstream.sum == 0.015
+    overhead = metrics.OVERHEAD.labels("chat")
+    assert sum(overhead.counts) >= 3

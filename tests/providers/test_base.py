@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from gateway.errors import UpstreamError, UpstreamTimeoutError
-from gateway.providers.base import upstream_errors, upstream_timeout
+from gateway.providers.base import TimeoutQueue, upstream_errors, upstream_timeout
 
 
 @pytest.mark.anyio
@@ -48,6 +48,58 @@ async def test_upstream_timeout_inside_upstream_errors_is_a_504() -> None:
         with upstream_errors("openai"), upstream_timeout(0.01):
             await asyncio.sleep(5)
     assert e.value.status == 504 and e.value.retryable
+
+
+@pytest.mark.anyio
+async def test_timeout_queue_times_out_each_block_at_its_own_deadline() -> None:
+    """One timer for many blocks: a block that finished leaves the timer to the next one, which
+    still times out at its own deadline (not the earlier block's, and not never)."""
+    loop = asyncio.get_running_loop()
+    queue = TimeoutQueue(0.2)
+    with queue.start():
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.1)
+    start = loop.time()
+    with pytest.raises(TimeoutError):
+        with queue.start():
+            await asyncio.sleep(5)
+    assert 0.19 <= loop.time() - start < 1
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # no leftover cancellation
+    await asyncio.sleep(0.25)  # the first block's deadline passed long ago: nothing lands here
+
+
+@pytest.mark.anyio
+async def test_timeout_queue_serves_concurrent_blocks_and_leaves_outside_cancellations() -> None:
+    queue = TimeoutQueue(0.15)
+    outcomes: dict[str, str] = {}
+
+    async def block(name: str, work: float, pause: float = 0.0) -> None:
+        await asyncio.sleep(pause)
+        try:
+            with queue.start():
+                await asyncio.sleep(work)
+            outcomes[name] = "done"
+        except TimeoutError:
+            outcomes[name] = "timeout"
+
+    await asyncio.gather(block("fast", 0.01), block("slow", 5), block("later", 0.1, pause=0.1),
+                         block("late-slow", 5, pause=0.05))  # fmt: skip
+    assert outcomes == {"fast": "done", "slow": "timeout", "later": "done",
+                        "late-slow": "timeout"}  # fmt: skip
+
+    async def cancelled_from_outside() -> None:
+        with queue.start():
+            await asyncio.sleep(5)
+
+    task = asyncio.create_task(cancelled_from_outside())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):  # not a TimeoutError
+        await task
+    with pytest.raises(UpstreamTimeoutError):
+        with upstream_errors("openai"), queue.start():
+            await asyncio.sleep(5)
 
 
 @pytest.mark.anyio
