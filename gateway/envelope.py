@@ -1,11 +1,12 @@
-"""Merging a stream's text events for the parsed relay (``gateway.stream``).
+"""Parsing a block of stream events for the parsed relay (``gateway.stream``).
 
 Upstreams send every text event of a choice in the same envelope: only the string after
-``"content":`` changes. When a plugin parses streamed chunks (the output guard), the events of
-one upstream read that share the envelope can be handed to it as one chunk with their joined
-text instead of one parsed dict per event. :class:`Envelope` learns the envelope from the
-stream's first text-only event, checks it, and parses a block of events with it; anything else
-goes event by event.
+``"content":`` changes. :class:`Envelope` learns that envelope from the stream's first
+text-only event and parses a block (the complete events of one upstream read) with it: a run of
+events in the envelope becomes one :class:`TextChunk` (the envelope and the run's joined text),
+every other event a dict, and the whole block takes one ``orjson.loads``. The relay hands the
+plugins a ``TextChunk`` as it is when they all take one (``Plugin.text_chunks``: the output
+guard), else as a dict, and writes its text straight back into the envelope's bytes.
 """
 
 from __future__ import annotations
@@ -50,104 +51,170 @@ def _string_end(data: bytes, start: int) -> int:
         k += 1
 
 
+def _skip_spaces(data: bytes, i: int, step: int) -> int:
+    """The first position from ``i`` on (``step`` 1) or back (-1) that is not a space."""
+    n = len(data)
+    while 0 <= i < n and data[i] == 0x20:
+        i += step
+    return i
+
+
+class TextChunk:
+    """A run of text-only events of the envelope's choice, as one chunk: only its text.
+
+    What plugins with ``text_chunks`` get in ``on_chunks`` instead of the run's dict. They may
+    set ``text`` (redact, hold back); the relay serialises the chunk as the envelope around it.
+    """
+
+    __slots__ = ("envelope", "index", "text")
+
+    def __init__(self, envelope: Envelope, text: str) -> None:
+        self.envelope = envelope
+        #: The choice the text belongs to.
+        self.index: Any = envelope.index
+        self.text = text
+
+    def payload(self) -> bytes:
+        """The event's JSON: the envelope around ``text``."""
+        return self.envelope.pre + orjson.dumps(self.text) + self.envelope.suf
+
+    def as_dict(self) -> dict[str, Any]:
+        """The chunk as the dict ``orjson.loads`` gives for ``payload()``."""
+        return orjson.loads(self.payload())  # type: ignore[no-any-return]
+
+
 class Envelope:
     """The bytes around the text of a stream's content-only events.
 
-    Upstreams send every text event of a choice in the same envelope: only the string after
-    ``"content":`` changes. Learnt from the first such event (and checked: the envelope around
-    another string parses to the same chunk with that string), it lets a run of those events be
-    parsed as their strings alone and handed to the hooks as one chunk with the run's text,
-    instead of one dict per event."""
+    Learnt from the first such event and checked (the envelope around another string parses to
+    a content-only chunk with that string), it lets a run of those events be parsed as their
+    strings alone and handed on as one :class:`TextChunk` with the run's text."""
 
-    __slots__ = ("pre", "suf", "tries")
+    __slots__ = ("index", "pre", "suf", "tries")
 
     def __init__(self) -> None:
         self.pre = b""
         self.suf = b""
-        #: Content-only events left to learn the envelope from (few: it is then not there).
+        #: The choice index in the envelope.
+        self.index: Any = 0
+        #: Events left to learn from (few: if the stream has an envelope, the first finds it).
         self.tries = 3
 
-    def learn(self, payload: bytes, obj: dict[str, Any]) -> None:
-        """Take the envelope of ``payload`` (parsed: ``obj``) if it is a content-only event."""
-        if not _text_only(obj):
-            return
-        self.tries -= 1
+    def learn(self, payload: bytes) -> bool:
+        """Take the envelope of ``payload`` if it is a content-only event (a delta whose only
+        key is ``"content"``, a string): byte checks first, then one parse of a probe."""
         i = payload.find(_CONTENT_KEY)
-        if i == -1 or payload.find(_CONTENT_KEY, i + 1) != -1:
-            return
+        if i < 1:
+            return False
+        j = i - 1 if payload[i - 1] != 0x20 else _skip_spaces(payload, i - 1, -1)
+        if payload[j] != 0x7B:  # "{": the delta's first key ...
+            return False
+        if payload.find(_CONTENT_KEY, i + 1) != -1 or payload.find(b"\n") != -1:
+            return False
+        self.tries -= 1
         a = i + len(_CONTENT_KEY)
-        n = len(payload)
-        while a < n and payload[a] == 0x20:
+        if payload[a : a + 2] != b':"':  # (compact JSON; any other spacing is looked at here)
+            a = _skip_spaces(payload, a, 1)
+            if payload[a : a + 1] != b":":
+                return False
+            a = _skip_spaces(payload, a + 1, 1)
+            if payload[a : a + 1] != b'"':
+                return False
+        else:
             a += 1
-        if payload[a : a + 1] != b":":
-            return
-        a += 1
-        while a < n and payload[a] == 0x20:
-            a += 1
-        if payload[a : a + 1] != b'"':
-            return
         b = _string_end(payload, a)
         if b == -1:
-            return
+            return False
+        j = b if payload[b : b + 1] != b" " else _skip_spaces(payload, b, 1)
+        if payload[j : j + 1] != b"}":  # ... and its only one
+            return False
         pre, suf = payload[:a], payload[b:]
+        # No escapes around the text: "content" can only be the key found above, and the
+        # probe's "\x01" can only be the string put in its place.
+        if pre.find(b"\\") != -1 or suf.find(b"\\") != -1:
+            return False
         try:
             probe = orjson.loads(pre + b'"\\u0001"' + suf)
         except orjson.JSONDecodeError:
-            return
+            return False
         if not _text_only(probe) or probe["choices"][0]["delta"]["content"] != "\x01":
-            return
-        probe["choices"][0]["delta"]["content"] = obj["choices"][0]["delta"]["content"]
-        if probe == obj and pre.find(b"\n") == -1 and suf.find(b"\n") == -1:
-            self.pre, self.suf = pre, suf
-
-    def merge(self, run: list[bytes]) -> dict[str, Any]:
-        """One chunk for a run of payloads in this envelope: the envelope, their joined text.
-        Raises ValueError or TypeError if the run is not that after all."""
-        lp, ls = len(self.pre), len(self.suf)
-        strings = b",".join([p[lp : len(p) - ls] for p in run])
-        texts = orjson.loads(b"[" + strings + b"]")
-        if len(texts) != len(run) or strings.find(b"\n") != -1:
-            raise ValueError("not one string per one-line event")
-        chunk = orjson.loads(self.pre + b'""' + self.suf)
-        chunk["choices"][0]["delta"]["content"] = "".join(texts)  # TypeError if not all str
-        return chunk  # type: ignore[no-any-return]
+            return False
+        self.pre, self.suf = pre, suf
+        self.index = probe["choices"][0].get("index", 0)
+        return True
 
     def parse(self, complete: bytes) -> list[Any] | None:
         """The parsed payloads of ``complete`` when it is only one-line ``data: `` events (what
-        OpenAI-style upstreams send), each run of two or more events in this envelope as one
-        chunk; None otherwise, and the caller goes event by event (which also reports a
-        malformed event)."""
+        OpenAI-style upstreams send), each run of events in this envelope as one
+        :class:`TextChunk`; None otherwise, and the caller goes event by event (which also
+        reports a malformed event).
+
+        The block is parsed as one JSON array of its events, each run as an array of its
+        strings; counting the values checks that each event held exactly one. (A malformed
+        block could still parse differently from event by event, but whatever it parses to is
+        what the plugins see and the client gets.)"""
         if not complete.startswith(b"data: "):
             return None
-        objs: list[Any] = []
+        parts = complete[6:-2].split(_SEP)
+        if not self.pre:
+            if not self.tries or not self._learn_from(parts):
+                return self._load(parts, None)
+        items: list[bytes] = []
+        sizes: list[int] = []  # per item: 0 for one event, else the number of events in its run
         run: list[bytes] = []
         pre, suf = self.pre, self.suf
-        least = len(pre) + len(suf)
-        try:
-            for part in complete[6:-2].split(_SEP):
-                if pre and part.startswith(pre) and part.endswith(suf) and len(part) > least:
-                    run.append(part)
-                    continue
-                if run:
-                    objs.append(self._run(run))
-                    run = []
-                if part.find(b"\n") != -1:
-                    return None
-                obj = orjson.loads(part)
-                objs.append(obj)
-                if not pre and self.tries and type(obj) is dict:
-                    self.learn(part, obj)
-                    pre, suf = self.pre, self.suf
-                    least = len(pre) + len(suf)
+        cut = len(pre) + len(suf)
+        for part in parts:
+            # (removeprefix/removesuffix: the cheapest tests, about half of startswith's cost)
+            text = part.removeprefix(pre).removesuffix(suf)
+            if len(text) == len(part) - cut and text:
+                run.append(text)
+                continue
             if run:
-                objs.append(self._run(run))
-        except (ValueError, TypeError):
+                items.append(b"[" + b",".join(run) + b"]")
+                sizes.append(len(run))
+                run = []
+            items.append(part)
+            sizes.append(0)
+        if run:
+            items.append(b"[" + b",".join(run) + b"]")
+            sizes.append(len(run))
+        return self._load(items, sizes)
+
+    def _load(self, items: list[bytes], sizes: list[int] | None) -> list[Any] | None:
+        """Parse the JSON ``items`` (events, or arrays of a run's strings: ``sizes`` says how
+        many per item, 0 for an event) in one go."""
+        block = b"[" + b",".join(items) + b"]"
+        # A line break left means an event of several lines, a comment or another field (the
+        # envelope has none: learn() checks).
+        if block.find(b"\n") != -1:
             return None
+        try:
+            values = orjson.loads(block)
+        except orjson.JSONDecodeError:
+            return None
+        if len(values) != len(items):
+            return None
+        if sizes is None or not any(sizes):
+            return values  # type: ignore[no-any-return]
+        objs: list[Any] = []
+        for value, size in zip(values, sizes, strict=True):
+            if not size:
+                objs.append(value)
+            elif type(value) is list and len(value) == size:
+                try:
+                    objs.append(TextChunk(self, "".join(value)))
+                except TypeError:  # not all strings
+                    return None
+            else:
+                return None
         return objs
 
-    def _run(self, run: list[bytes]) -> Any:
-        if len(run) > 1:
-            return self.merge(run)
-        if run[0].find(b"\n") != -1:
-            raise ValueError("not a one-line event")
-        return orjson.loads(run[0])
+    def _learn_from(self, parts: list[bytes]) -> bool:
+        """Learn the envelope from the first content-only event of ``parts`` that has one."""
+        for part in parts:
+            if not self.tries:
+                break
+            if self.learn(part):
+                return True
+        return False

@@ -10,6 +10,8 @@ from gateway.config import ConfigError, Settings, format_validation_error
 from plugins import REGISTRY, plugin_class
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from starlette.responses import Response
 
     from gateway.context import RequestContext
@@ -101,13 +103,18 @@ class Pipeline:
         return None
 
     @staticmethod
-    async def run_chunks(
-        ran: list[Plugin], ctx: RequestContext, chunks: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
+    def run_chunks(
+        ran: list[Plugin], ctx: RequestContext, chunks: list[Any]
+    ) -> Awaitable[list[Any]]:
         """The chunks of one relay block through each plugin's ``on_chunks``, in reverse order:
-        each plugin gets the whole list the one below it returned."""
-        if len(ran) == 1:  # the usual case (the output guard)
-            return await ran[0].on_chunks(ctx, chunks)
+        each plugin gets the whole list the one below it returned. (Not a coroutine itself: with
+        one plugin, the usual case, its ``on_chunks`` is what the caller awaits.)"""
+        if len(ran) == 1:
+            return ran[0].on_chunks(ctx, chunks)
+        return Pipeline._run_chunks(ran, ctx, chunks)
+
+    @staticmethod
+    async def _run_chunks(ran: list[Plugin], ctx: RequestContext, chunks: list[Any]) -> list[Any]:
         for plugin in reversed(ran):
             chunks = await plugin.on_chunks(ctx, chunks)
             if not chunks:
@@ -115,9 +122,16 @@ class Pipeline:
         return chunks
 
     @staticmethod
-    async def run_stream_end(ran: list[Plugin], ctx: RequestContext) -> list[dict[str, Any]]:
-        # A plugin's released chunks still pass through the plugins above it.
-        pending: list[dict[str, Any]] = []
+    def run_stream_end(ran: list[Plugin], ctx: RequestContext) -> Awaitable[list[Any]]:
+        """Each plugin's ``on_stream_end``, in reverse order; what one releases still passes
+        through the ``on_chunks`` of the plugins above it. (Not a coroutine itself, as above.)"""
+        if len(ran) == 1:
+            return ran[0].on_stream_end(ctx)
+        return Pipeline._run_stream_end(ran, ctx)
+
+    @staticmethod
+    async def _run_stream_end(ran: list[Plugin], ctx: RequestContext) -> list[Any]:
+        pending: list[Any] = []
         for idx in range(len(ran) - 1, -1, -1):
             plugin = ran[idx]
             out = list(await plugin.on_chunks(ctx, pending)) if pending else []

@@ -29,6 +29,11 @@ After the upstream answers, the plugins that ran are asked about the response in
   gets the whole block the one below it returned, so the order of calls across plugins is per
   block, not per chunk.
 * ``on_stream_end(ctx) -> list[chunk]`` once the upstream stream is over: release held chunks.
+* ``text_chunks = True`` (a class attribute) says ``on_chunks`` also takes, and may return, a
+  :class:`gateway.envelope.TextChunk`: a run of text-only events of one choice that share one
+  envelope, as its text alone (``index``, ``text``; set ``text`` to change it). The relay then
+  skips building the run's dict and writes its text straight back into the envelope's bytes.
+  Only used when every plugin with a chunk hook sets it; a plugin without it only sees dicts.
 * ``on_attempt(ctx, deployment, error, elapsed_s)`` after each upstream attempt, for health
   tracking and circuit breakers (the route plugin).
 * ``on_response(ctx)`` once, at the end, streamed or not, success or failure: ``ctx.usage``,
@@ -69,6 +74,8 @@ class Plugin:
     #: Endpoints this plugin runs on: "chat", "embeddings", "models", "admin", or "*" for all
     #: authenticated routes (the auth plugin).
     endpoints: ClassVar[frozenset[str]] = frozenset({"chat", "embeddings"})
+    #: Whether ``on_chunks`` takes ``TextChunk`` items as well as dicts (see above).
+    text_chunks: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config

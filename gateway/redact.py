@@ -62,6 +62,7 @@ _API_PREFIXES = ("sk-", "sk_live_", "rk_live_", "AKIA", "ASIA", "ghp_", "gho_", 
 _API_COARSE = ("sk-", "_live_", "AKIA", "ASIA", "AIza", "xox")
 _API_GITHUB = ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")
 _LONG_NUMBER = re.compile(r"\d[\d \-]{11,}\d")
+_LONG_NUMBER_ASCII = re.compile(r"[0-9][0-9 \-]{11,}[0-9]")  # the same on ASCII text, faster
 # "[A-Z]{2}\d{2}", written to start at the (rarer) digits so the engine skips ahead to them.
 _IBAN_HINT = re.compile(r"\d\d(?<=[A-Z]{2}\d\d)")
 # What the e-mail pattern's look-behind rejects, and its local-part characters.
@@ -76,7 +77,11 @@ _DIGIT_PAIR = re.compile(r"[0-9][ \-]?[0-9]")
 _DIGIT_PAIR_UNICODE = re.compile(r"\d[ \-]?\d")
 
 
-def _may_hold_secret(text: str) -> bool:
+#: The types whose hint is any two digits; of the others, only cards have digits.
+_DIGIT_PAIR_TYPES = frozenset({"iban", "phone"})
+
+
+def _may_hold_secret(text: str, types: frozenset[str] | None) -> bool:
     for hint in _ANY_HINTS:
         if hint in text:
             return True
@@ -85,6 +90,12 @@ def _may_hold_secret(text: str) -> bool:
         for prefix in _API_GITHUB:
             if prefix in text:
                 return True
+    if types is not None and types.isdisjoint(_DIGIT_PAIR_TYPES):
+        # Digits only matter for cards (the output guard's usual types): a long number, not
+        # just any two digits.
+        if "credit_card" not in types:
+            return False
+        return (_LONG_NUMBER_ASCII if text.isascii() else _LONG_NUMBER).search(text) is not None
     # "\d" also matches non-ASCII digits, one Unicode category test per character: only needed
     # when there are non-ASCII characters.
     rx = _DIGIT_PAIR if text.isascii() else _DIGIT_PAIR_UNICODE
@@ -191,7 +202,7 @@ def _valid(kind: str, text: str) -> bool:
 
 def find_secrets(text: str, types: frozenset[str] | None = None) -> list[SecretHit]:
     """Secrets in ``text``, in order, non-overlapping; only ``types`` when given."""
-    if not text or not _may_hold_secret(text):
+    if not text or not _may_hold_secret(text, types):
         return []
     found: list[SecretHit] = []
     # Dict order is the priority when spans overlap (a key block contains base64 "numbers").

@@ -9,8 +9,10 @@ Two paths:
   events are parsed and re-serialised. The complete events of one upstream read (a "block": on a
   fast upstream, often the whole answer) are parsed together, runs of text events in the same
   envelope as one chunk (``gateway.envelope``), and go through the hooks as one list
-  (``on_chunks``), in reverse pipeline order. The client only ever gets chunks serialised from
-  what the hooks returned, never raw chunk bytes the hooks did not see.
+  (``on_chunks``), in reverse pipeline order. When every hook takes a ``TextChunk``, a run stays
+  its text alone and is written straight back into the envelope's bytes. The client only ever
+  gets chunks serialised from what the hooks returned, never raw chunk bytes the hooks did not
+  see.
 
 Once the status line has been sent, any failure (upstream drop, a plugin ending the stream)
 becomes one final SSE error event. A client disconnect cancels the relay at once, which closes
@@ -27,7 +29,7 @@ import orjson
 
 from gateway import metrics
 from gateway.context import Usage
-from gateway.envelope import Envelope
+from gateway.envelope import Envelope, TextChunk
 from gateway.errors import GatewayError, UpstreamError
 from gateway.pipeline import CHUNK_HOOKS, Pipeline, hooked
 
@@ -72,6 +74,14 @@ def _payload(event: bytes) -> bytes | None:
     return b"\n".join(data)
 
 
+def _events(chunks: list[Any]) -> bytes:
+    """Chunks (dicts, or text in an envelope) as SSE events."""
+    if not chunks:
+        return b""
+    payloads = [c.payload() if type(c) is TextChunk else orjson.dumps(c) for c in chunks]
+    return b"data: " + b"\n\ndata: ".join(payloads) + b"\n\n"
+
+
 class _Relay:
     def __init__(
         self, ctx: RequestContext, hooks: list[Plugin], client_wants_usage: bool,
@@ -91,7 +101,10 @@ class _Relay:
         #: completion can still be counted if it never does (all of them with ``keep_text``).
         #: Parsed mode keeps what it sent, after the plugins' changes.
         self.kept: list[bytes] = []
-        self.envelope = Envelope()
+        #: Parsed mode: the stream's envelope, and whether the hooks take a run of text in it as
+        #: a ``TextChunk`` (else it becomes a dict).
+        self.envelope = Envelope() if hooks else None
+        self.text_chunks = bool(hooks) and all([h.text_chunks for h in hooks])
 
     async def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return what to send to the client now."""
@@ -154,12 +167,16 @@ class _Relay:
         if complete.endswith(_DONE):
             self.saw_done = True
             complete = complete[: -len(_DONE)]
+        assert self.envelope is not None
         objs = self.envelope.parse(complete)
         if objs is None:
             objs = self._objects(complete)
         out: list[bytes] = []
-        run: list[dict[str, Any]] = []  # chunks for the hooks, in order
+        run: list[Any] = []  # chunks for the hooks, in order
         for obj in objs:
+            if type(obj) is TextChunk:
+                run.append(obj if self.text_chunks else obj.as_dict())
+                continue
             if not isinstance(obj, dict):
                 continue
             if "error" not in obj and obj.get("choices"):
@@ -167,7 +184,7 @@ class _Relay:
                 continue
             # Not a chunk: what the hooks returned so far goes first, to keep the order.
             if run:
-                out.append(await self._run(run))
+                out.append(_events(await Pipeline.run_chunks(self.hooks, self.ctx, run)))
                 run = []
             if "error" in obj:
                 out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
@@ -176,17 +193,8 @@ class _Relay:
                 if self.client_wants_usage:
                     out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
         if run:
-            out.append(await self._run(run))
+            out.append(_events(await Pipeline.run_chunks(self.hooks, self.ctx, run)))
         return self._keep(out[0] if len(out) == 1 else b"".join(out))
-
-    async def _run(self, chunks: list[dict[str, Any]]) -> bytes:
-        """``chunks`` through the hooks, serialised as SSE events."""
-        chunks = await Pipeline.run_chunks(self.hooks, self.ctx, chunks)
-        if not chunks:
-            return b""
-        if len(chunks) == 1:
-            return b"data: " + orjson.dumps(chunks[0]) + b"\n\n"
-        return b"data: " + b"\n\ndata: ".join([orjson.dumps(c) for c in chunks]) + b"\n\n"
 
     def _objects(self, complete: bytes) -> list[Any]:
         """The parsed payloads of ``complete``, event by event (any SSE framing)."""
@@ -214,8 +222,7 @@ class _Relay:
         """The upstream is done: return the last bytes for the client (held chunks, [DONE])."""
         out = await self.feed(b"\n\n") if self.buffer.strip() else b""
         if self.hooks:
-            released = await Pipeline.run_stream_end(self.hooks, self.ctx)
-            out += self._keep(b"".join([b"data: " + orjson.dumps(c) + b"\n\n" for c in released]))
+            out += self._keep(_events(await Pipeline.run_stream_end(self.hooks, self.ctx)))
         if not self.saw_done:
             self.pending = out
             raise UpstreamError("the upstream stream ended before it was complete")

@@ -194,7 +194,7 @@ class FlakyBackend(Backend):
         pass
 
 
-def wait_for(cond: Any, timeout: float = 5.0) -> None:
+def wait_for(cond: Any, timeout: float = 15.0) -> None:
     end = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < end, "condition not met in time"

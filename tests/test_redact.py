@@ -5,6 +5,9 @@ from __future__ import annotations
 import random
 import re
 
+import pytest
+
+from gateway import redact
 from gateway.redact import _COMPILED, find_secrets
 
 #: The card pattern as first written: a look-behind first, which the engine tried at every
@@ -23,3 +26,31 @@ def test_card_pattern_matches_exactly_like_the_reference() -> None:
 def test_card_found_at_the_start_and_not_inside_longer_numbers() -> None:
     assert [h.type for h in find_secrets("4111 1111 1111 1111 is a test card")] == ["credit_card"]
     assert find_secrets("order-4111111111111111") == []  # glued to a hyphen: not a card
+
+
+OUTPUT_TYPES = frozenset({"api_key", "private_key", "jwt", "credit_card"})
+
+
+def test_prefilter_for_types_without_short_numbers_is_the_same_as_scanning_everything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no IBAN or phone type asked for, two digits are not a hint: only a long number
+    (a card) is. The hits are the same as with no prefilter at all."""
+    rnd = random.Random(11)
+    alphabet = "0123456789 -+abcXYZ@.()"
+    texts = [
+        "call me at 12 or 34",
+        "card 4111 1111 1111 1111 here",
+        "+44 20 7946 0958 and DE89 3704 0044 0532 0130 00",
+        "sk-" + "a" * 30,
+        *("".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 60))) for _ in range(3000)),
+    ]
+    all_types = (OUTPUT_TYPES, frozenset({"credit_card"}), frozenset({"iban", "phone"}), None)
+    got = [find_secrets(text, types) for types in all_types for text in texts]
+    monkeypatch.setattr(redact, "_may_hold_secret", lambda text, types: True)
+    assert got == [find_secrets(text, types) for types in all_types for text in texts]
+    assert [h.type for h in find_secrets("card 4111 1111 1111 1111", OUTPUT_TYPES)] == [
+        "credit_card"
+    ]
+    assert find_secrets("+44 20 7946 0958", OUTPUT_TYPES) == []
+    assert [h.type for h in find_secrets("+44 20 7946 0958", frozenset({"phone"}))] == ["phone"]

@@ -12,6 +12,7 @@ import pytest
 
 from gateway.context import RequestContext
 from gateway.envelope import Envelope as _Envelope
+from gateway.envelope import TextChunk
 from gateway.errors import ContentPolicyError, GatewayError
 from gateway.plugin import Plugin
 from gateway.stream import _Relay
@@ -219,19 +220,74 @@ async def test_malformed_event_is_an_upstream_error() -> None:
         await relay(guard(), data)
 
 
+def as_dicts(objs: list[Any] | None) -> list[Any]:
+    assert objs is not None
+    return [o.as_dict() if isinstance(o, TextChunk) else o for o in objs]
+
+
 def test_envelope_merges_runs_and_checks_them() -> None:
     data = wire(['a "quoted" \\ text', "é\n2", "3"], usage=False)[: -len(b"data: [DONE]\n\n")]
     env = _Envelope()
     objs = env.parse(data)
     assert env.pre.endswith(b'"content":') and env.suf.startswith(b'},"logprobs"')
-    # role, the event it was learnt from, the rest of the run as one chunk, stop
-    assert objs is not None and len(objs) == 4
-    objs = env.parse(data)  # now known: the whole run is one chunk
-    assert objs is not None and len(objs) == 3
-    assert objs[1]["choices"][0]["delta"] == {"content": 'a "quoted" \\ text' + "é\n2" + "3"}
+    # role, the run as one chunk (learnt from its first event), stop
+    assert objs is not None and len(objs) == 3 and isinstance(objs[1], TextChunk)
+    assert objs[1].text == 'a "quoted" \\ text' + "é\n2" + "3" and objs[1].index == 0
+    assert as_dicts(objs)[1]["choices"][0]["delta"] == {"content": objs[1].text}
+    assert as_dicts(env.parse(data)) == as_dicts(objs)  # the same once known
+    # The text goes back into the envelope's bytes.
+    objs[1].text = "x"
+    assert objs[1].payload() == env.pre + b'"x"' + env.suf
     # A payload in the envelope whose "text" is not one string falls back.
     bad = data.replace(b'"3"', b'"3","x"')
     assert env.parse(bad) is None
+
+
+def test_envelope_is_learnt_only_from_a_content_only_delta() -> None:
+    role = event({"role": "assistant", "content": ""})
+    env = _Envelope()
+    assert env.parse(role) is not None and not env.pre and env.tries == 3  # no probe spent
+    # "content" in a nested object other than the delta, or escapes in the envelope: no.
+    odd = role.replace(
+        b'"delta":{"role":"assistant","content":""}', b'"delta":{},"x":{"content":"a"}'
+    )
+    assert env.parse(odd) is not None and not env.pre
+    escaped = event({"content": "a"}).replace(b'"model":"m"', b'"model":"\\u006d"')
+    objs = env.parse(escaped)
+    assert objs is not None and isinstance(objs[0], dict) and not env.pre
+    # Spaces around the key are fine.
+    spaced = event({"content": "a"}).replace(b'{"content":"a"}', b'{ "content" : "a" }')
+    objs = env.parse(spaced + spaced.replace(b'"a"', b'"b"'))
+    assert objs is not None and len(objs) == 1 and isinstance(objs[0], TextChunk)
+    assert objs[0].text == "ab"
+
+
+def test_envelope_parses_a_block_of_other_events_as_they_are() -> None:
+    env = _Envelope()
+    data = event({"tool_calls": [{"index": 0}]}) + b'data: {"id":"c1","choices":[]}\n\n'
+    assert env.parse(data) == [json.loads(e[6:]) for e in data.split(b"\n\n")[:-1]]
+    # One event that is two values, or one split over two events: the whole block falls back.
+    assert env.parse(b"data: 1,2\n\n") is None
+    assert env.parse(b'data: {"a":\n\ndata: 1}\n\n') is None
+
+
+@pytest.mark.anyio
+async def test_text_chunks_become_dicts_for_plugins_that_do_not_take_them() -> None:
+    seen: list[Any] = []
+
+    class Probe(Plugin):
+        name = "probe"
+
+        async def on_chunks(self, ctx: Any, chunks: list[Any]) -> list[Any]:
+            seen.extend(chunks)
+            return chunks
+
+    events, _, _ = await relay(Probe(None), wire(["ab", "cd", "ef"]))
+    assert all(isinstance(c, dict) for c in seen)
+    assert [c["choices"][0]["delta"] for c in seen] == [
+        {"role": "assistant", "content": ""}, {"content": "abcdef"}, {},
+    ]  # fmt: skip
+    assert text_of(events) == "abcdef"
 
 
 @pytest.mark.anyio
@@ -262,13 +318,47 @@ def test_envelope_splits_events_that_only_share_one_end_of_it() -> None:
     env = _Envelope()
     assert env.parse(event({"content": "x"})) is not None and env.pre  # learnt
     objs = env.parse(head + run + last)
-    assert objs is not None
+    objs = as_dicts(objs)
     assert [o["choices"][0]["delta"] for o in objs] == [
         {"role": "assistant", "content": ""}, {"content": "abc"}, {"content": "d"},
     ]  # fmt: skip
     assert [o["choices"][0]["finish_reason"] for o in objs] == [None, None, "stop"]
-    # The same with one text event only between them: no merging needed, same chunks.
-    objs = env.parse(head + event({"content": "a"}) + last)
-    assert objs is not None and [o["choices"][0]["delta"] for o in objs][1] == {"content": "a"}
+    # The same with one text event only between them.
+    objs = as_dicts(env.parse(head + event({"content": "a"}) + last))
+    assert [o["choices"][0]["delta"] for o in objs][1] == {"content": "a"}
     # A NUL byte (never in valid JSON) is left to the event-by-event path.
     assert env.parse(run.replace(b'"b"', b'"b\x00"')) is None
+
+
+@pytest.mark.anyio
+async def test_text_held_at_the_end_goes_out_in_the_envelope_of_a_text_first_stream() -> None:
+    """No role chunk: the stream's first chunk is a run of text (a ``TextChunk``), and the held
+    tail released at the end still gets the stream's id, object, created and model."""
+    data = b"".join(event({"content": p}) for p in small("no secrets here, just " + KEY))
+    events, _, _ = await relay(guard(), data + b"data: [DONE]\n\n")
+    assert text_of(events) == "no secrets here, just [REDACTED:api_key]"
+    last = events[-2]
+    assert {k: last[k] for k in ("id", "object", "created", "model")} == {
+        "id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+    }  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_a_plugin_above_the_guard_without_text_chunks_gets_dicts() -> None:
+    """Two chunk plugins, one without ``text_chunks``: the runs reach both as dicts."""
+    seen: list[Any] = []
+
+    class Probe(Plugin):
+        name = "probe"
+
+        async def on_chunks(self, ctx: Any, chunks: list[Any]) -> list[Any]:
+            seen.extend(chunks)
+            return chunks
+
+    c = ctx()
+    data = wire(split3(TEXT, KEY))
+    r = _Relay(c, [Probe(None), guard()], False)
+    assert not r.text_chunks
+    out = await r.feed(data) + await r.end()
+    assert seen and all(isinstance(x, dict) for x in seen)
+    assert KEY not in out.decode() and "[REDACTED:api_key]" in out.decode()

@@ -82,14 +82,9 @@ class KeyRecord:
         return None
 
     def identity(self) -> Identity:
-        return Identity(
-            user=self.user,
-            tenant=self.tenant,
-            roles=self.roles,
-            tier=self.tier,
-            credential_id=self.id,
-            method="api_key",
-        )
+        # Positional (user, tenant, roles, tier, credential_id, method): keyword arguments
+        # cost twice as much, on every request.
+        return Identity(self.user, self.tenant, self.roles, self.tier, self.id, "api_key")
 
     def public(self) -> dict[str, Any]:
         """The record as the admin API shows it: never the digest."""
@@ -148,11 +143,16 @@ class KeyRecord:
 #: Keys the fingerprints (BLAKE2s keyed mode), drawn per process: a memory dump of the memo
 #: still lets no one check a guessed key offline.
 _FINGERPRINT_KEY = secrets.token_bytes(32)
+#: A hasher already keyed: copying it costs less than keying a new one on every request.
+_FINGERPRINT = hashlib.blake2s(key=_FINGERPRINT_KEY)
 
 
 def fingerprint(key: str) -> bytes:
-    """A keyed hash of ``key``: what the digest memo is indexed by, instead of the key."""
-    return hashlib.blake2s(key.encode("utf-8", "surrogatepass"), key=_FINGERPRINT_KEY).digest()
+    """A keyed hash of ``key``: what the digest memo is indexed by, instead of the key
+    (``blake2s(key, key=_FINGERPRINT_KEY)``)."""
+    h = _FINGERPRINT.copy()
+    h.update(key.encode("utf-8", "surrogatepass"))
+    return h.digest()
 
 
 class KeyTable:

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
+from gateway.accounting import fast_round
 from gateway.configbase import Strict
+from gateway.envelope import TextChunk
 from gateway.errors import ContentPolicyError
 from gateway.plugin import Plugin, PluginConfig
 from gateway.redact import find_secrets, redact
@@ -23,7 +25,7 @@ from plugins.guard.normalize import DECODERS
 from plugins.guard.output import OutputConfig, OutputGuard, response_texts
 from plugins.guard.rules import RulesConfig, RuleSet
 from plugins.guard.scanner import Finding, Scanner, Verdict, record_metrics
-from plugins.guard.schema import InputConfig, check_input
+from plugins.guard.schema import InputConfig, InputLimits, check_input
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -122,6 +124,7 @@ class GuardPlugin(Plugin):
     name = "guard"
     Config = GuardConfig
     endpoints: ClassVar[frozenset[str]] = frozenset({"chat", "embeddings"})
+    text_chunks: ClassVar[bool] = True  # on_chunks handles a joined run of text as it is
     config: GuardConfig
 
     def __init__(self, config: GuardConfig) -> None:
@@ -131,6 +134,11 @@ class GuardPlugin(Plugin):
         self.secret_actions = {k: v for k, v in cfg.secrets.model_dump().items() if v != "allow"}
         self.secret_types = frozenset(self.secret_actions)
         self._scan_roles = frozenset(cfg.scan_roles)
+        # Read on every request: plain attributes (a pydantic attribute read costs ~450
+        # instructions).
+        self._mode = cfg.mode
+        self._limits = InputLimits(cfg.input)
+        self._offload_chars = cfg.offload_chars
         o = cfg.output
         self._output_enabled = o.enabled and bool(o.secret_types or o.canary)
         #: Ready without ``startup`` (rules only) so unit tests and tools can use it directly;
@@ -176,30 +184,28 @@ class GuardPlugin(Plugin):
 
     async def on_request(self, ctx: RequestContext) -> None:
         t0 = time.perf_counter()
-        check_input(self.config.input, ctx)
+        check_input(self._limits, ctx)
         slots = _slots(ctx)
         roles = self._scan_roles if ctx.endpoint == "chat" else _USER_ONLY
-        verdict = Verdict()
-        # Injection layers: one verdict per scanned text, no secrets (done below, with spans).
+        # Injection layers over the scanned roles' texts, no secrets (done below, with spans).
         texts = [c[k] for c, k, role in slots if role in roles]
-        for v in await self.scanner.scan(
-            texts, secrets=False, offload_chars=self.config.offload_chars, exhaustive=self.shadow
-        ):
-            verdict.merge(v)
+        findings = await self.scanner.findings(texts, self._offload_chars, self.shadow)
         redactions: list[tuple[Slot, list[Any]]] = []
         if self.secret_types:
+            actions = self.secret_actions
             for slot in slots:
                 container, key, _ = slot
                 hits = find_secrets(container[key], self.secret_types)
+                if not hits:  # the usual case
+                    continue
                 for h in hits:
-                    verdict.findings.append(
-                        Finding("secrets", h.type, self.secret_actions[h.type], h.type)
-                    )
-                todo = [h for h in hits if self.secret_actions[h.type] == "redact"]
+                    findings.append(Finding("secrets", h.type, actions[h.type], h.type))
+                todo = [h for h in hits if actions[h.type] == "redact"]
                 if todo:
                     redactions.append((slot, todo))
+        verdict = Verdict(findings) if findings else None
         self._report(ctx, verdict, "input", t0)
-        if self.shadow:
+        if self.shadow or verdict is None:
             return None
         if verdict.blocked:
             raise ContentPolicyError(BLOCKED_REQUEST)
@@ -207,10 +213,14 @@ class GuardPlugin(Plugin):
             container[key] = redact(container[key], hits)
         return None
 
-    def _report(self, ctx: RequestContext, verdict: Verdict, phase: str, t0: float) -> None:
-        entry = ctx.log.setdefault("guard", {"mode": self.config.mode})
-        ms = round((time.perf_counter() - t0) * 1000, 3)
-        if not verdict.findings:  # the usual case, without building the verdict's summary
+    def _report(self, ctx: RequestContext, verdict: Verdict | None, phase: str, t0: float) -> None:
+        """The phase's entry in the request log; for a verdict with findings, metrics and a
+        log line too. ``None``: nothing found."""
+        entry = ctx.log.get("guard")
+        if entry is None:
+            entry = ctx.log["guard"] = {"mode": self._mode}
+        ms = fast_round((time.perf_counter() - t0) * 1000, 3)
+        if verdict is None or not verdict.findings:  # the usual case
             entry[phase] = {"action": "allow", "categories": [], "findings": [], "ms": ms}
             return
         data = verdict.as_dict()
@@ -248,56 +258,55 @@ class GuardPlugin(Plugin):
     async def on_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         return await self.on_chunks(ctx, [chunk])
 
-    async def on_chunks(
-        self, ctx: RequestContext, chunks: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
+    async def on_chunks(self, ctx: RequestContext, chunks: list[Any]) -> list[Any]:
         """One relay block. A chunk that only adds text to one choice (the bulk of a stream) is
         not scanned on its own: the text of a run of them is fed to the output guard once per
         choice, and what it releases goes on as one chunk per choice (the run's last chunk of
         that choice, rewritten) where the run ends. Any other chunk (role, finish_reason, tool
         calls, logprobs, several choices) ends the run and is handled alone. Each choice's text
         is the same as event by event: the guard holds back text on the same rules (only the
-        points where it is cut differ, and none falls inside a secret or the canary)."""
-        if not chunks or not self._output_on():
+        points where it is cut differ, and none falls inside a secret or the canary). A
+        ``TextChunk`` (a run the relay already joined) is such a text-only chunk."""
+        if not chunks or not self._output_enabled:
             return chunks
         state = ctx.scratch_for(self.name)
         held: dict[Any, str] | None = state.get("held")
         if held is None:
             held = state["held"] = {}
-            first = chunks[0]
-            state["template"] = {
-                k: first[k] for k in ("id", "object", "created", "model") if k in first
-            }
+            state["first"] = chunks[0]  # on_stream_end's template, if it needs one
         shadow = self.shadow
-        out: list[dict[str, Any]] = []
+        out: list[Any] = []
         texts: dict[Any, list[str]] = {}  # choice index -> text of the current run
-        last: dict[Any, dict[str, Any]] = {}  # choice index -> the run's last chunk
+        last: dict[Any, Any] = {}  # choice index -> the run's last chunk
         for chunk in chunks:
-            choices = chunk.get("choices")
-            if type(choices) is list and len(choices) == 1:
-                choice = choices[0]
+            if type(chunk) is TextChunk:
+                idx, text = chunk.index, chunk.text
+            else:
+                choices = chunk.get("choices")
+                # (the text-only test of gateway.envelope, inline: it runs for every chunk)
+                choice: Any = choices[0] if type(choices) is list and len(choices) == 1 else None
                 delta = choice.get("delta") if type(choice) is dict else None
-                if (
+                if not (
                     type(delta) is dict
                     and len(delta) == 1
-                    and type(text := delta.get("content")) is str
+                    and type(content := delta.get("content")) is str
                     and choice.get("finish_reason") is None
                     and not choice.get("logprobs")
                 ):
-                    idx = choice.get("index", 0)
-                    parts = texts.get(idx)
-                    if parts is None:
-                        texts[idx] = [text]
-                    else:
-                        parts.append(text)
-                    last[idx] = chunk
-                    if shadow:  # shadow changes nothing: every chunk goes on as it came
+                    if texts:
+                        self._release(ctx, held, texts, last, out)
+                        texts, last = {}, {}
+                    if self._chunk(ctx, held, chunk):
                         out.append(chunk)
                     continue
-            if texts:
-                self._release(ctx, held, texts, last, out)
-                texts, last = {}, {}
-            if self._chunk(ctx, held, chunk):
+                idx, text = choice.get("index", 0), content
+            parts = texts.get(idx)
+            if parts is None:
+                texts[idx] = [text]
+            else:
+                parts.append(text)
+            last[idx] = chunk
+            if shadow:  # shadow changes nothing: every chunk goes on as it came
                 out.append(chunk)
         if texts:
             self._release(ctx, held, texts, last, out)
@@ -308,8 +317,8 @@ class GuardPlugin(Plugin):
         ctx: RequestContext,
         held: dict[Any, str],
         texts: dict[Any, list[str]],
-        last: dict[Any, dict[str, Any]],
-        out: list[dict[str, Any]],
+        last: dict[Any, Any],
+        out: list[Any],
     ) -> None:
         """Feed a run's text per choice; what is released goes out in the run's last chunk."""
         for idx, parts in texts.items():
@@ -319,7 +328,10 @@ class GuardPlugin(Plugin):
                 self._act(ctx, findings)
             if released and not self.shadow:
                 chunk = last[idx]
-                chunk["choices"][0]["delta"]["content"] = released
+                if type(chunk) is TextChunk:
+                    chunk.text = released
+                else:
+                    chunk["choices"][0]["delta"]["content"] = released
                 out.append(chunk)
 
     def _chunk(self, ctx: RequestContext, held: dict[Any, str], chunk: dict[str, Any]) -> bool:
@@ -335,9 +347,13 @@ class GuardPlugin(Plugin):
             content = delta.get("content")
             final = choice.get("finish_reason") is not None
             if isinstance(content, str) or (final and held.get(idx)):
-                released, rest, findings = self.output.feed(held.get(idx, ""), content or "", final)
-                held[idx] = rest
-                self._act(ctx, findings)
+                released = ""
+                if content or final:  # ("" adds nothing: the role chunk)
+                    released, held[idx], findings = self.output.feed(
+                        held.get(idx, ""), content or "", final
+                    )
+                    if findings:
+                        self._act(ctx, findings)
                 if self.shadow:
                     keep = True
                     continue
@@ -345,13 +361,26 @@ class GuardPlugin(Plugin):
                     delta["content"] = released
                 if released:
                     keep = True
-            if final or any(k != "content" for k in delta) or choice.get("logprobs"):
+            # (keys other than "content": role, tool calls ...)
+            if final or len(delta) > ("content" in delta) or choice.get("logprobs"):
                 keep = True
         return keep
 
+    @staticmethod
+    def _template(first: Any) -> dict[str, Any]:
+        """The top-level fields of a chunk that releases held text at the end of a stream,
+        taken from the stream's first chunk."""
+        if type(first) is TextChunk:
+            first = first.as_dict()
+        if not isinstance(first, dict):
+            return {}
+        return {k: first[k] for k in ("id", "object", "created", "model") if k in first}
+
     async def on_stream_end(self, ctx: RequestContext) -> list[dict[str, Any]]:
         state = ctx.scratch_for(self.name)
-        held: dict[int, str] = state.get("held") or {}
+        held: dict[int, str] | None = state.get("held")
+        if not held or not any(held.values()):
+            return []  # (the usual end: finish_reason released it all)
         out = []
         for idx, text in sorted(held.items()):
             if not text:
@@ -361,7 +390,7 @@ class GuardPlugin(Plugin):
             self._act(ctx, findings)
             if self.shadow:
                 continue
-            chunk = dict(state.get("template") or {})
+            chunk = self._template(state.get("first"))
             chunk["choices"] = [
                 {"index": idx, "delta": {"content": released}, "finish_reason": None}
             ]

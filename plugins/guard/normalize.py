@@ -202,8 +202,12 @@ def _fold_unicode(s: str) -> str:
 def light(text: str) -> str:
     """NFKC, invisible characters removed, lookalikes and case folded, whitespace collapsed."""
     if text.isascii():
-        # Fast path: ASCII needs none of the Unicode steps.
-        return _collapse(text.lower())
+        # Fast path: ASCII needs none of the Unicode steps. Printable ASCII holds no whitespace
+        # but " ", so without two spaces in a row there is nothing to collapse either.
+        low = text.lower()
+        if "  " not in low and low.isprintable():
+            return low
+        return _collapse(low)
     # Most prompts are ASCII with a few curly quotes, dashes or emoji: only those stretches go
     # through the Unicode steps; the ASCII between them is only lower-cased.
     out: list[str] = []
@@ -327,7 +331,7 @@ _HEX_PAIRS_HINT = re.compile(
 #: Cap on decoded segments per text, so a crafted prompt cannot make the scan expensive.
 MAX_SEGMENTS = 16
 #: Texts longer than this are only rot13-decoded when they mention rot13 (cost control).
-_ROT13_ALWAYS_BELOW = 4096
+ROT13_ALWAYS_BELOW = 4096
 #: %-escapes are decoded with this many characters of context on each side (escapes closer
 #: than twice this share one segment), not the whole text: a URL in a long document costs a
 #: few hundred characters of matching, not a second pass over the document.
@@ -438,10 +442,10 @@ def _url_segments(text: str) -> list[str]:
 
 def rot13_windows(text: str, lit: str) -> list[tuple[int, int]]:
     """Where in ``lit`` (``light(text)``) the scanner matches rules against its rot13: all of it
-    for texts under :data:`_ROT13_ALWAYS_BELOW` characters; otherwise :data:`ROT13_CONTEXT`
+    for texts under :data:`ROT13_ALWAYS_BELOW` characters; otherwise :data:`ROT13_CONTEXT`
     characters either side of each mention of rot13, a Caesar shift or a cipher (looked for in
     the folded form, so lookalike letters count), or nowhere."""
-    if len(text) < _ROT13_ALWAYS_BELOW:
+    if len(text) < ROT13_ALWAYS_BELOW:
         return [(0, len(lit))]
     # Three searches with literal starts: one alternation would try every "r" and "c".
     spans = [m.span() for m in _ROT13_MENTION.finditer(lit)]
@@ -491,7 +495,7 @@ def _decode_once(text: str, kinds: Iterable[str]) -> list[str]:
             if "%" in text:
                 out.extend(_url_segments(text))
         elif kind == "rot13":
-            if len(text) < _ROT13_ALWAYS_BELOW or _mentions_rot13(text):
+            if len(text) < ROT13_ALWAYS_BELOW or _mentions_rot13(text):
                 out.append(codecs.encode(text, "rot13"))
         if len(out) >= MAX_SEGMENTS:
             break
@@ -507,6 +511,48 @@ def _may_decode(text: str) -> bool:
         or any(len(w) >= 16 for w in text.split())
         or _HEX_PAIRS_HINT.search(text) is not None
     )
+
+
+def _byte_classes(classes: dict[bytes, bytes], other: bytes) -> bytes:
+    table = bytearray(other * 256)
+    for chars, cls in classes.items():
+        for c in chars:
+            table[c] = cls[0]
+    return bytes(table)
+
+
+#: ASCII characters by what the quick exits of :func:`ascii_clues` look for: "a" a letter of
+#: ``lit`` ([a-z]), "d" a character leetspeak folds (``[0-9@$!+]``), " " a separator of
+#: spaced-out letters (``[ .\-_*]``), "x" anything else.
+_SHAPE = _byte_classes(
+    {b"abcdefghijklmnopqrstuvwxyz": b"a", b"0123456789@$!+": b"d", b" .-_*": b" "}, b"x"
+)
+#: Whitespace (" ") against anything else ("w").
+_BLANKS = _byte_classes({b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f": b" "}, b"w")
+_LONG_WORD = "w" * 16
+
+
+def ascii_clues(text: str, lit: str) -> tuple[bool, bool]:
+    """For an ASCII ``text`` and ``lit = light(text)``: whether :func:`deobfuscate_spans` may
+    change ``lit``, and whether :func:`decoded_variants` without rot13 may find anything. False
+    means it would not (exactly: each is the same test as the regex it stands for, made on a
+    string of character classes with substring searches, ~5x cheaper than those regexes).
+
+    * leetspeak (:data:`_LEET_HINT`): a leet character next to a letter, "ad" or "da";
+    * spaced-out letters (:data:`_SPACED_HINT`): " a a ";
+    * decoding (:func:`_may_decode`): a "%", a run of 16 characters without whitespace (``lit``
+      has the words of ``text``, lower-cased, between collapsed whitespace), or a digit, where
+      the exact test for separated hex pairs then runs on ``text``."""
+    raw = lit.encode("ascii")
+    shape = raw.translate(_SHAPE).decode("ascii")
+    leet = "d" in shape  # most prompts have no digit at all
+    deobfuscate = (leet and ("ad" in shape or "da" in shape)) or " a a " in shape
+    decode = (
+        "%" in lit
+        or _LONG_WORD in raw.translate(_BLANKS).decode("ascii")
+        or (leet and _HEX_PAIRS_HINT.search(text) is not None)
+    )
+    return deobfuscate, decode
 
 
 def decoded_variants(text: str, kinds: Iterable[str] = DECODERS, depth: int = 2) -> list[str]:

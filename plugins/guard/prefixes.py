@@ -201,6 +201,7 @@ class Sweeps:
         self.free_owners = _closure({t: owners[t] for t in free}, free)
         self.word_start: re.Pattern[str] | None = None
         self.after_nonword: tuple[re.Pattern[str], ...] = ()
+        self.ascii_after_nonword: tuple[re.Pattern[str], ...] = ()
         self.free: re.Pattern[str] | None = None
         if words:
             trie = _trie_regex(words)
@@ -213,6 +214,9 @@ class Sweeps:
                 re.compile(f" (?=({trie}))"),
                 re.compile(rf"[\x00-\x1f!-/:-@\[-^`{{-~\x7f-\U0010ffff](?<=\W)(?=({trie}))"),
             )
+            # In ASCII text (most prompts) one sweep does both: every ASCII non-word character,
+            # the space included, is one bitmap test; none needs the look-behind.
+            self.ascii_after_nonword = (re.compile(rf"[\x00-/:-@\[-^`{{-\x7f](?=({trie}))"),)
         if free:
             firsts: dict[str, list[str]] = {}
             for t in free:
@@ -225,26 +229,34 @@ class Sweeps:
         """``(position, owners)`` of each prefix occurrence starting within one of ``spans``."""
         starts: list[tuple[int, tuple[int, ...]]] = []
         longest = self.longest
+        nonword = self.ascii_after_nonword if text.isascii() else self.after_nonword
+        # search() from where the last match ended, as finditer() would (every match is one
+        # character wide), without an iterator and a match object per sweep.
         for lo, hi in spans:
+            end = hi + longest  # where a prefix starting in the window could end
             if self.word_start is not None:
                 word_owners = self.word_owners
                 if lo == 0:
-                    m0 = self.word_start.match(text)
-                    if m0 is not None:
-                        starts.append((0, word_owners[m0.group(1)]))
-                for rx in self.after_nonword:
-                    # The sweep stops where a prefix starting in the window could end.
-                    for m in rx.finditer(text, max(lo - 1, 0), hi + longest):
-                        if m.end() > hi:
+                    m = self.word_start.match(text)
+                    if m is not None:
+                        starts.append((0, word_owners[m.group(1)]))
+                for rx in nonword:
+                    m = rx.search(text, max(lo - 1, 0), end)
+                    while m is not None:
+                        pos = m.end()
+                        if pos > hi:
                             break
-                        starts.append((m.end(), word_owners[m.group(1)]))
+                        starts.append((pos, word_owners[m.group(1)]))
+                        m = rx.search(text, pos, end)
             if self.free is not None:
                 free_owners = self.free_owners
-                for m in self.free.finditer(text, lo, hi + longest):
+                m = self.free.search(text, lo, end)
+                while m is not None:
                     pos = m.start()
                     if pos > hi:
                         break
                     starts.append((pos, free_owners[text[pos] + m.group(m.lastindex or 0)]))
+                    m = self.free.search(text, pos + 1, end)
         return starts
 
 

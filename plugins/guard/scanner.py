@@ -19,6 +19,8 @@ from prometheus_client import Counter
 from gateway.digest import text_digest
 from gateway.redact import find_secrets
 from plugins.guard.normalize import (
+    ROT13_ALWAYS_BELOW,
+    ascii_clues,
     decoded_variants,
     deobfuscate_spans,
     light,
@@ -157,22 +159,29 @@ class Scanner:
             return []
         lit = light(text)
         kinds = self._decoders_but_rot13
-        rot13_windows_ = rot13_windows(text, lit) if self._rot13 else []
-        if rot13_windows_ == [(0, len(lit))]:
-            # The whole rot13 too (short texts): in the same sweeps as the light form.
+        # Short texts' rot13 is matched whole (what rot13_windows says, without asking it).
+        whole_rot13 = self._rot13 and len(text) < ROT13_ALWAYS_BELOW
+        rot13_windows_ = rot13_windows(text, lit) if self._rot13 and not whole_rot13 else []
+        if whole_rot13 or rot13_windows_ == [(0, len(lit))]:
+            # The whole rot13 too: in the same sweeps as the light form.
             fired = rules.fired_with_rot13(lit)
             rot13_windows_ = []
         else:
             fired = rules.fired(lit)
-        full, changed = deobfuscate_spans(lit)
-        if changed:
-            fired |= rules.fired(full, fired, _windows(changed))
-        if kinds:
+        # Most prompts are ASCII with nothing to deobfuscate or decode: cheap exact tests first.
+        deobfuscate, decode = ascii_clues(text, lit) if text.isascii() else (True, True)
+        if deobfuscate:
+            full, changed = deobfuscate_spans(lit)
+            if changed:
+                fired |= rules.fired(full, fired, _windows(changed))
+        if kinds and decode:
             for decoded in dict.fromkeys(decoded_variants(text, kinds)):
                 for form in variants(decoded):
                     fired |= rules.fired(form, fired)
         if rot13_windows_:
             fired |= rules.fired(codecs.encode(lit, "rot13"), fired, rot13_windows_)
+        if not fired:
+            return []
         return [
             Finding("rules", rules.rules[i].category, self.rules_action, rules.rules[i].id)
             for i in sorted(fired)
@@ -239,7 +248,7 @@ class Scanner:
 
         The classifier (the costly layer) only scores texts the cheaper layers did not already
         block, unless ``exhaustive`` (shadow mode reports every layer's opinion)."""
-        if sum(len(t) for t in texts) > offload_chars:
+        if sum(map(len, texts)) > offload_chars:
             verdicts = await asyncio.to_thread(self.scan_sync, texts, secrets)
         else:
             verdicts = self.scan_sync(texts, secrets)
@@ -249,6 +258,20 @@ class Scanner:
             for i, s in zip(todo, scores, strict=True):
                 verdicts[i].findings.extend(self._semantic_findings(s))
         return verdicts
+
+    async def findings(
+        self, texts: list[str], offload_chars: int = 4096, exhaustive: bool = False
+    ) -> list[Finding]:
+        """The findings of :meth:`scan` (injection layers only, no secrets) over all ``texts``,
+        in order. Without a classifier, texts too small for a thread are swept here, with no
+        verdict per text (the guard's usual request)."""
+        if self.semantic is None and sum(map(len, texts)) <= offload_chars:
+            out: list[Finding] = []
+            for t in texts:
+                out += self.rule_findings(t)
+            return out
+        verdicts = await self.scan(texts, False, offload_chars, exhaustive)
+        return [f for v in verdicts for f in v.findings]
 
     async def scan_chunks(self, texts: list[str]) -> list[Verdict]:
         """One verdict per retrieved chunk (for RAG): injection layers only, no secrets.

@@ -59,26 +59,21 @@ def _limit_text(limit: float) -> str:
     return text
 
 
-_REQUEST_NAMES = (LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS)
-_TOKEN_NAMES = (LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS)
-
-
-def _add_trio(out: dict[str, str], usages: list[Usage], names: tuple[str, str, str]) -> None:
-    """The limit, remaining and reset headers of the tightest of ``usages``."""
-    u = usages[0] if len(usages) == 1 else min(usages, key=_tightness)
-    limit, remaining_name, reset = names
-    out[limit] = _LIMIT_TEXT.get(u.limit) or _limit_text(u.limit)
-    remaining = int(u.remaining)
-    out[remaining_name] = str(remaining) if remaining > 0 else "0"
-    out[reset] = format_duration(u.reset_s)
-
-
 def add_rate_limit_headers(out: dict[str, str], requests: list[Usage], tokens: list[Usage]) -> None:
-    """Adds the ``x-ratelimit-*`` headers of the tightest request and token limits to ``out``."""
+    """Adds the ``x-ratelimit-*`` headers of the tightest request and token limits to ``out``
+    (limit, remaining and reset of each; written out twice, as this runs on every request)."""
     if requests:
-        _add_trio(out, requests, _REQUEST_NAMES)
+        u = requests[0] if len(requests) == 1 else min(requests, key=_tightness)
+        out[LIMIT_REQUESTS] = _LIMIT_TEXT.get(u.limit) or _limit_text(u.limit)
+        remaining = int(u.remaining)
+        out[REMAINING_REQUESTS] = str(remaining) if remaining > 0 else "0"
+        out[RESET_REQUESTS] = format_duration(u.reset_s)
     if tokens:
-        _add_trio(out, tokens, _TOKEN_NAMES)
+        u = tokens[0] if len(tokens) == 1 else min(tokens, key=_tightness)
+        out[LIMIT_TOKENS] = _LIMIT_TEXT.get(u.limit) or _limit_text(u.limit)
+        remaining = int(u.remaining)
+        out[REMAINING_TOKENS] = str(remaining) if remaining > 0 else "0"
+        out[RESET_TOKENS] = format_duration(u.reset_s)
 
 
 def retry_after_headers(seconds: float) -> dict[str, str]:

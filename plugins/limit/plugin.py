@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, ClassVar, TypeGuard
+from typing import TYPE_CHECKING, ClassVar
 
 from prometheus_client import Counter
 
@@ -71,6 +71,10 @@ class LimitPlugin(Plugin):
         self.clock = clock
         self.store: Store = MemoryStore()
         self._plans: dict[tuple[object, ...], scopes.Plan] = {}
+        # Read on every request: plain attributes (a pydantic attribute read costs ~450
+        # instructions).
+        self._default_max_tokens = config.default_max_tokens
+        self._slot_ttl = config.parallel_slot_ttl_s
         self._new_slot_ids()
 
     def _new_slot_ids(self) -> None:
@@ -107,18 +111,20 @@ class LimitPlugin(Plugin):
 
     def reservation_tokens(self, ctx: RequestContext) -> int:
         """Prompt tokens plus the most the answer may use (times ``n`` choices)."""
-        prompt = prompt_tokens(ctx)
+        prompt = ctx.prompt_tokens_estimate
+        if prompt is None:
+            prompt = prompt_tokens(ctx)
         if ctx.endpoint == "embeddings":
             return prompt
         body = ctx.body
-        cap = self.config.default_max_tokens
-        for field in ("max_completion_tokens", "max_tokens"):
-            value = body.get(field)
-            if _positive_int(value):
-                cap = value
-                break
+        # type() rather than isinstance: bool is an int subclass, and JSON gives no other.
+        cap = body.get("max_completion_tokens")
+        if type(cap) is not int or cap <= 0:
+            cap = body.get("max_tokens")
+            if type(cap) is not int or cap <= 0:
+                cap = self._default_max_tokens
         n = body.get("n")
-        return prompt + cap * (n if _positive_int(n) else 1)
+        return prompt + (cap * n if type(n) is int and n > 0 else cap)
 
     def plan(self, ctx: RequestContext) -> scopes.Plan:
         """The checks of this request: a function of the caller and the model only, so built
@@ -156,9 +162,7 @@ class LimitPlugin(Plugin):
         memory = self.store
         if type(memory) is MemoryStore:
             # Never suspends (so admission stays atomic) and never fails: no coroutine needed.
-            decision = memory.admit_now(
-                plan, self.clock(), slot_id, tokens, self.config.parallel_slot_ttl_s
-            )
+            decision = memory.admit_now(plan, self.clock(), slot_id, tokens, self._slot_ttl)
         else:
             try:
                 decision = await self.store.admit(
@@ -166,7 +170,7 @@ class LimitPlugin(Plugin):
                     now=self.clock(),
                     slot_id=slot_id,
                     tokens=tokens,
-                    slot_ttl=self.config.parallel_slot_ttl_s,
+                    slot_ttl=self._slot_ttl,
                 )
             except StoreUnavailable as e:
                 self._store_error("admit", e)
@@ -184,7 +188,11 @@ class LimitPlugin(Plugin):
             ctx.log["limit"] = {"rejected": denied.kind, "scope": denied.scope,
                                 "retry_after_s": round(decision.retry_after or 0.0, 3)}  # fmt: skip
             raise self._denial(decision)
-        ctx.scratch_for(self.name)["reservation"] = decision.reservation
+        scratch = ctx.scratch.get(self.name)
+        if scratch is None:
+            ctx.scratch[self.name] = {"reservation": decision.reservation}
+        else:
+            scratch["reservation"] = decision.reservation
         ctx.log["limit"] = {"reserved_tokens": tokens} if plan.tpm else "admitted"
         return None
 
@@ -194,7 +202,8 @@ class LimitPlugin(Plugin):
         if res is None:  # refused, failed open, or no rule applied
             return
         usage = ctx.usage
-        used = usage.total_tokens if usage is not None else 0
+        # usage.total_tokens, without the property call
+        used = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
         cost = 0.0
         if usage is not None and res.budget:
             dep = ctx.deployment
@@ -240,8 +249,3 @@ class LimitPlugin(Plugin):
             "limit store unavailable",
             extra={"op": op, "error": str(err), "on_store_error": self.config.on_store_error},
         )
-
-
-def _positive_int(v: object) -> TypeGuard[int]:
-    # type() rather than isinstance: bool is an int subclass, and JSON gives no other.
-    return type(v) is int and v > 0

@@ -112,31 +112,32 @@ def tpm_usage(prev: float, cur: float, elapsed: float, limit: float) -> Usage:
 _PERIODS: dict[str, tuple[float, float, str]] = {}
 
 
-def _period(kind: str, now: float) -> tuple[float, float, str]:
+def period(kind: str, now: float) -> tuple[float, float, str]:
+    """``(start, end, key suffix)`` of the UTC day (``budget_day``) or month now falls in."""
     last = _PERIODS.get(kind)
     if last is not None and last[0] <= now < last[1]:
         return last
     t = datetime.fromtimestamp(now, UTC)
     if kind == "budget_day":
         start = datetime(t.year, t.month, t.day, tzinfo=UTC).timestamp()
-        period = (start, start + 86400, f"/day/{t:%Y-%m-%d}")
+        found = (start, start + 86400, f"/day/{t:%Y-%m-%d}")
     else:
         start = datetime(t.year, t.month, 1, tzinfo=UTC).timestamp()
         nxt = datetime(t.year + (t.month == 12), t.month % 12 + 1, 1, tzinfo=UTC)
-        period = (start, nxt.timestamp(), f"/month/{t:%Y-%m}")
-    _PERIODS[kind] = period
-    return period
+        found = (start, nxt.timestamp(), f"/month/{t:%Y-%m}")
+    _PERIODS[kind] = found
+    return found
 
 
 def period_key(check: Check, now: float) -> str:
-    return check.key + _period(check.kind, now)[2]
+    return check.key + period(check.kind, now)[2]
 
 
 def period_of(check: Check, now: float) -> tuple[str, float]:
     """``(period_key, period_end)`` in one look-up."""
-    _, end, suffix = _period(check.kind, now)
+    _, end, suffix = period(check.kind, now)
     return check.key + suffix, end
 
 
 def period_end(check: Check, now: float) -> float:
-    return _period(check.kind, now)[1]
+    return period(check.kind, now)[1]

@@ -14,12 +14,10 @@ from .store_base import (
     WINDOW,
     Decision,
     Reservation,
-    period_end,
-    period_key,
+    period,
     period_of,
     tpm_retry_after,
     tpm_usage,
-    tpm_used,
     window_index,
 )
 from .store_base import Usage as LimitUsage
@@ -56,6 +54,8 @@ class MemoryStore:
     def admit_now(
         self, plan: Plan, now: float, slot_id: str, tokens: int, slot_ttl: float
     ) -> Decision:
+        # Runs on every request: the arithmetic of store_base's helpers is spelt out here
+        # (tpm_used, tpm_usage, window_index), and positional constructors are used.
         if now >= self._next_sweep:
             self._sweep(now)
         # Checks first, all of them, so a refused request consumes nothing.
@@ -72,7 +72,14 @@ class MemoryStore:
                         return Decision(False, c, retry, [LimitUsage(c.limit, 0, retry)])
         tpm_state: list[tuple[Check, str, float, float]] = []
         if plan.tpm:
-            w, elapsed, cur_suffix, prev_suffix = self._minute_of(now)
+            w = floor(now / WINDOW)  # window_index(now)
+            minute = self._minute
+            if minute[0] != w:
+                # The counter key suffixes of this minute and the one before, formatted once a
+                # minute, not per request.
+                minute = self._minute = (w, f"/{w}", f"/{w - 1}")
+            elapsed = now - w * WINDOW
+            cur_suffix, prev_suffix = minute[1], minute[2]
             tpm = self._tpm
             for c in plan.tpm:
                 key = c.key + cur_suffix
@@ -80,7 +87,7 @@ class MemoryStore:
                 cur = entry[1] if entry is not None else 0.0
                 entry = tpm.get(c.key + prev_suffix)
                 prev = entry[1] if entry is not None else 0.0
-                if tpm_used(prev, cur, elapsed) + tokens > c.limit:
+                if prev * (WINDOW - elapsed) / WINDOW + cur + tokens > c.limit:  # tpm_used
                     retry = tpm_retry_after(prev, cur, elapsed, c.limit, tokens)
                     usage = tpm_usage(prev, cur, elapsed, c.limit)
                     return Decision(False, c, retry, tokens=[usage])
@@ -94,11 +101,12 @@ class MemoryStore:
                 if len(slots) >= c.limit:
                     return Decision(False, c, PARALLEL_RETRY_S)
         for c in plan.budget:
-            entry = self._usd.get(period_key(c, now))
+            _, period_ends, suffix = period(c.kind, now)
+            entry = self._usd.get(c.key + suffix)
             if entry is not None and entry[1] >= c.limit:
-                return Decision(False, c, period_end(c, now) - now)
+                return Decision(False, c, period_ends - now)
 
-        # Commit. (Positional constructors: this runs on every request.)
+        # Commit.
         requests: list[LimitUsage] = []
         for c in plan.rpm:
             dq = rpm.get(c.key)
@@ -108,25 +116,36 @@ class MemoryStore:
             requests.append(LimitUsage(c.limit, c.limit - len(dq), dq[0] + WINDOW - now))
         token_usage: list[LimitUsage] = []
         tpm_keys: list[str] = []
-        for c, key, prev, cur in tpm_state:
-            if key not in tpm_keys:  # rules sharing a scope share its counter
-                tpm_keys.append(key)
-                entry = self._tpm.get(key)
-                if entry is None:
-                    self._tpm[key] = [w, tokens]
+        if tpm_state:
+            tpm = self._tpm
+            for c, key, prev, cur in tpm_state:
+                if key not in tpm_keys:  # rules sharing a scope share its counter
+                    tpm_keys.append(key)
+                    entry = tpm.get(key)
+                    if entry is None:
+                        tpm[key] = [w, tokens]
+                    else:
+                        entry[1] += tokens
+                # tpm_usage(prev, cur + tokens, elapsed, c.limit), spelt out.
+                cur += tokens
+                if cur > 0:
+                    reset = 2 * WINDOW - elapsed
                 else:
-                    entry[1] += tokens
-            token_usage.append(tpm_usage(prev, cur + tokens, elapsed, c.limit))
+                    reset = WINDOW - elapsed if prev > 0 else 0.0
+                left = floor(c.limit - (prev * (WINDOW - elapsed) / WINDOW + cur))
+                token_usage.append(LimitUsage(c.limit, left if left > 0 else 0.0, reset))
         parallel_keys: list[str] = []
-        expiry = now + slot_ttl
-        for c in plan.parallel:
-            slots = self._par.get(c.key)
-            if slots is None:
-                self._par[c.key] = {slot_id: expiry}
-            else:
-                slots[slot_id] = expiry
-            if c.key not in parallel_keys:
-                parallel_keys.append(c.key)
+        if plan.parallel:
+            expiry = now + slot_ttl
+            par = self._par
+            for c in plan.parallel:
+                slots = par.get(c.key)
+                if slots is None:
+                    par[c.key] = {slot_id: expiry}
+                else:
+                    slots[slot_id] = expiry
+                if c.key not in parallel_keys:
+                    parallel_keys.append(c.key)
         res = Reservation(slot_id, tokens, tpm_keys, parallel_keys, plan.budget)
         return Decision(True, None, None, requests, token_usage, res)
 
@@ -155,15 +174,6 @@ class MemoryStore:
                     self._usd[pkey] = [end, cost_usd]
                 else:
                     entry[1] += cost_usd
-
-    def _minute_of(self, now: float) -> tuple[int, float, str, str]:
-        """The minute ``now`` falls in, the seconds into it, and the token counter key suffixes
-        of that minute and the one before (formatted once per minute, not per request)."""
-        w = floor(now / WINDOW)  # window_index(now)
-        minute = self._minute
-        if minute[0] != w:
-            minute = self._minute = (w, f"/{w}", f"/{w - 1}")
-        return w, now - w * WINDOW, minute[1], minute[2]
 
     def _sweep(self, now: float) -> None:
         """Drop counters that can no longer matter, so memory follows active callers only."""
