@@ -37,7 +37,9 @@ DEFAULT_DATA = Path("/work/shared/guard-data/dev.jsonl")
 HARD_NEGATIVE_GLOB = "guard_hard_negatives*.jsonl"
 #: Short everyday prompts ("Hiya", "Carry on") never used in training: the dev data has almost
 #: no short benign prompts, and a classifier trained on it learnt "short means attack".
-HELD_OUT = ("guard_short_benign_holdout.jsonl",)
+#: Everyday task prompts with words the attack data is full of ("reveal", "print", "from now on",
+#: "rules"), written apart from the hard negatives and never used in training either.
+HELD_OUT = ("guard_short_benign_holdout.jsonl", "guard_everyday_benign_holdout.jsonl")
 #: Left out of training by scripts/train_guard.py (research-only licence).
 EXCLUDED_ORIGINS = {"wildguard_judgecomp"}
 
