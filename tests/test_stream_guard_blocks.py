@@ -271,18 +271,25 @@ def test_envelope_parses_a_block_of_other_events_as_they_are() -> None:
     assert env.parse(b'data: {"a":\n\ndata: 1}\n\n') is None
 
 
+class _Probe(Plugin):
+    """A chunk plugin without ``text_chunks``: records what it is given."""
+
+    name = "probe"
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.seen: list[Any] = []
+
+    async def on_chunks(self, ctx: Any, chunks: list[Any]) -> list[Any]:
+        self.seen.extend(chunks)
+        return chunks
+
+
 @pytest.mark.anyio
 async def test_text_chunks_become_dicts_for_plugins_that_do_not_take_them() -> None:
-    seen: list[Any] = []
-
-    class Probe(Plugin):
-        name = "probe"
-
-        async def on_chunks(self, ctx: Any, chunks: list[Any]) -> list[Any]:
-            seen.extend(chunks)
-            return chunks
-
-    events, _, _ = await relay(Probe(None), wire(["ab", "cd", "ef"]))
+    probe = _Probe(None)
+    seen = probe.seen
+    events, _, _ = await relay(probe, wire(["ab", "cd", "ef"]))
     assert all(isinstance(c, dict) for c in seen)
     assert [c["choices"][0]["delta"] for c in seen] == [
         {"role": "assistant", "content": ""}, {"content": "abcdef"}, {},
@@ -346,18 +353,11 @@ async def test_text_held_at_the_end_goes_out_in_the_envelope_of_a_text_first_str
 @pytest.mark.anyio
 async def test_a_plugin_above_the_guard_without_text_chunks_gets_dicts() -> None:
     """Two chunk plugins, one without ``text_chunks``: the runs reach both as dicts."""
-    seen: list[Any] = []
-
-    class Probe(Plugin):
-        name = "probe"
-
-        async def on_chunks(self, ctx: Any, chunks: list[Any]) -> list[Any]:
-            seen.extend(chunks)
-            return chunks
-
+    probe = _Probe(None)
+    seen = probe.seen
     c = ctx()
     data = wire(split3(TEXT, KEY))
-    r = _Relay(c, [Probe(None), guard()], False)
+    r = _Relay(c, [probe, guard()], False)
     assert not r.text_chunks
     out = await r.feed(data) + await r.end()
     assert seen and all(isinstance(x, dict) for x in seen)
