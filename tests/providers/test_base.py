@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import pytest
 
 from gateway.errors import UpstreamError, UpstreamTimeoutError
 from gateway.providers.base import TimeoutQueue, upstream_errors, upstream_timeout
+
+
+async def _outside_cancellation_stays_a_cancellation(guard: Callable[[], Any]) -> None:
+    """A block under ``guard()`` whose task is cancelled by someone else sees CancelledError."""
+
+    async def cancelled_from_outside() -> None:
+        with guard():
+            await asyncio.sleep(5)
+
+    task = asyncio.create_task(cancelled_from_outside())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):  # not a TimeoutError
+        await task
 
 
 @pytest.mark.anyio
@@ -31,15 +47,7 @@ async def test_upstream_timeout_leaves_fast_blocks_and_outside_cancellations_alo
         await asyncio.sleep(0)
     await asyncio.sleep(0.05)  # the timer was cancelled on exit: no cancellation lands here
 
-    async def cancelled_from_outside() -> None:
-        with upstream_timeout(5):
-            await asyncio.sleep(5)
-
-    task = asyncio.create_task(cancelled_from_outside())
-    await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):  # not a TimeoutError
-        await task
+    await _outside_cancellation_stays_a_cancellation(lambda: upstream_timeout(5))
 
 
 @pytest.mark.anyio
@@ -88,15 +96,7 @@ async def test_timeout_queue_serves_concurrent_blocks_and_leaves_outside_cancell
     assert outcomes == {"fast": "done", "slow": "timeout", "later": "done",
                         "late-slow": "timeout"}  # fmt: skip
 
-    async def cancelled_from_outside() -> None:
-        with queue.start():
-            await asyncio.sleep(5)
-
-    task = asyncio.create_task(cancelled_from_outside())
-    await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):  # not a TimeoutError
-        await task
+    await _outside_cancellation_stays_a_cancellation(queue.start)
     with pytest.raises(UpstreamTimeoutError):
         with upstream_errors("openai"), queue.start():
             await asyncio.sleep(5)
