@@ -11,21 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
-
-from pydantic import Field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from gateway.accounting import fast_round
-from gateway.configbase import Strict
 from gateway.envelope import TextChunk
 from gateway.errors import ContentPolicyError
-from gateway.plugin import Plugin, PluginConfig
+from gateway.plugin import Plugin
 from gateway.redact import find_secrets, redact
-from plugins.guard.normalize import DECODERS
-from plugins.guard.output import OutputConfig, OutputGuard, response_texts
-from plugins.guard.rules import RulesConfig, RuleSet
+from plugins.guard.config import GuardConfig
+from plugins.guard.output import OutputGuard, response_texts
+from plugins.guard.rules import RuleSet
 from plugins.guard.scanner import Finding, Scanner, Verdict, record_metrics
-from plugins.guard.schema import InputConfig, InputLimits, check_input
+from plugins.guard.schema import InputLimits, check_input
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -37,55 +34,6 @@ log = logging.getLogger("gateway.guard")
 
 BLOCKED_REQUEST = "The request was blocked by the gateway's content policy."
 BLOCKED_RESPONSE = "The response was stopped by the gateway's content policy."
-SecretAction = Literal["block", "redact", "flag", "allow"]
-
-
-class NormalizeConfig(Strict):
-    #: Encodings decoded and scanned too (the original text is always scanned).
-    decode: tuple[Literal["base64", "hex", "rot13", "url"], ...] = DECODERS  # type: ignore[assignment]
-
-
-class SemanticConfig(Strict):
-    enabled: bool = True
-    #: Folder of the trained classifier; empty uses the one shipped with the package.
-    model_path: str | None = None
-    threshold: float = Field(0.5, ge=0.0, le=1.0)
-    action: Literal["block", "flag"] = "block"
-
-
-class SecretsConfig(Strict):
-    """Action per secret/PII type found in prompts: block, redact (before forwarding), flag,
-    or allow (not looked for)."""
-
-    api_key: SecretAction = "block"
-    private_key: SecretAction = "block"
-    jwt: SecretAction = "block"
-    credit_card: SecretAction = "redact"
-    email: SecretAction = "redact"
-    iban: SecretAction = "redact"
-    phone: SecretAction = "allow"
-
-
-class GuardConfig(PluginConfig):
-    #: ``enforce`` acts on verdicts; ``shadow`` only logs and counts them (input limits still
-    #: apply).
-    mode: Literal["enforce", "shadow"] = "enforce"
-    input: InputConfig = InputConfig()
-    normalize: NormalizeConfig = NormalizeConfig()
-    rules: RulesConfig = RulesConfig()
-    semantic: SemanticConfig = SemanticConfig()
-    secrets: SecretsConfig = SecretsConfig()
-    #: Message roles scanned for injection (``tool`` results carry indirect injection).
-    scan_roles: tuple[
-        Literal["system", "developer", "user", "assistant", "tool", "function"], ...
-    ] = (
-        "user",
-        "tool",
-    )
-    output: OutputConfig = OutputConfig()
-    #: Prompts with more text than this are swept in a worker thread, off the event loop.
-    offload_chars: int = Field(4096, ge=0)
-
 
 #: Embedding inputs count as the user's text.
 _USER_ONLY = frozenset({"user"})
