@@ -58,7 +58,7 @@ def read_jsonl(path: Path, default_family: str) -> list[dict[str, Any]]:
 def rules_checker() -> Callable[[str], bool] | None:
     """The rules layer as the plugin builds it by default, or None when it is not importable."""
     try:
-        from plugins.guard.normalize import DECODERS
+        from plugins.guard.decode import DECODERS
         from plugins.guard.rules import RulesConfig, RuleSet
         from plugins.guard.scanner import Scanner
     except ImportError as exc:

@@ -242,7 +242,7 @@ def rule_hits(texts: list[str]) -> np.ndarray:
     """Whether the guard's default rules layer flags each text (the threshold is tuned for the
     whole guard, rules or semantic, so the rules' own false positives use up part of the
     budget)."""
-    from plugins.guard.normalize import DECODERS
+    from plugins.guard.decode import DECODERS
     from plugins.guard.rules import RulesConfig, RuleSet
     from plugins.guard.scanner import Scanner
 

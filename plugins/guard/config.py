@@ -8,7 +8,7 @@ from pydantic import Field
 
 from gateway.configbase import Strict
 from gateway.plugin import PluginConfig
-from plugins.guard.normalize import DECODERS
+from plugins.guard.decode import DECODERS
 from plugins.guard.output import OutputConfig
 from plugins.guard.rules import RulesConfig
 from plugins.guard.schema import InputConfig

@@ -18,15 +18,8 @@ from prometheus_client import Counter
 
 from gateway.digest import text_digest
 from gateway.redact import find_secrets
-from plugins.guard.normalize import (
-    ROT13_ALWAYS_BELOW,
-    ascii_clues,
-    decoded_variants,
-    deobfuscate_spans,
-    light,
-    rot13_windows,
-    variants,
-)
+from plugins.guard.decode import ROT13_ALWAYS_BELOW, ascii_clues, decoded_variants, rot13_windows
+from plugins.guard.normalize import deobfuscate_spans, light, variants
 from plugins.guard.rules import WINDOW_REACH, RuleSet
 
 if TYPE_CHECKING:
