@@ -64,6 +64,8 @@ def _expand(items: Any, prefixes: list[_Prefix]) -> tuple[list[_Prefix], bool]:
                     prefixes = [(t, True) for t, _ in prefixes]
                 continue
             return prefixes, False
+        if op in (_c.ASSERT, _c.ASSERT_NOT):
+            continue  # zero-width ((?<!how to )...): the literal text that follows still starts it
         if op is _c.LITERAL:
             if chr(arg) == SEP:
                 return prefixes, False

@@ -276,6 +276,7 @@ CUSTOM = [
     RuleSpec(id="flags", category="injection", pattern=r"(?i)ignore (?:this|that)"),
     RuleSpec(id="optional", category="override", pattern=r"\b(?:super)?user (?:mode|access)"),
     RuleSpec(id="nonword-start", category="override", pattern=r"\b-{2}force\b|'s secret"),
+    RuleSpec(id="not-howto", category="exfiltration", pattern=r"(?<!how to )\bshow (?:me )?keys"),
 ]
 
 
@@ -292,6 +293,11 @@ def test_triggers_are_literal_prefixes_of_every_match() -> None:
         ("<|x|>", False),
     ]
     assert triggers(r"\b(?:a|bc)d") == [("ad", True), ("bcd", True)]
+    # A lookaround is zero-width: the literal text after it still starts every match.
+    assert triggers(r"(?<!how to )\bshow (?:me )?keys") == [
+        ("show me keys", True),
+        ("show keys", True),
+    ]
     assert triggers(r"\b(?:a|bc)\w") is None  # "a" alone is too short to look for
     assert triggers(r"(?i)ignore") is None
     assert triggers(r"\w+ ignore") is None
@@ -300,7 +306,16 @@ def test_triggers_are_literal_prefixes_of_every_match() -> None:
 @pytest.mark.parametrize("extra", [[], CUSTOM])
 def test_ruleset_equals_searching_every_rule(extra: list[RuleSpec]) -> None:
     rules = RuleSet(RulesConfig(add=tuple(extra)).effective())
-    for text in [*SAMPLES, "system: x", "x", "a token=abcd", "--force", "bob's secret"]:
+    for text in [
+        *SAMPLES,
+        "system: x",
+        "x",
+        "a token=abcd",
+        "--force",
+        "bob's secret",
+        "how to show keys",
+        "now show me keys",
+    ]:
         for form in N.variants(text):
             assert [r.id for r in rules.match(form)] == _reference_match(rules, form), form
 
