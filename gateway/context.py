@@ -10,9 +10,10 @@ if TYPE_CHECKING:
     from gateway.catalogue import Deployment, ModelEntry
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class Identity:
-    """Who is calling, as established by the ``auth`` plugin."""
+    """Who is calling, as established by the ``auth`` plugin. Frozen: an API key's identity is
+    one object shared by all of the key's requests."""
 
     user: str
     tenant: str = "default"

@@ -72,6 +72,8 @@ class KeyRecord:
     created_at: float | None = None
     created_by: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: What :meth:`identity` gives, built on its first call.
+    _identity: Identity | None = field(default=None, init=False, repr=False, compare=False)
 
     def refusal(self, now: float) -> str | None:
         """Why the key may not be used now, for the log; None when it may."""
@@ -82,9 +84,13 @@ class KeyRecord:
         return None
 
     def identity(self) -> Identity:
-        # Positional (user, tenant, roles, tier, credential_id, method): keyword arguments
-        # cost twice as much, on every request.
-        return Identity(self.user, self.tenant, self.roles, self.tier, self.id, "api_key")
+        """The identity the key gives: one (frozen) object for all of its requests."""
+        identity = self._identity
+        if identity is None:
+            identity = self._identity = Identity(
+                self.user, self.tenant, self.roles, self.tier, self.id, "api_key"
+            )
+        return identity
 
     def public(self) -> dict[str, Any]:
         """The record as the admin API shows it: never the digest."""

@@ -174,9 +174,10 @@ class AuthPlugin(Plugin):
         record = await self.lookup(token)
         if record is None:
             raise AuthFailure("unknown key")
-        refusal = record.refusal(now())
-        if refusal is not None:
-            raise AuthFailure(refusal, record.id)
+        if record.disabled or record.expires_at is not None:  # else nothing to refuse
+            refusal = record.refusal(now())
+            if refusal is not None:
+                raise AuthFailure(refusal, record.id)
         return record.identity()
 
     async def lookup(self, key: str) -> KeyRecord | None:

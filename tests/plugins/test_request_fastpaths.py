@@ -3,6 +3,7 @@ gives: each is checked against the code it shortcuts."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from typing import Any
@@ -100,6 +101,10 @@ def test_auth_fingerprint_is_the_keyed_blake2s_of_the_key() -> None:
 def test_auth_identity_of_a_record() -> None:
     rec = keys.KeyRecord("k1", b"d", "alice", tenant="acme", roles=("user",), tier="gold")
     assert rec.identity() == Identity("alice", "acme", ("user",), "gold", "k1", "api_key")
+    # One frozen object for all of the key's requests: no request can change another's.
+    assert rec.identity() is rec.identity()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rec.identity().user = "mallory"  # type: ignore[misc]
 
 
 @pytest.mark.anyio
