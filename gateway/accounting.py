@@ -175,7 +175,7 @@ def account(gw: Gateway, ctx: RequestContext) -> None:
         if ctx.status == 429 and not ctx.attempts:  # refused before any upstream call
             record["limited"] = True
             record.setdefault("limit", "rejected")
-        if gw.settings.logging.include_text:
+        if gw.include_text:
             from gateway.logtext import text_fields
 
             record.update(text_fields(gw.settings.logging, ctx))

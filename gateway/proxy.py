@@ -190,8 +190,7 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
             raise MethodNotAllowedError(f"method {ctx.method} not allowed; use POST")
         if ctx.headers.get("content-type") != "application/json":  # else check_content_type passes
             check_content_type(ctx)
-        # Settings are pydantic models: each attribute read costs ~400 instructions, so once.
-        requests_cfg = gw.settings.requests
+        requests_cfg = gw.request_limits
         raw = await read_body(receive, ctx, requests_cfg.max_body_bytes)
         try:
             body = orjson.loads(raw)

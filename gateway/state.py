@@ -15,6 +15,7 @@ from gateway.logs import RequestLog
 from gateway.pipeline import Pipeline, build_pipeline
 from gateway.providers import provider_class
 from gateway.providers.base import make_session
+from gateway.validate import RequestLimits
 
 if TYPE_CHECKING:
     import aiohttp
@@ -39,6 +40,10 @@ class Gateway:
 
     def __init__(self, settings: Settings, registry: dict[str, Any] | None = None) -> None:
         self.settings = settings
+        #: Settings read on every request, as plain values (a pydantic attribute read costs
+        #: ~400 instructions; settings are frozen).
+        self.request_limits = RequestLimits(settings.requests)
+        self.include_text = settings.logging.include_text
         self.catalogue = Catalogue(settings.models)
         self.pipeline = Pipeline(build_pipeline(settings, registry))
         self.request_log = RequestLog(settings.logging.request_log)

@@ -320,7 +320,7 @@ async def relay_stream(
     from gateway.proxy import response_headers
 
     hooks = hooked(ran, *CHUNK_HOOKS) if gw.pipeline.has_chunk_hooks else []
-    keep_text = gw.settings.logging.include_text
+    keep_text = gw.include_text
     relay = _Relay(ctx, hooks, client_wants_usage, keep_text)
     headers = response_headers(ctx, SSE_HEADERS)
     headers.extend(extra)

@@ -18,7 +18,7 @@ from gateway.context import RequestContext
 from gateway.errors import InvalidRequestError
 from gateway.headers import upstream_request_headers
 from gateway.providers.base import make_session
-from gateway.validate import validate_chat
+from gateway.validate import RequestLimits, validate_chat
 
 
 def _bits(x: float) -> bytes:
@@ -77,6 +77,17 @@ def test_several_bad_fields_report_the_first_in_the_fixed_order(
 ) -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
     assert _error(body) == param
+
+
+def test_request_limits_copy_every_setting() -> None:
+    cfg = RequestsConfig(max_body_bytes=5, max_tokens=6, max_n=7, max_messages=8,
+                         extra_params=("top_k",))  # fmt: skip
+    limits = RequestLimits(cfg)
+    assert {name: getattr(limits, name) for name in RequestsConfig.model_fields} == dict(cfg)
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "top_k": 3}
+    assert validate_chat(body, limits) == validate_chat(body, cfg) == "m"
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        validate_chat({**body, "max_tokens": 7}, limits)
 
 
 def test_upstream_headers_drop_in_any_case() -> None:
@@ -177,7 +188,7 @@ def test_accounting_reads_the_deployment_once_and_logs_what_it_says() -> None:
     Catalogue((entry,))  # gives the deployments their ids
     records: list[dict[str, Any]] = []
     settings = SimpleNamespace(logging=LoggingConfig())
-    gw = SimpleNamespace(settings=settings, observers=[],
+    gw = SimpleNamespace(settings=settings, include_text=False, observers=[],
                          request_log=SimpleNamespace(write=records.append))  # fmt: skip
     for dep in (*entry.deployments, entry.deployments[0]):
         ctx = RequestContext("r", "chat", "/p", "POST", {}, [], {})
