@@ -51,20 +51,23 @@ def build_pipeline(settings: Settings, registry: dict[str, Any] | None = None) -
 #: The hooks that make the core parse streamed chunks (see gateway/plugin.py).
 CHUNK_HOOKS = ("on_chunk", "on_chunks", "on_stream_end")
 
-#: (plugin class, hook names) -> whether the class overrides any of them; classes are fixed
-#: at startup, so this stays small.
-_OVERRIDES: dict[tuple[type, tuple[str, ...]], bool] = {}
+#: Hook names -> plugin class -> whether the class overrides any of them; classes are fixed
+#: at startup, so this stays small. (Two levels: one look-up per plugin by its class alone.)
+_OVERRIDES: dict[tuple[str, ...], dict[type, bool]] = {}
 
 
 def hooked(plugins: list[Plugin], *hooks: str) -> list[Plugin]:
     """The plugins of ``plugins`` that override one of ``hooks``, in order. Calling the base
     class's no-op hook still costs a coroutine per plugin per request, so the core skips it."""
+    table = _OVERRIDES.get(hooks)
+    if table is None:
+        table = _OVERRIDES[hooks] = {}
     out = []
     for plugin in plugins:
-        key = (type(plugin), hooks)
-        has = _OVERRIDES.get(key)
+        cls = type(plugin)
+        has = table.get(cls)
         if has is None:
-            has = _OVERRIDES[key] = any(plugin.overrides(h) for h in hooks)
+            has = table[cls] = any(plugin.overrides(h) for h in hooks)
         if has:
             out.append(plugin)
     return out
