@@ -137,7 +137,9 @@ class GuardPlugin(Plugin):
         roles = self._scan_roles if ctx.endpoint == "chat" else _USER_ONLY
         # Injection layers over the scanned roles' texts, no secrets (done below, with spans).
         texts = [c[k] for c, k, role in slots if role in roles]
-        findings = await self.scanner.findings(texts, self._offload_chars, self.shadow)
+        findings = self.scanner.findings_now(texts, self._offload_chars)
+        if findings is None:  # a classifier or a thread to wait for
+            findings = await self.scanner.findings(texts, self._offload_chars, self.shadow)
         redactions: list[tuple[Slot, list[Any]]] = []
         if self.secret_types:
             actions = self.secret_actions

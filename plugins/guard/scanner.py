@@ -258,13 +258,21 @@ class Scanner:
         """The findings of :meth:`scan` (injection layers only, no secrets) over all ``texts``,
         in order. Without a classifier, texts too small for a thread are swept here, with no
         verdict per text (the guard's usual request)."""
-        if self.semantic is None and sum(map(len, texts)) <= offload_chars:
-            out: list[Finding] = []
-            for t in texts:
-                out += self.rule_findings(t)
-            return out
+        swept = self.findings_now(texts, offload_chars)
+        if swept is not None:
+            return swept
         verdicts = await self.scan(texts, False, offload_chars, exhaustive)
         return [f for v in verdicts for f in v.findings]
+
+    def findings_now(self, texts: list[str], offload_chars: int = 4096) -> list[Finding] | None:
+        """What :meth:`findings` gives when it has nothing to wait for (no classifier, and texts
+        too small for a thread), without a coroutine; None when it has."""
+        if self.semantic is not None or sum(map(len, texts)) > offload_chars:
+            return None
+        out: list[Finding] = []
+        for t in texts:
+            out += self.rule_findings(t)
+        return out
 
     async def scan_chunks(self, texts: list[str]) -> list[Verdict]:
         """One verdict per retrieved chunk (for RAG): injection layers only, no secrets.
