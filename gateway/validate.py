@@ -27,10 +27,6 @@ class RequestLimits:
         self.max_messages = cfg.max_messages
         self.extra_params = cfg.extra_params
 
-
-#: What the checks read the bounds from: the settings or their plain copy.
-Limits = RequestsConfig | RequestLimits
-
 #: Fields a client might use to steer the gateway's upstream or credentials (LiteLLM and other
 #: SDKs accept several of these): always refused.
 FORBIDDEN = frozenset(
@@ -201,7 +197,7 @@ def _check_message(where: str, msg: dict[str, Any], role: Any, content: Any) -> 
                 raise _bad(f"'{where}.tool_calls[{j}]' is malformed", f"{where}.tool_calls[{j}]")
 
 
-def _stop(body: dict[str, Any], cfg: Limits) -> None:
+def _stop(body: dict[str, Any], cfg: RequestLimits) -> None:
     stop = body.get("stop")
     if stop is not None and not (
         isinstance(stop, str)
@@ -210,7 +206,7 @@ def _stop(body: dict[str, Any], cfg: Limits) -> None:
         raise _bad("'stop' must be a string or an array of up to 4 strings", "stop")
 
 
-def _tools(body: dict[str, Any], cfg: Limits) -> None:
+def _tools(body: dict[str, Any], cfg: RequestLimits) -> None:
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
@@ -224,14 +220,14 @@ def _tools(body: dict[str, Any], cfg: Limits) -> None:
                 raise _bad(f"'tools[{i}].function.name' is required", f"tools[{i}].function.name")
 
 
-def _response_format(body: dict[str, Any], cfg: Limits) -> None:
+def _response_format(body: dict[str, Any], cfg: RequestLimits) -> None:
     rf = body.get("response_format")
     if rf is not None and (not isinstance(rf, dict) or not isinstance(rf.get("type"), str)):
         raise _bad("'response_format' must be an object with a 'type'", "response_format")
 
 
-def _typed(key: str, kind: type) -> Callable[[dict[str, Any], Limits], None]:
-    def check(body: dict[str, Any], cfg: Limits) -> None:
+def _typed(key: str, kind: type) -> Callable[[dict[str, Any], RequestLimits], None]:
+    def check(body: dict[str, Any], cfg: RequestLimits) -> None:
         v = body.get(key)
         if v is not None and not isinstance(v, kind):
             raise _bad(f"'{key}' has the wrong type", key)
@@ -242,7 +238,7 @@ def _typed(key: str, kind: type) -> Callable[[dict[str, Any], Limits], None]:
 #: The checks of the optional chat fields, by field, in the order they run: a request with
 #: several bad fields is told about the first of this order. Only the fields present are
 #: looked at (a request carries a few of them; a check per known field cost ~5k instructions).
-_CHAT_CHECKS: dict[str, Callable[[dict[str, Any], Limits], None]] = {
+_CHAT_CHECKS: dict[str, Callable[[dict[str, Any], RequestLimits], None]] = {
     "temperature": lambda body, cfg: _number(body, "temperature", 0, 2),
     "top_p": lambda body, cfg: _number(body, "top_p", 0, 1),
     "frequency_penalty": lambda body, cfg: _number(body, "frequency_penalty", -2, 2),
@@ -264,7 +260,7 @@ _CHAT_CHECKS: dict[str, Callable[[dict[str, Any], Limits], None]] = {
 _CHAT_CHECKED = frozenset(_CHAT_CHECKS)
 
 
-def validate_chat(body: dict[str, Any], cfg: Limits) -> str:
+def validate_chat(body: dict[str, Any], cfg: RequestLimits) -> str:
     """Validate a chat completion request in place; returns the model name."""
     if not _CHAT_ALLOWED.issuperset(body):
         _check_fields(body, _CHAT_ALLOWED, cfg.extra_params)
@@ -301,7 +297,7 @@ def validate_chat(body: dict[str, Any], cfg: Limits) -> str:
     return model
 
 
-def validate_embeddings(body: dict[str, Any], cfg: Limits) -> str:
+def validate_embeddings(body: dict[str, Any], cfg: RequestLimits) -> str:
     _check_fields(body, EMBEDDING_FIELDS, cfg.extra_params)
     model = _model(body)
     value = body.get("input")
