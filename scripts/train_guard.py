@@ -46,14 +46,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from plugins.guard.encoder import EMBED_DIM, Encoder, adapter_targets  # noqa: E402
 from plugins.guard.semantic import (  # noqa: E402
     DEFAULT_MODEL_DIR,
-    EMBED_DIM,
     META_FILE,
     WEIGHTS_FILE,
-    Encoder,
     Lexical,
-    adapter_targets,
     load_classifier,
     normalise_key,
     split_of,
