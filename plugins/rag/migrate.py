@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 
-from plugins.rag.store import META_COLLECTION, PAGE_SIZE, StoreError, VectorStore, is_not_found
+from plugins.rag.chroma import is_not_found
+from plugins.rag.store import META_COLLECTION, PAGE_SIZE, StoreError, VectorStore
 
 log = logging.getLogger("gateway.rag")
 
