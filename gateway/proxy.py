@@ -11,13 +11,13 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from gateway import metrics
-from gateway.accounting import account, fast_round
+from gateway.accounting import account
 from gateway.context import RequestContext, Usage
 from gateway.errors import (
     GatewayError,
@@ -25,20 +25,16 @@ from gateway.errors import (
     MethodNotAllowedError,
     ModelNotFoundError,
     PayloadTooLargeError,
-    ServiceUnavailableError,
     UnsupportedMediaTypeError,
-    UpstreamError,
-    UpstreamTimeoutError,
 )
 from gateway.headers import client_response_headers
 from gateway.pipeline import hooked
-from gateway.providers.base import TimeoutQueue, upstream_timeout
 from gateway.stream import relay_stream
-from gateway.validate import EXTENSION_FIELDS, validate_chat, validate_embeddings
+from gateway.upstream import open_upstream
+from gateway.validate import validate_chat, validate_embeddings
 
 if TYPE_CHECKING:
     from gateway.plugin import Plugin
-    from gateway.providers.base import Provider, UpstreamResponse
     from gateway.state import Gateway
 
 log = logging.getLogger("gateway.proxy")
@@ -263,115 +259,6 @@ async def finish_response_phase(ran: list[Plugin], ctx: RequestContext) -> Gatew
                 extra={"plugin": plugin.name, "request_id": ctx.request_id},
             )
     return first
-
-
-def upstream_body(ctx: RequestContext, model: str) -> dict[str, Any]:
-    if EXTENSION_FIELDS.isdisjoint(ctx.body):
-        return {**ctx.body, "model": model}
-    body = {k: v for k, v in ctx.body.items() if k not in EXTENSION_FIELDS}
-    body["model"] = model
-    return body
-
-
-async def open_upstream(
-    gw: Gateway, ctx: RequestContext, ran: list[Plugin]
-) -> tuple[UpstreamResponse, tuple[bytes, AsyncIterator[bytes]] | None]:
-    """Try the attempt plan in order until one deployment answers 2xx (and, for a stream, its
-    first bytes arrived): nothing has reached the client yet, so failing over is safe."""
-    if not ctx.candidates:
-        assert ctx.deployment is not None
-        ctx.candidates = [ctx.deployment]
-    hooks = hooked(ran, "on_attempt") if gw.pipeline.has_attempt_hooks else []
-    last: GatewayError | None = None
-    while ctx.candidates:
-        if ctx.deadline is not None and time.perf_counter() >= ctx.deadline:
-            break
-        dep = ctx.candidates.pop(0)
-        dep_id = dep.id  # a pydantic model: read once
-        provider = gw.providers[dep_id]
-        ctx.deployment = dep
-        ctx.attempts += 1
-        started = time.perf_counter()
-        if ctx.upstream_started is None:
-            ctx.upstream_started = started
-        body = upstream_body(ctx, dep.model)
-        first: tuple[bytes, AsyncIterator[bytes]] | None = None
-        try:
-            if ctx.deadline is None:
-                resp, first = await attempt(gw, ctx, provider, body)
-            else:
-                # The request's deadline bounds each attempt too, not only the start of the next.
-                try:
-                    with upstream_timeout(max(0.0, ctx.deadline - started)):
-                        resp, first = await attempt(gw, ctx, provider, body)
-                except TimeoutError:
-                    raise UpstreamTimeoutError(
-                        "the request deadline passed before the upstream answered", retryable=True
-                    ) from None
-        except GatewayError as err:
-            elapsed = time.perf_counter() - started
-            last = err
-            ctx.attempt_log.append(
-                {"deployment": dep_id, "provider": dep.provider, "status": err.status,
-                 "error": err.type, "ms": fast_round(elapsed * 1000, 2)}
-            )  # fmt: skip
-            metrics.UPSTREAM_ERRORS.labels(dep_id, err.type).inc()
-            for plugin in hooks:
-                await plugin.on_attempt(ctx, dep, err, elapsed)
-            if not err.retryable:
-                raise
-            continue
-        now = time.perf_counter()
-        elapsed = now - started
-        ctx.upstream_first_byte = now
-        ctx.attempt_log.append(
-            {"deployment": dep_id, "provider": dep.provider, "status": resp.status,
-             "error": None, "ms": fast_round(elapsed * 1000, 2)}
-        )  # fmt: skip
-        for plugin in hooks:
-            await plugin.on_attempt(ctx, dep, None, elapsed)
-        return resp, first
-    if last is not None:
-        raise last
-    raise ServiceUnavailableError("no deployment is available for this model")
-
-
-async def attempt(
-    gw: Gateway, ctx: RequestContext, provider: Provider, body: dict[str, Any]
-) -> tuple[UpstreamResponse, tuple[bytes, AsyncIterator[bytes]] | None]:
-    if ctx.endpoint == "embeddings":
-        resp = await provider.embeddings(ctx, body)
-    else:
-        resp = await provider.chat(ctx, body)
-    if not ctx.stream:
-        return resp, None
-    return resp, await first_bytes(resp, provider.first_byte_timeout)
-
-
-async def first_bytes(
-    resp: UpstreamResponse, deadlines: TimeoutQueue
-) -> tuple[bytes, AsyncIterator[bytes]]:
-    """Wait (at most the first-byte timeout) for the stream's first bytes; returns them and the
-    iterator to go on."""
-    it = aiter(resp.iter_bytes())
-    try:
-        with deadlines.start():
-            while True:
-                data = await anext(it)
-                if data:
-                    return data, it
-    except StopAsyncIteration:
-        pass
-    except TimeoutError:
-        resp.close()
-        raise UpstreamTimeoutError(
-            "the upstream sent nothing before the first-byte timeout", retryable=True
-        ) from None
-    except BaseException:
-        resp.close()
-        raise
-    resp.close()
-    raise UpstreamError("the upstream closed the stream before sending anything", retryable=True)
 
 
 async def forward(
