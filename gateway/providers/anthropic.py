@@ -14,12 +14,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.errors import GatewayError, UpstreamError
-from gateway.providers.anthropic_translate import (
-    StreamTranslator,
-    error_from_body,
-    from_anthropic,
-    to_anthropic,
-)
+from gateway.providers.anthropic_stream import StreamTranslator
+from gateway.providers.anthropic_translate import error_from_body, from_anthropic, to_anthropic
 from gateway.providers.base import Provider, UpstreamResponse
 from gateway.providers.openai import AiohttpResponse
 

@@ -2,7 +2,8 @@
 
 * :func:`to_anthropic` turns an OpenAI request body into a Messages API body;
 * :func:`from_anthropic` turns a Messages API answer into a ``chat.completion``;
-* :class:`StreamTranslator` turns Anthropic SSE events into ``chat.completion.chunk`` events.
+* :class:`~gateway.providers.anthropic_stream.StreamTranslator` (its own module) turns
+  Anthropic SSE events into ``chat.completion.chunk`` events.
 
 What has no Anthropic equivalent is either dropped when it only tunes sampling (``seed``,
 ``frequency_penalty``, ``logit_bias`` ...) or refused with a 400 when ignoring it would change
@@ -289,119 +290,6 @@ def from_anthropic(data: dict[str, Any], model: str, created: int | None = None)
         ],
         "usage": usage_of(data.get("usage")),
     }
-
-
-class StreamTranslator:
-    """Anthropic SSE events in, OpenAI ``chat.completion.chunk`` SSE bytes out.
-
-    Feed raw bytes as they arrive (boundaries arbitrary); each call returns the complete OpenAI
-    events it could produce. ``message_stop`` yields the usage chunk (``choices: []``) and
-    ``data: [DONE]``. An ``error`` event raises: before any output it is retryable like the
-    same error as a status; after, the core turns it into the client's SSE error event.
-    """
-
-    def __init__(self, model: str, created: int | None = None) -> None:
-        self.model = model
-        self.created = created if created is not None else int(time.time())
-        self.id = ""
-        self.buffer = b""
-        self.usage: dict[str, Any] = {}
-        self.finish: str | None = None
-        #: Anthropic content block index → OpenAI tool call index.
-        self.tool_index: dict[int, int] = {}
-        self.done = False
-        self.started = False
-
-    def feed(self, data: bytes) -> bytes:
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
-        self.buffer += data
-        out: list[bytes] = []
-        while True:
-            cut = self.buffer.find(b"\n\n")
-            if cut == -1:
-                break
-            event, self.buffer = self.buffer[:cut], self.buffer[cut + 2 :]
-            payload = b"\n".join(
-                line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
-            )
-            if not payload:
-                continue
-            try:
-                obj = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                raise UpstreamError(
-                    "the anthropic upstream sent a malformed stream event"
-                ) from None
-            if isinstance(obj, dict):
-                out.extend(self.event(obj))
-        if out:
-            self.started = True
-        return b"".join(out)
-
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        chunk = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
-
-    def event(self, obj: dict[str, Any]) -> list[bytes]:
-        kind = obj.get("type")
-        if kind == "message_start":
-            msg = obj.get("message") or {}
-            self.id = msg.get("id", "")
-            self.usage.update(msg.get("usage") or {})
-            return [self._chunk({"role": "assistant", "content": ""})]
-        if kind == "content_block_start":
-            block = obj.get("content_block") or {}
-            if block.get("type") == "text" and block.get("text"):
-                return [self._chunk({"content": block["text"]})]
-            if block.get("type") == "tool_use":
-                pos = self.tool_index[int(obj.get("index", 0))] = len(self.tool_index)
-                call = {
-                    "index": pos,
-                    "id": block.get("id", ""),
-                    "type": "function",
-                    "function": {"name": block.get("name", ""), "arguments": ""},
-                }
-                return [self._chunk({"tool_calls": [call]})]
-            return []
-        if kind == "content_block_delta":
-            delta = obj.get("delta") or {}
-            if delta.get("type") == "text_delta":
-                return [self._chunk({"content": delta.get("text", "")})]
-            if delta.get("type") == "input_json_delta":
-                n = self.tool_index.get(int(obj.get("index", 0)))
-                if n is None:
-                    return []
-                call = {"index": n, "function": {"arguments": delta.get("partial_json", "")}}
-                return [self._chunk({"tool_calls": [call]})]
-            return []  # thinking and signature deltas have no OpenAI equivalent
-        if kind == "message_delta":
-            self.usage.update(obj.get("usage") or {})
-            reason = (obj.get("delta") or {}).get("stop_reason")
-            self.finish = STOP_REASONS.get(reason or "", "stop")
-            return [self._chunk({}, self.finish)]
-        if kind == "message_stop":
-            self.done = True
-            usage = {
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [],
-                "usage": usage_of(self.usage),
-            }
-            return [b"data: " + orjson.dumps(usage) + b"\n\n", b"data: [DONE]\n\n"]
-        if kind == "error":
-            err = error_from_body(obj, {})
-            err.retryable = err.retryable and not self.started
-            raise err
-        return []  # ping, content_block_stop
 
 
 def error_from_body(

@@ -14,12 +14,8 @@ from gateway.errors import (
     ServiceUnavailableError,
     UpstreamError,
 )
-from gateway.providers.anthropic_translate import (
-    StreamTranslator,
-    error_from_body,
-    from_anthropic,
-    to_anthropic,
-)
+from gateway.providers.anthropic_stream import StreamTranslator
+from gateway.providers.anthropic_translate import error_from_body, from_anthropic, to_anthropic
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "anthropic"
 GOLDEN = ["text", "system", "tools"]
