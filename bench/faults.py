@@ -173,8 +173,9 @@ def postgres_outage(seconds: float, down_at: float, down_s: float) -> dict[str, 
                 switch.cut()
                 end = time.monotonic() + down_s
                 while time.monotonic() < end:
-                    outcome["max_buffered"] = max(outcome["max_buffered"],
-                                                  int(ledger_metrics.LEDGER_BUFFERED._value.get()))
+                    outcome["max_buffered"] = max(
+                        outcome["max_buffered"], int(ledger_metrics.LEDGER_BUFFERED._value.get())
+                    )
                     time.sleep(0.05)
                 outcome["rows_when_restored"] = backend.count()
                 switch.up = True

@@ -78,8 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunks", type=int, default=20)
     p.add_argument("--delay-ms", type=int, default=500)
     p.add_argument("--config", type=Path, default=ROOT / "bench" / "gateway.yaml")
-    p.add_argument("--header", action="append", metavar="NAME:VALUE",
-                   default=["Authorization: Bearer sk-demo-LocalOnlyNeverDeployThisKey"])
+    p.add_argument(
+        "--header",
+        action="append",
+        metavar="NAME:VALUE",
+        default=["Authorization: Bearer sk-demo-LocalOnlyNeverDeployThisKey"],
+    )
     args = p.parse_args(argv)
 
     up_port, gw_port = free_port(), free_port()
@@ -102,16 +106,22 @@ def main(argv: list[str] | None = None) -> None:
         for h in args.header:
             name, _, value = h.partition(":")
             headers[name.strip()] = value.strip()
-        body = json.dumps({"model": "bench", "stream": True,
-                           "messages": [{"role": "user", "content": "hello " * 20}]}).encode()  # fmt: skip
+        body = json.dumps(
+            {
+                "model": "bench",
+                "stream": True,
+                "messages": [{"role": "user", "content": "hello " * 20}],
+            }
+        ).encode()
         before = rss_mb(gw.pid)
         peak = before
         stream_s = args.chunks * args.delay_ms / 1000
 
         async def run() -> tuple[int, int]:
             task = asyncio.create_task(
-                hold_streams(f"http://127.0.0.1:{gw_port}/v1/chat/completions", args.streams,
-                             headers, body)  # fmt: skip
+                hold_streams(
+                    f"http://127.0.0.1:{gw_port}/v1/chat/completions", args.streams, headers, body
+                )
             )
             nonlocal peak
             while not task.done():
@@ -124,8 +134,10 @@ def main(argv: list[str] | None = None) -> None:
         elapsed = time.monotonic() - t0
         time.sleep(1)
         after = rss_mb(gw.pid)
-        print(f"| streams | stream length | ok | errors | wall s | RSS before MB | RSS peak MB |"
-              f" RSS after MB |")  # fmt: skip
+        print(
+            "| streams | stream length | ok | errors | wall s | RSS before MB | RSS peak MB |"
+            " RSS after MB |"
+        )
         print("|--:|--:|--:|--:|--:|--:|--:|--:|")
         print(f"| {args.streams} | {stream_s:.1f} s | {ok} | {errors} | {elapsed:.1f} | "
               f"{before:.0f} | {peak:.0f} | {after:.0f} |")  # fmt: skip

@@ -22,9 +22,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gateway.accounting import account
 from gateway.config import parse_settings
 from gateway.context import Identity, RequestContext, Usage
-from gateway.accounting import account
 from gateway.state import Gateway
 
 

@@ -212,8 +212,10 @@ def format_validation_error(source: str, err: ValidationError, prefix: tuple[Any
     for e in err.errors():
         loc = (*prefix, *e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] not in ("missing", "value_error") and "input" in e and not isinstance(
-            e["input"], (dict, list)
+        if (
+            e["type"] not in ("missing", "value_error")
+            and "input" in e
+            and not isinstance(e["input"], (dict, list))
         ):
             msg += f" (got {e['input']!r})"
         lines.append(f"{source}: {_path(loc)}: {msg}")

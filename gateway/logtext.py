@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from gateway.config import LoggingConfig
     from gateway.context import RequestContext
 
+
 def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content

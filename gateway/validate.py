@@ -27,6 +27,7 @@ class RequestLimits:
         self.max_messages = cfg.max_messages
         self.extra_params = cfg.extra_params
 
+
 #: Fields a client might use to steer the gateway's upstream or credentials (LiteLLM and other
 #: SDKs accept several of these): always refused.
 FORBIDDEN = frozenset(

@@ -48,7 +48,10 @@ def test_nested_list_paths() -> None:
 def test_unknown_provider_lists_providers() -> None:
     bad = {"name": "m", "deployments": [{"provider": "bard", "model": "x", "base_url": "http://h"}]}
     msg = fails({"models": [bad]})
-    assert "models[0].deployments[0].provider: unknown provider 'bard'; allowed: anthropic, openai" in msg
+    assert (
+        "models[0].deployments[0].provider: unknown provider 'bard'; allowed: anthropic, openai"
+        in msg
+    )
 
 
 def test_literal_errors_list_allowed_values() -> None:
@@ -66,8 +69,20 @@ def test_missing_env_var_is_named() -> None:
 
 
 def test_env_vars_and_defaults_are_substituted() -> None:
-    raw = {"models": [{"name": "m", "deployments": [
-        {"model": "x", "base_url": "${BASE:-http://127.0.0.1:9}/v1", "api_key": "${KEY}"}]}]}  # fmt: skip
+    raw = {
+        "models": [
+            {
+                "name": "m",
+                "deployments": [
+                    {
+                        "model": "x",
+                        "base_url": "${BASE:-http://127.0.0.1:9}/v1",
+                        "api_key": "${KEY}",
+                    }
+                ],
+            }
+        ]
+    }
     s = parse_settings(raw, "cfg.yaml", {"KEY": "sk-123"})
     dep = s.models[0].deployments[0]
     assert dep.api_key == "sk-123" and dep.base_url == "http://127.0.0.1:9/v1"
@@ -86,9 +101,18 @@ def test_models_are_required() -> None:
 
 def test_check_config_command(tmp_path: Path) -> None:
     ok = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "check-config", "--config", str(ROOT / "config.yaml")],
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "check-config",
+            "--config",
+            str(ROOT / "config.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "OK" in ok.stdout
     bad = tmp_path / "bad.yaml"
@@ -101,7 +125,16 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert f"{bad}: models[0].deployments" in r.stderr
     assert "Traceback" not in r.stderr
     missing = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "check-config", "--config", str(tmp_path / "no.yaml")],
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "check-config",
+            "--config",
+            str(tmp_path / "no.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert missing.returncode == 2 and "cannot read config file" in missing.stderr

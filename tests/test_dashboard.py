@@ -86,9 +86,12 @@ def test_dashboard_shows_ledger_figures_and_draws_charts(tmp_path: Path) -> None
     with running_gateway(config) as gw:
         chat(gw, USER_KEY, 3)
         chat(gw, BOB_KEY, 2)
-        r = httpx.post(f"{gw.url}/v1/chat/completions", timeout=20,
-                       headers={"authorization": f"Bearer {USER_KEY}"},
-                       json={"model": "gpt-big", "messages": [{"role": "user", "content": "hi"}]})
+        r = httpx.post(
+            f"{gw.url}/v1/chat/completions",
+            timeout=20,
+            headers={"authorization": f"Bearer {USER_KEY}"},
+            json={"model": "gpt-big", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert r.status_code == 200
         summary = httpx.get(f"{gw.url}/admin/usage/summary", timeout=20,
                             headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()  # fmt: skip

@@ -40,9 +40,10 @@ def test_shipped_config_answers_the_sdk_with_the_demo_key() -> None:
             text = "".join(
                 c.choices[0].delta.content or ""
                 for c in client.chat.completions.create(
-                    model="gpt-4o-mini", stream=True,
+                    model="gpt-4o-mini",
+                    stream=True,
                     messages=[{"role": "user", "content": "Stream it"}],
-                )  # fmt: skip
+                )
                 if c.choices
             )
             assert text

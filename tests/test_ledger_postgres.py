@@ -89,7 +89,7 @@ class Switch:
 
 def via(port: int, url: str = URL) -> str:
     parts = urlsplit(url)
-    netloc = (parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else "")
+    netloc = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
     return urlunsplit(parts._replace(netloc=f"{netloc}127.0.0.1:{port}"))
 
 
@@ -168,8 +168,9 @@ async def test_postgres_down_at_startup_does_not_stop_the_gateway(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here
     url = f"postgresql://ledger:CANARYpassword@127.0.0.1:{port}/test"
-    ledger = Ledger(LedgerConfig(url=url, table_prefix=prefix, flush_interval_s=0.05,
-                                 shutdown_timeout_s=0.3))
+    ledger = Ledger(
+        LedgerConfig(url=url, table_prefix=prefix, flush_interval_s=0.05, shutdown_timeout_s=0.3)
+    )
     assert "CANARY" not in repr(ledger.config)
     caplog.set_level("INFO", logger="gateway.ledger")
     await ledger.start()  # warns, does not raise

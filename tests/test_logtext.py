@@ -68,8 +68,9 @@ def test_embeddings_input_is_logged_as_text() -> None:
 
 
 def test_unknown_redaction_type_fails_at_startup_naming_the_key() -> None:
-    raw = build_config("http://127.0.0.1:1", logging={"include_text": True,
-                                                      "text_redact": ["api_key", "ssn"]})
+    raw = build_config(
+        "http://127.0.0.1:1", logging={"include_text": True, "text_redact": ["api_key", "ssn"]}
+    )
     with pytest.raises(ConfigError) as e:
         parse_settings(raw, "c.yaml")
     assert "c.yaml: logging.text_redact" in str(e.value) and "'ssn'" in str(e.value)
@@ -91,7 +92,8 @@ def test_logged_text_is_redacted_and_matches_what_the_client_got(
     with running_gateway(pipeline=pipeline, logging=logging) as gw:
         client = gw.openai()
         plain = client.chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": prompt}])
+            model="demo", messages=[{"role": "user", "content": prompt}]
+        )
         plain_text = plain.choices[0].message.content or ""
         streamed = "".join(
             c.choices[0].delta.content or ""
@@ -100,8 +102,10 @@ def test_logged_text_is_redacted_and_matches_what_the_client_got(
             if c.choices
         )  # fmt: skip
         secret_out = client.chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": "hi"}],
-            extra_headers={"x-fake-content": f"the key is {API_KEY}"})
+            model="demo",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-fake-content": f"the key is {API_KEY}"},
+        )
         assert API_KEY in (secret_out.choices[0].message.content or "")  # the client gets it
     raw = log_file.read_text()
     assert API_KEY not in raw and EMAIL not in raw
@@ -123,7 +127,8 @@ def test_text_is_off_by_default(tmp_path: Path) -> None:
     log_file = tmp_path / "requests.log"
     with running_gateway(logging={"request_log": str(log_file)}) as gw:
         gw.openai().chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": "a very private prompt"}])
+            model="demo", messages=[{"role": "user", "content": "a very private prompt"}]
+        )
     [line] = read_log(log_file)
     assert "prompt_text" not in line and "completion_text" not in line
     assert "private prompt" not in log_file.read_text()

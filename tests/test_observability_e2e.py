@@ -49,8 +49,11 @@ def traffic(gw: Any) -> None:
     for _ in range(3):
         user.chat.completions.create(model="demo", messages=msgs)
     for _ in range(2):
-        chunks = list(user.chat.completions.create(
-            model="demo", messages=msgs, stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            user.chat.completions.create(
+                model="demo", messages=msgs, stream=True, stream_options={"include_usage": True}
+            )
+        )
         assert chunks[-1].usage is not None
     user.chat.completions.create(model="gpt-big", messages=msgs)
     with pytest.raises(openai.RateLimitError):  # rpm 1 on gpt-big per user
@@ -138,7 +141,8 @@ def test_logs_metrics_ledger_and_dashboard_agree(tmp_path: Path) -> None:
     assert delta(before, after, "gateway_cost_usd_total", tenant="acme") == pytest.approx(
         cost_by_tenant["acme"], rel=1e-9)  # fmt: skip
     assert delta(before, after, "gateway_cost_usd_total", tenant="other") == pytest.approx(
-        cost_by_tenant["globex"], rel=1e-9)  # globex is not a configured tenant label
+        cost_by_tenant["globex"], rel=1e-9
+    )  # globex is not a configured tenant label
     assert not any(dict(k[1]).get("tenant") == "globex" for k in after)
     assert delta(before, after, "gateway_blocked_requests_total") == 1
     assert delta(before, after, "gateway_limit_rejections_total", kind="rpm") == 1

@@ -219,10 +219,12 @@ def test_non_json_content_type_is_415(gw: Any) -> None:
 def test_body_over_the_limit_is_413_before_parsing(gw: Any) -> None:
     big = {"model": "demo", "messages": [{"role": "user", "content": "x" * 10_000}]}
     assert_openai_error(post(gw, big), 413)
+
     # Also when the client lies about (or omits) the length: chunked upload.
     def gen() -> Any:
         for _ in range(10):
             yield b"x" * 1000
+
     r = httpx.post(f"{gw.url}/v1/chat/completions", content=gen(),
                    headers={"content-type": "application/json"})  # fmt: skip
     assert_openai_error(r, 413)

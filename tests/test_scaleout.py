@@ -184,8 +184,11 @@ def test_ledger_rows_equal_requests_made_across_replicas(cluster: Cluster) -> No
     def one(i: int) -> tuple[str, int, bool, int]:
         rid = f"{run}-{i:03d}"
         stream = i % 2 == 1
-        body = _body("bulk", stream=stream, stream_options={"include_usage": True}) if stream \
+        body = (
+            _body("bulk", stream=stream, stream_options={"include_usage": True})
+            if stream
             else _body("bulk")
+        )
         r = clients[i % 6].post("/v1/chat/completions", json=body,
                                 headers={"x-request-id": rid})  # fmt: skip
         assert r.status_code == 200, r.text
@@ -225,8 +228,10 @@ def test_ledger_rows_equal_requests_made_across_replicas(cluster: Cluster) -> No
 
 def _ask(c: httpx.Client) -> tuple[httpx.Response, float]:
     started = time.perf_counter()
-    r = c.post("/v1/chat/completions", json={
-        "model": "kb-assistant", "messages": [{"role": "user", "content": "How do I fly?"}]})
+    r = c.post(
+        "/v1/chat/completions",
+        json={"model": "kb-assistant", "messages": [{"role": "user", "content": "How do I fly?"}]},
+    )
     return r, time.perf_counter() - started
 
 
@@ -321,8 +326,9 @@ def test_replica_killed_with_sigkill_under_load_other_replicas_see_no_errors(
 ) -> None:
     """Expectation: while a fourth replica is SIGKILLed mid-load, every request sent to the
     other three replicas succeeds (0 errors); only requests to the dead one fail."""
-    victim = spawn_gateway(replica_config(cluster.fake.url, cluster.prefix, cluster.chroma_url),
-                           ready_timeout=240)
+    victim = spawn_gateway(
+        replica_config(cluster.fake.url, cluster.prefix, cluster.chroma_url), ready_timeout=240
+    )
     stop = threading.Event()
     results: dict[str, list[int | str]] = {"survivors": [], "victim": []}
 

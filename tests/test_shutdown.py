@@ -42,8 +42,11 @@ def test_sigterm_drains_then_exits_zero(tmp_path: Path) -> None:
         assert ready.status_code == 503
         assert ready.json() == {"status": "draining"}
         # still serving during the drain delay
-        r = httpx.post(f"{gw.url}/v1/chat/completions", timeout=5,
-                       json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+        r = httpx.post(
+            f"{gw.url}/v1/chat/completions",
+            timeout=5,
+            json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert r.status_code == 200
         t.join(20)
         code = gw.proc.wait(20)

@@ -23,10 +23,14 @@ def test_metrics_are_aggregated_across_worker_processes() -> None:
                                headers={"connection": "close"})  # fmt: skip
                 assert r.status_code == 200
             assert httpx.get(f"{gw.url}/metrics").status_code == 401
-            text = httpx.get(f"{gw.url}/metrics",
-                             headers={"authorization": "Bearer metrics-token"}).text  # fmt: skip
-            line = next(ln for ln in text.splitlines()
-                        if ln.startswith('gateway_requests_total{endpoint="chat",model="demo"'))  # fmt: skip
+            text = httpx.get(
+                f"{gw.url}/metrics", headers={"authorization": "Bearer metrics-token"}
+            ).text
+            line = next(
+                ln
+                for ln in text.splitlines()
+                if ln.startswith('gateway_requests_total{endpoint="chat",model="demo"')
+            )
             assert float(line.split()[-1]) == 40.0
         finally:
             assert gw.stop() == 0

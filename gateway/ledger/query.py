@@ -49,9 +49,13 @@ def summary(backend: Backend, flt: Filter, bucket_s: int, top: int = 20) -> dict
         "totals": total,
         "series": series,
         "series_by_model": [
-            {"bucket": r["bucket"], "model": r["model"], "cost_usd": round(r["cost_usd"], 8),
-             "requests": r["requests"],
-             "tokens": r["prompt_tokens"] + r["completion_tokens"]}
+            {
+                "bucket": r["bucket"],
+                "model": r["model"],
+                "cost_usd": round(r["cost_usd"], 8),
+                "requests": r["requests"],
+                "tokens": r["prompt_tokens"] + r["completion_tokens"],
+            }
             for r in by_model_time
         ],
         "by_model": [_rates(r) for r in backend.grouped(flt, ("model",), order_by_cost=True)],
@@ -70,8 +74,12 @@ def summary(backend: Backend, flt: Filter, bucket_s: int, top: int = 20) -> dict
             "ttft_p90": percentile(ttft, 90),
         },
         "latency_by_model": [
-            {"model": m, "p50": percentile(v, 50), "p90": percentile(v, 90),
-             "p99": percentile(v, 99)}
+            {
+                "model": m,
+                "p50": percentile(v, 50),
+                "p90": percentile(v, 90),
+                "p99": percentile(v, 99),
+            }
             for m, v in sorted(per_model.items())
         ],
     }

@@ -64,8 +64,6 @@ class NewKey(Strict):
         return as_utc(v)
 
 
-
-
 def _guarded(plugin: AuthPlugin, handler: Any) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         ctx = new_context(request.scope, "admin")
