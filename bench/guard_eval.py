@@ -7,9 +7,10 @@ For (a) the semantic layer alone, (b) the rules layer alone and (c) the whole gu
 semantic blocks; as in the plugin, the classifier only scores what the rules did not block),
 prints per family the detection rate (attacks) or false-positive rate (benign) with counts, the
 overall rates, and p50/p99 latency per prompt (one prompt at a time, one torch thread, as the
-gateway scores). The overall rates are printed again without the rows training may not use
-(``wildguard_judgecomp``, research-only licence), next to the full ones. Hard-negative files under
-tests/data/ are reported separately.
+gateway scores). The headline table leaves out the rows training may not use either
+(``wildguard_judgecomp``: research-only licence, and labels that rate a model's answer rather
+than the prompt); those rows are printed in their own table and in the totals over every row.
+Hard-negative files under tests/data/ are reported separately.
 Rows are assigned to splits by ``plugins.guard.semantic.split_of`` (hash of the normalised
 text), the rule the training script used; validation numbers are in-distribution (the data has
 near-duplicate templates on both sides of any split).
@@ -103,15 +104,10 @@ def evaluate(rows: list[dict[str, Any]], flag: Callable[[str], bool]) -> dict[st
     }
 
 
-def subset(result: dict[str, Any], rows: list[dict[str, Any]], keep: list[int]) -> dict[str, Any]:
-    """Overall rates of ``result`` restricted to the rows at indexes ``keep``."""
-    flagged = result["flagged"]
-    out = {}
-    for key, label in (("detection", "attack"), ("fpr", "benign")):
-        idx = [i for i in keep if (rows[i]["label"] == "attack") == (label == "attack")]
-        hit = sum(bool(flagged[i]) for i in idx)
-        out[key] = {"flagged": hit, "n": len(idx), "rate": hit / len(idx) if idx else None}
-    return out
+def _total(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two ``{"flagged", "n", "rate"}`` counts added up."""
+    hit, n = a["flagged"] + b["flagged"], a["n"] + b["n"]
+    return {"flagged": hit, "n": n, "rate": hit / n if n else None}
 
 
 def pct(x: float | None) -> str:
@@ -184,22 +180,40 @@ def main(argv: list[str] | None = None) -> int:
         # classifier only for prompts they did not block.
         layers["guard"] = lambda t: rules(t) or semantic(t)
 
-    results: dict[str, Any] = {"split": args.split, "rows": len(rows), "threshold": args.threshold}
-    results["layers"] = {name: evaluate(rows, fn) for name, fn in layers.items()}
-    print_table(f"{args.split} split, {len(rows)} rows (in-distribution)", results["layers"])
-    # The same verdicts without the rows the classifier may not train on (their licence is
-    # research-only): reported next to the full numbers, never instead of them.
-    clean = [i for i, r in enumerate(rows) if r.get("origin") not in EXCLUDED_ORIGINS]
-    results["without_excluded_origins"] = {
-        name: subset(res, rows, clean) for name, res in results["layers"].items()
-    }
-    print(f"\nWithout {', '.join(sorted(EXCLUDED_ORIGINS))} rows ({len(clean)} rows):\n")
-    for name, res in results["without_excluded_origins"].items():
-        d, f = res["detection"], res["fpr"]
-        print(
-            f"- {name}: {pct(d['rate'])} of attacks detected ({d['flagged']}/{d['n']}), "
-            f"{pct(f['rate'])} of benign blocked ({f['flagged']}/{f['n']})"
+    # The headline is measured on the rows this project may use. ``wildguard_judgecomp`` rows
+    # are left out of it as they are left out of training: their licence is research-only, and
+    # their labels judge the harm of a model's answer, not whether the prompt attacks the model
+    # (the same "very direct assistant" jailbreak template is labelled attack 28 times and benign
+    # 16 times). They are still scored and printed, with the totals over every row.
+    used = [r for r in rows if r.get("origin") not in EXCLUDED_ORIGINS]
+    excluded = [r for r in rows if r.get("origin") in EXCLUDED_ORIGINS]
+    results: dict[str, Any] = {"split": args.split, "rows": len(used), "threshold": args.threshold}
+    results["layers"] = {name: evaluate(used, fn) for name, fn in layers.items()}
+    print_table(
+        f"{args.split} split, {len(used)} rows (in-distribution; without "
+        f"{', '.join(sorted(EXCLUDED_ORIGINS))})",
+        results["layers"],
+    )
+    if excluded:
+        results["excluded_origins"] = {name: evaluate(excluded, fn) for name, fn in layers.items()}
+        print_table(
+            f"{args.split} split, the {len(excluded)} {', '.join(sorted(EXCLUDED_ORIGINS))} rows",
+            results["excluded_origins"],
         )
+        results["all_rows"] = {
+            name: {
+                key: _total(results["layers"][name][key], results["excluded_origins"][name][key])
+                for key in ("detection", "fpr")
+            }
+            for name in layers
+        }
+        print(f"\nEvery row of the {args.split} split ({len(rows)} rows):\n")
+        for name, res in results["all_rows"].items():
+            d, f = res["detection"], res["fpr"]
+            print(
+                f"- {name}: {pct(d['rate'])} of attacks detected ({d['flagged']}/{d['n']}), "
+                f"{pct(f['rate'])} of benign blocked ({f['flagged']}/{f['n']})"
+            )
     results["hard_negatives"] = {}
     for name, hrows in hard.items():
         res = {layer: evaluate(hrows, fn) for layer, fn in layers.items()}
@@ -212,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         for res in [
             *results["layers"].values(),
+            *results.get("excluded_origins", {}).values(),
             *(r for h in results["hard_negatives"].values() for r in h.values()),
         ]:
             res.pop("flagged", None)  # per-row verdicts: only used above
