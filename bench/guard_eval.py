@@ -40,7 +40,14 @@ HARD_NEGATIVE_GLOB = "guard_hard_negatives*.jsonl"
 #: no short benign prompts, and a classifier trained on it learnt "short means attack".
 #: Everyday task prompts with words the attack data is full of ("reveal", "print", "from now on",
 #: "rules"), written apart from the hard negatives and never used in training either.
-HELD_OUT = ("guard_short_benign_holdout.jsonl", "guard_everyday_benign_holdout.jsonl")
+#: Benign requests framed in attack words (a story about "BYPASS", "don't share the salaries",
+#: security education, product copy), written 26 Nov; training on them did not pay (see
+#: docs/guard_eval.md), so they measure the shipped model instead.
+HELD_OUT = (
+    "guard_short_benign_holdout.jsonl",
+    "guard_everyday_benign_holdout.jsonl",
+    "guard_framing_benign_holdout.jsonl",
+)
 #: Left out of training by scripts/train_guard.py (research-only licence).
 EXCLUDED_ORIGINS = {"wildguard_judgecomp"}
 
@@ -230,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             *(r for h in results["hard_negatives"].values() for r in h.values()),
         ]:
             res.pop("flagged", None)  # per-row verdicts: only used above
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
 
