@@ -7,9 +7,10 @@ For (a) the semantic layer alone, (b) the rules layer alone and (c) the whole gu
 semantic blocks; as in the plugin, the classifier only scores what the rules did not block),
 prints per family the detection rate (attacks) or false-positive rate (benign) with counts, the
 overall rates, and p50/p99 latency per prompt (one prompt at a time, one torch thread, as the
-gateway scores). The headline table leaves out the rows training may not use either
+gateway scores). The first table leaves out the rows training may not use
 (``wildguard_judgecomp``: research-only licence, and labels that rate a model's answer rather
-than the prompt); those rows are printed in their own table and in the totals over every row.
+than the prompt); those rows get their own table, then come the totals over every row of the
+split, which are what the targets are read against.
 Hard-negative files under tests/data/ are reported separately.
 Rows are assigned to splits by ``plugins.guard.semantic.split_of`` (hash of the normalised
 text), the rule the training script used; validation numbers are in-distribution (the data has
@@ -187,11 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         # classifier only for prompts they did not block.
         layers["guard"] = lambda t: rules(t) or semantic(t)
 
-    # The headline is measured on the rows this project may use. ``wildguard_judgecomp`` rows
-    # are left out of it as they are left out of training: their licence is research-only, and
-    # their labels judge the harm of a model's answer, not whether the prompt attacks the model
-    # (the same "very direct assistant" jailbreak template is labelled attack 28 times and benign
-    # 16 times). They are still scored and printed, with the totals over every row.
+    # ``wildguard_judgecomp`` rows apart, as training leaves them out: their licence is
+    # research-only, and their labels judge the harm of a model's answer, not whether the prompt
+    # attacks the model (the same "very direct assistant" jailbreak template is labelled attack
+    # 28 times and benign 16 times). The totals over every row still count them.
     used = [r for r in rows if r.get("origin") not in EXCLUDED_ORIGINS]
     excluded = [r for r in rows if r.get("origin") in EXCLUDED_ORIGINS]
     results: dict[str, Any] = {"split": args.split, "rows": len(used), "threshold": args.threshold}
