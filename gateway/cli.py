@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from gateway.plugin import Plugin
+
+log = logging.getLogger("gateway.cli")
 
 
 def _load(path: str) -> Settings:
@@ -19,6 +26,12 @@ def _load(path: str) -> Settings:
     except ConfigError as e:
         print(f"configuration error:\n{e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def per_process_stores(plugins: list[Plugin]) -> list[str]:
+    """The plugins whose state (rate limits, budgets, cached answers) lives in the memory of each
+    worker process (``store: memory``) rather than in a store the workers share."""
+    return [p.name for p in plugins if getattr(p.config, "store", None) == "memory"]
 
 
 def check_config(args: argparse.Namespace) -> int:
@@ -103,7 +116,7 @@ def serve(args: argparse.Namespace) -> int:
     from gateway.pipeline import build_pipeline
 
     try:
-        build_pipeline(settings)  # fail before forking workers or starting anything
+        plugins = build_pipeline(settings)  # fail before forking workers or starting anything
     except ConfigError as e:
         print(f"configuration error:\n{e}", file=sys.stderr)
         return 2
@@ -131,7 +144,19 @@ def serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=int(settings.server.drain_timeout_s) or None,
             server_header=False,
             date_header=False,
-        )
+        )  # (also applies the log configuration)
+        shared = per_process_stores(plugins)
+        if workers > 1 and shared:
+            log.warning(
+                "per_worker_state",
+                extra={
+                    "workers": workers,
+                    "plugins": shared,
+                    "detail": "store: memory keeps limits and caches in each worker process: "
+                    "every worker counts alone, so a user may get up to workers x their limits; "
+                    "set store: redis://... to share them",
+                },
+            )
         if workers > 1:
             from uvicorn.supervisors import Multiprocess
 
