@@ -137,6 +137,7 @@ def finetune(
         opt, lambda s: min(1.0, (s + 1) / 30) * max(0.0, 1 - s / total)
     )
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    benign_weight = float(getattr(args, "benign_weight", 1.0))
     model.train()
     started, step = time.perf_counter(), 0
     for epoch in range(args.epochs):
@@ -152,7 +153,12 @@ def finetune(
             m = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=1)
             z = head(pooled * HEAD_SCALE).squeeze(1)
-            loss = loss_fn(z, torch.tensor([y for _, y in batch], dtype=torch.float32))
+            target = torch.tensor([y for _, y in batch], dtype=torch.float32)
+            if benign_weight == 1.0:
+                loss = loss_fn(z, target)
+            else:  # benign windows count more: the operating point is a low benign block rate
+                weights = torch.where(target == 0, benign_weight, 1.0)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(z, target, weights)
             loss.backward()
             opt.step()
             sched.step()
@@ -447,6 +453,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-4, help="adapter learning rate")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--benign-weight",
+        type=float,
+        default=1.0,
+        help="weight of benign windows in the fine-tuning loss (attacks: 1)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--reuse-adapter",
