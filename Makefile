@@ -23,11 +23,12 @@ run: $(STAMP)
 check-config: $(STAMP)
 	$(BIN)/gateway check-config --config $(CONFIG)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway plugins tests bench
+	$(BIN)/ruff check gateway plugins tests bench scripts
+	$(BIN)/ruff format --check gateway plugins tests bench scripts
 	$(BIN)/mypy gateway plugins
 
 bench: $(STAMP)
