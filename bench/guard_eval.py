@@ -41,7 +41,7 @@ HARD_NEGATIVE_GLOB = "guard_hard_negatives*.jsonl"
 #: no short benign prompts, and a classifier trained on it learnt "short means attack".
 #: Everyday task prompts with words the attack data is full of ("reveal", "print", "from now on",
 #: "rules"), written apart from the hard negatives and never used in training either.
-#: Benign requests framed in attack words (a story about "BYPASS", "don't share the salaries",
+#: Benign requests framed in attack words (a story about "BYPASS", "keep the salary figures out",
 #: security education, product copy), written 26 Nov; training on them did not pay (see
 #: docs/guard_eval.md), so they measure the shipped model instead.
 HELD_OUT = (
