@@ -207,8 +207,10 @@ def test_writer_batches_and_flushes_on_close() -> None:
     w.start()
     for i in range(120):
         w.submit(row_from(record(request_id=str(i))))
-    # a full batch wakes the writer at once, long before the 30 s interval
-    wait_for(lambda: len(b.rows) >= 100)
+    # a full batch wakes the writer at once, long before the 30 s interval. (Only the first batch
+    # is certain: the writer may drain while rows still arrive, and then the rest stays under a
+    # batch until the interval or close.)
+    wait_for(lambda: len(b.rows) >= 50)
     assert all(n <= 50 for n in b.batches)
     w.close(timeout=5)
     assert [r[0] for r in b.rows] == [str(i) for i in range(120)]  # nothing lost, in order
