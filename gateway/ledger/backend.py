@@ -97,9 +97,23 @@ class Backend:
         for col in STORED_COLUMNS:
             if col not in have:
                 cur.execute(f"ALTER TABLE {self.table} ADD COLUMN {col} {_TYPES.get(col, 'TEXT')}")
-        for stmt in indexes:
-            cur.execute(stmt)
+        # Only the missing indexes: even "CREATE INDEX IF NOT EXISTS" takes a lock on the table
+        # that waits behind any open write (PostgreSQL), so a session left half-open by a network
+        # cut, still holding its insert's lock, would stall every reconnect.
+        have_indexes = self.index_names(cur)
+        for name, stmt in zip(self.index_names_wanted(), indexes, strict=True):
+            if name not in have_indexes:
+                cur.execute(stmt)
         conn.commit()
+
+    def index_names_wanted(self) -> list[str]:
+        """The names of the indexes :meth:`schema` creates, in its order."""
+        t = self.table
+        return [f"{t}_row_id", f"{t}_ts", f"{t}_tenant_ts", f"{t}_user_ts"]
+
+    def index_names(self, cur: Any) -> set[str]:
+        """The indexes the ledger table has now."""
+        raise NotImplementedError
 
     def insert(self, conn: Any, rows: list[Row]) -> None:
         """Insert a batch; rows already there (same ``row_id``: a retried batch whose first

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from gateway.ledger.backend import Backend
 
@@ -26,6 +27,11 @@ class SqliteBackend(Backend):
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=10000")
         return conn
+
+    def index_names(self, cur: Any) -> set[str]:
+        cur.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?",
+                    (self.table,))  # fmt: skip
+        return {row[0] for row in cur.fetchall()}
 
     def bucket_expr(self, seconds: int) -> str:
         s = int(seconds)
