@@ -45,7 +45,11 @@ class PostgresBackend(Backend):
         return conn
 
     def index_names(self, cur: Any) -> set[str]:
-        cur.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", (self.table,))
+        cur.execute(
+            "SELECT indexname FROM pg_indexes"
+            " WHERE schemaname = current_schema() AND tablename = %s",
+            (self.table,),
+        )
         return {row[0] for row in cur.fetchall()}
 
     def bucket_expr(self, seconds: int) -> str:
