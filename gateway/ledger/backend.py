@@ -13,6 +13,14 @@ from typing import Any
 
 from gateway.ledger.row import COLUMNS, STORED_COLUMNS, Row
 
+#: The ledger table's indexes: name (after the table's), "UNIQUE " or "", columns.
+_INDEXES = (
+    ("row_id", "UNIQUE ", "row_id"),
+    ("ts", "", "ts"),
+    ("tenant_ts", "", "tenant, ts"),
+    ("user_ts", "", "user_id, ts"),
+)
+
 _TYPES = {
     "ts": "DOUBLE PRECISION NOT NULL", "day": "TEXT NOT NULL", "status": "INTEGER NOT NULL",
     "endpoint": "TEXT NOT NULL", "model": "TEXT NOT NULL", "request_id": "TEXT NOT NULL",
@@ -76,21 +84,18 @@ class Backend:
 
     # -- shared --------------------------------------------------------------------------------
 
-    def schema(self) -> list[str]:
-        cols = ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in STORED_COLUMNS)
+    def indexes(self) -> dict[str, str]:
+        """The ledger table's indexes: the ``CREATE`` statement by index name."""
         t = self.table
-        return [
-            f"CREATE TABLE IF NOT EXISTS {t} ({cols})",
-            f"CREATE UNIQUE INDEX IF NOT EXISTS {t}_row_id ON {t} (row_id)",
-            f"CREATE INDEX IF NOT EXISTS {t}_ts ON {t} (ts)",
-            f"CREATE INDEX IF NOT EXISTS {t}_tenant_ts ON {t} (tenant, ts)",
-            f"CREATE INDEX IF NOT EXISTS {t}_user_ts ON {t} (user_id, ts)",
-        ]
+        return {
+            f"{t}_{name}": f"CREATE {kind}INDEX IF NOT EXISTS {t}_{name} ON {t} ({columns})"
+            for name, kind, columns in _INDEXES
+        }
 
     def create_schema(self, conn: Any) -> None:
         cur = conn.cursor()
-        create, *indexes = self.schema()
-        cur.execute(create)
+        cols = ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in STORED_COLUMNS)
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {self.table} ({cols})")
         # A table made before a column existed gets it (old rows: NULL; NULL ids never conflict).
         cur.execute(f"SELECT * FROM {self.table} LIMIT 0")
         have = {d[0] for d in cur.description}
@@ -100,16 +105,11 @@ class Backend:
         # Only the missing indexes: even "CREATE INDEX IF NOT EXISTS" takes a lock on the table
         # that waits behind any open write (PostgreSQL), so a session left half-open by a network
         # cut, still holding its insert's lock, would stall every reconnect.
-        have_indexes = self.index_names(cur)
-        for name, stmt in zip(self.index_names_wanted(), indexes, strict=True):
-            if name not in have_indexes:
+        existing = self.index_names(cur)
+        for name, stmt in self.indexes().items():
+            if name not in existing:
                 cur.execute(stmt)
         conn.commit()
-
-    def index_names_wanted(self) -> list[str]:
-        """The names of the indexes :meth:`schema` creates, in its order."""
-        t = self.table
-        return [f"{t}_row_id", f"{t}_ts", f"{t}_tenant_ts", f"{t}_user_ts"]
 
     def index_names(self, cur: Any) -> set[str]:
         """The indexes the ledger table has now."""
