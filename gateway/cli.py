@@ -145,8 +145,8 @@ def serve(args: argparse.Namespace) -> int:
             server_header=False,
             date_header=False,
         )  # (also applies the log configuration)
-        shared = per_process_stores(plugins)
-        if workers > 1 and shared:
+        shared = per_process_stores(plugins) if workers > 1 else []
+        if shared:
             log.warning(
                 "per_worker_state",
                 extra={

@@ -136,8 +136,6 @@ def finetune(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 30) * max(0.0, 1 - s / total)
     )
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    benign_weight = float(getattr(args, "benign_weight", 1.0))
     model.train()
     started, step = time.perf_counter(), 0
     for epoch in range(args.epochs):
@@ -154,11 +152,10 @@ def finetune(
             pooled = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=1)
             z = head(pooled * HEAD_SCALE).squeeze(1)
             target = torch.tensor([y for _, y in batch], dtype=torch.float32)
-            if benign_weight == 1.0:
-                loss = loss_fn(z, target)
-            else:  # benign windows count more: the operating point is a low benign block rate
-                weights = torch.where(target == 0, benign_weight, 1.0)
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(z, target, weights)
+            # Benign windows may count more: the operating point is a low benign block rate.
+            # (With weight 1 this is the plain mean loss, bit for bit.)
+            weights = torch.where(target == 0, args.benign_weight, 1.0)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(z, target, weights)
             loss.backward()
             opt.step()
             sched.step()
@@ -391,6 +388,7 @@ def model_meta(
                 "targets": "every Linear of every layer (W += alpha/rank * B @ A)",
                 "epochs": args.epochs,
                 "lr": args.lr,
+                "benign_weight": args.benign_weight,
             },
         },
         # The head's bias before the n-grams' bias and the shift (its weight is W), so that
@@ -495,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         head_w, head_b = old["W"], float(old_meta["head"]["b"])
         enc_meta = old_meta["encoder"]["adapter"]
         args.rank, args.alpha = int(enc_meta["rank"]), float(enc_meta["alpha"])
+        args.benign_weight = float(enc_meta.get("benign_weight", 1.0))
         print(f"reusing the adapter and head in {args.out}")
     else:
         fp32 = Encoder(quantize=False, threads=args.threads)
