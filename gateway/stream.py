@@ -31,7 +31,8 @@ from gateway import metrics
 from gateway.context import Usage
 from gateway.envelope import Envelope, TextChunk
 from gateway.errors import GatewayError, UpstreamError
-from gateway.pipeline import CHUNK_HOOKS, Pipeline, hooked
+from gateway.pipeline import Pipeline, hooked
+from gateway.plugin import CHUNK_HOOKS
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from gateway.accounting import fast_round
 from gateway.envelope import TextChunk
 from gateway.errors import ContentPolicyError
-from gateway.plugin import Plugin
+from gateway.plugin import CHUNK_HOOKS, Plugin
 from gateway.redact import find_secrets, redact
 from plugins.guard.config import GuardConfig
 from plugins.guard.output import OutputGuard, response_texts
@@ -187,6 +187,12 @@ class GuardPlugin(Plugin):
 
     def _output_on(self) -> bool:
         return self._output_enabled
+
+    def uses(self, hook: str) -> bool:
+        # Without the output guard, streams need not be parsed for this plugin.
+        if hook in CHUNK_HOOKS and not self._output_enabled:
+            return False
+        return super().uses(hook)
 
     def _act(self, ctx: RequestContext, findings: list[Finding]) -> None:
         if not findings:

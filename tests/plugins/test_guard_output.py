@@ -8,6 +8,8 @@ import pytest
 
 from gateway.context import RequestContext
 from gateway.errors import ContentPolicyError
+from gateway.pipeline import Pipeline, hooked
+from gateway.plugin import CHUNK_HOOKS, Plugin
 from plugins.guard import GuardConfig, GuardPlugin
 
 KEY = "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
@@ -143,3 +145,40 @@ def test_output_config_validation() -> None:
         GuardConfig.model_validate({"output": {"secret_types": ["ssn"]}})
     with pytest.raises(ValueError, match=r"at least as long as output\.canary"):
         GuardConfig.model_validate({"output": {"canary": "x" * 20, "window_chars": 10}})
+
+
+def test_streams_are_parsed_for_the_guard_only_when_its_output_guard_is_on() -> None:
+    """The chunk hooks make the core parse every streamed event; a guard whose output guard is
+    off (or has nothing to look for) skips them, so its streams are relayed as they came. The
+    non-streamed check (``on_response``) stays hooked either way: it also logs verdicts."""
+    on = guard()
+    off = guard(output={"enabled": False})
+    nothing = guard(output={"secret_types": []})
+    assert hooked([on], *CHUNK_HOOKS) == [on]
+    assert hooked([off, nothing], *CHUNK_HOOKS) == []
+    assert hooked([on, off, nothing], "on_response") == [on, off, nothing]
+    assert Pipeline([on, off]).has_chunk_hooks and not Pipeline([off, nothing]).has_chunk_hooks
+    # With a canary and no secret types the output guard is on again.
+    assert hooked([guard(output={"secret_types": [], "canary": CANARY})], "on_chunks")
+
+
+def test_hook_choice_is_kept_even_for_a_plugin_that_skips_plugin_init() -> None:
+    class Bare(Plugin):
+        name = "bare"
+
+        def __init__(self, config: Any) -> None:  # no super().__init__
+            self.config = config
+            self.asked = 0
+
+        def uses(self, hook: str) -> bool:
+            self.asked += 1
+            return hook == "on_chunk"
+
+        async def on_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> list[Any]:
+            return [chunk]
+
+    bare = Bare(None)
+    assert hooked([bare], *CHUNK_HOOKS) == [bare]
+    asked = bare.asked
+    assert hooked([bare], *CHUNK_HOOKS) == [bare] and bare.asked == asked  # answered once
+    assert hooked([bare], "on_response") == []
