@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/mypy gateway plugins
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run --rounds 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -3,6 +3,7 @@
     python -m bench.run            # ~5 s per cell
     python -m bench.run --quick    # ~2 s per cell (wrk counts whole seconds)
     python -m bench.run --targets direct,null --scenarios chat --conc 1,32 --duration 3
+    python -m bench.run --rounds 3 # every cell three times, interleaved; medians and the spread
 
 Starts the fake upstream, the null proxy and the gateway as separate processes on free ports,
 sends the same requests to each, prints a Markdown table and writes JSON to ``bench/results/``.
@@ -20,6 +21,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -190,6 +192,44 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per cell (target, scenario, conc) over the rounds: the median of each number
+    (taken separately), errors summed, in the order the cells first ran."""
+    cells: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault((r["target"], r["scenario"], r["conc"]), []).append(r)
+    out = []
+    for (target, scenario, conc), rs in cells.items():
+        row = {"target": target, "scenario": scenario, "conc": conc, "rounds": len(rs),
+               "errors": sum(r["errors"] for r in rs)}  # fmt: skip
+        for key in ("rps", "p50_ms", "p99_ms", "cpu_us"):
+            row[key] = statistics.median(r[key] for r in rs)
+        out.append(row)
+    return out
+
+
+def rounds_summary(rows: list[dict[str, Any]]) -> str:
+    """Gateway against the null proxy of the same round, per cell: the median and every
+    round's share of the req/s (the null proxy's own req/s moves most between rounds)."""
+    by = {(r.get("round", 0), r["target"], r["scenario"], r["conc"]): r for r in rows}
+    shares: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for (rnd, target, scenario, conc), g in by.items():
+        n = by.get((rnd, "null", scenario, conc))
+        if target == "gateway" and n is not None:
+            shares.setdefault((scenario, conc), []).append(
+                (g["rps"] / n["rps"], g["cpu_us"] / n["cpu_us"])
+            )
+    lines = []
+    for (scenario, conc), xs in shares.items():
+        each = ", ".join(f"{rps:.0%}" for rps, _ in xs)
+        lines.append(
+            f"gateway/null {scenario} conc {conc}: {statistics.median(x for x, _ in xs):.0%} "
+            f"of the req/s (median; rounds: {each}), "
+            f"{statistics.median(c for _, c in xs):.2f}x the CPU per request"
+        )
+    return "\n".join(lines)
+
+
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -210,6 +250,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--load-cpus", help="taskset CPU list for the load tool, e.g. 0")
     p.add_argument("--server-cpus", help="taskset CPU list for the servers, e.g. 1")
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="measure every cell this many times, interleaved (all cells, then all again); "
+        "the table shows medians, and each round's gateway/null share is printed",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, help="JSON results file (default bench/results/<time>.json)")
     args = p.parse_args(argv)
     args.targets = _csv(args.targets)
@@ -220,6 +265,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ]
     if bad:
         p.error(f"unknown target/scenario {bad[0]!r}")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if "direct" not in args.targets:
         args.targets.insert(0, "direct")  # the baseline every "added" column needs
     # bench/gateway.yaml runs the demo pipeline, whose auth plugin knows the demo key.
@@ -228,6 +275,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.gateway_headers = {k.strip(): v.strip() for k, v in args.gateway_headers.items()}
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     return args
+
+
+def measure_round(
+    args: argparse.Namespace, procs: dict[str, Server], tool: str, rnd: int
+) -> list[dict[str, Any]]:
+    """Every cell once: per scenario and target, a warm-up, then each concurrency."""
+    rows = []
+    for scenario in args.scenarios:
+        body = request_body(scenario)
+        for target in args.targets:
+            server = procs[target]
+            headers = args.gateway_headers if target == "gateway" else {}
+            # Warm-up (connections, caches, first-call imports); not recorded.
+            run_load(server.url, body, headers, 4, 1.0, tool, args.load_cpus)
+            for conc in args.conc:
+                # CPU per request of the server under test (for direct: the fake itself):
+                # unlike req/s, barely moved by whatever else shares the machine.
+                cpu = cpu_seconds(server.proc.pid)
+                res: LoadResult = run_load(
+                    server.url, body, headers, conc, args.duration, tool, args.load_cpus
+                )
+                cpu = cpu_seconds(server.proc.pid) - cpu
+                row = {"target": target, "scenario": scenario, "round": rnd,
+                       **dataclasses.asdict(res),
+                       "cpu_us": cpu / max(1, res.requests) * 1e6}  # fmt: skip
+                rows.append(row)
+                print(
+                    f"  r{rnd + 1} {target:8} {scenario:6} c={conc:<3} {res.rps:8.0f} req/s "
+                    f"p50 {res.p50_ms:7.2f} ms  p99 {res.p99_ms:7.2f} ms  "
+                    f"cpu {row['cpu_us']:5.0f} us/req  errors {res.errors}",
+                    file=sys.stderr,
+                )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,40 +321,24 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, servers(args, Path(tmp)) as procs:
-        for scenario in args.scenarios:
-            body = request_body(scenario)
-            for target in args.targets:
-                server = procs[target]
-                headers = args.gateway_headers if target == "gateway" else {}
-                # Warm-up (connections, caches, first-call imports); not recorded.
-                run_load(server.url, body, headers, 4, 1.0, tool, args.load_cpus)
-                for conc in args.conc:
-                    # CPU per request of the server under test (for direct: the fake itself):
-                    # unlike req/s, barely moved by whatever else shares the machine.
-                    cpu = cpu_seconds(server.proc.pid)
-                    res: LoadResult = run_load(
-                        server.url, body, headers, conc, args.duration, tool, args.load_cpus
-                    )
-                    cpu = cpu_seconds(server.proc.pid) - cpu
-                    row = {"target": target, "scenario": scenario, **dataclasses.asdict(res),
-                           "cpu_us": cpu / max(1, res.requests) * 1e6}  # fmt: skip
-                    rows.append(row)
-                    print(
-                        f"  {target:8} {scenario:6} c={conc:<3} {res.rps:8.0f} req/s "
-                        f"p50 {res.p50_ms:7.2f} ms  p99 {res.p99_ms:7.2f} ms  "
-                        f"cpu {row['cpu_us']:5.0f} us/req  errors {res.errors}",
-                        file=sys.stderr,
-                    )
-    table = markdown(rows)
-    print(table)
-    if summary(rows):
-        print("\n" + summary(rows))
+        for rnd in range(args.rounds):
+            rows += measure_round(args, procs, tool, rnd)
+    if args.rounds == 1:
+        print(markdown(rows))
+        if summary(rows):
+            print("\n" + summary(rows))
+    else:
+        print(f"Medians over {args.rounds} rounds:\n")
+        print(markdown(median_rows(rows)))
+        if rounds_summary(rows):
+            print("\n" + rounds_summary(rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     meta = {
         "time": dt.datetime.now().isoformat(timespec="seconds"),
         "tool": tool,
         "duration_s": args.duration,
+        "rounds": args.rounds,
         "chunks": args.chunks,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),

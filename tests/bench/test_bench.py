@@ -20,7 +20,15 @@ import uvicorn
 
 from bench.load import COUNTER, have_wrk, numbered, parse_wrk, percentile, run_python, run_wrk
 from bench.null_proxy import NullProxy
-from bench.run import cpu_seconds, markdown, parse_args, request_body, summary
+from bench.run import (
+    cpu_seconds,
+    markdown,
+    median_rows,
+    parse_args,
+    request_body,
+    rounds_summary,
+    summary,
+)
 from gateway.fake_upstream import start
 
 WRK_OUTPUT = """\
@@ -217,3 +225,26 @@ def test_hotpath_driver_reports_cpu_per_request(target: str, scenario: str) -> N
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"{scenario} conc=4 n=20:" in out.stdout and "us CPU/request" in out.stdout
+
+
+def test_rounds_give_median_cells_and_each_rounds_share_of_the_null_proxy() -> None:
+    rows = []
+    for rnd, (null_rps, gw_rps, gw_cpu) in enumerate([(10000, 5000, 200), (8000, 4800, 180),
+                                                      (11000, 4400, 230)]):  # fmt: skip
+        for r in (row("null", 32, 3.0, 9.0, rps=null_rps, cpu_us=100),
+                  row("gateway", 32, 6.0 + rnd, 10.0, rps=gw_rps, cpu_us=gw_cpu)):  # fmt: skip
+            r["round"] = rnd
+            r["errors"] = rnd
+            rows.append(r)
+    med = median_rows(rows)
+    assert [(m["target"], m["rounds"]) for m in med] == [("null", 3), ("gateway", 3)]
+    gw = med[1]
+    assert (gw["rps"], gw["p50_ms"], gw["cpu_us"], gw["errors"]) == (4800, 7.0, 200, 3)
+    # Each round against its own null proxy: 50%, 60%, 40%; the median is 50%.
+    assert rounds_summary(rows) == (
+        "gateway/null chat conc 32: 50% of the req/s (median; rounds: 50%, 60%, 40%), "
+        "2.00x the CPU per request"
+    )
+    with pytest.raises(SystemExit):
+        parse_args(["--rounds", "0"])
+    assert parse_args(["--rounds", "3"]).rounds == 3
