@@ -323,15 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, servers(args, Path(tmp)) as procs:
         for rnd in range(args.rounds):
             rows += measure_round(args, procs, tool, rnd)
-    if args.rounds == 1:
-        print(markdown(rows))
-        if summary(rows):
-            print("\n" + summary(rows))
-    else:
+    if args.rounds > 1:
         print(f"Medians over {args.rounds} rounds:\n")
-        print(markdown(median_rows(rows)))
-        if rounds_summary(rows):
-            print("\n" + rounds_summary(rows))
+    print(markdown(median_rows(rows)))  # (one round: the rows as measured)
+    lines = summary(rows) if args.rounds == 1 else rounds_summary(rows)
+    if lines:
+        print("\n" + lines)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     meta = {
