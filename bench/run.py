@@ -41,6 +41,11 @@ PROMPT = "Say hello in one short sentence, please. (request %REQ_NUM%)"
 TARGETS = ("direct", "null", "gateway")
 DEMO_KEY = "sk-demo-LocalOnlyNeverDeployThisKey"
 SCENARIOS = ("chat", "stream")
+#: Opt-in scenarios (``--scenarios chat,stream,paced``): ``paced`` is ``stream`` with the fake
+#: pausing PACED_DELAY_MS before each content chunk, as a model generating tokens does, so every
+#: event reaches the proxy in its own read. Its req/s is bound by the pauses; compare CPU/req.
+EXTRA_SCENARIOS = ("paced",)
+PACED_DELAY_MS = 1
 
 
 def request_body(scenario: str) -> bytes:
@@ -49,11 +54,16 @@ def request_body(scenario: str) -> bytes:
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": 64,
     }
-    if scenario == "stream":
+    if scenario in ("stream", "paced"):
         # The gateway asks for the usage chunk anyway; ask everywhere so the bytes match.
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return json.dumps(body).encode()
+
+
+def scenario_headers(scenario: str) -> dict[str, str]:
+    """Request headers a scenario adds for every target (the proxies pass them on to the fake)."""
+    return {"x-fake-delay-ms": str(PACED_DELAY_MS)} if scenario == "paced" else {}
 
 
 def free_port() -> int:
@@ -239,7 +249,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2 s per cell instead of 5")
     p.add_argument("--duration", type=float, help="seconds per cell (overrides --quick)")
     p.add_argument("--targets", default=",".join(TARGETS), help="direct,null,gateway")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="chat,stream")
+    p.add_argument(
+        "--scenarios", default=",".join(SCENARIOS),
+        help="chat,stream (the default) and paced (streamed, a 1 ms pause before each chunk)",
+    )  # fmt: skip
     p.add_argument("--conc", default="1,32", help="concurrency levels, e.g. 1,32")
     p.add_argument("--chunks", type=int, default=20, help="content chunks per streamed answer")
     p.add_argument("--tool", choices=("auto", "wrk", "python"), default="auto")
@@ -261,7 +274,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.scenarios = _csv(args.scenarios)
     args.conc = [int(c) for c in _csv(args.conc)]
     bad = [t for t in args.targets if t not in TARGETS] + [
-        s for s in args.scenarios if s not in SCENARIOS
+        s for s in args.scenarios if s not in SCENARIOS + EXTRA_SCENARIOS
     ]
     if bad:
         p.error(f"unknown target/scenario {bad[0]!r}")
@@ -286,7 +299,10 @@ def measure_round(
         body = request_body(scenario)
         for target in args.targets:
             server = procs[target]
-            headers = args.gateway_headers if target == "gateway" else {}
+            headers = {
+                **(args.gateway_headers if target == "gateway" else {}),
+                **scenario_headers(scenario),
+            }
             # Warm-up (connections, caches, first-call imports); not recorded.
             run_load(server.url, body, headers, 4, 1.0, tool, args.load_cpus)
             for conc in args.conc:

@@ -21,12 +21,14 @@ import uvicorn
 from bench.load import COUNTER, have_wrk, numbered, parse_wrk, percentile, run_python, run_wrk
 from bench.null_proxy import NullProxy
 from bench.run import (
+    PACED_DELAY_MS,
     cpu_seconds,
     markdown,
     median_rows,
     parse_args,
     request_body,
     rounds_summary,
+    scenario_headers,
     summary,
 )
 from gateway.fake_upstream import start
@@ -114,6 +116,27 @@ def test_args_always_keep_the_direct_baseline_and_reject_unknown_targets() -> No
 def test_stream_body_asks_for_the_usage_chunk() -> None:
     assert b'"include_usage": true' in request_body("stream")
     assert b'"stream"' not in request_body("chat")
+
+
+@pytest.mark.anyio
+async def test_paced_scenario_makes_the_fake_pause_before_every_chunk() -> None:
+    assert "paced" not in parse_args([]).scenarios  # opt-in: make bench does not run it
+    assert parse_args(["--scenarios", "chat,paced"]).scenarios == ["chat", "paced"]
+    assert request_body("paced") == request_body("stream")
+    runner, up = await start(chunks=20)
+    try:
+        url = f"http://127.0.0.1:{up}/v1/chat/completions"
+        async with httpx.AsyncClient() as client:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            r = await client.post(url, content=request_body("paced"),
+                                  headers=scenario_headers("paced"))  # fmt: skip
+            paced = loop.time() - t0
+        assert r.text.endswith("data: [DONE]\n\n")
+        assert paced >= 20 * PACED_DELAY_MS / 1000  # a pause before each of the 20 chunks
+        assert scenario_headers("stream") == {}
+    finally:
+        await runner.cleanup()
 
 
 @asynccontextmanager
