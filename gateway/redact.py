@@ -217,7 +217,11 @@ def find_secrets(text: str, types: frozenset[str] | None = None) -> list[SecretH
     hits: list[SecretHit] = []
     for h in sorted(found, key=lambda h: (h.start, -h.end)):
         if hits and h.start < hits[-1].end:
-            continue  # overlaps an earlier (or longer) finding
+            # Overlaps an earlier (or longer) finding: one span covering both, under the
+            # earlier one's type, so no part of either is left out of a redaction.
+            if h.end > hits[-1].end:
+                hits[-1] = SecretHit(hits[-1].type, hits[-1].start, h.end)
+            continue
         hits.append(h)
     return hits
 

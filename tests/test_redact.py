@@ -54,3 +54,18 @@ def test_prefilter_for_types_without_short_numbers_is_the_same_as_scanning_every
     ]
     assert find_secrets("+44 20 7946 0958", OUTPUT_TYPES) == []
     assert [h.type for h in find_secrets("+44 20 7946 0958", frozenset({"phone"}))] == ["phone"]
+
+
+def test_overlapping_findings_are_redacted_as_one_span_covering_both() -> None:
+    """An e-mail whose local part starts inside a phone number (no space between) used to be
+    dropped as overlapping, leaving its address in the redacted text."""
+    text = "call +1 (555) 123-4567jane.doe+x@example.co.uk today"
+    hits = find_secrets(text, frozenset({"phone", "email"}))
+    assert [(h.type, text[h.start : h.end]) for h in hits] == [
+        ("phone", "+1 (555) 123-4567jane.doe+x@example.co.uk")
+    ]
+    assert redact.redact(text, hits) == "call [REDACTED:phone] today"
+    # Contained findings still give one span: a key block holds base64 "numbers".
+    key = "-----BEGIN PRIVATE KEY-----\nMIIE 4111 1111 1111 1111\n-----END PRIVATE KEY-----"
+    hits = find_secrets(key, None)
+    assert [(h.type, h.start, h.end) for h in hits] == [("private_key", 0, len(key))]
