@@ -1,10 +1,12 @@
 """The output guard: secrets and a system-prompt canary in the model's answer, streamed or not.
 
-Streams are scanned as text accumulates, per choice. The last ``window_chars`` characters, any
-unfinished token (a key arrives in pieces with no space in it), a trailing run of digits (a card
-number split at a space) and an unterminated private-key block are held back; everything before
-is scanned, redacted if needed, and released. So a secret split across any number of chunks is
-still seen whole. Held text is released at ``finish_reason`` or at the end of the stream.
+Streams are scanned as text accumulates, per choice. Any unfinished token (a key arrives in
+pieces with no space in it), a trailing run of digits (a card number split at a space), an
+unterminated private-key block and the last ``window_chars`` characters (by default only as many
+as the canary and the types whose matches hold spaces need: none for the default types) are
+held back; everything before is scanned, redacted if needed, and released. So a secret split
+across any number of chunks is still seen whole. Held text is released at ``finish_reason`` or
+at the end of the stream.
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ class OutputConfig(Strict):
     #: A string planted in your system prompt; seeing it in an answer means the prompt leaked.
     canary: str = Field("", repr=False)
     canary_action: Literal["block", "redact", "flag"] = "block"
-    #: Characters held back while streaming so a match split across chunks is still caught.
-    window_chars: int = Field(64, ge=8, le=4096)
+    #: Characters held back while streaming, besides the unfinished token, a trailing number
+    #: and an open key block, so that a match with spaces in it split across chunks is still
+    #: caught. Unset: as few as the types and the canary need (the canary's length; 42 with
+    #: ``iban``, 36 with ``phone``; none for the default types, whose matches have no spaces).
+    window_chars: int | None = Field(None, ge=8, le=4096)
     #: An unbroken token or key block longer than this is released (scanned) anyway.
     max_hold_chars: int = Field(8192, ge=256)
 
@@ -45,9 +50,21 @@ class OutputConfig(Strict):
                 f"output.secret_types: unknown type {unknown[0]!r}; "
                 f"allowed: {', '.join(SECRET_TYPES)}"
             )
-        if len(self.canary) > self.window_chars:
+        if self.window_chars is not None and len(self.canary) > self.window_chars:
             raise ValueError("output.window_chars must be at least as long as output.canary")
         return self
+
+    def hold_window(self) -> int:
+        """``window_chars``, or when unset the least the configured matches need."""
+        if self.window_chars is not None:
+            return self.window_chars
+        return max([len(self.canary)] + [SPACED_SPAN.get(t, 0) for t in self.secret_types])
+
+
+#: Types whose matches may hold spaces that the other hold-back rules do not cover (letters
+#: between IBAN groups, dots between phone digits), and their longest match: an IBAN is at most
+#: 34 characters in groups of four (8 spaces); the phone pattern's longest form is 36.
+SPACED_SPAN = {"iban": 42, "phone": 36}
 
 
 class OutputGuard:
@@ -55,6 +72,7 @@ class OutputGuard:
         self.cfg = cfg
         self.types = frozenset(cfg.secret_types)
         self._canary = cfg.canary.lower()
+        self.window = cfg.hold_window()
 
     # --- one complete text (non-streamed answers, or a released span) ---------------------------
 
@@ -68,7 +86,10 @@ class OutputGuard:
         i = low.find(self._canary)
         while i != -1:
             if i + size > cut:
-                cut = min(cut, i) if i < cut else cut
+                # Not redacted in this pass: hold back as if the text ended where it starts,
+                # since a key or IBAN just before it is only one once the canary is gone (its
+                # end needs a non-alphanumeric character after it).
+                cut = min(cut, self._safe_cut(text, i))
                 break
             starts.append(i)
             i = low.find(self._canary, i + size)
@@ -113,12 +134,14 @@ class OutputGuard:
 
     # --- streaming -----------------------------------------------------------------------
 
-    def _safe_cut(self, text: str) -> int:
-        n = len(text)
-        cut = n - self.cfg.window_chars
+    def _safe_cut(self, text: str, end: int | None = None) -> int:
+        """How much of ``text[:end]`` (all of it by default) may be released: everything a
+        match that continues past ``end`` cannot reach back into."""
+        n = len(text) if end is None else end
+        cut = n - self.window
         if cut <= 0:
             return 0
-        if not text[cut - 1].isspace() and not text[cut].isspace():
+        if not text[cut - 1].isspace() and (cut == n or not text[cut].isspace()):
             ws = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
             if ws >= 0:
                 cut = ws + 1
@@ -128,14 +151,14 @@ class OutputGuard:
         if m:
             cut = m.start()
         begin = text.rfind(_KEY_BEGIN, 0, cut)
-        if begin >= 0 and not _KEY_END.search(text, begin) and n < self.cfg.max_hold_chars:
+        if begin >= 0 and not _KEY_END.search(text, begin, n) and n < self.cfg.max_hold_chars:
             cut = begin
         return cut
 
     def feed(self, held: str, text: str, final: bool) -> tuple[str, str, list[Finding]]:
         """Add ``text`` to the ``held`` text of one choice: (released, still held, findings)."""
         pending = held + text
-        if not final and len(pending) <= self.cfg.window_chars:
+        if not final and len(pending) <= self.window:
             return "", pending, []  # all of it is still held: nothing to scan yet
         findings: list[Finding] = []
         cut = len(pending) if final else self._safe_cut(pending)
