@@ -418,6 +418,8 @@ def _reference_secrets(text: str) -> list[tuple[str, int, int]]:
     for h in sorted(found, key=lambda h: (h[1], -h[2])):
         if not (hits and h[1] < hits[-1][2]):
             hits.append(h)
+        elif h[2] > hits[-1][2]:  # overlapping findings: one span covering both
+            hits[-1] = (hits[-1][0], hits[-1][1], h[2])
     return hits
 
 
