@@ -187,21 +187,6 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def summary(rows: list[dict[str, Any]]) -> str:
-    """Gateway against null proxy at each concurrency: throughput and CPU per request."""
-    by = {(r["target"], r["scenario"], r["conc"]): r for r in rows}
-    lines = []
-    for (target, scenario, conc), g in by.items():
-        n = by.get(("null", scenario, conc))
-        if target != "gateway" or n is None:
-            continue
-        lines.append(
-            f"gateway/null {scenario} conc {conc}: {g['rps'] / n['rps']:.0%} of the req/s, "
-            f"{g['cpu_us'] / n['cpu_us']:.2f}x the CPU per request"
-        )
-    return "\n".join(lines)
-
-
 def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per cell (target, scenario, conc) over the rounds: the median of each number
     (taken separately), errors summed, in the order the cells first ran."""
@@ -218,9 +203,10 @@ def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def rounds_summary(rows: list[dict[str, Any]]) -> str:
-    """Gateway against the null proxy of the same round, per cell: the median and every
-    round's share of the req/s (the null proxy's own req/s moves most between rounds)."""
+def summary(rows: list[dict[str, Any]]) -> str:
+    """Gateway against the null proxy of the same round, per cell: share of the req/s and
+    CPU per request. Over several rounds, the medians and every round's share (the null
+    proxy's own req/s moves most between rounds)."""
     by = {(r.get("round", 0), r["target"], r["scenario"], r["conc"]): r for r in rows}
     shares: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for (rnd, target, scenario, conc), g in by.items():
@@ -231,10 +217,11 @@ def rounds_summary(rows: list[dict[str, Any]]) -> str:
             )
     lines = []
     for (scenario, conc), xs in shares.items():
-        each = ", ".join(f"{rps:.0%}" for rps, _ in xs)
+        rps = f"{statistics.median(x for x, _ in xs):.0%} of the req/s"
+        if len(xs) > 1:
+            rps += f" (median; rounds: {', '.join(f'{x:.0%}' for x, _ in xs)})"
         lines.append(
-            f"gateway/null {scenario} conc {conc}: {statistics.median(x for x, _ in xs):.0%} "
-            f"of the req/s (median; rounds: {each}), "
+            f"gateway/null {scenario} conc {conc}: {rps}, "
             f"{statistics.median(c for _, c in xs):.2f}x the CPU per request"
         )
     return "\n".join(lines)
@@ -342,9 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds > 1:
         print(f"Medians over {args.rounds} rounds:\n")
     print(markdown(median_rows(rows)))  # (one round: the rows as measured)
-    lines = summary(rows) if args.rounds == 1 else rounds_summary(rows)
-    if lines:
-        print("\n" + lines)
+    if summary(rows):
+        print("\n" + summary(rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     meta = {

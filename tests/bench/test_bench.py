@@ -27,7 +27,6 @@ from bench.run import (
     median_rows,
     parse_args,
     request_body,
-    rounds_summary,
     scenario_headers,
     summary,
 )
@@ -264,7 +263,7 @@ def test_rounds_give_median_cells_and_each_rounds_share_of_the_null_proxy() -> N
     gw = med[1]
     assert (gw["rps"], gw["p50_ms"], gw["cpu_us"], gw["errors"]) == (4800, 7.0, 200, 3)
     # Each round against its own null proxy: 50%, 60%, 40%; the median is 50%.
-    assert rounds_summary(rows) == (
+    assert summary(rows) == (
         "gateway/null chat conc 32: 50% of the req/s (median; rounds: 50%, 60%, 40%), "
         "2.00x the CPU per request"
     )
