@@ -143,6 +143,25 @@ class Envelope:
         self.index = probe["choices"][0].get("index", 0)
         return True
 
+    def single(self, complete: bytes) -> TextChunk | None:
+        """``complete`` as one :class:`TextChunk` when it is exactly one event in this envelope
+        (what an upstream generating tokens sends per read), else None: the common case of
+        :meth:`parse` without the lists around it."""
+        pre = self.pre
+        if not pre or complete.find(b"\n") != len(complete) - 2:  # one line, then "\n\n"
+            return None
+        body = complete[6:-2]
+        text = body.removeprefix(pre).removesuffix(self.suf)
+        if len(text) != len(body) - len(pre) - len(self.suf) or not complete.startswith(b"data: "):
+            return None
+        # Exactly one JSON string between the envelope's two halves (anything else, such as two
+        # strings or a string with more after it, fails to parse or is no str).
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return None
+        return TextChunk(self, value) if type(value) is str else None
+
     def parse(self, complete: bytes) -> list[Any] | None:
         """The parsed payloads of ``complete`` when it is only one-line ``data: `` events (what
         OpenAI-style upstreams send), each run of events in this envelope as one

@@ -169,6 +169,11 @@ class _Relay:
             self.saw_done = True
             complete = complete[: -len(_DONE)]
         assert self.envelope is not None
+        if self.text_chunks:
+            # One text event per read (a model generating tokens): no lists to build.
+            chunk = self.envelope.single(complete)
+            if chunk is not None:
+                return self._keep(_events(await Pipeline.run_chunks(self.hooks, self.ctx, [chunk])))
         objs = self.envelope.parse(complete)
         if objs is None:
             objs = self._objects(complete)

@@ -271,6 +271,30 @@ def test_envelope_parses_a_block_of_other_events_as_they_are() -> None:
     assert env.parse(b'data: {"a":\n\ndata: 1}\n\n') is None
 
 
+def test_envelope_single_takes_exactly_one_event_in_the_envelope() -> None:
+    """``single``: the per-read shortcut for one text event; anything else is left to parse."""
+    env = _Envelope()
+    one = event({"content": 'a "b" \\ é'})
+    assert env.single(one) is None  # nothing learnt yet
+    assert env.parse(one) is not None and env.pre
+    chunk = env.single(one)
+    assert chunk is not None and chunk.text == 'a "b" \\ é' and chunk.index == 0
+    assert chunk.as_dict() == json.loads(one[6:])
+    two = event({"content": "a"}) + event({"content": "b"})
+    assert env.single(two) is None and env.single(one + b"\n\n") is None
+    for other in (
+        event({"content": "a"}, finish="stop"),  # the envelope's ends, not its middle
+        event({"role": "assistant", "content": ""}),
+        one.replace(b'"a \\"b', b'1,"a \\"b'),  # two values between the halves
+        one.replace(b'"content":"', b'"content":1,"x":"'),
+        one.replace(b"data: ", b"data:"),
+        one.replace(b'"content":', b'"content":\n'),  # a second line
+        one[:-1],  # no blank line after it
+    ):
+        assert other != one and env.single(other) is None, other
+    assert env.single(event({"content": 5})) is None  # type: ignore[dict-item]
+
+
 class _Probe(Plugin):
     """A chunk plugin without ``text_chunks``: records what it is given."""
 

@@ -231,6 +231,16 @@ class GuardPlugin(Plugin):
             held = state["held"] = {}
             state["first"] = chunks[0]  # on_stream_end's template, if it needs one
         shadow = self.shadow
+        if len(chunks) == 1 and type(one := chunks[0]) is TextChunk and not shadow:
+            # One text event per read (a model generating tokens): _release, for one chunk.
+            idx = one.index
+            released, held[idx], findings = self.output.feed(held.get(idx, ""), one.text, False)
+            if findings:
+                self._act(ctx, findings)
+            if not released:
+                return []
+            one.text = released
+            return chunks
         out: list[Any] = []
         texts: dict[Any, list[str]] = {}  # choice index -> text of the current run
         last: dict[Any, Any] = {}  # choice index -> the run's last chunk
