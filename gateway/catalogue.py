@@ -94,3 +94,7 @@ class Catalogue:
 
     def deployments(self) -> list[Deployment]:
         return [d for e in self.entries for d in e.deployments]
+
+    def model_names(self) -> set[str]:
+        """Every model name a request can carry (names, aliases) or an upstream is asked for."""
+        return {*self._by_name, *(d.model for d in self.deployments())}

@@ -49,13 +49,18 @@ def encoding(name: str = "o200k_base") -> Any:
     return tiktoken.get_encoding(name)
 
 
-@functools.lru_cache(maxsize=256)
-def encoding_for_model(model: str) -> Any:
-    """o200k for the GPT-4o/4.1/5 and o-series families, cl100k for older ones and others."""
+def encoding_name(model: str) -> str:
+    """cl100k for GPT-3.5, GPT-4 (not 4o/4.1) and the text-embedding models; o200k for the
+    GPT-4o/4.1/5 and o-series families and every other model."""
     m = model.lower()
     if m.startswith(("gpt-3.5", "gpt-4-", "text-embedding")) or m == "gpt-4":
-        return encoding("cl100k_base")
-    return encoding("o200k_base")
+        return "cl100k_base"
+    return "o200k_base"
+
+
+@functools.lru_cache(maxsize=256)
+def encoding_for_model(model: str) -> Any:
+    return encoding(encoding_name(model))
 
 
 #: How many texts' counts are remembered (then the memo starts over).

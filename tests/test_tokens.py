@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from gateway import tokens
+from gateway.app import create_app
+from gateway.config import parse_settings
+from tests.helpers import build_config, demo_model
 
 
 def _direct(text: str, model: str = "") -> int:
@@ -54,3 +60,38 @@ def test_count_messages_matches_the_documented_framing() -> None:
     ]  # fmt: skip
     want = 3 + 3 * 3 + _direct("Be brief.") + _direct("hi") + 85 + 1 + _direct("f{}")
     assert tokens.count_messages(msgs) == want
+
+
+def test_startup_loads_only_the_encodings_the_catalogue_uses(monkeypatch: Any) -> None:
+    """o200k holds ~70 MB resident, cl100k ~30 MB: a gateway loads the tables of its models'
+    names, aliases and upstream models, and only those."""
+    loaded: list[str] = []
+
+    def record(name: str = "o200k_base") -> Any:
+        loaded.append(name)
+        return real(name)
+
+    real = tokens.encoding
+    monkeypatch.setattr(tokens, "encoding", record)
+    cases = [
+        ([demo_model("http://127.0.0.1:9")], ["o200k_base"]),
+        # (its upstream model is "gpt-4-upstream": cl100k too)
+        ([demo_model("http://127.0.0.1:9", name="gpt-4")], ["cl100k_base"]),
+        ([{**demo_model("http://127.0.0.1:9"), "aliases": ["gpt-3.5-turbo"]}],
+         ["cl100k_base", "o200k_base"]),
+        ([demo_model("http://127.0.0.1:9", model="text-embedding-3-small")],
+         ["cl100k_base", "o200k_base"]),
+    ]  # fmt: skip
+    for models, expected in cases:
+        loaded.clear()
+        config = build_config("http://127.0.0.1:9", models=models)
+        gw = create_app(parse_settings(config, "test-config.yaml")).state.gateway
+
+        async def cycle(gw: Any = gw) -> None:
+            await gw.startup()
+            await gw.shutdown()
+
+        asyncio.run(cycle())
+        assert loaded == expected, models
+    assert tokens.encoding_name("gpt-4-turbo") == "cl100k_base"
+    assert tokens.encoding_name("gpt-4o-mini") == tokens.encoding_name("o3") == "o200k_base"
