@@ -386,3 +386,41 @@ async def test_a_plugin_above_the_guard_without_text_chunks_gets_dicts() -> None
     out = await r.feed(data) + await r.end()
     assert seen and all(isinstance(x, dict) for x in seen)
     assert KEY not in out.decode() and "[REDACTED:api_key]" in out.decode()
+
+
+@pytest.mark.anyio
+async def test_no_secret_leaks_whatever_the_reads() -> None:
+    """Texts with secrets, streamed as events of random sizes and relayed in one read, one event
+    per read (``Envelope.single`` and the guard's lone-chunk path) and random reads: nothing
+    the non-streamed check redacts may reach the client."""
+    import random
+
+    from tests.plugins.test_guard_output import FILLER, SECRETS
+
+    cfg = {"secret_types": ["api_key", "private_key", "jwt", "credit_card", "email"],
+           "canary": "canary token 7f3a", "canary_action": "redact"}  # fmt: skip
+    g = guard(output=cfg)  # (state is per request: one plugin serves every relay)
+    rng = random.Random(11)
+    checked = 0
+    for _ in range(60):
+        parts: list[str] = []
+        for secret in rng.sample(SECRETS, rng.randint(1, 3)):
+            parts += [rng.choice(FILLER) for _ in range(rng.randint(0, 4))] + [secret]
+        text = " ".join([*parts, "done."])
+        pieces, i = [], 0
+        while i < len(text):
+            k = rng.choice([1, 2, 3, 5, 8, 20])
+            pieces.append(text[i : i + k])
+            i += k
+        data = wire(pieces)
+        whole = g.output.check(text)[0]
+        hidden = [s for s in SECRETS if s in text and s not in whole]
+        if not hidden:  # (only secrets of types left out, such as phone numbers)
+            continue
+        checked += 1
+        for reads in (None, per_event(data), [rng.randint(1, 400) for _ in range(40)]):
+            events, _, _ = await relay(g, data, reads)
+            got = text_of(events)
+            assert not [s for s in hidden if s in got], (text, reads)
+            assert got.endswith(" done."), (text, got)
+    assert checked > 40
