@@ -231,16 +231,9 @@ class GuardPlugin(Plugin):
             held = state["held"] = {}
             state["first"] = chunks[0]  # on_stream_end's template, if it needs one
         shadow = self.shadow
-        if len(chunks) == 1 and type(one := chunks[0]) is TextChunk and not shadow:
-            # One text event per read (a model generating tokens): _release, for one chunk.
-            idx = one.index
-            released, held[idx], findings = self.output.feed(held.get(idx, ""), one.text, False)
-            if findings:
-                self._act(ctx, findings)
-            if not released:
-                return []
-            one.text = released
-            return chunks
+        if len(chunks) == 1 and type(one := chunks[0]) is TextChunk:
+            # One text event per read (a model generating tokens): no run to collect.
+            return chunks if self._feed_run(ctx, held, one.index, one.text, one) else []
         out: list[Any] = []
         texts: dict[Any, list[str]] = {}  # choice index -> text of the current run
         last: dict[Any, Any] = {}  # choice index -> the run's last chunk
@@ -289,16 +282,26 @@ class GuardPlugin(Plugin):
         """Feed a run's text per choice; what is released goes out in the run's last chunk."""
         for idx, parts in texts.items():
             text = parts[0] if len(parts) == 1 else "".join(parts)
-            released, held[idx], findings = self.output.feed(held.get(idx, ""), text, False)
-            if findings:
-                self._act(ctx, findings)
-            if released and not self.shadow:
-                chunk = last[idx]
-                if type(chunk) is TextChunk:
-                    chunk.text = released
-                else:
-                    chunk["choices"][0]["delta"]["content"] = released
-                out.append(chunk)
+            if self._feed_run(ctx, held, idx, text, last[idx]) and not self.shadow:
+                out.append(last[idx])
+
+    def _feed_run(
+        self, ctx: RequestContext, held: dict[Any, str], idx: Any, text: str, chunk: Any
+    ) -> bool:
+        """Feed one choice's run of text; True if ``chunk`` (the run's last) should go on:
+        rewritten to carry what is released (shadow mode changes nothing and releases all)."""
+        released, held[idx], findings = self.output.feed(held.get(idx, ""), text, False)
+        if findings:
+            self._act(ctx, findings)
+        if self.shadow:
+            return True
+        if not released:
+            return False
+        if type(chunk) is TextChunk:
+            chunk.text = released
+        else:
+            chunk["choices"][0]["delta"]["content"] = released
+        return True
 
     def _chunk(self, ctx: RequestContext, held: dict[Any, str], chunk: dict[str, Any]) -> bool:
         """Any other chunk, alone: its text is fed (flushing at ``finish_reason``) and replaced
