@@ -8,6 +8,7 @@ Prints the process CPU time per request.
 
     python -m bench.hotpath --config bench/gateway-core.yaml --scenario chat
     python -m bench.hotpath --target null --scenario stream          # the null proxy, same way
+    python -m bench.hotpath --scenario paced --conc 4                # one event per read
     python -m bench.hotpath --profile /tmp/gw.prof                   # cProfile, top functions
     python -m bench.hotpath --callgrind                              # instructions per request
 
@@ -15,6 +16,8 @@ Prints the process CPU time per request.
 until the warm-up is done, then counts the instructions of the ``--n`` measured requests only
 (a tiny C helper, compiled with gcc, issues callgrind's client requests). Instruction counts
 repeat to within ~1% whatever else the machine is doing, unlike timings on a shared 2-core VM.
+``paced`` (the fake pausing 1 ms before each chunk, as bench.run's scenario) is for timings:
+under callgrind the driver runs ~50x slower, so the events pile up and arrive several per read.
 """
 
 from __future__ import annotations
@@ -31,16 +34,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import counter_start, numbered
-from bench.run import DEMO_KEY, ROOT, free_port, request_body
+from bench.run import DEMO_KEY, ROOT, free_port, request_body, scenario_headers
 
 
-def _scope(path: str, body: bytes, auth: bool) -> dict[str, Any]:
+def _scope(path: str, body: bytes, auth: bool, scenario: str = "chat") -> dict[str, Any]:
     # What uvicorn (httptools) hands over for wrk's request.
     headers = [
         (b"host", b"127.0.0.1:8090"),
         (b"content-length", str(len(body)).encode()),
         (b"content-type", b"application/json"),
     ]
+    headers += [(k.encode(), v.encode()) for k, v in scenario_headers(scenario).items()]
     if auth:
         headers.append((b"authorization", f"Bearer {DEMO_KEY}".encode()))
     return {
@@ -118,7 +122,7 @@ async def _main(args: argparse.Namespace, upstream: str) -> None:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
         )
-        scope = _scope("/v1/chat/completions", body, auth=False)
+        scope = _scope("/v1/chat/completions", body, auth=False, scenario=args.scenario)
         close: Any = null.session.close
     else:
         from gateway.app import create_app
@@ -127,7 +131,7 @@ async def _main(args: argparse.Namespace, upstream: str) -> None:
         settings = load_settings(args.config)
         app = create_app(settings)
         await app.gateway.startup()
-        scope = _scope("/v1/chat/completions", body, auth=True)
+        scope = _scope("/v1/chat/completions", body, auth=True, scenario=args.scenario)
         close = app.gateway.shutdown
     try:
         await _drive(app, scope, body, args.warmup, args.conc)
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.hotpath", description=__doc__.split("\n")[0])
     p.add_argument("--target", choices=("gateway", "null"), default="gateway")
     p.add_argument("--config", default=str(ROOT / "bench" / "gateway.yaml"))
-    p.add_argument("--scenario", choices=("chat", "stream"), default="chat")
+    p.add_argument("--scenario", choices=("chat", "stream", "paced"), default="chat")
     p.add_argument("--n", type=int, default=2000, help="measured requests")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--conc", type=int, default=1, help="requests in flight")

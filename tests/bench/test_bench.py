@@ -238,7 +238,9 @@ async def test_every_request_of_a_run_has_its_own_prompt(load: str) -> None:
     assert all(re.fullmatch(r"Say hello .*\(request [a-z]{9}\)", p) for p in prompts), prompts[:3]
 
 
-@pytest.mark.parametrize(("target", "scenario"), [("gateway", "stream"), ("null", "chat")])
+@pytest.mark.parametrize(
+    ("target", "scenario"), [("gateway", "stream"), ("null", "chat"), ("gateway", "paced")]
+)
 def test_hotpath_driver_reports_cpu_per_request(target: str, scenario: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "bench.hotpath", "--target", target, "--scenario", scenario,
@@ -247,6 +249,9 @@ def test_hotpath_driver_reports_cpu_per_request(target: str, scenario: str) -> N
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"{scenario} conc=4 n=20:" in out.stdout and "us CPU/request" in out.stdout
+    wall = float(re.search(r"([0-9.]+) us wall/request", out.stdout).group(1))  # type: ignore[union-attr]
+    # Paced: the fake got the delay header (20 chunks, 1 ms apart, 4 requests in flight).
+    assert (wall > 4000) == (scenario == "paced"), out.stdout
 
 
 def test_rounds_give_median_cells_and_each_rounds_share_of_the_null_proxy() -> None:
