@@ -29,6 +29,7 @@ from gateway.fake_upstream.state import (
     drop,
     read_json,
     serve_stream,
+    stall,
 )
 
 _ERROR_TYPES = {
@@ -205,6 +206,8 @@ async def _stream(request: web.Request, b: Behaviour, msg: dict[str, Any]) -> we
             for delta in pieces:
                 if sent == b.drop_after:
                     return drop(request)
+                if sent == b.stall_after:
+                    await stall()
                 if delay:
                     await asyncio.sleep(delay)
                 await resp.write(_sse("content_block_delta", {

@@ -134,3 +134,55 @@ async def test_relay_drops_only_the_usage_event_and_passes_the_other_bytes_as_th
     out = await relay.feed(a + usage + both + b + b"data: [DONE]\n\n") + await relay.end()
     assert out == a + (usage if wants_usage else b"") + both + b + b"data: [DONE]\n\n"
     assert relay.usage is not None and relay.usage.prompt_tokens == 9  # the last one counts
+
+
+def test_upstream_silent_mid_stream_for_the_read_timeout_ends_the_stream() -> None:
+    """``upstream.read_timeout_s`` bounds the silence between two reads of a stream: the role
+    chunk comes at once, the first text only after 3 s, the timeout is 0.4 s."""
+    upstream = {"read_timeout_s": 0.4, "first_byte_timeout_s": 5}
+    with running_gateway(fake={"chunks": 3, "delay_ms": 3000}, upstream=upstream) as gw:
+        with httpx.Client(timeout=10) as client:
+            t0 = time.perf_counter()
+            r = client.post(f"{gw.url}/v1/chat/completions", json=BODY)
+            took = time.perf_counter() - t0
+        assert r.status_code == 200  # the status line was already sent
+        evs = events(r.text.splitlines())
+        assert isinstance(evs[-1], dict) and evs[-1]["error"]["type"] == "timeout", evs[-1]
+        assert "[DONE]" not in evs
+        # Never before the timeout; at most a quarter of it later (plus a busy machine's slack).
+        assert 0.4 <= took < 1.5, took
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not gw.upstream.stats().get("streams_cancelled"):
+            time.sleep(0.05)
+        assert gw.upstream.stats()["streams_cancelled"] == 1  # the connection was dropped
+
+
+def test_upstream_stalling_after_some_events_is_timed_out_too() -> None:
+    """The same once text has flowed: 6 chunks 50 ms apart, then nothing on an open connection
+    (after a stream's first reads the gateway, not aiohttp, keeps this timeout)."""
+    upstream = {"read_timeout_s": 0.4, "first_byte_timeout_s": 5}
+    fake = {"chunks": 10, "delay_ms": 50, "stall_after": 6}
+    with running_gateway(fake=fake, upstream=upstream) as gw:
+        with httpx.Client(timeout=10) as client:
+            t0 = time.perf_counter()
+            r = client.post(f"{gw.url}/v1/chat/completions", json=BODY)
+            took = time.perf_counter() - t0
+        evs = events(r.text.splitlines())
+        texts = [e for e in evs if isinstance(e, dict) and e.get("choices")]
+        assert texts and isinstance(evs[-1], dict) and evs[-1]["error"]["type"] == "timeout"
+        # The last text came ~0.3 s in: the timeout ends the stream 0.4-0.5 s after it.
+        assert 0.7 <= took < 1.9, took
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not gw.upstream.stats().get("streams_cancelled"):
+            time.sleep(0.05)
+        assert gw.upstream.stats()["streams_cancelled"] == 1
+
+
+def test_pauses_shorter_than_the_read_timeout_do_not_end_a_stream() -> None:
+    upstream = {"read_timeout_s": 0.5, "first_byte_timeout_s": 5}
+    with running_gateway(fake={"chunks": 4, "delay_ms": 300}, upstream=upstream) as gw:
+        with httpx.Client(timeout=10) as client:
+            r = client.post(f"{gw.url}/v1/chat/completions", json=BODY)
+        evs = events(r.text.splitlines())
+        assert evs[-1] == "[DONE]", evs[-3:]
+        assert not any(isinstance(e, dict) and "error" in e for e in evs)

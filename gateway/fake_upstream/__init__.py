@@ -21,6 +21,8 @@ x-fake-retry-after  retry_after ("")        ``Retry-After`` header on injected e
 x-fake-hang-ms      hang_ms (0)             sleep before the response headers (first byte)
 x-fake-drop-after   drop_after (-1 = none)  stream: K content chunks, then the connection is
                                             cut; non-stream: the body is cut after K bytes
+x-fake-stall-after  stall_after (-1 = none) stream: K content chunks, then nothing more on an
+                                            open connection (a stalled model)
 x-fake-no-usage     no_usage (false)        omit ``usage`` (and the stream's usage chunk)
 x-fake-content      content (echo)          exact assistant text (e.g. a secret for the guard)
 ==================  ======================  ====================================================

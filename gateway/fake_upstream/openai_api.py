@@ -21,6 +21,7 @@ from gateway.fake_upstream.state import (
     prelude,
     read_json,
     serve_stream,
+    stall,
 )
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
@@ -143,13 +144,15 @@ async def _stream(
     delay = b.delay_ms / 1000
 
     async def produce() -> bool:
-        if not delay and b.drop_after < 0:
+        if not delay and b.drop_after < 0 and b.stall_after < 0:
             # A burst anyway: one write instead of ~24 keeps the fake cheap as a bench target.
             await resp.write(b"".join(events))
             return True
         for i, event in enumerate(events):
             if b.drop_after >= 0 and i == b.drop_after + 1:  # events[0]: the role chunk
                 return drop(request)
+            if b.stall_after >= 0 and i == b.stall_after + 1:
+                await stall()
             if delay and 1 <= i <= n:
                 await asyncio.sleep(delay)
             await resp.write(event)

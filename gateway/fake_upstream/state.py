@@ -25,6 +25,7 @@ class Behaviour:
     retry_after: str = ""
     hang_ms: float = 0.0
     drop_after: int = -1
+    stall_after: int = -1
     no_usage: bool = False
     content: str | None = None
 
@@ -212,6 +213,12 @@ def cut(request: web.Request) -> None:
     """Close the socket so the client sees a truncated body, not a clean end."""
     if request.transport is not None:
         request.transport.close()
+
+
+async def stall() -> None:
+    """``x-fake-stall-after`` reached: send nothing more, keeping the connection open, until the
+    client goes away (the stream's task is then cancelled)."""
+    await asyncio.Event().wait()
 
 
 def drop(request: web.Request) -> bool:
