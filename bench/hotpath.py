@@ -9,6 +9,7 @@ Prints the process CPU time per request.
     python -m bench.hotpath --config bench/gateway-core.yaml --scenario chat
     python -m bench.hotpath --target null --scenario stream          # the null proxy, same way
     python -m bench.hotpath --scenario paced --conc 4                # one event per read
+    python -m bench.hotpath --scenario paced --pace-ms 40 --conc 4 --n 40 --callgrind
     python -m bench.hotpath --profile /tmp/gw.prof                   # cProfile, top functions
     python -m bench.hotpath --callgrind                              # instructions per request
 
@@ -16,8 +17,9 @@ Prints the process CPU time per request.
 until the warm-up is done, then counts the instructions of the ``--n`` measured requests only
 (a tiny C helper, compiled with gcc, issues callgrind's client requests). Instruction counts
 repeat to within ~1% whatever else the machine is doing, unlike timings on a shared 2-core VM.
-``paced`` (the fake pausing 1 ms before each chunk, as bench.run's scenario) is for timings:
-under callgrind the driver runs ~50x slower, so the events pile up and arrive several per read.
+``paced`` has the fake pause 1 ms before each chunk, as bench.run's scenario, so that most reads
+hold one event. Under callgrind the driver runs ~50x slower and the events would pile up: count
+it with ``--pace-ms 40 --conc 4`` (one event per read, and the same counts run after run).
 """
 
 from __future__ import annotations
@@ -37,14 +39,19 @@ from bench.load import counter_start, numbered
 from bench.run import DEMO_KEY, ROOT, free_port, request_body, scenario_headers
 
 
-def _scope(path: str, body: bytes, auth: bool, scenario: str = "chat") -> dict[str, Any]:
+def _scope(
+    path: str, body: bytes, auth: bool, scenario: str = "chat", pace_ms: float | None = None
+) -> dict[str, Any]:
     # What uvicorn (httptools) hands over for wrk's request.
     headers = [
         (b"host", b"127.0.0.1:8090"),
         (b"content-length", str(len(body)).encode()),
         (b"content-type", b"application/json"),
     ]
-    headers += [(k.encode(), v.encode()) for k, v in scenario_headers(scenario).items()]
+    extra = scenario_headers(scenario)
+    if pace_ms is not None and extra:
+        extra["x-fake-delay-ms"] = str(pace_ms)
+    headers += [(k.encode(), v.encode()) for k, v in extra.items()]
     if auth:
         headers.append((b"authorization", f"Bearer {DEMO_KEY}".encode()))
     return {
@@ -122,7 +129,7 @@ async def _main(args: argparse.Namespace, upstream: str) -> None:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
         )
-        scope = _scope("/v1/chat/completions", body, auth=False, scenario=args.scenario)
+        scope = _scope("/v1/chat/completions", body, False, args.scenario, args.pace_ms)
         close: Any = null.session.close
     else:
         from gateway.app import create_app
@@ -131,7 +138,7 @@ async def _main(args: argparse.Namespace, upstream: str) -> None:
         settings = load_settings(args.config)
         app = create_app(settings)
         await app.gateway.startup()
-        scope = _scope("/v1/chat/completions", body, auth=True, scenario=args.scenario)
+        scope = _scope("/v1/chat/completions", body, True, args.scenario, args.pace_ms)
         close = app.gateway.shutdown
     try:
         await _drive(app, scope, body, args.warmup, args.conc)
@@ -218,6 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--target", choices=("gateway", "null"), default="gateway")
     p.add_argument("--config", default=str(ROOT / "bench" / "gateway.yaml"))
     p.add_argument("--scenario", choices=("chat", "stream", "paced"), default="chat")
+    p.add_argument(
+        "--pace-ms", type=float, default=None,
+        help="paced: ms before each chunk (default: bench.run's 1; use ~40 with --callgrind)",
+    )  # fmt: skip
     p.add_argument("--n", type=int, default=2000, help="measured requests")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--conc", type=int, default=1, help="requests in flight")
