@@ -27,11 +27,11 @@ class _ReadWatch:
     """aiohttp's read timeout (``upstream.read_timeout_s``), made cheap for streams.
 
     aiohttp cancels and re-arms a timer on every read from the socket: about 5k instructions per
-    streamed event, a tenth of what the client costs per event. This looks at how many bytes
-    have arrived once every quarter of the timeout and fails the pending read the way aiohttp's
-    timer does when none came for four quarters in a row: never earlier than aiohttp would, at
-    most a quarter of the timeout later. It takes over after a stream's first few reads; most
-    streams end before its first look."""
+    streamed event, an eighth of what a whole read costs the null proxy. This looks at how many
+    bytes have arrived once every quarter of the timeout and fails the pending read the way
+    aiohttp's timer does when none came for four quarters in a row: never earlier than aiohttp
+    would, at most a quarter of the timeout later. It takes over after a stream's first few
+    reads; most streams end before its first look."""
 
     __slots__ = ("content", "handle", "loop", "quiet", "seen", "step")
 
