@@ -22,6 +22,7 @@ from gateway.errors import (
     AuthenticationError,
     GatewayError,
     MethodNotAllowedError,
+    ModelNotFoundError,
     NotFoundError,
 )
 from gateway.logs import setup_logging
@@ -82,22 +83,46 @@ async def authenticate(gw: Gateway, scope: proxy.Scope, endpoint: str) -> proxy.
     return ctx
 
 
+def visible_models(gw: Gateway, ctx: proxy.RequestContext, names: list[str]) -> list[str]:
+    """The ``names`` this caller may see (the plugins' filters, RBAC)."""
+    for plugin in gw.pipeline.plugins:
+        if plugin.applies_to("models"):
+            names = plugin.visible_models(ctx, names)
+    return names
+
+
+def model_object(model_id: str, owned_by: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": owned_by}
+
+
 async def models(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     try:
         ctx = await authenticate(gw, request.scope, "models")
     except GatewayError as err:
         return error_response(err)
-    names = gw.catalogue.names()
-    for plugin in gw.pipeline.plugins:
-        if plugin.applies_to("models"):
-            names = plugin.visible_models(ctx, names)
-    data = [
-        {"id": e.name, "object": "model", "created": 0, "owned_by": e.owned_by}
-        for e in gw.catalogue.entries
-        if e.name in names
-    ]
+    names = visible_models(gw, ctx, gw.catalogue.names())
+    data = [model_object(e.name, e.owned_by) for e in gw.catalogue.entries if e.name in names]
     return json_response({"object": "list", "data": data}, headers=ctx.response_headers or None)
+
+
+async def model(request: Request) -> Response:
+    """``GET /v1/models/{model}`` (the SDK's ``models.retrieve``): one model as the listing
+    shows it; an alias answers under the name asked for. A model this caller may not see is
+    404 like one that does not exist, so the answer reveals nothing about other models."""
+    gw: Gateway = request.app.state.gateway
+    name = request.path_params["model"]
+    try:
+        ctx = await authenticate(gw, request.scope, "models")
+        entry = gw.catalogue.get(name)
+        if entry is None or not visible_models(gw, ctx, [entry.name]):
+            raise ModelNotFoundError(
+                f"The model '{name[:100]}' does not exist or you do not have access to it.",
+                param="model",
+            )
+    except GatewayError as err:
+        return error_response(err)
+    return json_response(model_object(name, entry.owned_by), headers=ctx.response_headers or None)
 
 
 async def healthz(request: Request) -> Response:
@@ -191,6 +216,9 @@ def build_routes(gw: Gateway) -> list[BaseRoute]:
         Route("/embeddings", Endpoint("embeddings")),
         Route("/v1/models", models, methods=["GET"]),
         Route("/models", models, methods=["GET"]),
+        # ``path``: model names may hold slashes ("meta-llama/Llama-3.1-8B-Instruct").
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route("/models/{model:path}", model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]

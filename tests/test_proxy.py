@@ -83,6 +83,37 @@ def test_model_alias_and_models_listing(gw: Any) -> None:
     assert [m.id for m in models.data] == ["demo"]
 
 
+def test_sdk_retrieves_one_model(gw: Any) -> None:
+    m = gw.openai().models.retrieve("demo")
+    assert (m.id, m.object, m.owned_by) == ("demo", "model", "gateway")
+    with pytest.raises(openai.NotFoundError) as info:
+        gw.openai().models.retrieve("no-such-model")
+    assert info.value.code == "model_not_found"
+    r = httpx.get(f"{gw.url}/v1/models/no-such-model", timeout=20)
+    assert_openai_error(r, 404, "model_not_found", "model")
+    assert httpx.get(f"{gw.url}/models/demo", timeout=20).json()["id"] == "demo"
+    # Only GET: the OpenAI API's DELETE (fine-tuned models) is not the gateway's to offer.
+    assert_openai_error(httpx.delete(f"{gw.url}/v1/models/demo", timeout=20), 405)
+    assert gw.upstream_requests() == []
+
+
+def test_models_with_slashes_in_their_names_and_aliases_are_retrieved() -> None:
+    name = "meta-llama/Llama-3.1-8B-Instruct"
+    with running_gateway(config=lambda url: {
+        "models": [{"name": name, "aliases": ["llama"], "deployments": [
+            {"model": "up", "base_url": f"{url}/v1"}]}],
+        "logging": {"request_log": "none"},
+    }) as g:  # fmt: skip
+        client = g.openai()
+        assert client.models.retrieve(name).id == name
+        assert client.models.retrieve("llama").id == "llama"  # as asked: a usable name
+        assert [m.id for m in client.models.list()] == [name]
+        r = httpx.get(f"{g.url}/v1/models/meta-llama%2FLlama-3.1-8B-Instruct", timeout=20)
+        assert r.status_code == 200 and r.json()["id"] == name
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("meta-llama")
+
+
 def test_embeddings_go_through_the_gateway(gw: Any) -> None:
     with running_gateway(config=lambda url: {
         "models": [{"name": "emb", "kind": "embeddings", "deployments": [

@@ -130,6 +130,18 @@ def test_models_lists_only_permitted_models(gw: RunningGateway) -> None:
         gw.openai(api_key="sk-nope").models.list()
 
 
+def test_retrieving_a_model_the_caller_may_not_use_is_404(gw: RunningGateway) -> None:
+    # As if it did not exist (the listing hides it too), not 403: no probing for names.
+    assert gw.openai(api_key=ADMIN_KEY).models.retrieve("o1-secret").id == "o1-secret"
+    assert gw.openai(api_key=USER_KEY).models.retrieve("demo").id == "demo"
+    for key in (USER_KEY, token()):
+        with pytest.raises(openai.NotFoundError) as info:
+            gw.openai(api_key=key).models.retrieve("o1-secret")
+        assert info.value.code == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        gw.openai(api_key="sk-nope").models.retrieve("demo")
+
+
 @pytest.mark.parametrize(
     "bad",
     [
