@@ -202,6 +202,26 @@ def test_upstream_errors_map_to_sdk_exceptions(gw: Any, status: int, exc: type, 
     assert "CANARY" not in info.value.response.text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_request_errors_keep_their_code_and_param(gw: Any, stream: bool) -> None:
+    # What clients test for (LangChain and others: a context-length error means "trim the
+    # history"), as OpenAI sends it; the gateway's own wording must not replace it.
+    client = gw.openai(default_headers={
+        "x-fake-status": "400", "x-fake-error-code": "context_length_exceeded",
+        "x-fake-error-param": "messages"})  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="demo", messages=MSG, stream=stream)
+    assert (info.value.code, info.value.param) == ("context_length_exceeded", "messages")
+    assert "injected failure 400" in info.value.message
+    # Anything but an identifier or a field path is not passed on.
+    client = gw.openai(default_headers={
+        "x-fake-status": "400", "x-fake-error-code": "not an identifier",
+        "x-fake-error-param": "x" * 101})  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="demo", messages=MSG, stream=stream)
+    assert (info.value.code, info.value.param) == ("invalid_request", None)
+
+
 def test_upstream_hang_before_first_byte_is_504() -> None:
     with running_gateway(fake={"hang_ms": 3000}, upstream={"first_byte_timeout_s": 0.3}) as gw:
         with pytest.raises(openai.APIStatusError) as info:

@@ -25,6 +25,9 @@ x-fake-stall-after  stall_after (-1 = none) stream: K content chunks, then nothi
                                             open connection (a stalled model)
 x-fake-no-usage     no_usage (false)        omit ``usage`` (and the stream's usage chunk)
 x-fake-content      content (echo)          exact assistant text (e.g. a secret for the guard)
+x-fake-error-code   error_code ("")         ``code`` of an injected error's body (default: the
+                                            status's usual one, e.g. ``rate_limit_exceeded``)
+x-fake-error-param  error_param ("")        ``param`` of an injected error's body
 ==================  ======================  ====================================================
 
 Content is ``"Echo: " + the first 200 characters of the last user message``. Usage counts are

@@ -28,6 +28,8 @@ class Behaviour:
     stall_after: int = -1
     no_usage: bool = False
     content: str | None = None
+    error_code: str = ""
+    error_param: str = ""
 
     def merged(self, overrides: Mapping[str, Any]) -> Behaviour:
         return dataclasses.replace(self, **overrides) if overrides else self
@@ -137,9 +139,14 @@ _ERROR_TYPES = {
 }
 
 
-def error_response(status: int, message: str, retry_after: str = "") -> web.Response:
-    kind, code = _ERROR_TYPES.get(status, ("server_error" if status >= 500 else "api_error", None))
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+def error_response(
+    status: int, message: str, retry_after: str = "", code: str = "", param: str = ""
+) -> web.Response:
+    kind, default = _ERROR_TYPES.get(
+        status, ("server_error" if status >= 500 else "api_error", None)
+    )
+    body = {"error": {"message": message, "type": kind, "param": param or None,
+                      "code": code or default}}  # fmt: skip
     headers = {"Retry-After": retry_after} if retry_after else None
     return web.Response(
         status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
@@ -186,7 +193,11 @@ async def prelude(request: web.Request, model: str) -> tuple[Behaviour | None, w
     if b.status >= 300:
         request.app[STATE].stats["errors_injected"] += 1
         return None, error_response(
-            b.status, f"injected failure {b.status} for model {model!r}", b.retry_after
+            b.status,
+            f"injected failure {b.status} for model {model!r}",
+            b.retry_after,
+            b.error_code,
+            b.error_param,
         )
     return b, None
 

@@ -13,9 +13,10 @@ the route plugin can fail over before the first byte reaches the client.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import aiohttp
 import orjson
@@ -86,7 +87,8 @@ class Provider:
     def error_for(self, status: int, headers: Mapping[str, str], raw: bytes) -> GatewayError:
         """The error for an upstream status >= 300 (providers with their own error shape
         override this)."""
-        return error_for_status(status, headers, upstream_message(raw), self.name)
+        message, code, param = upstream_error(raw)
+        return error_for_status(status, headers, message, self.name, code=code, param=param)
 
     async def post(
         self, ctx: RequestContext, path: str, payload: dict[str, Any]
@@ -134,32 +136,62 @@ def retry_after(headers: Mapping[str, str]) -> str | None:
     return value if value.isdigit() else None
 
 
-def upstream_message(body: bytes) -> str:
+#: What an upstream's error ``code`` or ``param`` may be to reach the client: an identifier or
+#: a field path (``context_length_exceeded``, ``messages[2].content``), nothing longer.
+_ERROR_FIELD = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,100}")
+
+
+class UpstreamErrorBody(NamedTuple):
+    """The parts of an upstream's error body that may reach the client."""
+
+    message: str = ""
+    code: str | None = None
+    param: str | None = None
+
+
+def _error_field(value: Any) -> str | None:
+    return value if isinstance(value, str) and _ERROR_FIELD.fullmatch(value) else None
+
+
+def upstream_error(body: bytes) -> UpstreamErrorBody:
+    """Message, code and param of an OpenAI-style error body (``{"error": {...}}``)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return ""
+        return UpstreamErrorBody()
     err = data.get("error") if isinstance(data, dict) else None
     if isinstance(err, dict):
-        return str(err.get("message") or "")[:500]
+        return UpstreamErrorBody(
+            str(err.get("message") or "")[:500],
+            _error_field(err.get("code")),
+            _error_field(err.get("param")),
+        )
     if isinstance(err, str):
-        return err[:500]
-    return ""
+        return UpstreamErrorBody(err[:500])
+    return UpstreamErrorBody()
 
 
 def error_for_status(
-    status: int, headers: Mapping[str, str], message: str, provider: str
+    status: int,
+    headers: Mapping[str, str],
+    message: str,
+    provider: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
 ) -> GatewayError:
     """Map an upstream error status to what the client sees.
 
-    Errors caused by the request itself keep their status and message (never retried
-    elsewhere). Problems with the gateway's own credentials or configuration become 502, so a
-    client is never told *its* key is wrong, and the upstream's text (which may quote part of
-    the provider key) is not shown.
+    Errors caused by the request itself keep their status, message, ``code`` and ``param``
+    (``context_length_exceeded`` on ``messages``: what SDK users and frameworks test for), and
+    are never retried elsewhere. Problems with the gateway's own credentials or configuration
+    become 502, so a client is never told *its* key is wrong, and the upstream's text (which
+    may quote part of the provider key) is not shown.
     """
     if status in (400, 413, 422):
-        cls = InvalidRequestError
-        err = cls(message or f"the upstream rejected the request ({status})")
+        err = InvalidRequestError(
+            message or f"the upstream rejected the request ({status})", code=code, param=param
+        )
         err.status = status
         return err
     if status in (401, 403):
