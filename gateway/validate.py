@@ -63,8 +63,9 @@ CHAT_FIELDS = frozenset(
     {
         "model", "messages", "audio", "frequency_penalty", "function_call", "functions",
         "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "metadata",
-        "modalities", "n", "parallel_tool_calls", "prediction", "presence_penalty",
-        "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier", "seed",
+        "modalities", "moderation", "n", "parallel_tool_calls", "prediction",
+        "presence_penalty", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
+        "reasoning_effort", "response_format", "safety_identifier", "seed",
         "service_tier", "stop", "store", "stream", "stream_options", "temperature",
         "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity",
         "web_search_options",
@@ -308,11 +309,18 @@ def validate_embeddings(body: dict[str, Any], cfg: RequestLimits) -> str:
         and (
             all(isinstance(v, str) for v in value)
             or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            or all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value)
+            or all(
+                isinstance(v, list)
+                and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+                for v in value
+            )
         )
     )
     if not ok:
         raise _bad("'input' must be a string, an array of strings, or token arrays", "input")
+    # As OpenAI: nothing to embed is the client's mistake, not an upstream call.
+    if not value or (type(value) is list and any(v == "" or v == [] for v in value)):
+        raise _bad("'input' must not be empty (nor hold an empty string or token array)", "input")
     if isinstance(value, list) and len(value) > 2048:
         raise _bad("'input' has more than 2048 entries", "input")
     fmt = body.get("encoding_format")

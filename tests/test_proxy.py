@@ -59,6 +59,33 @@ def test_sdk_plain_completion(gw: Any) -> None:
     assert sent["body"]["model"] == "demo-upstream"  # public name rewritten to the deployment's
 
 
+def test_current_sdk_parameters_reach_the_upstream(gw: Any) -> None:
+    # Added to the API and the SDK in 2026; an allow-list that lags behind the SDK turns them
+    # into 400 unknown_parameter for every team that upgrades its client.
+    fields: dict[str, Any] = {
+        "prompt_cache_options": {"mode": "explicit", "ttl": "30m"},
+        "prompt_cache_retention": "24h",
+        "moderation": {"enabled": True},
+        "verbosity": "low",
+        "safety_identifier": "user-hash-1",
+    }
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "hello", "prompt_cache_breakpoint": {"mode": "explicit"}}
+            ],
+        }
+    ]
+    r = gw.openai().chat.completions.create(
+        model="demo", messages=messages, extra_body=fields
+    )  # fmt: skip
+    assert r.choices[0].message.content == "Echo: hello"
+    sent = gw.upstream_requests()[-1]["body"]
+    assert {k: sent.get(k) for k in fields} == fields
+    assert sent["messages"] == messages
+
+
 def test_sdk_streamed_completion(gw: Any) -> None:
     stream = gw.openai().chat.completions.create(model="demo", messages=MSG, stream=True)
     chunks = list(stream)
@@ -125,6 +152,16 @@ def test_embeddings_go_through_the_gateway(gw: Any) -> None:
         assert g.upstream_requests()[-1]["body"]["input"] == ["a", "b"]
         with pytest.raises(openai.NotFoundError):  # a chat call to an embeddings model
             g.openai().chat.completions.create(model="emb", messages=MSG)
+        # Token ids (0 included) and lists of them are inputs too.
+        for tokens in ([0, 15, 27], [[0, 1], [2]]):
+            g.openai().embeddings.create(model="emb", input=tokens)
+            assert g.upstream_requests()[-1]["body"]["input"] == tokens
+        g.upstream.clear()
+        for bad in ("", [], [""], ["a", ""], [[]], [[1], []], [True], [[1, True]], [1, "a"], 5):
+            r = httpx.post(f"{g.url}/v1/embeddings", json={"model": "emb", "input": bad},
+                           timeout=20)  # fmt: skip
+            assert_openai_error(r, 400, param="input")
+        assert g.upstream_requests() == []
 
 
 @pytest.mark.parametrize(
