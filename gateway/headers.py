@@ -34,14 +34,43 @@ CLIENT_CREDENTIALS = frozenset(
     }
 )
 
-#: Set by the gateway or the HTTP client itself, never copied from the client.
+#: Set by the gateway or the HTTP client itself, never copied from the client. The body sent
+#: upstream is the one the gateway parsed and re-serialised: the client's ``content-encoding``
+#: does not describe it (an upstream that believed it failed with a 5xx, which counted against
+#: the deployment's circuit breaker for every caller).
 MANAGED = frozenset(
-    {"host", "content-length", "content-type", "accept-encoding", "expect", "x-request-id"}
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "accept-encoding",
+        "expect",
+        "x-request-id",
+    }
+)
+
+#: Headers some servers and proxies act on: claimed client addresses and the request's "real"
+#: method or path. The upstream's client is the gateway; none of these come from it.
+OVERRIDES = frozenset(
+    {
+        "via",
+        "x-real-ip",
+        "true-client-ip",
+        "cf-connecting-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method",
+        "x-http-method-override",
+        "x-method-override",
+    }
 )
 
 
 #: Client headers never copied upstream (checked once per header, in one set).
-_DROP = HOP_BY_HOP | CLIENT_CREDENTIALS | MANAGED | {"forwarded"}
+_DROP = HOP_BY_HOP | CLIENT_CREDENTIALS | MANAGED | OVERRIDES | {"forwarded"}
 _DROP_PREFIXES = ("x-forwarded-", "proxy-", "x-gateway-")
 
 

@@ -339,6 +339,9 @@ def test_client_credentials_and_hop_by_hop_headers_never_reach_upstream(gw: Any)
             "te": "trailers",
             "x-forwarded-for": "6.6.6.6",
             "openai-organization": "org-CANARY",
+            "x-real-ip": "CANARY",
+            "x-http-method-override": "DELETE-CANARY",
+            "x-original-url": "/admin-CANARY",
             "x-custom-trace": "kept",
         },
     )
@@ -351,6 +354,24 @@ def test_client_credentials_and_hop_by_hop_headers_never_reach_upstream(gw: Any)
     assert "x-secret-hop" not in names and "te" not in names and "cookie" not in names
     assert "x-forwarded-for" not in names
     assert names["x-custom-trace"] == "kept"
+
+
+def test_the_clients_content_encoding_is_not_forwarded(gw: Any) -> None:
+    # The upstream gets the gateway's own serialisation of the body, never encoded: forwarding
+    # the client's header made the upstream fail with a 5xx, and five of those opened the
+    # deployment's circuit breaker for every caller.
+    for _ in range(8):
+        r = post(gw, {"model": "demo", "messages": MSG}, **{"content-encoding": "gzip"})
+        assert r.status_code == 200, r.text
+        names = {k.lower() for k, _ in gw.upstream_requests()[-1]["headers"]}
+        assert "content-encoding" not in names
+    # A body that really is compressed is not JSON to the gateway: 400, nothing forwarded.
+    import gzip
+
+    gw.upstream.clear()
+    body = gzip.compress(json.dumps({"model": "demo", "messages": MSG}).encode())
+    assert_openai_error(post(gw, body, **{"content-encoding": "gzip"}), 400)
+    assert gw.upstream_requests() == []
 
 
 def test_request_id_is_accepted_or_generated_on_every_response(gw: Any) -> None:
