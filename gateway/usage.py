@@ -71,18 +71,25 @@ def _ledger(gw: Gateway) -> Ledger:
     return gw.ledger
 
 
+#: Times past this are a client's mistake (a day is still added to a bare ``end`` date, and the
+#: answer prints the window as dates: year 10000 has none).
+_LAST_TIME = datetime(9000, 1, 1, tzinfo=UTC).timestamp()
+
+
 def _parse_time(value: str, param: str) -> float:
     try:
         if value.isdigit():
-            return float(value)
-        dt = datetime.fromisoformat(value)
-    except ValueError:
+            ts = float(value)
+        else:
+            dt = datetime.fromisoformat(value)
+            ts = (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, OverflowError):
         raise InvalidRequestError(
             f"{param} must be a date (2025-01-31), an ISO 8601 time or epoch seconds", param=param
         ) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
+    if not 0 <= ts < _LAST_TIME:
+        raise InvalidRequestError(f"{param} is out of range (1970 to 8999)", param=param)
+    return ts
 
 
 def _text_param(request: Request, name: str) -> str | None:

@@ -119,6 +119,17 @@ def test_summary_and_errors(tmp_path: Path) -> None:
         wide = get(gw, "/v1/usage", USER_KEY, start="2020-01-01", end="2026-01-01")
         assert wide.status_code == 400 and "400 days" in wide.json()["error"]["message"]
         assert get(gw, "/admin/usage/summary", ADMIN_KEY, bucket="week").status_code == 400
+        # Times no calendar can print are the client's mistake: 400, not a 500 (year 10000).
+        for path, key, times in [
+            ("/v1/usage", USER_KEY, {"end": "9999-12-31"}),
+            ("/v1/usage", USER_KEY, {"start": "99999999999990", "end": "99999999999999"}),
+            ("/v1/usage", USER_KEY, {"start": "0001-01-01T00:00:00+14:00"}),
+            ("/admin/usage/summary", ADMIN_KEY, {"end": "9999-12-31"}),
+            ("/admin/usage/export", ADMIN_KEY, {"end": "9999-12-31"}),
+        ]:
+            r = get(gw, path, key, **times)
+            assert r.status_code == 400, (path, times, r.text)
+            assert r.json()["error"]["param"] in times
         # a date range in the past holds nothing
         old = get(gw, "/v1/usage", USER_KEY, start="2025-01-01", end="2025-01-31")
         assert old.status_code == 200 and old.json()["data"] == []
