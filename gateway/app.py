@@ -252,6 +252,9 @@ def create_app(settings: Settings, registry: dict[str, Any] | None = None) -> Ga
         middleware=[Middleware(RequestIdMiddleware)],
         exception_handlers={HTTPException: http_exception, Exception: server_error},
     )
+    # A path with a stray "/" is 404, not Starlette's 307 to the other spelling: that redirect
+    # went to anonymous callers too, to a Location built from the client's Host header.
+    app.router.redirect_slashes = False
     app.state.gateway = gw
     return GatewayApp(app, gw)
 

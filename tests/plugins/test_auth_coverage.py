@@ -34,6 +34,19 @@ def all_routes(gw: RunningGateway) -> list[tuple[str, str]]:
     return out
 
 
+def test_no_route_redirects_and_no_host_header_reaches_a_location(gw: RunningGateway) -> None:
+    for method, path in all_routes(gw):
+        for variant in (path + "/", path.rstrip("/")):
+            if variant == path:
+                continue
+            r = httpx.request(method, gw.url + variant, json={},
+                              headers={"host": "evil.example"}, follow_redirects=False)  # fmt: skip
+            assert r.status_code < 300 or r.status_code >= 400, (method, variant, r.headers)
+            assert "location" not in r.headers
+            if variant not in PUBLIC:
+                assert r.status_code in (401, 404, 405), (method, variant, r.status_code)
+
+
 def test_the_route_list_is_not_empty_and_includes_admin(gw: RunningGateway) -> None:
     paths = {p for _, p in all_routes(gw)}
     assert {"/v1/chat/completions", "/v1/models", "/metrics", "/healthz"} <= paths
