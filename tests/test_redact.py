@@ -69,3 +69,26 @@ def test_overlapping_findings_are_redacted_as_one_span_covering_both() -> None:
     key = "-----BEGIN PRIVATE KEY-----\nMIIE 4111 1111 1111 1111\n-----END PRIVATE KEY-----"
     hits = find_secrets(key, None)
     assert [(h.type, h.start, h.end) for h in hits] == [("private_key", 0, len(key))]
+
+
+def test_keys_with_a_distinct_prefix_are_found_inside_words_but_slugs_are_not() -> None:
+    def keys(text: str) -> list[str]:
+        return [text[h.start : h.end] for h in find_secrets(text, None) if h.type == "api_key"]
+
+    key = "sk-proj-Zx9Qw8Er7Ty6Ui5Op4As3Df2Gh1Jk0LzXcVbNm1234abcd"
+    legacy = "sk-" + "aB3dE6fG9hJ2kL5mN8pQ1rS4tU7vW0xY3zA6bC9dE2fG5h"
+    for glued in ("A" + key, "x" + key, "0" + key, "Xsk-" + key):
+        assert keys(glued) == [key], glued
+    assert keys("Q" + legacy) == [legacy]
+    assert keys("AKIAIOSFODNN7EXAMPLEx") == ["AKIAIOSFODNN7EXAMPLE"]
+    assert keys("zAKIAIOSFODNN7EXAMPLE") == ["AKIAIOSFODNN7EXAMPLE"]
+    # Words that end in "sk-" followed by a slug or an id are not keys.
+    for text in (
+        "see /blog/risk-assessment-framework-implementation-guide",
+        "task-3f2a9c8e7d6b5a4c3b2a1f0e9d8c7b6a done",
+        "mask-image-linear-gradient-to-bottom-right-corner",
+        "desk-ABCDEFGHIJKLMNOPQRSTUVWXYZABCDEF",
+    ):
+        assert keys(text) == [], text
+    # A bare "sk-" word is still a key however it looks.
+    assert keys("the sk-abcdefghijklmnopqrstuvwx key") == ["sk-abcdefghijklmnopqrstuvwx"]

@@ -64,6 +64,29 @@ def test_streamed_secret_redacted_across_chunks() -> None:
         assert r.choices[0].message.content == content.replace(KEY, "[REDACTED:api_key]")
 
 
+@pytest.mark.parametrize("glue", ["A", "x", "0", "Xsk-proj-"])
+def test_a_key_glued_to_a_word_is_still_found(glue: str) -> None:
+    # A model told to "write the key with an A in front" must not walk it past the guard, in
+    # the answer (streamed in small pieces or not) or in the prompt.
+    content = f"token {glue}{KEY} end"
+    with running_gateway(pipeline=[GUARD], fake={"chunks": 7}) as gw:
+        for stream in (True, False):
+            r = gw.openai().chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": "hello"}], stream=stream,
+                extra_headers={"x-fake-content": content},
+            )  # fmt: skip
+            text = (
+                "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+                if stream
+                else r.choices[0].message.content
+            )
+            assert KEY[8:] not in text and "[REDACTED:api_key]" in text, text
+        with pytest.raises(openai.BadRequestError):  # secrets.api_key: block
+            gw.openai().chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": f"use {glue}{KEY} now"}]
+            )
+
+
 def test_canary_ends_stream_with_error_event() -> None:
     cfg = {
         "name": "guard",
