@@ -61,9 +61,20 @@ class RoutePlugin(Plugin):
         self.catalogue: Catalogue | None = None
         self.by_id: dict[str, Deployment] = {}
         self.owner: dict[str, ModelEntry] = {}
+        #: The auth plugin's role grants, when it runs: fallbacks and rules never take a caller
+        #: to a model its roles do not grant.
+        self.rbac: Any = None
 
     async def startup(self, gateway: Gateway) -> None:
         self.bind(gateway.catalogue)
+        self.rbac = getattr(gateway.pipeline.find("auth"), "rbac", None)
+
+    def granted(self, ctx: RequestContext, entry: ModelEntry) -> bool:
+        """Whether the caller's roles grant ``entry`` (the model it asked for always passes:
+        auth decided on it; so does everything when no auth plugin or identity is there)."""
+        if self.rbac is None or ctx.identity is None or entry is ctx.model_entry:
+            return True
+        return bool(self.rbac.model_allowed(ctx.identity, entry.name))
 
     def bind(self, catalogue: Catalogue) -> None:
         """Index the catalogue and check that every rule names things that exist."""
@@ -112,7 +123,9 @@ class RoutePlugin(Plugin):
             raise PermissionDeniedError(
                 f"pinning a deployment with {self.config.pin_header} is not allowed for this caller"
             )
-        allowed = {d.id: d for e in self._chain(entry) for d in e.deployments}
+        allowed = {
+            d.id: d for e in self._chain(entry) if self.granted(ctx, e) for d in e.deployments
+        }
         if dep_id not in allowed:
             raise InvalidRequestError(
                 f"{dep_id[:100]!r} is not a deployment of model {entry.name!r}",
@@ -129,10 +142,14 @@ class RoutePlugin(Plugin):
         if rule is not None and rule.model:
             assert self.catalogue is not None
             target = self.catalogue.get(rule.model) or entry
-        chain = self._chain(target)
+            if not self.granted(ctx, target):
+                target = entry  # the rule's model is not this caller's: its own model instead
+        chain = [e for e in self._chain(target) if self.granted(ctx, e)]
         groups: list[list[Deployment]] = []
         if rule is not None and rule.deployments:
-            groups.append([self.by_id[i] for i in rule.deployments])
+            deps = [self.by_id[i] for i in rule.deployments]
+            deps = [d for d in deps if self.granted(ctx, self.owner[d.id])]
+            groups.append(deps or list(target.deployments))
         else:
             groups.append(list(target.deployments))
         if rule is None or rule.fallbacks:

@@ -375,3 +375,52 @@ def test_deadline_bounds_the_whole_request(stream: bool) -> None:
         assert exc.value.status_code == 504
         assert 0.7 < elapsed < 2.0
         assert models_called(gw) == ["large-up"]  # no attempt starts after the deadline
+
+
+def test_fallbacks_and_rules_never_take_a_caller_to_a_model_its_roles_do_not_grant() -> None:
+    from tests.plugins.test_auth_support import ADMIN_KEY, USER_KEY, base_config
+
+    dead = f"http://127.0.0.1:{free_port()}"
+
+    def config(url: str) -> dict[str, Any]:
+        return {
+            "models": [
+                # The user's model fails (nothing listens) and falls back to a model only
+                # admins are granted.
+                {"name": "demo", "deployments": [dep(dead, "demo-dead", "demo-up")],
+                 "fallbacks": ["o1-secret"]},
+                {"name": "o1-secret", "deployments": [dep(url, "secret-0", "o1-up")]},
+                {"name": "gpt-tools", "deployments": [dep(url, "tools-0", "tools-up")],
+                 "fallbacks": ["o1-secret"]},
+            ],
+            "pipeline": [
+                {"name": "auth", "config": base_config()},
+                {"name": "route", "config": {"rules": [
+                    # Requests with tools go to the secret model (when the caller may use it).
+                    {"name": "tools", "when": {"tools": True}, "model": "o1-secret"},
+                    {"name": "pinned", "when": {"stream": True}, "deployments": ["secret-0"]},
+                ]}},
+            ],
+            "logging": {"request_log": "none"},
+        }  # fmt: skip
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with running_gateway(config) as gw:
+        user, admin = gw.openai(api_key=USER_KEY), gw.openai(api_key=ADMIN_KEY)
+        with pytest.raises(openai.APIStatusError) as info:
+            user.chat.completions.create(model="demo", messages=MSG)
+        assert info.value.status_code == 502  # demo failed; o1-secret was not tried
+        assert gw.upstream_requests() == []
+        r = admin.chat.completions.create(model="demo", messages=MSG)
+        assert r.choices[0].message.content.startswith("Echo:")
+        assert gw.upstream_requests()[-1]["body"]["model"] == "o1-up"
+        gw.upstream.clear()
+        # A rule's target model and a rule's deployments: only those the caller is granted.
+        user.chat.completions.create(model="gpt-tools", messages=MSG, tools=tools)
+        assert gw.upstream_requests()[-1]["body"]["model"] == "tools-up"
+        admin.chat.completions.create(model="gpt-tools", messages=MSG, tools=tools)
+        assert gw.upstream_requests()[-1]["body"]["model"] == "o1-up"
+        list(user.chat.completions.create(model="gpt-tools", messages=MSG, stream=True))
+        assert gw.upstream_requests()[-1]["body"]["model"] == "tools-up"
+        list(admin.chat.completions.create(model="gpt-tools", messages=MSG, stream=True))
+        assert gw.upstream_requests()[-1]["body"]["model"] == "o1-up"
