@@ -51,9 +51,12 @@ class GuardConfig(PluginConfig):
     rules: RulesConfig = RulesConfig()
     semantic: SemanticConfig = SemanticConfig()
     secrets: SecretsConfig = SecretsConfig()
-    #: Message roles scanned for injection (``tool`` results carry indirect injection).
+    #: Message roles scanned for injection (``tool`` results carry indirect injection);
+    #: ``definitions``: the descriptions in ``tools``, ``functions`` and a response format's
+    #: schema.
     scan_roles: tuple[
-        Literal["system", "developer", "user", "assistant", "tool", "function"], ...
+        Literal["system", "developer", "user", "assistant", "tool", "function", "definitions"],
+        ...,
     ] = (
         "user",
         "tool",
