@@ -424,3 +424,64 @@ async def test_no_secret_leaks_whatever_the_reads() -> None:
             assert not [s for s in hidden if s in got], (text, reads)
             assert got.endswith(" done."), (text, got)
     assert checked > 40
+
+
+def tool_wire(fragments: list[str], finish: bool = True) -> bytes:
+    """A streamed tool call: its id and name first, then argument fragments."""
+    call = {"index": 0, "id": "call_1", "type": "function",
+            "function": {"name": "send_mail", "arguments": ""}}  # fmt: skip
+    out = [event({"role": "assistant", "content": None, "tool_calls": [call]})]
+    out += [event({"tool_calls": [{"index": 0, "function": {"arguments": f}}]}) for f in fragments]
+    if finish:
+        out.append(event({}, 0, "tool_calls"))
+    out.append(b"data: [DONE]\n\n")
+    return b"".join(out)
+
+
+def arguments_of(events: list[Any]) -> str:
+    return "".join(
+        call["function"].get("arguments") or ""
+        for e in events
+        if isinstance(e, dict)
+        for ch in e.get("choices") or ()
+        for call in ch.get("delta", {}).get("tool_calls") or ()
+    )
+
+
+ARGS = '{"to": "ops@example.com", "body": "use ' + KEY + ' for the deploy"}'
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("finish", [True, False])
+@pytest.mark.parametrize("size", [1, 4, 9, 1000])
+async def test_secrets_in_streamed_tool_call_arguments_are_redacted(
+    size: int, finish: bool
+) -> None:
+    # A model can be made to write a secret into a tool call instead of its text.
+    data = tool_wire(small(ARGS, size), finish)
+    for reads in (None, per_event(data)):
+        events, _, c = await relay(guard(), data, reads)
+        assert arguments_of(events) == ARGS.replace(KEY, "[REDACTED:api_key]"), (size, reads)
+        assert KEY[8:20] not in json.dumps(events)
+        assert c.log["guard"]["output"]["findings"][0]["rule"] == "api_key"
+        first = events[0]["choices"][0]["delta"]["tool_calls"][0]
+        assert (first["id"], first["function"]["name"]) == ("call_1", "send_mail")
+
+
+@pytest.mark.anyio
+async def test_tool_call_secret_blocked_when_the_action_is_block() -> None:
+    # (relay_stream turns the error into the stream's final SSE error event)
+    with pytest.raises(ContentPolicyError):
+        await relay(guard(output={"secrets": "block"}), tool_wire(small(ARGS, 5)))
+
+
+@pytest.mark.anyio
+async def test_non_streamed_tool_call_arguments_are_redacted() -> None:
+    g = guard()
+    c = ctx()
+    c.stream = False
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": ARGS}}
+    c.response = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": None, "tool_calls": [call]}}]}  # fmt: skip
+    await g.on_response(c)
+    assert call["function"]["arguments"] == ARGS.replace(KEY, "[REDACTED:api_key]")

@@ -383,10 +383,52 @@ class GuardPlugin(Plugin):
                     delta["content"] = released
                 if released:
                     keep = True
+            calls = delta.get("tool_calls")
+            if calls or final:
+                self._tool_calls(ctx, held, idx, calls, delta, final)
             # (keys other than "content": role, tool calls ...)
             if final or len(delta) > ("content" in delta) or choice.get("logprobs"):
                 keep = True
         return keep
+
+    def _tool_calls(
+        self,
+        ctx: RequestContext,
+        held: dict[Any, str],
+        idx: Any,
+        calls: Any,
+        delta: dict[str, Any],
+        final: bool,
+    ) -> None:
+        """The argument fragments of a choice's tool calls go through the output guard like
+        its text, each call on its own (held under ``(choice, call index)``); at the choice's
+        ``finish_reason`` what is still held goes out in that chunk's delta."""
+        for call in calls if type(calls) is list else ():
+            fn = call.get("function") if type(call) is dict else None
+            if type(fn) is not dict or type(args := fn.get("arguments")) is not str or not args:
+                continue
+            key = (idx, call.get("index", 0))
+            released, held[key], findings = self.output.feed(held.get(key, ""), args, False)
+            if findings:
+                self._act(ctx, findings)
+            if not self.shadow:
+                fn["arguments"] = released
+        if final:
+            for key in [k for k, v in held.items() if v and type(k) is tuple and k[0] == idx]:
+                released = self._flush_call(ctx, held, key)
+                if released and not self.shadow:
+                    flushed = {"index": key[1], "function": {"arguments": released}}
+                    tool_calls = delta.get("tool_calls")
+                    if type(tool_calls) is list:
+                        tool_calls.append(flushed)
+                    else:
+                        delta["tool_calls"] = [flushed]
+
+    def _flush_call(self, ctx: RequestContext, held: dict[Any, str], key: Any) -> str:
+        released, _, findings = self.output.feed(held[key], "", final=True)
+        held[key] = ""
+        self._act(ctx, findings)
+        return released
 
     @staticmethod
     def _template(first: Any) -> dict[str, Any]:
@@ -404,18 +446,24 @@ class GuardPlugin(Plugin):
         if not held or not any(held.values()):
             return []  # (the usual end: finish_reason released it all)
         out = []
-        for idx, text in sorted(held.items()):
+        for key, text in sorted(held.items(), key=lambda kv: repr(kv[0])):
             if not text:
                 continue
-            released, _, findings = self.output.feed(text, "", final=True)
-            held[idx] = ""
-            self._act(ctx, findings)
+            if type(key) is tuple:  # a tool call's arguments: (choice, call index)
+                released = self._flush_call(ctx, held, key)
+                delta: dict[str, Any] = {
+                    "tool_calls": [{"index": key[1], "function": {"arguments": released}}]
+                }
+                idx = key[0]
+            else:
+                released, _, findings = self.output.feed(text, "", final=True)
+                held[key] = ""
+                self._act(ctx, findings)
+                delta, idx = {"content": released}, key
             if self.shadow:
                 continue
             chunk = self._template(state.get("first"))
-            chunk["choices"] = [
-                {"index": idx, "delta": {"content": released}, "finish_reason": None}
-            ]
+            chunk["choices"] = [{"index": idx, "delta": delta, "finish_reason": None}]
             out.append(chunk)
         return out
 

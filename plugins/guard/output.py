@@ -170,7 +170,8 @@ class OutputGuard:
 
 
 def response_texts(response: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
-    """(message, key) pairs of a non-streamed chat answer that hold text."""
+    """(container, key) pairs of a non-streamed chat answer that hold text: content, refusal
+    and the arguments of its tool calls (a secret the model writes into a call leaves too)."""
     out = []
     for choice in response.get("choices") or ():
         msg = choice.get("message") if isinstance(choice, dict) else None
@@ -178,4 +179,9 @@ def response_texts(response: dict[str, Any]) -> list[tuple[dict[str, Any], str]]
             for key in ("content", "refusal"):
                 if isinstance(msg.get(key), str):
                     out.append((msg, key))
+            calls = msg.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    out.append((fn, "arguments"))
     return out
