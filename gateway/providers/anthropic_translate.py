@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
-from gateway.providers.base import error_for_status
+from gateway.providers.errors import error_for_status
 
 STOP_REASONS = {
     "end_turn": "stop",

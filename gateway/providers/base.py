@@ -13,10 +13,9 @@ the route plugin can fail over before the first byte reaches the client.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
 import orjson
@@ -27,12 +26,11 @@ from yarl import URL
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
-    RateLimitError,
-    ServiceUnavailableError,
     UpstreamError,
     UpstreamTimeoutError,
 )
 from gateway.headers import upstream_request_headers
+from gateway.providers.errors import error_for_status, upstream_error
 
 if TYPE_CHECKING:
     from gateway.catalogue import Deployment
@@ -124,100 +122,6 @@ class Provider:
         raise InvalidRequestError(
             f"provider {self.name!r} does not serve embeddings", param="model"
         )
-
-
-def retry_after(headers: Mapping[str, str]) -> str | None:
-    value = headers.get("retry-after")
-    if value is None:
-        ms = headers.get("retry-after-ms")
-        if ms and ms.replace(".", "", 1).isdigit():
-            return str(max(1, round(float(ms) / 1000)))
-        return None
-    return value if value.isdigit() else None
-
-
-#: What an upstream's error ``code`` or ``param`` may be to reach the client: an identifier or
-#: a field path (``context_length_exceeded``, ``messages[2].content``), nothing longer.
-_ERROR_FIELD = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,100}")
-
-
-class UpstreamErrorBody(NamedTuple):
-    """The parts of an upstream's error body that may reach the client."""
-
-    message: str = ""
-    code: str | None = None
-    param: str | None = None
-
-
-def _error_field(value: Any) -> str | None:
-    return value if isinstance(value, str) and _ERROR_FIELD.fullmatch(value) else None
-
-
-def upstream_error(body: bytes) -> UpstreamErrorBody:
-    """Message, code and param of an OpenAI-style error body (``{"error": {...}}``)."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return UpstreamErrorBody()
-    err = data.get("error") if isinstance(data, dict) else None
-    if isinstance(err, dict):
-        return UpstreamErrorBody(
-            str(err.get("message") or "")[:500],
-            _error_field(err.get("code")),
-            _error_field(err.get("param")),
-        )
-    if isinstance(err, str):
-        return UpstreamErrorBody(err[:500])
-    return UpstreamErrorBody()
-
-
-def error_for_status(
-    status: int,
-    headers: Mapping[str, str],
-    message: str,
-    provider: str,
-    *,
-    code: str | None = None,
-    param: str | None = None,
-) -> GatewayError:
-    """Map an upstream error status to what the client sees.
-
-    Errors caused by the request itself keep their status, message, ``code`` and ``param``
-    (``context_length_exceeded`` on ``messages``: what SDK users and frameworks test for), and
-    are never retried elsewhere. Problems with the gateway's own credentials or configuration
-    become 502, so a client is never told *its* key is wrong, and the upstream's text (which
-    may quote part of the provider key) is not shown.
-    """
-    if status in (400, 413, 422):
-        err = InvalidRequestError(
-            message or f"the upstream rejected the request ({status})", code=code, param=param
-        )
-        err.status = status
-        return err
-    if status in (401, 403):
-        return UpstreamError(
-            f"the {provider} upstream rejected the gateway's credentials", retryable=True
-        )
-    if status == 404:
-        return UpstreamError(f"the {provider} upstream does not know this model", retryable=True)
-    if status in (408, 504):
-        return UpstreamTimeoutError(f"the {provider} upstream timed out", retryable=True)
-    if status == 429:
-        ra = retry_after(headers)
-        return RateLimitError(
-            f"the {provider} upstream is rate limiting: retry later",
-            code="upstream_rate_limited",
-            headers={"retry-after": ra} if ra else None,
-            retryable=True,
-        )
-    if status == 503:
-        ra = retry_after(headers)
-        return ServiceUnavailableError(
-            f"the {provider} upstream is unavailable",
-            headers={"retry-after": ra} if ra else None,
-            retryable=True,
-        )
-    return UpstreamError(f"the {provider} upstream failed with status {status}", retryable=True)
 
 
 class upstream_errors:  # lower case: used like a function, as contextlib.suppress is
