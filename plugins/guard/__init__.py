@@ -331,7 +331,7 @@ class GuardPlugin(Plugin):
                 fn["arguments"] = released
         if final:
             for key in [k for k, v in held.items() if v and type(k) is tuple and k[0] == idx]:
-                released = self._flush_call(ctx, held, key)
+                released = self._flush(ctx, held, key)
                 if released and not self.shadow:
                     flushed = {"index": key[1], "function": {"arguments": released}}
                     tool_calls = delta.get("tool_calls")
@@ -340,7 +340,8 @@ class GuardPlugin(Plugin):
                     else:
                         delta["tool_calls"] = [flushed]
 
-    def _flush_call(self, ctx: RequestContext, held: dict[Any, str], key: Any) -> str:
+    def _flush(self, ctx: RequestContext, held: dict[Any, str], key: Any) -> str:
+        """Release everything held under ``key`` (a choice's text or a tool call's arguments)."""
         released, _, findings = self.output.feed(held[key], "", final=True)
         held[key] = ""
         self._act(ctx, findings)
@@ -358,23 +359,20 @@ class GuardPlugin(Plugin):
 
     async def on_stream_end(self, ctx: RequestContext) -> list[dict[str, Any]]:
         state = ctx.scratch_for(self.name)
-        held: dict[int, str] | None = state.get("held")
+        held: dict[Any, str] | None = state.get("held")
         if not held or not any(held.values()):
             return []  # (the usual end: finish_reason released it all)
         out = []
-        for key, text in sorted(held.items(), key=lambda kv: repr(kv[0])):
+        # Choices' text first (by index), then tool calls' arguments ((choice, call) keys).
+        for key, text in sorted(held.items(), key=lambda kv: (type(kv[0]) is tuple, kv[0])):
             if not text:
                 continue
-            if type(key) is tuple:  # a tool call's arguments: (choice, call index)
-                released = self._flush_call(ctx, held, key)
-                delta: dict[str, Any] = {
-                    "tool_calls": [{"index": key[1], "function": {"arguments": released}}]
-                }
+            released = self._flush(ctx, held, key)
+            delta: dict[str, Any]
+            if type(key) is tuple:
+                delta = {"tool_calls": [{"index": key[1], "function": {"arguments": released}}]}
                 idx = key[0]
             else:
-                released, _, findings = self.output.feed(text, "", final=True)
-                held[key] = ""
-                self._act(ctx, findings)
                 delta, idx = {"content": released}, key
             if self.shadow:
                 continue
