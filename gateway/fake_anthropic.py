@@ -127,7 +127,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(b.hang_ms / 1000)
     if b.status >= 300:
         request.app[STATE].stats["errors_injected"] += 1
-        return error(b.status, f"injected failure {b.status} for model {model!r}", b.retry_after)
+        message = f"injected failure {b.status} for model {model!r}"
+        if b.error_code == "context_length_exceeded":  # Anthropic's words for it
+            message = "prompt is too long: 250000 tokens > 200000 maximum"
+        return error(b.status, message, b.retry_after)
     problem = check(request, body)
     if problem is not None:
         status, _, message = problem.partition(":")

@@ -26,7 +26,9 @@ x-fake-stall-after  stall_after (-1 = none) stream: K content chunks, then nothi
 x-fake-no-usage     no_usage (false)        omit ``usage`` (and the stream's usage chunk)
 x-fake-content      content (echo)          exact assistant text (e.g. a secret for the guard)
 x-fake-error-code   error_code ("")         ``code`` of an injected error's body (default: the
-                                            status's usual one, e.g. ``rate_limit_exceeded``)
+                                            status's usual one, e.g. ``rate_limit_exceeded``;
+                                            the Anthropic fake, which has no codes, answers
+                                            ``context_length_exceeded`` in Anthropic's words)
 x-fake-error-param  error_param ("")        ``param`` of an injected error's body
 ==================  ======================  ====================================================
 

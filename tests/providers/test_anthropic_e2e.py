@@ -155,3 +155,16 @@ def test_anthropic_errors_become_openai_errors(
             )  # fmt: skip
         assert info.value.status_code == client_status  # type: ignore[attr-defined]
         assert "sk-ant" not in str(info.value)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_prompt_too_long_is_context_length_exceeded(stream: bool) -> None:
+    with running_gateway(claude_config) as gw:
+        with pytest.raises(openai.BadRequestError) as info:
+            gw.openai().chat.completions.create(
+                model="claude", messages=[{"role": "user", "content": "hi"}], stream=stream,
+                extra_headers={"x-fake-status": "400",
+                               "x-fake-error-code": "context_length_exceeded"},
+            )  # fmt: skip
+        assert (info.value.code, info.value.param) == ("context_length_exceeded", "messages")
+        assert "prompt is too long" in info.value.message
