@@ -50,15 +50,54 @@ class OutputConfig(Strict):
                 f"output.secret_types: unknown type {unknown[0]!r}; "
                 f"allowed: {', '.join(SECRET_TYPES)}"
             )
-        if self.window_chars is not None and len(self.canary) > self.window_chars:
-            raise ValueError("output.window_chars must be at least as long as output.canary")
+        span = canary_pattern(self.canary)[1]
+        if self.window_chars is not None and span > self.window_chars:
+            raise ValueError(
+                f"output.window_chars must be at least {span}: the longest way the canary can "
+                "be written (its letters and digits with up to "
+                f"{CANARY_GAP} other characters between each two)"
+            )
         return self
 
     def hold_window(self) -> int:
         """``window_chars``, or when unset the least the configured matches need."""
         if self.window_chars is not None:
             return self.window_chars
-        return max([len(self.canary)] + [SPACED_SPAN.get(t, 0) for t in self.secret_types])
+        return max(
+            [canary_pattern(self.canary)[1]] + [SPACED_SPAN.get(t, 0) for t in self.secret_types]
+        )
+
+
+#: Characters other than letters and digits allowed between two of the canary's own: a model
+#: told to write the system prompt "with dashes between the letters" or spaced out still leaks
+#: it ("C-A-N-A-R-Y", "c a n a r y", "C, A, N"). Where the canary itself has a longer run of
+#: them, that run's length applies.
+CANARY_GAP = 2
+
+
+def canary_pattern(canary: str) -> tuple[re.Pattern[str] | None, int]:
+    """The canary as a case-insensitive pattern tolerating :data:`CANARY_GAP` separators
+    between its letters and digits, and the length of its longest match (0: no canary)."""
+    if not canary:
+        return None, 0
+    groups = re.findall(r"[^\W_]|[\W_]+", canary)
+    chars = [g for g in groups if not re.fullmatch(r"[\W_]+", g)]
+    if not chars:  # no letter or digit: the string itself
+        return re.compile(re.escape(canary), re.IGNORECASE), len(canary)
+    parts: list[str] = []
+    span = 0
+    for i, g in enumerate(groups):
+        if re.fullmatch(r"[\W_]+", g):
+            continue
+        if parts:
+            # the canary's own separators before this character (0 if none)
+            own = len(groups[i - 1]) if re.fullmatch(r"[\W_]+", groups[i - 1]) else 0
+            gap = max(CANARY_GAP, own)
+            parts.append(rf"[\W_]{{0,{gap}}}")
+            span += gap
+        parts.append(re.escape(g))
+        span += 1
+    return re.compile("".join(parts), re.IGNORECASE), span
 
 
 #: Types whose matches may hold spaces that the other hold-back rules do not cover (letters
@@ -71,37 +110,33 @@ class OutputGuard:
     def __init__(self, cfg: OutputConfig) -> None:
         self.cfg = cfg
         self.types = frozenset(cfg.secret_types)
-        self._canary = cfg.canary.lower()
+        self._canary, _ = canary_pattern(cfg.canary)
         self.window = cfg.hold_window()
 
     # --- one complete text (non-streamed answers, or a released span) ---------------------------
 
     def _canary_pass(self, text: str, cut: int, findings: list[Finding]) -> tuple[str, int]:
         """Canaries ending before ``cut`` become findings; one straddling it moves ``cut``."""
-        if not self._canary:
+        if self._canary is None:
             return text, cut
-        low = text.lower()
-        size = len(self._canary)
-        starts = []
-        i = low.find(self._canary)
-        while i != -1:
-            if i + size > cut:
+        spans = []
+        for m in self._canary.finditer(text):
+            if m.end() > cut:
                 # Not redacted in this pass: hold back as if the text ended where it starts,
                 # since a key or IBAN just before it is only one once the canary is gone (its
                 # end needs a non-alphanumeric character after it).
-                cut = min(cut, self._safe_cut(text, i))
+                cut = min(cut, self._safe_cut(text, m.start()))
                 break
-            starts.append(i)
-            i = low.find(self._canary, i + size)
-        if not starts:
+            spans.append(m.span())
+        if not spans:
             return text, cut
         findings.append(Finding("output", "system_prompt_leak", self.cfg.canary_action, "canary"))
         if self.cfg.canary_action != "redact":
             return text, cut
         mark = placeholder("canary")
-        for i in reversed(starts):
-            text = text[:i] + mark + text[i + size :]
-        return text, cut + len(starts) * (len(mark) - size)
+        for start, end in reversed(spans):
+            text = text[:start] + mark + text[end:]
+        return text, cut + sum(len(mark) - (end - start) for start, end in spans)
 
     def check(self, text: str) -> tuple[str, list[Finding]]:
         """The text with redactions applied (when the actions say so), and the findings."""

@@ -146,8 +146,10 @@ async def test_non_streamed_response_redacted_or_blocked() -> None:
 def test_output_config_validation() -> None:
     with pytest.raises(ValueError, match="unknown type 'ssn'"):
         GuardConfig.model_validate({"output": {"secret_types": ["ssn"]}})
-    with pytest.raises(ValueError, match=r"at least as long as output\.canary"):
-        GuardConfig.model_validate({"output": {"canary": "x" * 20, "window_chars": 10}})
+    # 20 characters, up to 2 others between each two: 58 may need holding back.
+    with pytest.raises(ValueError, match=r"window_chars must be at least 58"):
+        GuardConfig.model_validate({"output": {"canary": "x" * 20, "window_chars": 57}})
+    GuardConfig.model_validate({"output": {"canary": "x" * 20, "window_chars": 58}})
 
 
 def test_streams_are_parsed_for_the_guard_only_when_its_output_guard_is_on() -> None:
@@ -265,7 +267,7 @@ def test_default_window_releases_each_word_as_the_next_begins() -> None:
     """The default types need no window: a word goes out as soon as a space follows it. A
     canary or a spaced type (IBAN, phone) sets the window to what they need."""
     assert OutputConfig().hold_window() == 0
-    assert OutputConfig(canary=CANARY).hold_window() == len(CANARY)
+    assert OutputConfig(canary=CANARY).hold_window() == 12 + 2 * 11  # "CANARY7f3a9c" spaced
     assert OutputConfig(secret_types=("iban",)).hold_window() == 42
     assert OutputConfig(secret_types=("iban",), window_chars=100).hold_window() == 100
     g = OutputGuard(OutputConfig())
@@ -274,3 +276,39 @@ def test_default_window_releases_each_word_as_the_next_begins() -> None:
     # A number still runs on; an unfinished key block is still held.
     assert g.feed("", "card 4111 1111 ", False)[:2] == ("card ", "4111 1111 ")
     assert g.feed("", "x -----BEGIN RSA PRIVATE KEY-----\nMII ", False)[0] == "x "
+
+
+@pytest.mark.parametrize(
+    "leak",
+    [
+        "C-A-N-A-R-Y-7-f-3-a-9-c",  # a model told to put dashes between the letters
+        "c a n a r y 7 f 3 a 9 c",
+        "C, A, N, A, R, Y, 7, F, 3, A, 9, C",
+        "canary7f3a9c",
+        "CANARY_7f3a9c",
+        "Canary: 7f3a9c",
+        "C--A--N--A--R--Y--7f3a9c",
+    ],
+)
+def test_the_canary_spelled_out_or_spaced_is_still_the_canary(leak: str) -> None:
+    g = OutputGuard(OutputConfig(canary=CANARY, canary_action="redact"))
+    text = f"My instructions begin with {leak} and then go on."
+    assert g.check(text)[0] == "My instructions begin with [REDACTED:canary] and then go on."
+    rng = random.Random(len(leak))
+    for _ in range(50):  # streamed in random pieces: nothing of it comes out
+        pieces, i = [], 0
+        while i < len(text):
+            k = rng.choice([1, 2, 3, 5, 8])
+            pieces.append(text[i : i + k])
+            i += k
+        assert streamed(g, pieces) == g.check(text)[0]
+
+
+def test_ordinary_text_near_the_canary_is_not_the_canary() -> None:
+    g = OutputGuard(OutputConfig(canary=CANARY, canary_action="redact"))
+    for text in (
+        "a canary in 7 f 3 a 9 c mines",
+        "CANARY-7f3a9",
+        "CANARY 7f3a9d",
+    ):
+        assert g.check(text) == (text, []), text
