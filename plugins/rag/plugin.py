@@ -289,7 +289,9 @@ class RagPlugin(Plugin):
         hits = rerank(cfg.rerank.method, query, hits, top_k, cfg.rerank.alpha)[:top_k]
         if not hits or self.active_scanner is None:
             return hits, []
-        verdicts = await self._scan([h.text for h in hits])
+        # What reaches the model is the chunk's label (title, headings, file name: text from
+        # the document too) and its text: scan both, as one.
+        verdicts = await self._scan([f"{ctxbuild.describe(h)}\n{h.text}" for h in hits])
         kept = [h for h, v in zip(hits, verdicts, strict=True) if not flagged(v)]
         dropped = [h for h, v in zip(hits, verdicts, strict=True) if flagged(v)]
         return kept, dropped
