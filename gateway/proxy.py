@@ -166,7 +166,8 @@ def usage_from(data: dict[str, Any]) -> Usage | None:
     completion = usage.get("completion_tokens", 0)
     if not isinstance(prompt, int):
         return None
-    return Usage(prompt, completion if isinstance(completion, int) else 0)
+    # Negative counts (a broken or hostile upstream) would credit budgets and token limits.
+    return Usage(max(0, prompt), max(0, completion) if isinstance(completion, int) else 0)
 
 
 async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: str) -> None:

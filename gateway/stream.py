@@ -159,7 +159,11 @@ class _Relay:
         """Record the usage in the parsed event ``obj``; True if the event should be dropped."""
         usage = obj.get("usage")
         if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            self.usage = Usage(usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
+            completion = usage.get("completion_tokens")
+            self.usage = Usage(
+                max(0, usage["prompt_tokens"]),
+                max(0, completion) if isinstance(completion, int) else 0,
+            )
             if not self.keep_text:
                 self.kept.clear()
         return not obj.get("choices") and not self.client_wants_usage
@@ -193,6 +197,9 @@ class _Relay:
                 out.append(_events(await Pipeline.run_chunks(self.hooks, self.ctx, run)))
                 run = []
             if "error" in obj:
+                # The upstream ended the answer with an error (vLLM does): the request failed,
+                # whatever came before, so the log says so and nothing caches it.
+                self.ctx.error_type = "upstream_error"
                 out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
             elif isinstance(obj.get("usage"), dict):
                 self._usage_of(obj)

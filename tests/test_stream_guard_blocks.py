@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.context import RequestContext
+from gateway.context import RequestContext, Usage
 from gateway.envelope import Envelope as _Envelope
 from gateway.envelope import TextChunk
 from gateway.errors import ContentPolicyError, GatewayError
@@ -485,3 +485,31 @@ async def test_non_streamed_tool_call_arguments_are_redacted() -> None:
         "role": "assistant", "content": None, "tool_calls": [call]}}]}  # fmt: skip
     await g.on_response(c)
     assert call["function"]["arguments"] == ARGS.replace(KEY, "[REDACTED:api_key]")
+
+
+@pytest.mark.anyio
+async def test_an_upstream_error_event_marks_the_request_failed() -> None:
+    # vLLM ends a failed stream with an error event (and may still send [DONE]): the request
+    # failed, so the log says so and the cache (which skips failed requests) keeps nothing.
+    data = (
+        event({"role": "assistant", "content": ""}) + event({"content": "partial "})
+        + b'data: {"error": {"message": "engine died", "type": "server_error"}}\n\n'
+        + b"data: [DONE]\n\n"
+    )  # fmt: skip
+    for reads in (None, per_event(data)):
+        events, _, c = await relay(guard(), data, reads)
+        assert c.error_type == "upstream_error"
+        assert any(isinstance(e, dict) and "error" in e for e in events)
+    _, _, c = await relay(guard(), wire(["fine"]))
+    assert c.error_type is None
+
+
+@pytest.mark.anyio
+async def test_negative_usage_from_the_upstream_counts_as_zero() -> None:
+    from gateway.proxy import usage_from
+
+    bad = {"prompt_tokens": -1000000, "completion_tokens": -5}
+    assert usage_from({"usage": bad}) == Usage(0, 0)
+    data = event({"content": "x"}) + b'data: {"choices": [], "usage": ' + orjson.dumps(bad)
+    _, r, _ = await relay(guard(), data + b"}\n\ndata: [DONE]\n\n")
+    assert r.usage == Usage(0, 0)

@@ -194,8 +194,8 @@ class CachePlugin(Plugin):
             value = _SSE + b'{"chunks":[' + b",".join(scratch["chunks"]) + b"],"
             value += b'"usage":' + orjson.dumps(usage) + b"}"
         else:
-            if ctx.response is None:
-                return
+            if ctx.response is None or not ctx.response.get("choices"):
+                return  # (an upstream's 200 holding an error object is no answer to keep)
             value = _JSON + orjson.dumps(ctx.response)
         if len(value) > self.config.max_entry_bytes:
             return

@@ -189,6 +189,11 @@ async def test_sampled_requests_bypass_and_failures_are_not_stored() -> None:
     assert await plugin.on_request(blocked) is None
     blocked.status, blocked.response = 400, {"error": {}}
     await plugin.on_response(blocked)
+    # A 200 whose body is an error object (no choices) is no answer to keep either.
+    soft = make_ctx()
+    assert await plugin.on_request(soft) is None
+    soft.status, soft.response = 200, {"error": {"message": "soft error"}}
+    await plugin.on_response(soft)
     assert await plugin.on_request(make_ctx()) is None  # still a miss
     await plugin.shutdown()
 
