@@ -108,7 +108,7 @@ def _filter(request: Request, identity: Identity, admin: bool) -> Filter:
     end = today.timestamp() + _DAY
     if q.get("end"):
         end = _parse_time(q["end"], "end")
-        if len(q["end"]) == 10:  # YYYY-MM-DD: through the end of that day
+        if len(q["end"]) == 10 and not q["end"].isdigit():  # YYYY-MM-DD: through that day
             end += _DAY
     start = end - _DEFAULT_DAYS * _DAY
     if q.get("start"):
@@ -132,7 +132,8 @@ def _filter(request: Request, identity: Identity, admin: bool) -> Filter:
 
 def _cell(value: Any) -> Any:
     # Neutralise spreadsheet formulas in user- or tenant-supplied strings (CSV injection).
-    if isinstance(value, str) and value.startswith(_CSV_DANGEROUS):
+    # (Spreadsheets skip leading whitespace before looking for a formula.)
+    if isinstance(value, str) and value.lstrip(" \n").startswith(_CSV_DANGEROUS):
         return "'" + value
     return value
 

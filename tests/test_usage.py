@@ -119,6 +119,9 @@ def test_summary_and_errors(tmp_path: Path) -> None:
         wide = get(gw, "/v1/usage", USER_KEY, start="2020-01-01", end="2026-01-01")
         assert wide.status_code == 400 and "400 days" in wide.json()["error"]["message"]
         assert get(gw, "/admin/usage/summary", ADMIN_KEY, bucket="week").status_code == 400
+        # An epoch end is that instant (a 10-digit one is not a bare date: no day is added).
+        r = get(gw, "/v1/usage", USER_KEY, start="1699900000", end="1700000000")
+        assert r.status_code == 200 and r.json()["end"] == "2023-11-14T22:13:20Z", r.text
         # Times no calendar can print are the client's mistake: 400, not a 500 (year 10000).
         for path, key, times in [
             ("/v1/usage", USER_KEY, {"end": "9999-12-31"}),
@@ -143,3 +146,12 @@ def test_ledger_off_and_no_auth(tmp_path: Path) -> None:
         # without an auth plugin nobody can be told apart: refused
         assert get(gw, "/v1/usage", None).status_code == 401
         assert get(gw, "/admin/dashboard", None).status_code == 401
+
+
+def test_csv_cells_that_a_spreadsheet_would_read_as_formulas_are_quoted() -> None:
+    from gateway.usage import _cell
+
+    for value in ("=1+1", "+1", "-1", "@SUM(A1)", " =1+1", "\n=1+1", "  \n +cmd"):
+        assert _cell(value) == "'" + value, value
+    for value in ("demo", "gpt-4o", " a = b", 5, None):
+        assert _cell(value) == value
