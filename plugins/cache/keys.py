@@ -42,7 +42,28 @@ def shape_key(tenant: str, model: str, body: dict[str, Any], stream: bool) -> st
     """Like ``request_key`` without the messages: semantic matches only within one shape
     (same tenant, model, tools, temperature, max_tokens ...)."""
     rest = {k: v for k, v in body.items() if k != "messages"}
+    # What the embedded text leaves out must match exactly: images, audio and file parts,
+    # tool calls and their ids, names (the same question about another picture, or with
+    # another tool result id, is another question).
+    rest["messages_beyond_text"] = _beyond_text(body.get("messages") or ())
     return request_key(tenant, model, rest, stream)
+
+
+def _beyond_text(messages: Any) -> list[Any]:
+    """Every message's fields other than its role and text (and its non-text parts)."""
+    out: list[Any] = []
+    for m in messages:
+        if not isinstance(m, dict):
+            out.append(m)
+            continue
+        extra = {k: v for k, v in m.items() if k not in ("role", "content")}
+        content = m.get("content")
+        if isinstance(content, list):
+            extra["parts"] = [
+                p for p in content if not (isinstance(p, dict) and p.get("type") == "text")
+            ]
+        out.append(extra)
+    return out
 
 
 def prompt_text(body: dict[str, Any]) -> str:

@@ -69,3 +69,36 @@ async def test_index_is_bounded_per_group_and_in_groups() -> None:
     index.add("g3", "a", await index.embed("a"))
     assert set(index.groups) == {"g2", "g3"}
     index.close()
+
+
+@pytest.mark.anyio
+async def test_the_same_words_about_another_image_or_tool_result_miss() -> None:
+    p = CachePlugin(CacheConfig.model_validate({"semantic": {"enabled": True, "threshold": 0.85}}))
+    await p.startup(None)
+
+    def image(url: str) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": [
+            {"type": "text", "text": "What animal is in this picture?"},
+            {"type": "image_url", "image_url": {"url": url}}]}]  # fmt: skip
+
+    def weather(city: str) -> list[dict[str, Any]]:
+        return [
+            {"role": "user", "content": "What is the weather there?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+             "function": {"name": "weather", "arguments": '{"city": "' + city + '"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ]  # fmt: skip
+
+    for first, second in (
+        (image("data:cat"), image("data:dog")),
+        (weather("Paris"), weather("Tokyo")),
+    ):
+        ctx = make_ctx(messages=first)
+        assert await p.on_request(ctx) is None
+        ctx.status, ctx.usage = 200, Usage(5, 1)
+        ctx.response = {"choices": [{"message": {"content": "the first answer"}}]}
+        await p.on_response(ctx)
+        assert await p.on_request(make_ctx(messages=second)) is None  # not the first's answer
+        again = await p.on_request(make_ctx(messages=first))
+        assert again is not None  # (the first is still there)
+    await p.shutdown()
