@@ -7,6 +7,7 @@ gateway spends its time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -231,15 +232,26 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
         if not responded:
             responded = True
             await send_error(send, ctx, GatewayError("internal error"))
+    except asyncio.CancelledError:
+        # Cancelled other than by the client leaving (the relay marks that): the server is
+        # stopping with this request unfinished. Whatever went out, it did not complete: the
+        # log, the ledger and the plugins (the cache) must not take it for a success.
+        if not ctx.client_disconnected:
+            ctx.error_type = ctx.error_type or "cancelled"
+        raise
     finally:
-        gw.in_flight -= 1
-        if metrics.IN_FLIGHT is not None:
-            metrics.IN_FLIGHT.dec()
-        if ctx.finished is None:
-            ctx.finished = time.perf_counter()
-        if "response_done" not in ctx.scratch:
-            await finish_response_phase(ran, ctx)
-        account(gw, ctx)
+        try:
+            if ctx.finished is None:
+                ctx.finished = time.perf_counter()
+            if "response_done" not in ctx.scratch:
+                await finish_response_phase(ran, ctx)
+            account(gw, ctx)
+        finally:
+            # Last: draining waits for the count, so plugins (limit settle, cache) and the
+            # log/ledger finish before shutdown closes their stores.
+            gw.in_flight -= 1
+            if metrics.IN_FLIGHT is not None:
+                metrics.IN_FLIGHT.dec()
 
 
 async def finish_response_phase(ran: list[Plugin], ctx: RequestContext) -> GatewayError | None:

@@ -56,3 +56,37 @@ def test_sigterm_drains_then_exits_zero(tmp_path: Path) -> None:
         assert len(lines) == 2
         assert {line["stream"] for line in lines} == {True, False}
         assert all(line["status"] == 200 for line in lines)
+
+
+def test_a_stream_cut_by_the_drain_timeout_is_logged_as_cancelled(tmp_path: Path) -> None:
+    """The drain timeout ends a stream still running: the request is logged (before the log
+    closes) as cancelled, not as a success a cache or a report would take for a whole answer."""
+    log_file = tmp_path / "requests.jsonl"
+    with fake_upstream(chunks=10, delay_ms=400) as fake:  # a 4 s answer
+        config = {
+            "models": [demo_model(fake.url)],
+            "server": {"drain_delay_s": 0, "drain_timeout_s": 1},
+            "logging": {"request_log": str(log_file)},
+        }
+        gw = spawn_gateway(config)
+        result: dict[str, Any] = {}
+
+        def stream() -> None:
+            body = {"model": "demo", "stream": True,
+                    "messages": [{"role": "user", "content": "a long answer"}]}  # fmt: skip
+            try:
+                r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=20)
+                result["text"] = r.text
+            except httpx.HTTPError as e:  # the connection is closed mid-body
+                result["error"] = repr(e)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.6)
+        gw.proc.send_signal(signal.SIGTERM)
+        t.join(20)
+        assert gw.proc.wait(20) == 0, gw.output()[-2000:]
+        assert not result.get("text", "").endswith("data: [DONE]\n\n")
+        lines = [json.loads(x) for x in log_file.read_text().splitlines()]
+        assert len(lines) == 1, gw.output()[-2000:]
+        assert lines[0]["error_type"] == "cancelled" and lines[0]["stream"] is True
