@@ -15,26 +15,37 @@ import httpx
 from tests.helpers import demo_model, fake_upstream, spawn_gateway
 
 
+def start_stream(url: str, result: dict[str, Any]) -> threading.Thread:
+    """A streamed request in a thread; its status and text (or the error) land in ``result``."""
+
+    def stream() -> None:
+        body = {"model": "demo", "stream": True,
+                "messages": [{"role": "user", "content": "a long answer"}]}  # fmt: skip
+        try:
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=20)
+            result["status"], result["text"] = r.status_code, r.text
+        except httpx.HTTPError as e:  # the connection is closed mid-body
+            result["error"] = repr(e)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    return t
+
+
+def config_for(upstream: str, log_file: Path, **server: Any) -> dict[str, Any]:
+    return {
+        "models": [demo_model(upstream)],
+        "server": server,
+        "logging": {"request_log": str(log_file)},
+    }
+
+
 def test_sigterm_drains_then_exits_zero(tmp_path: Path) -> None:
     log_file = tmp_path / "requests.jsonl"
     with fake_upstream(chunks=10, delay_ms=150) as fake:
-        config = {
-            "models": [demo_model(fake.url)],
-            "server": {"drain_delay_s": 1.0, "drain_timeout_s": 10},
-            "logging": {"request_log": str(log_file)},
-        }
-        gw = spawn_gateway(config)
+        gw = spawn_gateway(config_for(fake.url, log_file, drain_delay_s=1.0, drain_timeout_s=10))
         result: dict[str, Any] = {}
-
-        def stream() -> None:
-            body = {"model": "demo", "stream": True,
-                    "messages": [{"role": "user", "content": "a long answer"}]}  # fmt: skip
-            r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=20)
-            result["status"] = r.status_code
-            result["text"] = r.text
-
-        t = threading.Thread(target=stream)
-        t.start()
+        t = start_stream(gw.url, result)
         time.sleep(0.4)  # the stream is under way (1.5 s long)
         gw.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
@@ -63,25 +74,9 @@ def test_a_stream_cut_by_the_drain_timeout_is_logged_as_cancelled(tmp_path: Path
     closes) as cancelled, not as a success a cache or a report would take for a whole answer."""
     log_file = tmp_path / "requests.jsonl"
     with fake_upstream(chunks=10, delay_ms=400) as fake:  # a 4 s answer
-        config = {
-            "models": [demo_model(fake.url)],
-            "server": {"drain_delay_s": 0, "drain_timeout_s": 1},
-            "logging": {"request_log": str(log_file)},
-        }
-        gw = spawn_gateway(config)
+        gw = spawn_gateway(config_for(fake.url, log_file, drain_delay_s=0, drain_timeout_s=1))
         result: dict[str, Any] = {}
-
-        def stream() -> None:
-            body = {"model": "demo", "stream": True,
-                    "messages": [{"role": "user", "content": "a long answer"}]}  # fmt: skip
-            try:
-                r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=20)
-                result["text"] = r.text
-            except httpx.HTTPError as e:  # the connection is closed mid-body
-                result["error"] = repr(e)
-
-        t = threading.Thread(target=stream)
-        t.start()
+        t = start_stream(gw.url, result)
         time.sleep(0.6)
         gw.proc.send_signal(signal.SIGTERM)
         t.join(20)
