@@ -36,6 +36,19 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+def usage_from(data: dict[str, Any]) -> Usage | None:
+    """The ``usage`` of an OpenAI answer or stream event, if it has one. Negative counts (a
+    broken or hostile upstream) count as 0: they would credit budgets and token limits."""
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int):
+        return None
+    return Usage(max(0, prompt), max(0, completion) if isinstance(completion, int) else 0)
+
+
 @dataclass(slots=True, init=False)
 class RequestContext:
     """Everything known about one request, from parsing to the final log line.

@@ -19,7 +19,7 @@ import orjson
 
 from gateway import metrics
 from gateway.accounting import account
-from gateway.context import RequestContext, Usage
+from gateway.context import RequestContext, Usage, usage_from
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -157,18 +157,6 @@ def check_content_type(ctx: RequestContext) -> None:
     ctype = ctx.headers.get("content-type", "")
     if ctype != "application/json" and ctype.split(";", 1)[0].strip().lower() != "application/json":
         raise UnsupportedMediaTypeError("Content-Type must be application/json")
-
-
-def usage_from(data: dict[str, Any]) -> Usage | None:
-    usage = data.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens", 0)
-    if not isinstance(prompt, int):
-        return None
-    # Negative counts (a broken or hostile upstream) would credit budgets and token limits.
-    return Usage(max(0, prompt), max(0, completion) if isinstance(completion, int) else 0)
 
 
 async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: str) -> None:

@@ -23,9 +23,10 @@ SECRET_TYPES = (
     "phone",
 )
 
-#: Keys with a prefix no word contains: found wherever they start, so a letter or digit glued in
-#: front ("Xsk-proj-...", which a model can be told to write) or behind does not hide them.
-_API_KEY_PREFIXED = (
+#: Keys found wherever they start (prefixes no word contains, and random-looking bare "sk-"
+#: keys), so a letter or digit glued in front ("Xsk-proj-...", which a model can be told to
+#: write) or behind does not hide them.
+_API_KEY_ANYWHERE = (
     r"sk-ant-(?:api|admin)\d{2}-[A-Za-z0-9_\-]{20,}"  # Anthropic
     r"|sk-(?:proj|svcacct|admin)-[A-Za-z0-9_\-]{20,}"  # OpenAI
     r"|(?:AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key id
@@ -51,7 +52,7 @@ _PATTERNS: dict[str, str] = {
         r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|[\s\S]*\Z)"
     ),
     "jwt": r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",
-    "api_key": rf"{_API_KEY_PREFIXED}|{_API_KEY_WORD}",
+    "api_key": rf"{_API_KEY_ANYWHERE}|{_API_KEY_WORD}",
     "email": (
         r"(?<![\w.+\-])[A-Za-z0-9._%+\-]{1,64}@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*"
         r"\.[A-Za-z]{2,24}\b"

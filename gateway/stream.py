@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway import metrics
-from gateway.context import Usage
+from gateway.context import Usage, usage_from
 from gateway.envelope import Envelope, TextChunk
 from gateway.errors import GatewayError, UpstreamError
 from gateway.pipeline import Pipeline, hooked
@@ -157,13 +157,9 @@ class _Relay:
 
     def _usage_of(self, obj: dict[str, Any]) -> bool:
         """Record the usage in the parsed event ``obj``; True if the event should be dropped."""
-        usage = obj.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            completion = usage.get("completion_tokens")
-            self.usage = Usage(
-                max(0, usage["prompt_tokens"]),
-                max(0, completion) if isinstance(completion, int) else 0,
-            )
+        usage = usage_from(obj)
+        if usage is not None:
+            self.usage = usage
             if not self.keep_text:
                 self.kept.clear()
         return not obj.get("choices") and not self.client_wants_usage

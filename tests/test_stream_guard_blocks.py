@@ -506,7 +506,7 @@ async def test_an_upstream_error_event_marks_the_request_failed() -> None:
 
 @pytest.mark.anyio
 async def test_negative_usage_from_the_upstream_counts_as_zero() -> None:
-    from gateway.proxy import usage_from
+    from gateway.context import usage_from
 
     bad = {"prompt_tokens": -1000000, "completion_tokens": -5}
     assert usage_from({"usage": bad}) == Usage(0, 0)

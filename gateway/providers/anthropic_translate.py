@@ -306,13 +306,10 @@ def error_from_body(
     if status == 529:
         status = 503
     message = str(err.get("message") or "")[:500]
-    if status == 400 and message.startswith(_TOO_LONG):
+    code: str | None = None
+    param: str | None = None
+    if status == 400 and message.startswith("prompt is too long"):
         # "prompt is too long: 208310 tokens > 200000 maximum": what OpenAI calls
         # context_length_exceeded, which clients test for to trim the history.
-        return error_for_status(
-            status, headers, message, "anthropic", code="context_length_exceeded", param="messages"
-        )
-    return error_for_status(status, headers, message, "anthropic")
-
-
-_TOO_LONG = "prompt is too long"
+        code, param = "context_length_exceeded", "messages"
+    return error_for_status(status, headers, message, "anthropic", code=code, param=param)

@@ -11,6 +11,7 @@ at the end of the stream.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Literal
 
@@ -75,28 +76,28 @@ class OutputConfig(Strict):
 CANARY_GAP = 2
 
 
+@functools.lru_cache(maxsize=16)
 def canary_pattern(canary: str) -> tuple[re.Pattern[str] | None, int]:
     """The canary as a case-insensitive pattern tolerating :data:`CANARY_GAP` separators
-    between its letters and digits, and the length of its longest match (0: no canary)."""
+    between its letters and digits, and the length of its longest match (0: no canary).
+    Cached: the config's checks and the guard ask for the same canary."""
     if not canary:
         return None, 0
-    groups = re.findall(r"[^\W_]|[\W_]+", canary)
-    chars = [g for g in groups if not re.fullmatch(r"[\W_]+", g)]
+    chars: list[tuple[str, int]] = []  # each letter or digit, and the separators before it
+    run = 0
+    for ch in canary:
+        if ch.isalnum():
+            chars.append((ch, run))
+            run = 0
+        else:
+            run += 1
     if not chars:  # no letter or digit: the string itself
         return re.compile(re.escape(canary), re.IGNORECASE), len(canary)
-    parts: list[str] = []
-    span = 0
-    for i, g in enumerate(groups):
-        if re.fullmatch(r"[\W_]+", g):
-            continue
-        if parts:
-            # the canary's own separators before this character (0 if none)
-            own = len(groups[i - 1]) if re.fullmatch(r"[\W_]+", groups[i - 1]) else 0
-            gap = max(CANARY_GAP, own)
-            parts.append(rf"[\W_]{{0,{gap}}}")
-            span += gap
-        parts.append(re.escape(g))
-        span += 1
+    parts, span = [re.escape(chars[0][0])], 1
+    for ch, own in chars[1:]:
+        gap = max(CANARY_GAP, own)
+        parts.append(rf"[\W_]{{0,{gap}}}{re.escape(ch)}")
+        span += gap + 1
     return re.compile("".join(parts), re.IGNORECASE), span
 
 
