@@ -5,8 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import sys
 from typing import Any
 
 from starlette.applications import Starlette
@@ -17,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway import metrics, proxy, usage
-from gateway.config import Settings, load_settings
+from gateway.config import ConfigError, Settings, load_settings
 from gateway.errors import (
     AuthenticationError,
     GatewayError,
@@ -26,6 +25,7 @@ from gateway.errors import (
     NotFoundError,
 )
 from gateway.logs import setup_logging
+from gateway.plugin import StartupError
 from gateway.responses import error_response, json_response
 from gateway.state import Gateway
 
@@ -72,7 +72,36 @@ class GatewayApp:
             if endpoint is not None:
                 await proxy.handle(self.gateway, scope, receive, send, endpoint)
                 return
+        elif scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+            return
         await self.app(scope, receive, send)
+
+    async def lifespan(self, receive: Any, send: Any) -> None:
+        """The ASGI lifespan: startup, then drain and shutdown. A startup that fails on the
+        configuration or on something it needs (a key store, a port) is reported as one line
+        (the server logs the message and exits 3), not as a traceback."""
+        gw = self.gateway
+        await receive()  # lifespan.startup
+        try:
+            await gw.startup()
+        except (ConfigError, StartupError) as e:
+            await send({"type": "lifespan.startup.failed", "message": f"startup failed: {e}"})
+            return
+        except BaseException:
+            log.exception("startup failed")
+            await send({"type": "lifespan.startup.failed", "message": "startup failed"})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        try:
+            await gw.drain(gw.settings.server.drain_timeout_s)
+            await gw.shutdown()
+        except BaseException:
+            log.exception("shutdown failed")
+            await send({"type": "lifespan.shutdown.failed", "message": "shutdown failed"})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
 
 
 async def authenticate(gw: Gateway, scope: proxy.Scope, endpoint: str) -> proxy.RequestContext:
@@ -237,18 +266,9 @@ def create_app(settings: Settings, registry: dict[str, Any] | None = None) -> Ga
     gw = Gateway(settings, registry)
     metrics.track_in_flight(gw)
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await gw.startup()
-        try:
-            yield
-        finally:
-            await gw.drain(settings.server.drain_timeout_s)
-            await gw.shutdown()
-
+    # (The lifespan is GatewayApp's: Starlette would log a failed startup as a traceback.)
     app = Starlette(
         routes=build_routes(gw),
-        lifespan=lifespan,
         middleware=[Middleware(RequestIdMiddleware)],
         exception_handlers={HTTPException: http_exception, Exception: server_error},
     )
@@ -261,6 +281,11 @@ def create_app(settings: Settings, registry: dict[str, Any] | None = None) -> Ga
 
 def app_from_env() -> GatewayApp:
     """Factory for ``uvicorn --factory`` (used by ``gateway serve --workers N``)."""
-    settings = load_settings(os.environ.get("GATEWAY_CONFIG", "config.yaml"))
-    setup_logging(settings.logging.level)
-    return create_app(settings)
+    try:
+        settings = load_settings(os.environ.get("GATEWAY_CONFIG", "config.yaml"))
+        setup_logging(settings.logging.level)
+        return create_app(settings)
+    except ConfigError as e:
+        # A worker process: one line, and uvicorn's "failed to start" exit status.
+        print(f"configuration error:\n{e}", file=sys.stderr)
+        raise SystemExit(3) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
@@ -59,6 +60,13 @@ class Deployment(Strict):
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018  (raises on a port out of range or not a number)
+        except ValueError as e:
+            raise ValueError(f"is not a valid URL: {e}") from None
+        if not parts.hostname or any(c.isspace() for c in v):
+            raise ValueError("is not a valid URL: it needs a host name and no spaces")
         return v.rstrip("/")
 
 

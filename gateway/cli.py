@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,9 +125,12 @@ def serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else settings.server.port
     workers = args.workers or settings.server.workers
     os.environ["GATEWAY_CONFIG"] = config_path
+    metrics_dir = None
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        # Metrics from all workers are aggregated through files in this folder.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+        # Metrics from all workers are aggregated through files in this folder (removed when the
+        # gateway stops: the next run starts its counters from zero anyway).
+        metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     demo = _start_demo_upstream(settings)
     try:
         config = uvicorn.Config(
@@ -158,9 +162,13 @@ def serve(args: argparse.Namespace) -> int:
                 },
             )
         if workers > 1:
+            from uvicorn.config import STARTUP_FAILURE
             from uvicorn.supervisors import Multiprocess
 
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+            supervisor.run()
+            if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+                return 3  # as one worker does: a supervisor must see the failure
         else:
             config.load()
             server = _server_class()(config)
@@ -171,7 +179,31 @@ def serve(args: argparse.Namespace) -> int:
         if demo is not None:
             demo.terminate()
             demo.wait(5)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port number (0 picks a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, not {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="run the gateway")
     p.add_argument("--config", default="config.yaml")
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--port", type=port_number)
+    p.add_argument("--workers", type=_positive)
     p.set_defaults(func=serve)
     p = sub.add_parser("check-config", help="validate the configuration and exit")
     p.add_argument("--config", default="config.yaml")

@@ -48,6 +48,19 @@ class RequestsConfig(Strict):
     #: Extra top-level request fields to accept and forward (e.g. vLLM's ``top_k``).
     extra_params: tuple[str, ...] = ()
 
+    @field_validator("extra_params")
+    @classmethod
+    def _not_forbidden(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from gateway.validate import FORBIDDEN
+
+        refused = sorted(set(v) & FORBIDDEN)
+        if refused:
+            raise ValueError(
+                f"{refused[0]!r} is never accepted from clients (it could redirect the upstream "
+                "or its credentials), so it cannot be an extra parameter"
+            )
+        return v
+
 
 class UpstreamConfig(Strict):
     """The one shared upstream HTTP client."""
@@ -68,8 +81,12 @@ class MetricsConfig(Strict):
     #: ``/metrics`` needs ``Authorization: Bearer <token>`` when set; when empty and ``port`` is
     #: 0, it needs a caller the auth plugin admits with the ``metrics`` or ``admin`` role.
     bearer_token: str = Field("", repr=False)
-    #: Serve ``/metrics`` on its own port instead (0: on the main port).
+    #: Serve ``/metrics`` on a port of its own instead of the main one (0: on the main port).
+    #: That listener needs ``bearer_token`` when one is set, and nothing otherwise: keep it
+    #: on an interface only the scraper reaches.
     port: int = Field(0, ge=0, le=65535)
+    #: The interface of that listener (``0.0.0.0`` for a scraper on another host).
+    host: str = "127.0.0.1"
     #: Tenants that get their own ``tenant`` label value on the cost metrics; every other tenant
     #: is counted as ``other`` (label values come only from configuration).
     tenants: tuple[str, ...] = ()
@@ -175,6 +192,28 @@ class Settings(Strict):
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: YAML would keep the
+    last one silently (a second ``pipeline:`` further down the file would drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"line {line}: key {key!r} appears twice in one mapping "
+                                    f"(first on line {seen[key]})")  # fmt: skip
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
 def _path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
@@ -191,6 +230,11 @@ def _substitute(node: Any, loc: tuple[Any, ...], source: str, env: dict[str, str
     if isinstance(node, list):
         return [_substitute(v, (*loc, i), source, env) for i, v in enumerate(node)]
     if isinstance(node, str) and "${" in node:
+        if "${" in _VAR.sub("", node):
+            raise ConfigError(
+                f"{source}: {_path(loc)}: malformed environment reference (write ${{NAME}} or "
+                "${NAME:-default}; NAME is letters, digits and _, not starting with a digit)"
+            )
 
         def repl(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
@@ -229,6 +273,8 @@ def parse_settings(
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    if "source" in raw:
+        raise ConfigError(f"{source}: source: unknown key (set by the gateway, not the file)")
     data = _substitute(raw, (), source, dict(os.environ) if env is None else env)
     data["source"] = source
     try:
@@ -236,6 +282,7 @@ def parse_settings(
     except ValidationError as e:
         raise ConfigError(format_validation_error(source, e)) from None
     seen: dict[str, str] = {}
+    ids: dict[str, str] = {}  # deployment id -> where it was first given
     for i, entry in enumerate(settings.models):
         for name in (entry.name, *entry.aliases):
             if name in seen:
@@ -243,8 +290,19 @@ def parse_settings(
                     f"{source}: models[{i}]: model name {name!r} is already used by {seen[name]!r}"
                 )
             seen[name] = entry.name
+        for j, dep in enumerate(entry.deployments):
+            # (the id the catalogue gives a deployment without one)
+            dep_id, where = dep.id or f"{entry.name}/{j}", f"models[{i}].deployments[{j}]"
+            if dep_id in ids:
+                # Providers, breakers and routing are keyed by id: one would take the other's
+                # upstream and key.
+                raise ConfigError(
+                    f"{source}: {where}.id: {dep_id!r} is already the id of {ids[dep_id]}"
+                )
+            ids[dep_id] = where
+    for i, entry in enumerate(settings.models):
         for fb in entry.fallbacks:
-            if fb not in seen and fb not in {m.name for m in settings.models}:
+            if fb not in seen:
                 raise ConfigError(f"{source}: models[{i}].fallbacks: unknown model {fb!r}")
     return settings
 
@@ -252,11 +310,16 @@ def parse_settings(
 def load_settings(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Settings:
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_bytes().decode("utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}: line {line}: the file is not valid UTF-8") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{p}: {e}") from None
     return parse_settings(raw, str(p), env)

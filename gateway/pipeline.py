@@ -46,6 +46,9 @@ def build_pipeline(settings: Settings, registry: dict[str, Any] | None = None) -
                 format_validation_error(settings.source, e, ("pipeline", i, "config"))
             ) from None
         plugins.append(cls(config))
+    names = [p.name for p in plugins]
+    for plugin in plugins:
+        plugin.check(settings, names)
     return plugins
 
 

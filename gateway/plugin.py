@@ -62,9 +62,15 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
     from gateway.catalogue import Deployment
+    from gateway.config import Settings
     from gateway.context import RequestContext
     from gateway.errors import GatewayError
     from gateway.state import Gateway
+
+
+class StartupError(RuntimeError):
+    """Something a plugin needs at startup is missing or unreachable (a key store, a model
+    file): reported as one line and the gateway does not start."""
 
 
 #: The hooks that make the core parse streamed chunks (see above).
@@ -90,6 +96,11 @@ class Plugin:
     def __init__(self, config: Any) -> None:
         self.config = config
         self._hooks_used = {}
+
+    def check(self, settings: Settings, pipeline: list[str]) -> None:
+        """Checks that need the rest of the configuration (``pipeline``: the plugin names in
+        order), without I/O: they run in ``gateway check-config`` as well as before serving.
+        Raise ``ConfigError`` naming the key."""
 
     async def startup(self, gateway: Gateway) -> None:
         """Create long-lived resources. ``gateway`` gives the catalogue, settings and peers."""

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import tokens
 from gateway.catalogue import Catalogue
+from gateway.config import ConfigError
 from gateway.ledger.metrics import UsageMetrics
 from gateway.logs import RequestLog
 from gateway.pipeline import Pipeline, build_pipeline
@@ -46,8 +47,15 @@ class Gateway:
         self.include_text = settings.logging.include_text
         self.catalogue = Catalogue(settings.models)
         self.pipeline = Pipeline(build_pipeline(settings, registry))
-        self.request_log = RequestLog(settings.logging.request_log)
+        try:
+            self.request_log = RequestLog(settings.logging.request_log)
+        except OSError as e:
+            raise ConfigError(
+                f"{settings.source}: logging.request_log: cannot open "
+                f"{settings.logging.request_log!r}: {e.strerror}"
+            ) from None
         self.session: aiohttp.ClientSession | None = None
+        self._metrics_server: asyncio.Server | None = None
         self.providers: dict[str, Provider] = {}
         #: Called with (ctx, log record) once per request, after the request log line is built
         #: (the usage ledger, tracing). Must not block: hand work to a background task.
@@ -79,6 +87,14 @@ class Gateway:
         except BaseException:
             await self.shutdown()
             raise
+        if self.settings.metrics.enabled and self.settings.metrics.port:
+            from gateway import metrics_server
+
+            try:
+                self._metrics_server = await metrics_server.start(self.settings.metrics)
+            except BaseException:
+                await self.shutdown()
+                raise
         self._flusher = asyncio.create_task(self._flush_logs())
         # What startup built (config, compiled rules, tokenizer tables, models: ~85k objects)
         # lives as long as the process: move it out of the collector's sight, so that the full
@@ -128,6 +144,9 @@ class Gateway:
 
     async def shutdown(self) -> None:
         self.ready = False
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -161,12 +161,15 @@ def _window(flt: Filter) -> dict[str, Any]:
 async def usage(request: Request) -> Response:
     try:
         gw, identity, admin = await _identify(request, "models")
+        fmt = request.query_params.get("format", "json")
+        if fmt not in ("json", "csv"):
+            raise InvalidRequestError("format must be json or csv", param="format")
         ledger = _ledger(gw)
         flt = _filter(request, identity, admin)
         data = await ledger.usage(flt)
     except GatewayError as err:
         return error_response(err)
-    if request.query_params.get("format") == "csv":
+    if fmt == "csv":
         rows = [[item[f] for f in _USAGE_FIELDS] for item in data]
         return _csv(_USAGE_FIELDS, rows, "usage.csv")
     return private_json({"object": "list", **_window(flt), "data": data})

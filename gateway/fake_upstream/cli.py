@@ -8,6 +8,7 @@ import logging
 import orjson
 from aiohttp import web
 
+from gateway.cli import port_number
 from gateway.fake_upstream.app import create_app
 from gateway.fake_upstream.state import FIELDS
 
@@ -21,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         "the x-fake-* header of the same name.",
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=9911)
+    p.add_argument("--port", type=port_number, default=9911)
     p.add_argument(
         "--record", type=int, default=100, help="requests kept for /_fake/requests (0: off)"
     )

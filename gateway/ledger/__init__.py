@@ -14,12 +14,14 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from gateway.errors import ServiceUnavailableError
 from gateway.ledger import query
 from gateway.ledger.backend import Backend, Filter
 from gateway.ledger.postgres import PostgresBackend
 from gateway.ledger.row import COLUMNS, row_from
 from gateway.ledger.sqlite import SqliteBackend
 from gateway.ledger.writer import LedgerWriter
+from gateway.plugin import StartupError
 
 if TYPE_CHECKING:
     from gateway.config import LedgerConfig
@@ -56,7 +58,7 @@ class Ledger:
             await asyncio.to_thread(self._create)
         except Exception as e:
             if self.backend.kind == "sqlite":
-                raise RuntimeError(
+                raise StartupError(
                     f"ledger: cannot open {self.backend.describe()}: {type(e).__name__}: {e}"
                 ) from None
             log.warning(
@@ -87,13 +89,26 @@ class Ledger:
         return await asyncio.to_thread(self.writer.wait_settled, wait_s)
 
     async def usage(self, flt: Filter) -> list[dict[str, Any]]:
-        await self.settle()
-        return await asyncio.to_thread(query.usage_by_day_model, self.backend, flt)
+        return await self._read(query.usage_by_day_model, self.backend, flt)  # type: ignore[no-any-return]
 
     async def summary(self, flt: Filter, bucket_s: int) -> dict[str, Any]:
-        await self.settle()
-        return await asyncio.to_thread(query.summary, self.backend, flt, bucket_s)
+        return await self._read(query.summary, self.backend, flt, bucket_s)  # type: ignore[no-any-return]
 
     async def rows(self, flt: Filter) -> list[tuple[Any, ...]]:
+        return await self._read(self.backend.rows, flt)  # type: ignore[no-any-return]
+
+    async def _read(self, fn: Any, *args: Any) -> Any:
+        """Run a read query in a thread; a database that does not answer is a 503 with
+        Retry-After for the caller and one warning in the log (not a 500 and a traceback)."""
         await self.settle()
-        return await asyncio.to_thread(self.backend.rows, flt)
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except Exception as e:
+            log.warning(
+                "ledger read failed",
+                extra={"ledger": self.backend.describe(), "error": type(e).__name__},
+            )
+            raise ServiceUnavailableError(
+                "The usage ledger is unavailable; please retry shortly.",
+                headers={"retry-after": "5"},
+            ) from None

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urlsplit
 
 from gateway.errors import AuthenticationError, ServiceUnavailableError
-from gateway.plugin import Plugin
+from gateway.plugin import Plugin, StartupError
 from plugins.auth.config import DEMO_SECRET, AuthConfig
 from plugins.auth.failure import AuthFailure
 from plugins.auth.jwtauth import JwtVerifier
@@ -82,7 +82,7 @@ class AuthPlugin(Plugin):
                 await self.store.close()
                 self.store = None
                 where = urlsplit(self.config.store.url)  # no password in the message
-                raise RuntimeError(
+                raise StartupError(
                     f"auth: cannot reach the key store at {where.hostname}:{where.port}: "
                     f"{type(e).__name__}"
                 ) from None

@@ -33,6 +33,7 @@ from .semantic import SemanticIndex, load_embedder
 from .store import MemoryStore, RedisStore
 
 if TYPE_CHECKING:
+    from gateway.config import Settings
     from gateway.context import RequestContext
     from gateway.state import Gateway
 
@@ -59,14 +60,16 @@ class CachePlugin(Plugin):
         self.store: MemoryStore | RedisStore | None = None
         self.semantic: SemanticIndex | None = None
 
+    def check(self, settings: Settings, pipeline: list[str]) -> None:
+        if "guard" in pipeline and pipeline.index("guard") < pipeline.index(self.name):
+            raise ConfigError(
+                f"{settings.source}: pipeline: 'cache' must come before 'guard' so that cached "
+                "answers are the ones the output guard let through (and hits cannot bypass it)"
+            )
+
     async def startup(self, gateway: Gateway | None) -> None:
         if gateway is not None:
-            names = [p.name for p in gateway.pipeline.plugins]
-            if "guard" in names and names.index("guard") < names.index(self.name):
-                raise ConfigError(
-                    "pipeline: 'cache' must come before 'guard' so that cached answers are the "
-                    "ones the output guard let through (and hits cannot bypass it)"
-                )
+            self.check(gateway.settings, [p.name for p in gateway.pipeline.plugins])
         cfg = self.config
         if cfg.store == "memory":
             self.store = MemoryStore(cfg.max_entries, cfg.max_memory_bytes)

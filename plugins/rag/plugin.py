@@ -19,7 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from gateway.errors import InvalidRequestError, ServiceUnavailableError
-from gateway.plugin import Plugin
+from gateway.plugin import Plugin, StartupError
 from gateway.tokens import message_text
 from plugins.rag import context as ctxbuild
 from plugins.rag.config import RagConfig
@@ -134,7 +134,7 @@ class RagPlugin(Plugin):
             return scanner
         except Exception as e:
             if self.config.scan == "required":
-                raise RuntimeError(
+                raise StartupError(
                     "rag: scan is 'required' but no guard scanner is available "
                     f"(add the guard plugin to the pipeline): {e}"
                 ) from e

@@ -33,6 +33,7 @@ from plugins.route.rules import Needs, estimated_cost, first_match, fits, needs_
 
 if TYPE_CHECKING:
     from gateway.catalogue import Catalogue, Deployment, ModelEntry
+    from gateway.config import Settings
     from gateway.context import RequestContext
     from gateway.state import Gateway
 
@@ -76,6 +77,12 @@ class RoutePlugin(Plugin):
             return True
         return bool(self.rbac.model_allowed(ctx.identity, entry.name))
 
+    def check(self, settings: Settings, pipeline: list[str]) -> None:
+        from gateway.catalogue import Catalogue
+
+        index = pipeline.index(self.name)
+        self._check_rules(Catalogue(settings.models), f"{settings.source}: pipeline[{index}]")
+
     def bind(self, catalogue: Catalogue) -> None:
         """Index the catalogue and check that every rule names things that exist."""
         self.catalogue = catalogue
@@ -84,18 +91,21 @@ class RoutePlugin(Plugin):
                 self.by_id[dep.id] = dep
                 self.owner[dep.id] = entry
                 self.breakers.add(dep.id)
+        self._check_rules(catalogue, "route plugin")
+
+    def _check_rules(self, catalogue: Catalogue, where: str) -> None:
+        ids = [dep.id for dep in catalogue.deployments()]
         for i, rule in enumerate(self.config.rules):
-            where = f"route plugin: rules[{i}]"
+            at = f"{where}: rules[{i}]" if where == "route plugin" else f"{where}.config.rules[{i}]"
             for name in (*rule.when.models, *([rule.model] if rule.model else [])):
                 if catalogue.get(name) is None:
                     raise ConfigError(
-                        f"{where}: unknown model {name!r}; known: {', '.join(catalogue.names())}"
+                        f"{at}: unknown model {name!r}; known: {', '.join(catalogue.names())}"
                     )
             for dep_id in rule.deployments:
-                if dep_id not in self.by_id:
+                if dep_id not in ids:
                     raise ConfigError(
-                        f"{where}.deployments: unknown deployment {dep_id!r}; "
-                        f"known: {', '.join(self.by_id)}"
+                        f"{at}.deployments: unknown deployment {dep_id!r}; known: {', '.join(ids)}"
                     )
 
     # ---- planning -------------------------------------------------------------------------

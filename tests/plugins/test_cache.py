@@ -356,10 +356,12 @@ async def test_guard_before_cache_is_refused_at_startup() -> None:
 
     def gateway(*names: str) -> Any:
         plugins = [SimpleNamespace(name=n) for n in names]
-        return SimpleNamespace(pipeline=SimpleNamespace(plugins=plugins))
+        return SimpleNamespace(
+            pipeline=SimpleNamespace(plugins=plugins), settings=SimpleNamespace(source="g.yaml")
+        )
 
     plugin = CachePlugin(CacheConfig())
-    with pytest.raises(ConfigError, match="'cache' must come before 'guard'"):
+    with pytest.raises(ConfigError, match=r"g\.yaml: pipeline: 'cache' must come before 'guard'"):
         await plugin.startup(gateway("auth", "guard", "cache"))
     await plugin.startup(gateway("auth", "limit", "cache", "guard", "route"))
     assert plugin.store is not None
