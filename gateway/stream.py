@@ -109,9 +109,10 @@ class _Relay:
 
     async def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return what to send to the client now."""
-        if data.find(b"\r") != -1:
-            data = data.replace(b"\r\n", b"\n")
         buf = self.buffer + data if self.buffer else data
+        if data.find(b"\r") != -1 or self.buffer.endswith(b"\r"):
+            # (on the joined bytes: a "\r\n" may be split between two reads)
+            buf = buf.replace(b"\r\n", b"\n")
         cut = buf.rfind(b"\n\n")
         if cut == -1:
             self.buffer = buf
@@ -186,6 +187,12 @@ class _Relay:
             if not isinstance(obj, dict):
                 continue
             if "error" not in obj and obj.get("choices"):
+                if isinstance(obj.get("usage"), dict):
+                    # Usage in a chunk that also has choices (some upstreams put it in the
+                    # last one): counted like a usage-only chunk, passed on with the chunk.
+                    usage = usage_from(obj)
+                    if usage is not None:
+                        self.usage = usage
                 run.append(obj)
                 continue
             # Not a chunk: what the hooks returned so far goes first, to keep the order.

@@ -513,3 +513,140 @@ async def test_negative_usage_from_the_upstream_counts_as_zero() -> None:
     data = event({"content": "x"}) + b'data: {"choices": [], "usage": ' + orjson.dumps(bad)
     _, r, _ = await relay(guard(), data + b"}\n\ndata: [DONE]\n\n")
     assert r.usage == Usage(0, 0)
+
+
+def _field(events: list[Any], key: str, index: int = 0) -> str:
+    return "".join(
+        ch.get("delta", {}).get(key) or ""
+        for e in events
+        if isinstance(e, dict)
+        for ch in e.get("choices") or ()
+        if ch.get("index", 0) == index
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("reads", ["one", "per_event"])
+async def test_secrets_and_the_canary_in_a_streamed_refusal_are_redacted(reads: str) -> None:
+    """A refusal is the model's text too ("I can't share sk-proj-..."): it went out unread."""
+    refusal = f"I can't share {KEY} or {CANARY}, sorry."
+    pieces = small(refusal, 7)
+    data = b"".join(
+        [event({"role": "assistant", "refusal": ""})]
+        + [event({"refusal": p}) for p in pieces]
+        + [event({}, finish="stop"), b"data: [DONE]\n\n"]
+    )
+    g = guard(output={"secrets": "redact", "canary": CANARY, "canary_action": "redact"})
+    events, _, _ = await relay(g, data, per_event(data) if reads == "per_event" else None)
+    out = _field(events, "refusal")
+    assert out == "I can't share [REDACTED:api_key] or [REDACTED:canary], sorry."
+    assert KEY[:12] not in json.dumps(events) and events[-1] == "[DONE]"
+    # Blocked like the text when the action is block, with nothing of the key sent before.
+    sent = await sent_before_block(guard(output={"secrets": "block"}), data)
+    assert KEY[:12] not in sent.decode()
+
+
+@pytest.mark.anyio
+async def test_a_secret_in_a_legacy_function_call_is_redacted() -> None:
+    args = json.dumps({"token": KEY})
+    data = b"".join(
+        [event({"role": "assistant", "function_call": {"name": "f", "arguments": ""}})]
+        + [event({"function_call": {"arguments": p}}) for p in small(args, 9)]
+        + [event({}, finish="function_call"), b"data: [DONE]\n\n"]
+    )
+    events, _, _ = await relay(guard(), data, per_event(data))
+    got = "".join(
+        (ch["delta"].get("function_call") or {}).get("arguments") or ""
+        for e in events if isinstance(e, dict) for ch in e.get("choices") or ()
+    )  # fmt: skip
+    assert got == args.replace(KEY, "[REDACTED:api_key]")
+
+
+async def sent_before_block(g: Plugin, data: bytes) -> bytes:
+    """What the client got, event by event, before the guard ended the stream (the relay
+    turns the ContentPolicyError into the final error event)."""
+    r = _Relay(ctx(), [g], False)
+    out = b""
+    with pytest.raises(ContentPolicyError):
+        for size in per_event(data):
+            out += await r.feed(data[:size])
+            data = data[size:]
+        await r.end()
+    return out
+
+
+def _lp_event(text: str, finish: str | None = None) -> bytes:
+    lp = {"content": [{"token": text, "logprob": -0.1, "bytes": list(text.encode()),
+                       "top_logprobs": []}], "refusal": None}  # fmt: skip
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": text}, "logprobs": lp,
+                          "finish_reason": finish}]}  # fmt: skip
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("action", ["redact", "block"])
+async def test_logprobs_never_carry_a_held_or_redacted_secret(action: str) -> None:
+    """Each logprobs token is a piece of the text: released with it, never where it was
+    redacted (the content was held back while its tokens went out in the same chunk)."""
+    tokens = ["Your key: ", KEY[:10], KEY[10:], " and", " more", " text", ".", " The", " end."]
+    data = b"".join(
+        [_lp_event(t) for t in tokens] + [event({}, finish="stop"), b"data: [DONE]\n\n"]
+    )
+    if action == "block":
+        sent = (await sent_before_block(guard(output={"secrets": "block"}), data)).decode()
+        assert KEY[:10] not in sent and KEY[10:] not in sent
+        return
+    for reads in (None, per_event(data)):
+        events, _, _ = await relay(guard(output={"secrets": action}), data, reads)
+        dumped = json.dumps(events)
+        assert KEY[:10] not in dumped and KEY[10:] not in dumped
+        assert text_of(events) == "Your key: [REDACTED:api_key] and more text. The end."
+        sent = [t["token"] for e in events if isinstance(e, dict) for ch in e["choices"]
+                for t in (ch.get("logprobs") or {}).get("content") or ()]  # fmt: skip
+        # Tokens go out in order, none of the key's; those released with a redaction are
+        # dropped, the rest reach the client.
+        assert sent == [t for t in tokens if t in sent] and sent[-3:] == [".", " The", " end."]
+
+
+@pytest.mark.anyio
+async def test_non_streamed_logprobs_are_dropped_when_the_text_is_redacted() -> None:
+    g = guard()
+    c = ctx()
+    lp = {"content": [{"token": KEY, "logprob": -0.1}]}
+    c.response = {"choices": [{"index": 0, "message": {"role": "assistant", "content": KEY},
+                               "logprobs": lp}]}  # fmt: skip
+    await g.on_response(c)
+    assert c.response["choices"][0]["message"]["content"] == "[REDACTED:api_key]"
+    assert c.response["choices"][0]["logprobs"] is None
+    clean = {"content": [{"token": "hi", "logprob": -0.1}]}
+    c.response = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                               "logprobs": clean}]}  # fmt: skip
+    await g.on_response(c)
+    assert c.response["choices"][0]["logprobs"] == clean
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hooked", [True, False])
+async def test_a_crlf_split_between_two_reads_is_one_line_break(hooked: bool) -> None:
+    """A read ending on the "\\r" of "\\r\\n": the next read's "\\n" used to make the two
+    events one (a malformed stream for the parsed relay)."""
+    a = event({"content": "Hello"}).replace(b"\n", b"\r\n")
+    b = (event({}, finish="stop") + b"data: [DONE]\n\n").replace(b"\n", b"\r\n")
+    c = ctx()
+    r = _Relay(c, [guard()] if hooked else [], False)
+    out = await r.feed(a[:-1]) + await r.feed(a[-1:] + b) + await r.end()
+    events = [json.loads(e[6:]) for e in out.split(b"\n\n") if e and e != b"data: [DONE]"]
+    assert text_of(events) == "Hello" and out.endswith(b"data: [DONE]\n\n")
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.anyio
+async def test_usage_in_a_chunk_with_choices_is_counted_with_the_guard_on() -> None:
+    last = event({}, finish="stop").replace(
+        b"}]}\n\n", b'}],"usage":' + orjson.dumps(USAGE) + b"}\n\n"
+    )
+    data = event({"content": "Hi there"}) + last + b"data: [DONE]\n\n"
+    events, r, _ = await relay(guard(), data)
+    assert r.final_usage() == Usage(5, 7)
+    assert events[-2]["usage"] == USAGE  # passed on with its chunk

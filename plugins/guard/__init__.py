@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from gateway.accounting import fast_round
 from gateway.envelope import TextChunk
 from gateway.errors import ContentPolicyError
-from gateway.plugin import CHUNK_HOOKS, Plugin
+from gateway.plugin import CHUNK_HOOKS, Plugin, StartupError
 from gateway.redact import find_secrets, redact
 from plugins.guard.config import GuardConfig
 from plugins.guard.output import OutputGuard, response_texts
@@ -86,7 +86,7 @@ class GuardPlugin(Plugin):
             detector = SemanticDetector(sem.model_path, sem.threshold)
             await asyncio.to_thread(detector.load)
         except Exception as e:
-            raise RuntimeError(
+            raise StartupError(
                 f"guard: the semantic classifier could not be loaded "
                 f"(model_path={sem.model_path or 'default'}): {e}. Fix the path or set "
                 "guard semantic.enabled: false to run without it"
@@ -273,9 +273,10 @@ class GuardPlugin(Plugin):
         return True
 
     def _chunk(self, ctx: RequestContext, held: dict[Any, str], chunk: dict[str, Any]) -> bool:
-        """Any other chunk, alone: its text is fed (flushing at ``finish_reason``) and replaced
-        by what is released; True if the chunk should go on."""
+        """Any other chunk, alone: its text, refusal and call arguments are fed (flushing at
+        ``finish_reason``) and replaced by what is released; True if the chunk should go on."""
         keep = False
+        shadow = self.shadow
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta")
             if not isinstance(delta, dict):
@@ -284,41 +285,92 @@ class GuardPlugin(Plugin):
             idx = choice.get("index", 0)
             content = delta.get("content")
             final = choice.get("finish_reason") is not None
+            logprobs = choice.get("logprobs")
             if isinstance(content, str) or (final and held.get(idx)):
                 released = ""
                 if content or final:  # ("" adds nothing: the role chunk)
+                    before = len(held.get(idx, ""))
                     released, held[idx], findings = self.output.feed(
                         held.get(idx, ""), content or "", final
                     )
                     if findings:
                         self._act(ctx, findings)
-                if self.shadow:
-                    keep = True
-                    continue
-                if content is not None or released:
-                    delta["content"] = released
+                    if isinstance(logprobs, dict) and not shadow:
+                        consumed = before + len(content or "") - len(held[idx])
+                        self._logprobs(ctx, idx, "content", logprobs, consumed, bool(findings))
+                if not shadow:
+                    if content is not None or released:
+                        delta["content"] = released
                 if released:
                     keep = True
+            refusal = delta.get("refusal")
+            if isinstance(refusal, str) and refusal:
+                # A refusal is the model's text too (it may quote what it refuses to give).
+                key = (idx, "refusal")
+                before = len(held.get(key, ""))
+                released, held[key], findings = self.output.feed(held.get(key, ""), refusal, False)
+                if findings:
+                    self._act(ctx, findings)
+                if not shadow:
+                    delta["refusal"] = released
+                    if isinstance(logprobs, dict):
+                        consumed = before + len(refusal) - len(held[key])
+                        self._logprobs(ctx, idx, "refusal", logprobs, consumed, bool(findings))
             calls = delta.get("tool_calls")
-            if calls or final:
-                self._tool_calls(ctx, held, idx, calls, delta, final)
+            if calls:
+                self._tool_calls(ctx, held, idx, calls)
+            fn = delta.get("function_call")  # (the legacy single call)
+            if type(fn) is dict and type(args := fn.get("arguments")) is str and args:
+                key = (idx, "function_call")
+                released, held[key], findings = self.output.feed(held.get(key, ""), args, False)
+                if findings:
+                    self._act(ctx, findings)
+                if not shadow:
+                    fn["arguments"] = released
+            if final:
+                self._flush_choice(ctx, held, idx, delta, choice)
             # (keys other than "content": role, tool calls ...)
-            if final or len(delta) > ("content" in delta) or choice.get("logprobs"):
+            if final or shadow or len(delta) > ("content" in delta) or logprobs:
                 keep = True
         return keep
 
-    def _tool_calls(
+    def _logprobs(
         self,
         ctx: RequestContext,
-        held: dict[Any, str],
         idx: Any,
-        calls: Any,
-        delta: dict[str, Any],
-        final: bool,
+        field: str,
+        logprobs: dict[str, Any],
+        consumed: int,
+        found: bool,
     ) -> None:
+        """Keep a choice's ``logprobs`` in step with its held text: each entry's ``token`` is
+        a piece of the text, so an entry goes out only once the text it covers has been
+        released (``consumed``: characters of the upstream's text released so far in this
+        step), and never where that text held a finding (it would carry the secret out)."""
+        entries = logprobs.get(field)
+        state = ctx.scratch_for(self.name).setdefault("logprobs", {})
+        queue: list[Any] = state.setdefault((idx, field), [])
+        if type(entries) is list:
+            queue.extend(entries)
+        elif not queue:
+            return
+        out: list[Any] = []
+        total = state.get((idx, field, "released"), 0) + consumed
+        covered = state.get((idx, field, "covered"), 0)
+        while queue:
+            token = queue[0].get("token") if type(queue[0]) is dict else None
+            size = len(token) if type(token) is str else 0
+            if covered + size > total:
+                break
+            covered += size
+            out.append(queue.pop(0))
+        state[(idx, field, "released")] = total
+        state[(idx, field, "covered")] = covered
+        logprobs[field] = [] if found else out
+
+    def _tool_calls(self, ctx: RequestContext, held: dict[Any, str], idx: Any, calls: Any) -> None:
         """The argument fragments of a choice's tool calls go through the output guard like
-        its text, each call on its own (held under ``(choice, call index)``); at the choice's
-        ``finish_reason`` what is still held goes out in that chunk's delta."""
+        its text, each call on its own (held under ``(choice, call index)``)."""
         for call in calls if type(calls) is list else ():
             fn = call.get("function") if type(call) is dict else None
             if type(fn) is not dict or type(args := fn.get("arguments")) is not str or not args:
@@ -329,19 +381,31 @@ class GuardPlugin(Plugin):
                 self._act(ctx, findings)
             if not self.shadow:
                 fn["arguments"] = released
-        if final:
-            for key in [k for k, v in held.items() if v and type(k) is tuple and k[0] == idx]:
-                released = self._flush(ctx, held, key)
-                if released and not self.shadow:
-                    flushed = {"index": key[1], "function": {"arguments": released}}
-                    tool_calls = delta.get("tool_calls")
-                    if type(tool_calls) is list:
-                        tool_calls.append(flushed)
-                    else:
-                        delta["tool_calls"] = [flushed]
+
+    def _flush_choice(
+        self, ctx: RequestContext, held: dict[Any, str], idx: Any, delta: dict[str, Any],
+        choice: dict[str, Any],
+    ) -> None:  # fmt: skip
+        """At a choice's ``finish_reason``: what is still held of its refusal and calls goes
+        out in that chunk's delta (its text was flushed by the feed), with the logprobs."""
+        for key in [k for k, v in held.items() if v and type(k) is tuple and k[0] == idx]:
+            released = self._flush(ctx, held, key)
+            if released and not self.shadow:
+                _merge(delta, key[1], released)
+        state = ctx.scratch_for(self.name).get("logprobs")
+        if state and not self.shadow:
+            for field in ("content", "refusal"):
+                rest = state.get((idx, field))
+                if rest:
+                    logprobs = choice.get("logprobs")
+                    if not isinstance(logprobs, dict):
+                        logprobs = choice["logprobs"] = {"content": None, "refusal": None}
+                    entries = logprobs.get(field)
+                    logprobs[field] = [*(entries if type(entries) is list else ()), *rest]
+                    rest.clear()
 
     def _flush(self, ctx: RequestContext, held: dict[Any, str], key: Any) -> str:
-        """Release everything held under ``key`` (a choice's text or a tool call's arguments)."""
+        """Release everything held under ``key`` (a choice's text, refusal or call arguments)."""
         released, _, findings = self.output.feed(held[key], "", final=True)
         held[key] = ""
         self._act(ctx, findings)
@@ -363,14 +427,19 @@ class GuardPlugin(Plugin):
         if not held or not any(held.values()):
             return []  # (the usual end: finish_reason released it all)
         out = []
-        # Choices' text first (by index), then tool calls' arguments ((choice, call) keys).
-        for key, text in sorted(held.items(), key=lambda kv: (type(kv[0]) is tuple, kv[0])):
+
+        # Choices' text first, then refusals and calls' arguments ((choice, part) keys).
+        def order(item: tuple[Any, str]) -> tuple[bool, str, str]:
+            key = item[0]
+            return (True, str(key[0]), str(key[1])) if type(key) is tuple else (False, str(key), "")
+
+        for key, text in sorted(held.items(), key=order):
             if not text:
                 continue
             released = self._flush(ctx, held, key)
-            delta: dict[str, Any]
+            delta: dict[str, Any] = {}
             if type(key) is tuple:
-                delta = {"tool_calls": [{"index": key[1], "function": {"arguments": released}}]}
+                _merge(delta, key[1], released)
                 idx = key[0]
             else:
                 delta, idx = {"content": released}, key
@@ -385,9 +454,32 @@ class GuardPlugin(Plugin):
         # Streams were handled block by block; this only logs. Non-streamed answers are checked
         # here, before the body is sent.
         if ctx.response is not None and ctx.endpoint == "chat" and self._output_on():
-            for msg, key in response_texts(ctx.response):
+            for choice, msg, key in response_texts(ctx.response):
                 text, findings = self.output.check(msg[key])
                 self._act(ctx, findings)
-                if not self.shadow:
+                if not self.shadow and text != msg[key]:
                     msg[key] = text
+                    if isinstance(choice.get("logprobs"), dict):
+                        # Its tokens spell out what was redacted.
+                        choice["logprobs"] = None
         self._log_output(ctx)
+
+
+def _merge(delta: dict[str, Any], part: Any, released: str) -> None:
+    """Put text released for ``part`` of a choice (``"refusal"``, ``"function_call"`` or a
+    tool call's index) into ``delta``."""
+    if part == "refusal":
+        delta["refusal"] = delta.get("refusal", "") + released
+    elif part == "function_call":
+        fn = delta.get("function_call")
+        if type(fn) is dict:
+            fn["arguments"] = (fn.get("arguments") or "") + released
+        else:
+            delta["function_call"] = {"arguments": released}
+    else:
+        flushed = {"index": part, "function": {"arguments": released}}
+        tool_calls = delta.get("tool_calls")
+        if type(tool_calls) is list:
+            tool_calls.append(flushed)
+        else:
+            delta["tool_calls"] = [flushed]

@@ -205,19 +205,23 @@ class OutputGuard:
         return pending[:cut], pending[cut:], findings
 
 
-def response_texts(response: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
-    """(container, key) pairs of a non-streamed chat answer that hold text: content, refusal
-    and the arguments of its tool calls (a secret the model writes into a call leaves too)."""
+def response_texts(
+    response: dict[str, Any],
+) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
+    """(choice, container, key) of each text in a non-streamed chat answer: content, refusal
+    and the arguments of its tool calls and legacy function call (a secret the model writes
+    into a call leaves too)."""
     out = []
     for choice in response.get("choices") or ():
         msg = choice.get("message") if isinstance(choice, dict) else None
         if isinstance(msg, dict):
             for key in ("content", "refusal"):
                 if isinstance(msg.get(key), str):
-                    out.append((msg, key))
+                    out.append((choice, msg, key))
             calls = msg.get("tool_calls")
-            for call in calls if isinstance(calls, list) else ():
-                fn = call.get("function") if isinstance(call, dict) else None
+            fns = [c.get("function") if isinstance(c, dict) else None
+                   for c in (calls if isinstance(calls, list) else ())]  # fmt: skip
+            for fn in [*fns, msg.get("function_call")]:
                 if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                    out.append((fn, "arguments"))
+                    out.append((choice, fn, "arguments"))
     return out
