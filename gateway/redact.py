@@ -213,6 +213,22 @@ def _valid(kind: str, text: str) -> bool:
     return True
 
 
+def _card_within(text: str, start: int, end: int) -> tuple[int, int] | None:
+    """The longest card number inside a digit run that is not one (the pattern is greedy:
+    "3.14 4933-2029-4382-8554" matches from the "14"), cut at its separators."""
+    span = text[start:end]
+    cuts = [i for i, c in enumerate(span) if c in " -"]
+    if not cuts:
+        return None
+    best: tuple[int, int] | None = None
+    for a in (0, *(c + 1 for c in cuts)):
+        for b in (*cuts, len(span)):
+            if b - a >= 13 and (best is None or b - a > best[1] - best[0]):
+                if _valid("credit_card", span[a:b]):
+                    best = (a, b)
+    return None if best is None else (start + best[0], start + best[1])
+
+
 def find_secrets(text: str, types: frozenset[str] | None = None) -> list[SecretHit]:
     """Secrets in ``text``, in order, non-overlapping; only ``types`` when given."""
     if not text or not _may_hold_secret(text, types):
@@ -225,6 +241,10 @@ def find_secrets(text: str, types: frozenset[str] | None = None) -> list[SecretH
         for m in _emails(text) if kind == "email" else rx.finditer(text):
             if _valid(kind, m.group(0)):
                 found.append(SecretHit(kind, m.start(), m.end()))
+            elif kind == "credit_card":
+                within = _card_within(text, m.start(), m.end())
+                if within is not None:
+                    found.append(SecretHit(kind, *within))
     if len(found) < 2:
         return found
     hits: list[SecretHit] = []

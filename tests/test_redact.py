@@ -92,3 +92,15 @@ def test_keys_with_a_distinct_prefix_are_found_inside_words_but_slugs_are_not() 
         assert keys(text) == [], text
     # A bare "sk-" word is still a key however it looks.
     assert keys("the sk-abcdefghijklmnopqrstuvwx key") == ["sk-abcdefghijklmnopqrstuvwx"]
+
+
+def test_a_card_number_right_after_another_number_is_found() -> None:
+    """The card pattern is greedy: "3.14 4933-..." matched from the "14" (18 digits, not a
+    valid card) and the card itself was never tried."""
+    for text, card in [
+        ("pi is 3.14 4933-2029-4382-8554 ok", "4933-2029-4382-8554"),
+        ("4933 2029 4382 8554 12 apples", "4933 2029 4382 8554"),
+    ]:
+        hits = find_secrets(text)
+        assert [(h.type, text[h.start : h.end]) for h in hits] == [("credit_card", card)]
+    assert find_secrets("order 12345 6789 and 3.14 2718") == []

@@ -414,6 +414,8 @@ def _reference_secrets(text: str) -> list[tuple[str, int, int]]:
         for m in rx.finditer(text):
             if S._valid(kind, m.group(0)):
                 found.append((kind, m.start(), m.end()))
+            elif kind == "credit_card" and (within := S._card_within(text, m.start(), m.end())):
+                found.append((kind, *within))
     hits: list[tuple[str, int, int]] = []
     for h in sorted(found, key=lambda h: (h[1], -h[2])):
         if not (hits and h[1] < hits[-1][2]):
