@@ -51,7 +51,10 @@ _PATTERNS: dict[str, str] = {
         r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"
         r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|[\s\S]*\Z)"
     ),
-    "jwt": r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",
+    # No word boundary before it: in JSON text (tool-call arguments) an escaped line break
+    # leaves an "n" glued to the token ("\\neyJ..."); two "eyJ" parts and the dots are
+    # distinctive enough on their own.
+    "jwt": r"eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",
     "api_key": rf"{_API_KEY_ANYWHERE}|{_API_KEY_WORD}",
     "email": (
         r"(?<![\w.+\-])[A-Za-z0-9._%+\-]{1,64}@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*"

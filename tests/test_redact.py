@@ -104,3 +104,11 @@ def test_a_card_number_right_after_another_number_is_found() -> None:
         hits = find_secrets(text)
         assert [(h.type, text[h.start : h.end]) for h in hits] == [("credit_card", card)]
     assert find_secrets("order 12345 6789 and 3.14 2718") == []
+
+
+def test_a_jwt_glued_to_an_escaped_line_break_is_found() -> None:
+    """Tool-call arguments are JSON text: "\\n" before the token leaves an "n" glued to it."""
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.jQxfDD94xroqOYBcvWW9"
+    args = '{"body": "hi\\n' + token + '"}'
+    hits = find_secrets(args)
+    assert [(h.type, args[h.start : h.end]) for h in hits] == [("jwt", token)]
