@@ -1,0 +1,353 @@
+"""The guard's answer side: secrets and the canary in what the model writes, streamed or not.
+
+``AnswerGuard`` is a mixin of :class:`plugins.guard.GuardPlugin` (its response hooks); the
+checks themselves are :class:`plugins.guard.output.OutputGuard`'s. Streams arrive as relay
+blocks (``on_chunks``): a choice's text, its refusal and each call's arguments are held back
+and released apart, and a choice's ``logprobs`` go out with the text they spell.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from gateway.envelope import TextChunk
+from gateway.errors import ContentPolicyError
+from plugins.guard.output import OutputGuard, response_texts
+from plugins.guard.scanner import Finding, Verdict, record_metrics
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
+    from plugins.guard.config import GuardConfig
+
+BLOCKED_RESPONSE = "The response was stopped by the gateway's content policy."
+
+
+class AnswerGuard:
+    """The response hooks of the guard plugin (set up by its ``__init__``)."""
+
+    name: ClassVar[str]
+    config: GuardConfig
+    shadow: bool
+    output: OutputGuard
+    _output_enabled: bool
+
+    def _act(self, ctx: RequestContext, findings: list[Finding]) -> None:
+        if not findings:
+            return
+        state = ctx.scratch_for(self.name)
+        state.setdefault("output", []).extend(findings)
+        v = Verdict(findings)
+        record_metrics(v, self.shadow)
+        if v.blocked and not self.shadow:
+            self._log_output(ctx)
+            raise ContentPolicyError(BLOCKED_RESPONSE)
+
+    def _log_output(self, ctx: RequestContext) -> None:
+        findings = ctx.scratch_for(self.name).get("output")
+        if findings:
+            entry = ctx.log.setdefault("guard", {"mode": self.config.mode})
+            entry["output"] = Verdict(findings).as_dict()
+
+    async def on_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        return await self.on_chunks(ctx, [chunk])
+
+    async def on_chunks(self, ctx: RequestContext, chunks: list[Any]) -> list[Any]:
+        """One relay block. A chunk that only adds text to one choice (the bulk of a stream) is
+        not scanned on its own: the text of a run of them is fed to the output guard once per
+        choice, and what it releases goes on as one chunk per choice (the run's last chunk of
+        that choice, rewritten) where the run ends. Any other chunk (role, finish_reason, tool
+        calls, logprobs, several choices) ends the run and is handled alone. Each choice's text
+        is the same as event by event: the guard holds back text on the same rules (only the
+        points where it is cut differ, and none falls inside a secret or the canary). A
+        ``TextChunk`` (a run the relay already joined) is such a text-only chunk."""
+        if not chunks or not self._output_enabled:
+            return chunks
+        state = ctx.scratch_for(self.name)
+        held: dict[Any, str] | None = state.get("held")
+        if held is None:
+            held = state["held"] = {}
+            state["first"] = chunks[0]  # on_stream_end's template, if it needs one
+        shadow = self.shadow
+        if len(chunks) == 1 and type(one := chunks[0]) is TextChunk:
+            # One text event per read (a model generating tokens): no run to collect.
+            return chunks if self._feed_run(ctx, held, one.index, one.text, one) else []
+        out: list[Any] = []
+        texts: dict[Any, list[str]] = {}  # choice index -> text of the current run
+        last: dict[Any, Any] = {}  # choice index -> the run's last chunk
+        for chunk in chunks:
+            if type(chunk) is TextChunk:
+                idx, text = chunk.index, chunk.text
+            else:
+                choices = chunk.get("choices")
+                # (the text-only test of gateway.envelope, inline: it runs for every chunk)
+                choice: Any = choices[0] if type(choices) is list and len(choices) == 1 else None
+                delta = choice.get("delta") if type(choice) is dict else None
+                if not (
+                    type(delta) is dict
+                    and len(delta) == 1
+                    and type(content := delta.get("content")) is str
+                    and choice.get("finish_reason") is None
+                    and not choice.get("logprobs")
+                ):
+                    if texts:
+                        self._release(ctx, held, texts, last, out)
+                        texts, last = {}, {}
+                    if self._chunk(ctx, held, chunk):
+                        out.append(chunk)
+                    continue
+                idx, text = choice.get("index", 0), content
+            parts = texts.get(idx)
+            if parts is None:
+                texts[idx] = [text]
+            else:
+                parts.append(text)
+            last[idx] = chunk
+            if shadow:  # shadow changes nothing: every chunk goes on as it came
+                out.append(chunk)
+        if texts:
+            self._release(ctx, held, texts, last, out)
+        return out
+
+    def _release(
+        self,
+        ctx: RequestContext,
+        held: dict[Any, str],
+        texts: dict[Any, list[str]],
+        last: dict[Any, Any],
+        out: list[Any],
+    ) -> None:
+        """Feed a run's text per choice; what is released goes out in the run's last chunk."""
+        for idx, parts in texts.items():
+            text = parts[0] if len(parts) == 1 else "".join(parts)
+            if self._feed_run(ctx, held, idx, text, last[idx]) and not self.shadow:
+                out.append(last[idx])
+
+    def _feed_run(
+        self, ctx: RequestContext, held: dict[Any, str], idx: Any, text: str, chunk: Any
+    ) -> bool:
+        """Feed one choice's run of text; True if ``chunk`` (the run's last) should go on:
+        rewritten to carry what is released (shadow mode changes nothing and releases all)."""
+        released, held[idx], findings = self.output.feed(held.get(idx, ""), text, False)
+        if findings:
+            self._act(ctx, findings)
+        if self.shadow:
+            return True
+        if not released:
+            return False
+        if type(chunk) is TextChunk:
+            chunk.text = released
+        else:
+            chunk["choices"][0]["delta"]["content"] = released
+        return True
+
+    def _chunk(self, ctx: RequestContext, held: dict[Any, str], chunk: dict[str, Any]) -> bool:
+        """Any other chunk, alone: its text, refusal and call arguments are fed (flushing at
+        ``finish_reason``) and replaced by what is released; True if the chunk should go on."""
+        keep = False
+        shadow = self.shadow
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                keep = True
+                continue
+            idx = choice.get("index", 0)
+            content = delta.get("content")
+            final = choice.get("finish_reason") is not None
+            logprobs = choice.get("logprobs")
+            if isinstance(content, str) or (final and held.get(idx)):
+                released = ""
+                if content or final:  # ("" adds nothing: the role chunk)
+                    before = len(held.get(idx, ""))
+                    released, held[idx], findings = self.output.feed(
+                        held.get(idx, ""), content or "", final
+                    )
+                    if findings:
+                        self._act(ctx, findings)
+                    if isinstance(logprobs, dict) and not shadow:
+                        consumed = before + len(content or "") - len(held[idx])
+                        self._logprobs(ctx, idx, "content", logprobs, consumed, bool(findings))
+                if not shadow:
+                    if content is not None or released:
+                        delta["content"] = released
+                if released:
+                    keep = True
+            refusal = delta.get("refusal")
+            if isinstance(refusal, str) and refusal:
+                # A refusal is the model's text too (it may quote what it refuses to give).
+                key = (idx, "refusal")
+                before = len(held.get(key, ""))
+                released, held[key], findings = self.output.feed(held.get(key, ""), refusal, False)
+                if findings:
+                    self._act(ctx, findings)
+                if not shadow:
+                    delta["refusal"] = released
+                    if isinstance(logprobs, dict):
+                        consumed = before + len(refusal) - len(held[key])
+                        self._logprobs(ctx, idx, "refusal", logprobs, consumed, bool(findings))
+            calls = delta.get("tool_calls")
+            if calls:
+                self._tool_calls(ctx, held, idx, calls)
+            fn = delta.get("function_call")  # (the legacy single call)
+            if type(fn) is dict and type(args := fn.get("arguments")) is str and args:
+                key = (idx, "function_call")
+                released, held[key], findings = self.output.feed(held.get(key, ""), args, False)
+                if findings:
+                    self._act(ctx, findings)
+                if not shadow:
+                    fn["arguments"] = released
+            if final:
+                self._flush_choice(ctx, held, idx, delta, choice)
+            # (keys other than "content": role, tool calls ...)
+            if final or shadow or len(delta) > ("content" in delta) or logprobs:
+                keep = True
+        return keep
+
+    def _logprobs(
+        self,
+        ctx: RequestContext,
+        idx: Any,
+        field: str,
+        logprobs: dict[str, Any],
+        consumed: int,
+        found: bool,
+    ) -> None:
+        """Keep a choice's ``logprobs`` in step with its held text: each entry's ``token`` is
+        a piece of the text, so an entry goes out only once the text it covers has been
+        released (``consumed``: characters of the upstream's text released so far in this
+        step), and never where that text held a finding (it would carry the secret out)."""
+        entries = logprobs.get(field)
+        state = ctx.scratch_for(self.name).setdefault("logprobs", {})
+        queue: list[Any] = state.setdefault((idx, field), [])
+        if type(entries) is list:
+            queue.extend(entries)
+        elif not queue:
+            return
+        out: list[Any] = []
+        total = state.get((idx, field, "released"), 0) + consumed
+        covered = state.get((idx, field, "covered"), 0)
+        while queue:
+            token = queue[0].get("token") if type(queue[0]) is dict else None
+            size = len(token) if type(token) is str else 0
+            if covered + size > total:
+                break
+            covered += size
+            out.append(queue.pop(0))
+        state[(idx, field, "released")] = total
+        state[(idx, field, "covered")] = covered
+        logprobs[field] = [] if found else out
+
+    def _tool_calls(self, ctx: RequestContext, held: dict[Any, str], idx: Any, calls: Any) -> None:
+        """The argument fragments of a choice's tool calls go through the output guard like
+        its text, each call on its own (held under ``(choice, call index)``)."""
+        for call in calls if type(calls) is list else ():
+            fn = call.get("function") if type(call) is dict else None
+            if type(fn) is not dict or type(args := fn.get("arguments")) is not str or not args:
+                continue
+            key = (idx, call.get("index", 0))
+            released, held[key], findings = self.output.feed(held.get(key, ""), args, False)
+            if findings:
+                self._act(ctx, findings)
+            if not self.shadow:
+                fn["arguments"] = released
+
+    def _flush_choice(
+        self, ctx: RequestContext, held: dict[Any, str], idx: Any, delta: dict[str, Any],
+        choice: dict[str, Any],
+    ) -> None:  # fmt: skip
+        """At a choice's ``finish_reason``: what is still held of its refusal and calls goes
+        out in that chunk's delta (its text was flushed by the feed), with the logprobs."""
+        for key in [k for k, v in held.items() if v and type(k) is tuple and k[0] == idx]:
+            released = self._flush(ctx, held, key)
+            if released and not self.shadow:
+                _merge(delta, key[1], released)
+        state = ctx.scratch_for(self.name).get("logprobs")
+        if state and not self.shadow:
+            for field in ("content", "refusal"):
+                rest = state.get((idx, field))
+                if rest:
+                    logprobs = choice.get("logprobs")
+                    if not isinstance(logprobs, dict):
+                        logprobs = choice["logprobs"] = {"content": None, "refusal": None}
+                    entries = logprobs.get(field)
+                    logprobs[field] = [*(entries if type(entries) is list else ()), *rest]
+                    rest.clear()
+
+    def _flush(self, ctx: RequestContext, held: dict[Any, str], key: Any) -> str:
+        """Release everything held under ``key`` (a choice's text, refusal or call arguments)."""
+        released, _, findings = self.output.feed(held[key], "", final=True)
+        held[key] = ""
+        self._act(ctx, findings)
+        return released
+
+    @staticmethod
+    def _template(first: Any) -> dict[str, Any]:
+        """The top-level fields of a chunk that releases held text at the end of a stream,
+        taken from the stream's first chunk."""
+        if type(first) is TextChunk:
+            first = first.as_dict()
+        if not isinstance(first, dict):
+            return {}
+        return {k: first[k] for k in ("id", "object", "created", "model") if k in first}
+
+    async def on_stream_end(self, ctx: RequestContext) -> list[dict[str, Any]]:
+        state = ctx.scratch_for(self.name)
+        held: dict[Any, str] | None = state.get("held")
+        if not held or not any(held.values()):
+            return []  # (the usual end: finish_reason released it all)
+        out = []
+
+        # Choices' text first, then refusals and calls' arguments ((choice, part) keys).
+        def order(item: tuple[Any, str]) -> tuple[bool, str, str]:
+            key = item[0]
+            return (True, str(key[0]), str(key[1])) if type(key) is tuple else (False, str(key), "")
+
+        for key, text in sorted(held.items(), key=order):
+            if not text:
+                continue
+            released = self._flush(ctx, held, key)
+            delta: dict[str, Any] = {}
+            if type(key) is tuple:
+                _merge(delta, key[1], released)
+                idx = key[0]
+            else:
+                delta, idx = {"content": released}, key
+            if self.shadow:
+                continue
+            chunk = self._template(state.get("first"))
+            chunk["choices"] = [{"index": idx, "delta": delta, "finish_reason": None}]
+            out.append(chunk)
+        return out
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        # Streams were handled block by block; this only logs. Non-streamed answers are checked
+        # here, before the body is sent.
+        if ctx.response is not None and ctx.endpoint == "chat" and self._output_enabled:
+            for choice, msg, key in response_texts(ctx.response):
+                text, findings = self.output.check(msg[key])
+                self._act(ctx, findings)
+                if not self.shadow and text != msg[key]:
+                    msg[key] = text
+                    if isinstance(choice.get("logprobs"), dict):
+                        # Its tokens spell out what was redacted.
+                        choice["logprobs"] = None
+        self._log_output(ctx)
+
+
+def _merge(delta: dict[str, Any], part: Any, released: str) -> None:
+    """Put text released for ``part`` of a choice (``"refusal"``, ``"function_call"`` or a
+    tool call's index) into ``delta``."""
+    if part == "refusal":
+        delta["refusal"] = delta.get("refusal", "") + released
+    elif part == "function_call":
+        fn = delta.get("function_call")
+        if type(fn) is dict:
+            fn["arguments"] = (fn.get("arguments") or "") + released
+        else:
+            delta["function_call"] = {"arguments": released}
+    else:
+        flushed = {"index": part, "function": {"arguments": released}}
+        tool_calls = delta.get("tool_calls")
+        if type(tool_calls) is list:
+            tool_calls.append(flushed)
+        else:
+            delta["tool_calls"] = [flushed]
