@@ -36,9 +36,11 @@ class StreamTranslator:
         self.started = False
 
     def feed(self, data: bytes) -> bytes:
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
+        split = self.buffer.endswith(b"\r")
         self.buffer += data
+        if split or data.find(b"\r") != -1:
+            # (on the buffer: a "\r\n" may be split between two reads)
+            self.buffer = self.buffer.replace(b"\r\n", b"\n")
         out: list[bytes] = []
         while True:
             cut = self.buffer.find(b"\n\n")

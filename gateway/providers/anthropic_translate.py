@@ -28,6 +28,8 @@ STOP_REASONS = {
     "tool_use": "tool_calls",
     "pause_turn": "stop",
     "refusal": "content_filter",
+    # The answer was cut where the context window ended (newer models stop so by default).
+    "model_context_window_exceeded": "length",
 }
 
 #: Anthropic error ``type`` → the HTTP status it comes with (stream errors carry no status).
@@ -38,9 +40,15 @@ ERROR_STATUS = {
     "not_found_error": 404,
     "request_too_large": 413,
     "rate_limit_error": 429,
+    "billing_error": 402,
     "api_error": 500,
+    "timeout_error": 504,
     "overloaded_error": 529,
 }
+
+#: Image types the Messages API takes (``jpg`` is what many clients write for ``jpeg``).
+_IMAGE_TYPES = {"image/jpeg": "image/jpeg", "image/jpg": "image/jpeg", "image/png": "image/png",
+                "image/gif": "image/gif", "image/webp": "image/webp"}  # fmt: skip
 
 _JSON_INSTRUCTION = "Respond only with a single valid JSON object and nothing else."
 
@@ -60,10 +68,12 @@ def _text_of(content: Any, where: str) -> str:
 def _image_block(url: str, where: str) -> dict[str, Any]:
     if url.startswith("data:"):
         header, sep, data = url.partition(",")
-        media_type = header[5:].split(";", 1)[0]
-        if not sep or ";base64" not in header or not media_type.startswith("image/"):
+        media_type = _IMAGE_TYPES.get(header[5:].split(";", 1)[0].lower(), "")
+        if not sep or ";base64" not in header or not media_type:
             raise InvalidRequestError(
-                "image data URLs must look like data:image/<type>;base64,<data>", param=where
+                "image data URLs must look like data:image/<type>;base64,<data> with type "
+                "jpeg, png, gif or webp",
+                param=where,
             )
         return {
             "type": "image",
@@ -104,10 +114,12 @@ def _assistant_blocks(msg: dict[str, Any], where: str) -> list[dict[str, Any]]:
         try:
             args = orjson.loads(fn.get("arguments") or "{}")
         except orjson.JSONDecodeError:
+            args = None
+        if not isinstance(args, dict):
             raise InvalidRequestError(
                 "tool call arguments must be a JSON object",
                 param=f"{where}.tool_calls[{j}].function.arguments",
-            ) from None
+            )
         blocks.append(
             {
                 "type": "tool_use",
@@ -196,7 +208,21 @@ def to_anthropic(body: dict[str, Any], model: str, max_output_tokens: int) -> di
         raise InvalidRequestError("n > 1 is not supported by this model", param="n")
     if body.get("logprobs"):
         raise InvalidRequestError("logprobs are not supported by this model", param="logprobs")
+    if body.get("functions") or body.get("function_call"):
+        # (the legacy form of tools: dropping it would answer in text where a call was asked)
+        field = "functions" if body.get("functions") else "function_call"
+        raise InvalidRequestError(
+            f"'{field}' is not supported by this model; use 'tools' and 'tool_choice'",
+            param=field,
+        )
     system, messages = _messages(body.get("messages") or [])
+    if not messages and system:
+        # Only system/developer text (OpenAI answers it): the Messages API needs one turn.
+        messages = [{"role": "user", "content": [{"type": "text", "text": system.pop()}]}]
+    if not messages:
+        raise InvalidRequestError(
+            "'messages' must hold at least one message with content", param="messages"
+        )
     fmt = body.get("response_format") or {}
     if fmt.get("type") == "json_object":
         system.append(_JSON_INSTRUCTION)
@@ -214,13 +240,16 @@ def to_anthropic(body: dict[str, Any], model: str, max_output_tokens: int) -> di
     if system:
         out["system"] = "\n\n".join(system)
     stop = body.get("stop")
-    if stop:
-        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    # Anthropic refuses a stop sequence of only whitespace ("\n" is a common OpenAI one).
+    stops = [x for x in ([stop] if isinstance(stop, str) else stop or ()) if x and x.strip()]
+    if stops:
+        out["stop_sequences"] = stops
     if body.get("temperature") is not None:
         # OpenAI's range is 0-2, Anthropic's 0-1: clamp rather than fail a request that a
         # fallback chain moved here from an OpenAI deployment.
         out["temperature"] = min(float(body["temperature"]), 1.0)
-    if body.get("top_p") is not None:
+    elif body.get("top_p") is not None:
+        # Only one of the two: current Claude models refuse both in one request.
         out["top_p"] = body["top_p"]
     if body.get("tools"):
         out["tools"] = _tools(body["tools"])
@@ -308,8 +337,11 @@ def error_from_body(
     message = str(err.get("message") or "")[:500]
     code: str | None = None
     param: str | None = None
-    if status == 400 and message.startswith("prompt is too long"):
-        # "prompt is too long: 208310 tokens > 200000 maximum": what OpenAI calls
-        # context_length_exceeded, which clients test for to trim the history.
+    if status == 400 and (
+        message.startswith("prompt is too long") or "exceed context limit" in message
+    ):
+        # "prompt is too long: 208310 tokens > 200000 maximum", "input length and `max_tokens`
+        # exceed context limit: ...": what OpenAI calls context_length_exceeded, which
+        # clients test for to trim the history.
         code, param = "context_length_exceeded", "messages"
     return error_for_status(status, headers, message, "anthropic", code=code, param=param)

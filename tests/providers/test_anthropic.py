@@ -95,6 +95,18 @@ def test_tool_choice_strings(choice: str, expected: dict[str, Any]) -> None:
         ({"messages": [{"role": "assistant", "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
          "messages[0].tool_calls[0].function.arguments"),
+        # Valid JSON that is no object: Anthropic's tool_use input must be one.
+        ({"messages": [{"role": "assistant", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]},
+         "messages[0].tool_calls[0].function.arguments"),
+        # The legacy form of tools was dropped silently (a text answer where a call was asked).
+        ({"functions": [{"name": "lookup", "parameters": {"type": "object"}}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        # An image type the Messages API does not take.
+        ({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/bmp;base64,AAAA"}}]}]},
+         "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": ""}]}, "messages"),
     ],
 )  # fmt: skip
 def test_untranslatable_requests_are_400_naming_the_param(body: dict[str, Any], param: str) -> None:
@@ -147,3 +159,46 @@ def test_malformed_stream_and_body_are_upstream_errors() -> None:
         StreamTranslator("m").feed(b"data: {nope\n\n")
     with pytest.raises(UpstreamError):
         from_anthropic({"type": "error"}, "m")
+
+
+def test_requests_real_claude_models_would_refuse_are_made_acceptable() -> None:
+    """Found against the Messages API's rules: each of these was a 400 from Anthropic."""
+    base = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    # temperature and top_p together: only temperature goes (current models refuse both).
+    out = to_anthropic({**base, "temperature": 0.7, "top_p": 0.9}, "up", 10)
+    assert out["temperature"] == 0.7 and "top_p" not in out
+    assert to_anthropic({**base, "top_p": 0.9}, "up", 10)["top_p"] == 0.9
+    # Stop sequences of only whitespace ("\n" is a common OpenAI one) are left out.
+    assert to_anthropic({**base, "stop": ["\n", " ", "END"]}, "up", 10)["stop_sequences"] == ["END"]
+    assert "stop_sequences" not in to_anthropic({**base, "stop": "\n"}, "up", 10)
+    # Only a system message: it becomes the one user turn the Messages API needs.
+    only = to_anthropic({"messages": [{"role": "system", "content": "Say hi"}]}, "up", 10)
+    assert only["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Say hi"}]}]
+    assert "system" not in only
+    # image/jpg (what many clients write) is image/jpeg.
+    jpg = {"type": "image_url", "image_url": {"url": "data:image/jpg;base64,AAAA"}}
+    out = to_anthropic({"messages": [{"role": "user", "content": [jpg]}]}, "up", 10)
+    assert out["messages"][0]["content"][0]["source"]["media_type"] == "image/jpeg"
+
+
+def test_a_cut_off_answer_is_length_and_new_error_types_map() -> None:
+    data = {"id": "msg", "type": "message", "content": [{"type": "text", "text": "abc"}],
+            "stop_reason": "model_context_window_exceeded", "usage": {}}  # fmt: skip
+    assert from_anthropic(data, "m", 1)["choices"][0]["finish_reason"] == "length"
+    message = "input length and `max_tokens` exceed context limit: 197000 + 8192 > 200000"
+    over = error_from_body(
+        {"type": "error", "error": {"type": "invalid_request_error", "message": message}}, {}, 400
+    )
+    assert (over.code, over.param) == ("context_length_exceeded", "messages")
+    billing = error_from_body({"type": "error", "error": {"type": "billing_error"}}, {})
+    timeout = error_from_body({"type": "error", "error": {"type": "timeout_error"}}, {})
+    assert billing.status != timeout.status and timeout.status == 504
+
+
+def test_a_crlf_split_between_two_reads() -> None:
+    source = (DATA / "stream_tools.sse").read_bytes().replace(b"\n", b"\r\n")
+    expected = (DATA / "stream_tools.openai.sse").read_bytes()
+    for size in (1, 2, 3, 5, 11, 13):
+        t = StreamTranslator("claude-up", CREATED)
+        out = b"".join(t.feed(source[i : i + size]) for i in range(0, len(source), size))
+        assert out == expected and t.done, size
