@@ -88,7 +88,7 @@ class GatewayApp:
         except (ConfigError, StartupError) as e:
             await send({"type": "lifespan.startup.failed", "message": f"startup failed: {e}"})
             return
-        except BaseException:
+        except Exception:
             log.exception("startup failed")
             await send({"type": "lifespan.startup.failed", "message": "startup failed"})
             return
@@ -97,7 +97,7 @@ class GatewayApp:
         try:
             await gw.drain(gw.settings.server.drain_timeout_s)
             await gw.shutdown()
-        except BaseException:
+        except Exception:
             log.exception("shutdown failed")
             await send({"type": "lifespan.shutdown.failed", "message": "shutdown failed"})
             return

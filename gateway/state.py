@@ -84,17 +84,13 @@ class Gateway:
             for plugin in self.pipeline.plugins:
                 await plugin.startup(self)
                 self._started.append(plugin)
+            if self.settings.metrics.enabled and self.settings.metrics.port:
+                from gateway import metrics_server
+
+                self._metrics_server = await metrics_server.start(self.settings.metrics)
         except BaseException:
             await self.shutdown()
             raise
-        if self.settings.metrics.enabled and self.settings.metrics.port:
-            from gateway import metrics_server
-
-            try:
-                self._metrics_server = await metrics_server.start(self.settings.metrics)
-            except BaseException:
-                await self.shutdown()
-                raise
         self._flusher = asyncio.create_task(self._flush_logs())
         # What startup built (config, compiled rules, tokenizer tables, models: ~85k objects)
         # lives as long as the process: move it out of the collector's sight, so that the full
