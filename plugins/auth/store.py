@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from gateway.redis_client import redis_client
 from plugins.auth.keys import KeyRecord
 
 _AUDIT_MAX = 1000
@@ -68,9 +69,7 @@ class KeyConflictError(Exception):
 class RedisKeyStore:
     def __init__(self, url: str, prefix: str) -> None:
         self.prefix = prefix
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=2.0, socket_timeout=2.0
-        )
+        self.redis: aioredis.Redis = redis_client(url, 2.0)
 
     def _rec_key(self, digest_hex: str) -> str:
         return f"{self.prefix}d:{digest_hex}"

@@ -11,11 +11,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
 from prometheus_client import Counter
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+
+from gateway.redis_client import redis_client
 
 log = logging.getLogger("gateway.cache")
 
@@ -80,13 +79,7 @@ class RedisStore:
         self.prefix = prefix
         self.retry_after_s = retry_after_s
         self._skip_until = 0.0
-        self.client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+        self.client = redis_client(url, timeout_s)
 
     def _available(self) -> bool:
         return time.monotonic() >= self._skip_until

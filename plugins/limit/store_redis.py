@@ -21,10 +21,9 @@ import math
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+
+from gateway.redis_client import redis_client
 
 from .scopes import Check, Plan
 from .store_base import (
@@ -168,14 +167,7 @@ class RedisStore:
         self.timeout = socket_timeout
         self.retry_after = retry_after
         # No client-side retries: a dead Redis must cost one short timeout, not several.
-        self.client: Any = aioredis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-            health_check_interval=0,
-        )
+        self.client: Any = redis_client(url, socket_timeout, decode_responses=True)
         self._admit = self.client.register_script(ADMIT_LUA)
         self._settle = self.client.register_script(SETTLE_LUA)
         self._down_until = 0.0

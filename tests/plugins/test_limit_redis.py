@@ -294,3 +294,18 @@ async def test_hung_redis_does_not_hang_requests(own_redis: OwnRedis) -> None:
         await asyncio.sleep(0.1)
         elapsed, err = await _timed(ps[0])
         assert err is None
+
+
+@pytest.mark.anyio
+async def test_a_burst_beyond_the_connection_pool_is_still_limited_exactly(prefix: str) -> None:
+    """redis-py's default pool (100 connections) raised at once on the 101st concurrent
+    command: a burst on a healthy Redis looked like an outage and was failed open (189 of 200
+    admitted under rpm 20, measured). Commands now wait for a free connection."""
+    from gateway import redis_client
+
+    limit, burst = 20, redis_client.MAX_CONNECTIONS + 100
+    rules = [{"scope": "user", "rpm": limit}]
+    async with plugins(1, store=REDIS_URL, key_prefix=prefix, rules=rules, **PATIENT) as ps:
+        results = await asyncio.gather(*(_attempt(ps[0]) for _ in range(burst)))
+    assert sum(r is None for r in results) == limit
+    assert all(r is None or r.status == 429 for r in results)  # no store error, no 503
