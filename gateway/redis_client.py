@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
 from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 #: Connections per store and process; commands beyond them wait for one.
 MAX_CONNECTIONS = 256
