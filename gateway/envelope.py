@@ -16,6 +16,17 @@ from typing import Any
 import orjson
 
 _SEP = b"\n\ndata: "
+
+
+def join_reads(buffer: bytes, data: bytes) -> bytes:
+    """The bytes of an SSE stream not parsed yet (``buffer``) and the next read, with CRLF line
+    endings made LF; a ``"\\r\\n"`` may be split between two reads."""
+    joined = buffer + data if buffer else data
+    if data.find(b"\r") != -1 or buffer.endswith(b"\r"):
+        joined = joined.replace(b"\r\n", b"\n")
+    return joined
+
+
 _CONTENT_KEY = b'"content"'
 
 

@@ -29,7 +29,7 @@ import orjson
 
 from gateway import metrics
 from gateway.context import Usage, usage_from
-from gateway.envelope import Envelope, TextChunk
+from gateway.envelope import Envelope, TextChunk, join_reads
 from gateway.errors import GatewayError, UpstreamError
 from gateway.pipeline import Pipeline, hooked
 from gateway.plugin import CHUNK_HOOKS
@@ -109,10 +109,7 @@ class _Relay:
 
     async def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return what to send to the client now."""
-        buf = self.buffer + data if self.buffer else data
-        if data.find(b"\r") != -1 or self.buffer.endswith(b"\r"):
-            # (on the joined bytes: a "\r\n" may be split between two reads)
-            buf = buf.replace(b"\r\n", b"\n")
+        buf = join_reads(self.buffer, data)
         cut = buf.rfind(b"\n\n")
         if cut == -1:
             self.buffer = buf
@@ -189,10 +186,8 @@ class _Relay:
             if "error" not in obj and obj.get("choices"):
                 if isinstance(obj.get("usage"), dict):
                     # Usage in a chunk that also has choices (some upstreams put it in the
-                    # last one): counted like a usage-only chunk, passed on with the chunk.
-                    usage = usage_from(obj)
-                    if usage is not None:
-                        self.usage = usage
+                    # last one): counted, and the chunk goes on.
+                    self._usage_of(obj)
                 run.append(obj)
                 continue
             # Not a chunk: what the hooks returned so far goes first, to keep the order.

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from gateway.envelope import join_reads
 from gateway.errors import UpstreamError
 from gateway.providers.anthropic_translate import STOP_REASONS, error_from_body, usage_of
 
@@ -36,11 +37,7 @@ class StreamTranslator:
         self.started = False
 
     def feed(self, data: bytes) -> bytes:
-        split = self.buffer.endswith(b"\r")
-        self.buffer += data
-        if split or data.find(b"\r") != -1:
-            # (on the buffer: a "\r\n" may be split between two reads)
-            self.buffer = self.buffer.replace(b"\r\n", b"\n")
+        self.buffer = join_reads(self.buffer, data)
         out: list[bytes] = []
         while True:
             cut = self.buffer.find(b"\n\n")

@@ -81,7 +81,8 @@ class RoutePlugin(Plugin):
         from gateway.catalogue import Catalogue
 
         index = pipeline.index(self.name)
-        self._check_rules(Catalogue(settings.models), f"{settings.source}: pipeline[{index}]")
+        where = f"{settings.source}: pipeline[{index}].config."
+        self._check_rules(Catalogue(settings.models), where)
 
     def bind(self, catalogue: Catalogue) -> None:
         """Index the catalogue and check that every rule names things that exist."""
@@ -91,12 +92,14 @@ class RoutePlugin(Plugin):
                 self.by_id[dep.id] = dep
                 self.owner[dep.id] = entry
                 self.breakers.add(dep.id)
-        self._check_rules(catalogue, "route plugin")
+        self._check_rules(catalogue, "route plugin: ")
 
     def _check_rules(self, catalogue: Catalogue, where: str) -> None:
+        """That every rule names models and deployments that exist (``where``: the messages'
+        prefix, up to the rule list's own key)."""
         ids = [dep.id for dep in catalogue.deployments()]
         for i, rule in enumerate(self.config.rules):
-            at = f"{where}: rules[{i}]" if where == "route plugin" else f"{where}.config.rules[{i}]"
+            at = f"{where}rules[{i}]"
             for name in (*rule.when.models, *([rule.model] if rule.model else [])):
                 if catalogue.get(name) is None:
                     raise ConfigError(
