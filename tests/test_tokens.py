@@ -95,3 +95,52 @@ def test_startup_loads_only_the_encodings_the_catalogue_uses(monkeypatch: Any) -
         assert loaded == expected, models
     assert tokens.encoding_name("gpt-4-turbo") == "cl100k_base"
     assert tokens.encoding_name("gpt-4o-mini") == tokens.encoding_name("o3") == "o200k_base"
+
+
+def test_the_bound_is_never_under_the_count() -> None:
+    """``prompt_tokens_bound`` lets checks skip the tokenizer, so it must never be lower than
+    the exact count: texts in many scripts, emoji, special-token text, tool calls and tools,
+    images, names, and embedding inputs of strings and token arrays."""
+    from gateway.context import RequestContext
+
+    texts = [
+        "", "a", "hello world", "<|endoftext|>", "日本語のテキストです", "🙂" * 40,
+        "x" * 5000, "Привет, мир! " * 30, "lone \ud800 surrogate", "\t\n  spaced  \n",
+        "مرحبا بالعالم", "ok " + "é" * 100, "1234567890" * 20,
+    ]  # fmt: skip
+    for model in ("m", "gpt-4"):
+        for text in texts:
+            msgs: list[dict[str, Any]] = [
+                {"role": "system", "content": text},
+                {"role": "user", "name": "u", "content": [
+                    {"type": "text", "text": text}, {"type": "image_url"}]},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [{"function": {"name": "f", "arguments": text}}]},
+            ]  # fmt: skip
+            described = text.encode("utf-8", "replace").decode()  # (JSON has no lone surrogate)
+            tool = {"type": "function", "function": {"name": "t", "description": described}}
+            body = {"model": model, "messages": msgs, "tools": [tool]}
+            chat = RequestContext("r", "chat", "/v1/chat/completions", "POST", {}, [], body)
+            chat.model = model
+            bound = tokens.prompt_tokens_bound(chat)
+            assert bound >= tokens.prompt_tokens(chat) > 0
+            # Once counted, the bound is the count.
+            assert tokens.prompt_tokens_bound(chat) == chat.prompt_tokens_estimate
+            emb_body = {"model": model, "input": [text, [1, 2, 3], text]}
+            emb = RequestContext("r", "embeddings", "/v1/embeddings", "POST", {}, [], emb_body)
+            emb.model = model
+            assert tokens.prompt_tokens_bound(emb) >= tokens.prompt_tokens(emb)
+
+
+def test_the_bound_tokenizes_nothing(monkeypatch: Any) -> None:
+    from gateway.context import RequestContext
+
+    def refuse(enc: Any, text: str) -> int:
+        raise AssertionError("tokenized")
+
+    monkeypatch.setattr(tokens, "encoded_len", refuse)
+    body = {"model": "m", "messages": [{"role": "user", "content": "héllo " * 100}]}
+    ctx = RequestContext("r", "chat", "/v1/chat/completions", "POST", {}, [], body)
+    # 3 to prime the reply, 3 per message, and the text's UTF-8 bytes.
+    assert tokens.prompt_tokens_bound(ctx) == 3 + 3 + len(("héllo " * 100).encode())
+    assert ctx.prompt_tokens_estimate is None

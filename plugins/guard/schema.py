@@ -132,10 +132,14 @@ def check_input(limits: InputLimits, ctx: RequestContext) -> None:
                 param="messages",
                 code="content_too_long",
             )
+    window = context_window(ctx)
     n = ctx.prompt_tokens_estimate
     if n is None:  # not counted yet (by the limit plugin, for one)
-        n = tokens.prompt_tokens(ctx)
-    window = context_window(ctx)
+        # A prompt whose byte count is under both limits is under them in tokens too: only a
+        # prompt near a limit is tokenized, so that the error can give its exact count.
+        n = tokens.prompt_tokens_bound(ctx)
+        if n > limits.max_prompt_tokens or (window is not None and n > window):
+            n = tokens.prompt_tokens(ctx)
     if window is not None and n > window:
         raise ContextLengthError(
             f"this model's maximum context length is {window} tokens; the prompt has {n} tokens",

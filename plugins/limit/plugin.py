@@ -22,7 +22,7 @@ from prometheus_client import Counter
 
 from gateway.errors import QuotaExceededError, RateLimitError, ServiceUnavailableError
 from gateway.plugin import Plugin
-from gateway.tokens import prompt_tokens
+from gateway.tokens import prompt_tokens, prompt_tokens_bound
 
 from . import scopes
 from .config import LimitConfig
@@ -51,6 +51,11 @@ REJECTIONS = Counter(
 #: Distinct (caller, model) plans kept; past this the cache starts again (callers come from
 #: keys, JWT claims or client addresses, so the number is not bounded by configuration).
 _MAX_PLANS = 4096
+
+#: A prompt whose byte count is at most this share of the smallest tokens-per-minute limit
+#: reserves its byte count instead of being tokenized: at most 1% of the limit over-reserved
+#: per request in flight, until its answer settles the reservation.
+BOUND_SHARE = 0.01
 
 _KIND_TEXT = {
     "rpm": "requests per minute (RPM)",
@@ -109,11 +114,20 @@ class LimitPlugin(Plugin):
     async def shutdown(self) -> None:
         await self.store.close()
 
-    def reservation_tokens(self, ctx: RequestContext) -> int:
-        """Prompt tokens plus the most the answer may use (times ``n`` choices)."""
+    def reservation_tokens(self, ctx: RequestContext, bound_below: float = 0.0) -> int:
+        """Prompt tokens plus the most the answer may use (times ``n`` choices).
+
+        A prompt not counted yet whose byte count (an upper bound of its tokens) is at most
+        ``bound_below`` reserves that bound instead of being tokenized: the reservation is
+        settled to the upstream's usage when the answer ends anyway."""
         prompt = ctx.prompt_tokens_estimate
         if prompt is None:
-            prompt = prompt_tokens(ctx)
+            if bound_below > 0:
+                prompt = prompt_tokens_bound(ctx)
+                if prompt > bound_below:
+                    prompt = prompt_tokens(ctx)
+            else:
+                prompt = prompt_tokens(ctx)
         if ctx.endpoint == "embeddings":
             return prompt
         body = ctx.body
@@ -147,7 +161,11 @@ class LimitPlugin(Plugin):
         plan = self.plan(ctx)
         if plan.empty:
             return None
-        tokens = self.reservation_tokens(ctx) if plan.tpm else 0
+        tokens = 0
+        if plan.tpm:
+            tokens = self.reservation_tokens(ctx, plan.tpm_min * BOUND_SHARE)
+            if tokens > plan.tpm_min and ctx.prompt_tokens_estimate is None:
+                tokens = self.reservation_tokens(ctx)  # exactly, before refusing it
         for c in plan.tpm:
             if tokens > c.limit:
                 # Waiting would not help, so no Retry-After (OpenAI answers the same way).

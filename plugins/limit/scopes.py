@@ -48,9 +48,12 @@ class Plan:
     budget: list[Check] = field(default_factory=list)
     #: No check at all (an attribute rather than ``__bool__``: read on every request).
     empty: bool = field(init=False)
+    #: The smallest tokens-per-minute limit (0 without one).
+    tpm_min: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.empty = not (self.rpm or self.tpm or self.parallel or self.budget)
+        self.tpm_min = min([c.limit for c in self.tpm], default=0.0)
 
     def __bool__(self) -> bool:
         return not self.empty

@@ -197,6 +197,44 @@ async def test_context_window_and_token_limit() -> None:
         await guard(input={"max_prompt_tokens": 50}).on_request(chat(user("word " * 300)))
 
 
+@pytest.mark.anyio
+async def test_only_a_prompt_near_a_limit_is_tokenized(monkeypatch: Any) -> None:
+    """The limits are checked against the prompt's UTF-8 byte count first (never fewer than its
+    tokens); the tokenizer runs only when that bound is over a limit, and the error quotes the
+    exact count."""
+    from gateway import tokens
+
+    calls: list[str] = []
+    real = tokens.encoded_len
+
+    def counting(enc: Any, text: str) -> int:
+        calls.append(text)
+        return real(enc, text)
+
+    monkeypatch.setattr(tokens, "encoded_len", counting)
+    window = ModelEntry(
+        name="m", deployments=(Deployment(model="m", base_url="http://x", context_window=100),)
+    )
+    short = chat(user("word " * 18))  # 96 bytes with the framing: under 100 without counting
+    short.model_entry = window
+    await guard().on_request(short)
+    assert calls == [] and short.prompt_tokens_estimate is None
+    # 306 bytes but 67 tokens: over the window by bytes, under it counted.
+    near = chat(user("word " * 60))
+    near.model_entry = window
+    await guard().on_request(near)
+    assert calls == ["word " * 60]
+    assert near.prompt_tokens_estimate == 6 + len(
+        tokens.encoding("o200k_base").encode("word " * 60)
+    )
+    calls.clear()
+    over = chat(user("word " * 120))
+    over.model_entry = window
+    with pytest.raises(ContextLengthError) as e:
+        await guard().on_request(over)
+    assert calls and f"the prompt has {over.prompt_tokens_estimate} tokens" in e.value.message
+
+
 # --- secrets -----------------------------------------------------------------------------------
 
 SECRETS = {

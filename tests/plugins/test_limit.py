@@ -204,7 +204,7 @@ async def test_tpm_reservations_refuse_concurrent_overshoot_then_return_unused()
     first, second = make_ctx(max_tokens=400), make_ctx(max_tokens=400)
     await plugin.on_request(first)
     await plugin.on_request(second)
-    reserved = plugin.reservation_tokens(first)
+    reserved = first.log["limit"]["reserved_tokens"]
     assert 400 < reserved < 420  # prompt ("hello" + framing) + max_tokens
     assert first.response_headers["x-ratelimit-remaining-tokens"] == str(1000 - reserved)
     assert second.response_headers["x-ratelimit-remaining-tokens"] == str(1000 - 2 * reserved)
@@ -218,6 +218,54 @@ async def test_tpm_reservations_refuse_concurrent_overshoot_then_return_unused()
     await plugin.on_response(finish(first, 10, 5))
     await plugin.on_request(third)
     assert third.response_headers["x-ratelimit-remaining-tokens"] == str(1000 - 15 - 2 * reserved)
+
+
+@pytest.mark.anyio
+async def test_tpm_reserves_a_small_prompts_byte_count_without_tokenizing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A prompt whose UTF-8 byte count (never fewer than its tokens) is at most 1% of the
+    smallest TPM limit reserves that count instead of being tokenized; the answer's usage
+    settles it as usual. A larger one is counted exactly."""
+    from gateway import tokens
+
+    calls: list[str] = []
+    real = tokens.encoded_len
+
+    def counting(enc: object, text: str) -> int:
+        calls.append(text)
+        return real(enc, text)
+
+    monkeypatch.setattr(tokens, "encoded_len", counting)
+    plugin = make_plugin(
+        rules=[{"scope": "user", "tpm": 100_000}, {"scope": "tenant", "tpm": 10_000}]
+    )
+    small = make_ctx(prompt="hello " * 10, max_tokens=100)  # 66 bytes with the framing
+    await plugin.on_request(small)
+    assert calls == [] and small.prompt_tokens_estimate is None
+    assert small.log["limit"] == {"reserved_tokens": 66 + 100}
+    assert small.response_headers["x-ratelimit-remaining-tokens"] == str(10_000 - 166)
+    await plugin.on_response(finish(small, 11, 5))
+    after = make_ctx(prompt="hi", max_tokens=1)
+    await plugin.on_request(after)
+    assert after.response_headers["x-ratelimit-remaining-tokens"] == str(10_000 - 16 - 9)
+    # 106 bytes: over 1% of the tenant's 10,000, so counted.
+    large = make_ctx(prompt="hello " * 100, max_tokens=100)
+    await plugin.on_request(large)
+    assert calls == ["hello " * 100]
+    assert large.log["limit"] == {"reserved_tokens": large.prompt_tokens_estimate + 100}
+    assert large.prompt_tokens_estimate < 606
+
+
+@pytest.mark.anyio
+async def test_tpm_a_request_too_large_by_its_bound_is_counted_before_refusal() -> None:
+    plugin = make_plugin(rules=[{"scope": "user", "tpm": 1_000_000}])
+    prompt = "hello " * 100  # 606 bytes, 106 tokens
+    fits = make_ctx(prompt=prompt, max_tokens=1_000_000 - 300)
+    await plugin.on_request(fits)  # 606 + cap is over the limit; 106 + cap is not
+    assert fits.prompt_tokens_estimate is not None and fits.prompt_tokens_estimate < 300
+    with pytest.raises(RateLimitError, match="Request too large"):
+        await plugin.on_request(make_ctx(prompt=prompt, max_tokens=1_000_000))
 
 
 @pytest.mark.anyio
@@ -265,7 +313,7 @@ async def test_denied_by_a_later_plugin_releases_the_whole_reservation() -> None
     again = make_ctx(max_tokens=900)
     await plugin.on_request(again)
     assert again.response_headers["x-ratelimit-remaining-tokens"] == str(
-        1000 - plugin.reservation_tokens(again)
+        1000 - again.log["limit"]["reserved_tokens"]
     )
     # on_response twice (defensive) does not give back twice.
     await plugin.on_response(finish(ctx, status=400, usage=False))
