@@ -202,9 +202,23 @@ async def upload(plugin: RagPlugin, request: Request, actor: Identity) -> Respon
         extra={"actor": actor.user, "collection": collection, "tenant": tenant,
                "documents": [(r["source"], r["status"]) for r in results]},
     )  # fmt: skip
-    failed = all(r["status"] == "error" for r in results)
-    return private_json({"collection": collection, "tenant": tenant, "results": results},
-                 status=400 if failed and results else 200)  # fmt: skip
+    body: dict[str, Any] = {"collection": collection, "tenant": tenant, "results": results}
+    if results and all(r["status"] == "error" for r in results):
+        # Nothing was ingested: a client error, in the OpenAI shape every 4xx has (with the
+        # per-document results beside it).
+        first = results[0]
+        body = {
+            "error": {
+                "message": f"no document was ingested ({len(results)} failed; "
+                f"{first['source']}: {first['error']})",
+                "type": "invalid_request_error",
+                "param": "documents",
+                "code": "ingest_failed",
+            },
+            **body,
+        }
+        return private_json(body, status=400)
+    return private_json(body)
 
 
 def partial_ingest(plugin: RagPlugin, collection: str, tenant: str, doc: dict[str, Any],

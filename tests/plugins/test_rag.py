@@ -747,10 +747,13 @@ async def test_admin_routes(tmp_path: Path) -> None:
             out.append(client.delete("/admin/rag/kb1/documents", headers=admin))
             out.append(client.delete("/admin/rag/kb1", headers=admin))
             out.append(client.post("/admin/rag/x/documents", headers=admin, json={"documents": []}))
+            out.append(
+                client.post("/admin/rag/kb2/documents?name=a.docx", headers=admin, content=b"x")
+            )
             return out
 
     (denied, up, raw, note, big, listed, listed_globex, colls, deleted, deleted_acme, left,
-     no_tenant, dropped, bad_name) = await asyncio.to_thread(calls)  # fmt: skip
+     no_tenant, dropped, bad_name, all_bad) = await asyncio.to_thread(calls)  # fmt: skip
     assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
     assert up.status_code == 200 and up.json()["tenant"] == "acme"
     assert [(r["source"], r["status"]) for r in up.json()["results"]] == [
@@ -773,6 +776,12 @@ async def test_admin_routes(tmp_path: Path) -> None:
     assert no_tenant.status_code == 400 and no_tenant.json()["error"]["param"] == "tenant"
     assert dropped.json()["deleted"] == 1
     assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "collection"
+    # Nothing ingested: a 400 in the OpenAI error shape, the per-document results beside it.
+    assert all_bad.status_code == 400
+    error = all_bad.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "ingest_failed"
+    assert error["param"] == "documents" and "a.docx" in error["message"]
+    assert all_bad.json()["results"][0]["status"] == "error"
     await plugin.shutdown()
 
 
