@@ -14,6 +14,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, ClassVar
@@ -42,11 +43,20 @@ STORE_ERRORS = Counter(
     "Limit operations that could not use the shared store (Redis down or slow), by operation.",
     ["op"],
 )
+SETTLE_RETRIES = Counter(
+    "gateway_limit_settlement_retries_total",
+    "Settlements that failed on the store and were retried in the background, by outcome: "
+    "applied (the whole settlement), released (the concurrency slot only), dropped.",
+    ["outcome"],
+)
 REJECTIONS = Counter(
     "gateway_limit_rejections_total",
     "Requests refused by the limit plugin, by limit kind and rule scope.",
     ["kind", "scope"],
 )
+
+#: Settlements waiting for the store to come back; past this the oldest is dropped.
+_MAX_PENDING = 10_000
 
 #: Distinct (caller, model) plans kept; past this the cache starts again (callers come from
 #: keys, JWT claims or client addresses, so the number is not bounded by configuration).
@@ -81,6 +91,10 @@ class LimitPlugin(Plugin):
         self._default_max_tokens = config.default_max_tokens
         self._slot_ttl = config.parallel_slot_ttl_s
         self._new_slot_ids()
+        #: Settlements the store did not take (Redis down): (reservation, admission-side
+        #: arguments, whether the whole settlement may be retried, give-up time).
+        self._pending: deque[tuple[Reservation, float, int, float, bool, float]] = deque()
+        self._retry_task: asyncio.Task[None] | None = None
 
     def _new_slot_ids(self) -> None:
         """Concurrency slot ids: ``<request id>.<process prefix><counter>``. The request id may
@@ -112,6 +126,15 @@ class LimitPlugin(Plugin):
             )
 
     async def shutdown(self) -> None:
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+            self._retry_task = None
+        if self._pending:  # one last try, so that a restart loses as little as it can
+            try:
+                async with asyncio.timeout(2.0):
+                    await self._retry_pending()
+            except TimeoutError:
+                pass
         await self.store.close()
 
     def reservation_tokens(self, ctx: RequestContext, bound_below: float = 0.0) -> int:
@@ -234,12 +257,61 @@ class LimitPlugin(Plugin):
             # Never suspends, so no cancellation can interrupt it: no task for a shield.
             memory.settle_now(res, self.clock(), used, cost)
             return
-        settle = self.store.settle(res, now=self.clock(), used_tokens=used, cost_usd=cost)
+        now = self.clock()
+        settle = self.store.settle(res, now=now, used_tokens=used, cost_usd=cost)
         try:
             # Shielded: a disconnect that cancels this task must still free the slot.
             await asyncio.shield(settle)
         except StoreUnavailable as e:
             self._store_error("settle", e)
+            self._defer(res, now, used, cost, whole=not e.sent)
+
+    def _defer(self, res: Reservation, now: float, used: int, cost: float, whole: bool) -> None:
+        """Retry a settlement the store did not take, in the background, until the slot would
+        have expired anyway. A settlement that never reached Redis is retried whole; one that
+        may have been applied (a timeout) only frees its concurrency slot, which is safe to
+        repeat, so its tokens and cost are never counted twice. Without this, a Redis blip held
+        each slot it caught for ``parallel_slot_ttl_s`` (15 minutes by default)."""
+        if not whole and not res.parallel_keys:
+            return  # nothing that is safe to repeat
+        if len(self._pending) >= _MAX_PENDING:
+            self._pending.popleft()
+            SETTLE_RETRIES.labels("dropped").inc()
+        self._pending.append((res, now, used, cost, whole, time.monotonic() + self._slot_ttl))
+        if self._retry_task is None or self._retry_task.done():
+            self._retry_task = asyncio.get_running_loop().create_task(self._retry_loop())
+
+    async def _retry_loop(self) -> None:
+        pause = max(self.config.retry_store_after_s, 0.1)
+        while self._pending:
+            await asyncio.sleep(pause)
+            await self._retry_pending()
+
+    async def _retry_pending(self) -> None:
+        """Retry the pending settlements, oldest first, until the store fails again."""
+        store = self.store
+        if not isinstance(store, RedisStore):
+            self._pending.clear()
+            return
+        while self._pending:
+            res, now, used, cost, whole, give_up = self._pending[0]
+            if time.monotonic() > give_up:  # its slot has expired meanwhile
+                self._pending.popleft()
+                SETTLE_RETRIES.labels("dropped").inc()
+                continue
+            try:
+                if whole:
+                    await store.settle(res, now=now, used_tokens=used, cost_usd=cost)
+                else:
+                    await store.release(res)
+            except StoreUnavailable as e:
+                if whole and e.sent:  # this try may have been applied: only free the slot now
+                    self._pending[0] = (res, now, used, cost, False, give_up)
+                    if not res.parallel_keys:
+                        self._pending.popleft()
+                return
+            self._pending.popleft()
+            SETTLE_RETRIES.labels("applied" if whole else "released").inc()
 
     def _denial(self, decision: Decision) -> RateLimitError:
         c = decision.denied

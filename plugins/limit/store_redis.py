@@ -153,8 +153,24 @@ return 1
 """
 
 
+# KEYS: parallel keys. ARGV: slot id. Frees a concurrency slot (idempotent: safe to repeat).
+RELEASE_LUA = """
+for i = 1, #KEYS do
+  redis.call('zrem', KEYS[i], ARGV[1])
+end
+return 1
+"""
+
+
 class StoreUnavailable(Exception):
-    """The store could not be asked (down, timed out, or skipped after a recent failure)."""
+    """The store could not be asked (down, timed out, or skipped after a recent failure).
+
+    ``sent``: whether the command may have reached Redis (and so may have been applied): False
+    only when the store was skipped after a recent failure."""
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 def _f(x: float) -> str:
@@ -170,11 +186,12 @@ class RedisStore:
         self.client: Any = redis_client(url, socket_timeout, decode_responses=True)
         self._admit = self.client.register_script(ADMIT_LUA)
         self._settle = self.client.register_script(SETTLE_LUA)
+        self._release = self.client.register_script(RELEASE_LUA)
         self._down_until = 0.0
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         if time.monotonic() < self._down_until:
-            raise StoreUnavailable("store marked down after a recent error")
+            raise StoreUnavailable("store marked down after a recent error", sent=False)
         try:
             # Socket timeouts bound each read; this bounds the whole call (connect + EVALSHA,
             # + EVAL after a Redis restart forgot the script).
@@ -254,6 +271,12 @@ class RedisStore:
             len(res.tpm_keys), len(res.parallel_keys), len(periods), *ttls,
         ]  # fmt: skip
         await self._call(self._settle, keys, args)
+
+    async def release(self, res: Reservation) -> None:
+        """Free the reservation's concurrency slots only (what a settlement that may already
+        have been applied can safely repeat)."""
+        if res.parallel_keys:
+            await self._call(self._release, res.parallel_keys, [res.slot_id])
 
     async def close(self) -> None:
         await self.client.aclose()

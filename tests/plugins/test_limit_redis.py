@@ -276,6 +276,48 @@ async def test_redis_killed_fail_closed_503_then_recovers(own_redis: OwnRedis) -
 
 
 @pytest.mark.anyio
+async def test_settlements_missed_in_a_redis_blip_are_retried(own_redis: OwnRedis) -> None:
+    """Redis stops answering while two requests end: the first settlement times out (it may
+    still be applied when Redis wakes, so only its slot is freed again), the second is skipped
+    (the store is marked down) and is retried whole. Both slots come back within seconds, not
+    after ``parallel_slot_ttl_s``, and no spend is counted twice."""
+    import redis
+
+    async with plugins(
+        1, store=own_redis.url, retry_store_after_s=0.5, socket_timeout_s=0.2,
+        on_store_error="fail_closed",
+        rules=[{"scope": "user", "max_parallel": 2, "budget_usd": {"day": 100}}],
+    ) as ps:  # fmt: skip
+        plugin = ps[0]
+        a, b = make_ctx(), make_ctx()
+        await plugin.on_request(a)
+        await plugin.on_request(b)
+        with pytest.raises(RateLimitError, match="in flight"):
+            await plugin.on_request(make_ctx())
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            await plugin.on_response(finish(a, 1000, 1000))  # $0.03: times out
+            await plugin.on_response(finish(b, 2000, 2000))  # $0.06: skipped, marked down
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        admitted = 0
+        deadline = time.monotonic() + 10
+        while admitted < 2 and time.monotonic() < deadline:  # both slots come back
+            try:
+                await plugin.on_request(make_ctx())
+                admitted += 1
+            except (RateLimitError, ServiceUnavailableError):  # (503: marked down a while)
+                await asyncio.sleep(0.1)
+        assert admitted == 2
+        client = redis.Redis(port=own_redis.port)
+        (key,) = [k for k in client.keys("*") if b"budget" in k or b"usd" in k]
+        spent = float(client.get(key) or 0)
+        # b's spend is in; a's is in if Redis ran its timed-out call on waking; never twice.
+        assert round(spent, 6) in (0.06, 0.09)
+
+
+@pytest.mark.anyio
 async def test_hung_redis_does_not_hang_requests(own_redis: OwnRedis) -> None:
     async with plugins(
         1, store=own_redis.url, on_store_error="fail_closed", retry_store_after_s=0.0,
