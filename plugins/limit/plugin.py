@@ -94,6 +94,8 @@ class LimitPlugin(Plugin):
         #: Settlements the store did not take (Redis down): (reservation, admission-side
         #: arguments, whether the whole settlement may be retried, give-up time).
         self._pending: deque[tuple[Reservation, float, int, float, bool, float]] = deque()
+        #: Per model entry: (the entry, its deployments' highest input and output prices).
+        self._prices: dict[int, tuple[object, float, float]] = {}
         self._retry_task: asyncio.Task[None] | None = None
 
     def _new_slot_ids(self) -> None:
@@ -151,8 +153,13 @@ class LimitPlugin(Plugin):
                     prompt = prompt_tokens(ctx)
             else:
                 prompt = prompt_tokens(ctx)
+        return prompt + self.completion_cap(ctx)
+
+    def completion_cap(self, ctx: RequestContext) -> int:
+        """The most completion tokens the answer may use: ``max_completion_tokens`` /
+        ``max_tokens`` (else ``default_max_tokens``) times ``n``; 0 for embeddings."""
         if ctx.endpoint == "embeddings":
-            return prompt
+            return 0
         body = ctx.body
         # type() rather than isinstance: bool is an int subclass, and JSON gives no other.
         cap = body.get("max_completion_tokens")
@@ -161,7 +168,25 @@ class LimitPlugin(Plugin):
             if type(cap) is not int or cap <= 0:
                 cap = self._default_max_tokens
         n = body.get("n")
-        return prompt + (cap * n if type(n) is int and n > 0 else cap)
+        return cap * n if type(n) is int and n > 0 else cap
+
+    def worst_cost(self, ctx: RequestContext, prompt: int, cap: int) -> float:
+        """The most the answer can cost: ``prompt`` and ``cap`` tokens at the highest prices
+        among the model's deployments (a fallback may serve it)."""
+        entry = ctx.model_entry
+        if entry is None:
+            return 0.0
+        prices = self._prices.get(id(entry))
+        if prices is None or prices[0] is not entry:
+            if len(self._prices) >= _MAX_PLANS:
+                self._prices.clear()
+            deps = entry.deployments
+            prices = self._prices[id(entry)] = (
+                entry,
+                max([d.price.input_per_mtok for d in deps], default=0.0),
+                max([d.price.output_per_mtok for d in deps], default=0.0),
+            )
+        return (prompt * prices[1] + cap * prices[2]) / 1e6
 
     def plan(self, ctx: RequestContext) -> scopes.Plan:
         """The checks of this request: a function of the caller and the model only, so built
@@ -185,10 +210,18 @@ class LimitPlugin(Plugin):
         if plan.empty:
             return None
         tokens = 0
+        reserve_usd = 0.0
         if plan.tpm:
             tokens = self.reservation_tokens(ctx, plan.tpm_min * BOUND_SHARE)
             if tokens > plan.tpm_min and ctx.prompt_tokens_estimate is None:
                 tokens = self.reservation_tokens(ctx)  # exactly, before refusing it
+        if plan.budget:
+            # Hold the answer's worst-case cost against the budgets until its real cost is
+            # known, so that a burst cannot spend the budget many times over. (An upper bound
+            # of the prompt is enough here.)
+            cap = self.completion_cap(ctx)
+            prompt = tokens - cap if plan.tpm else prompt_tokens_bound(ctx)
+            reserve_usd = self.worst_cost(ctx, prompt, cap)
         for c in plan.tpm:
             if tokens > c.limit:
                 # Waiting would not help, so no Retry-After (OpenAI answers the same way).
@@ -203,7 +236,9 @@ class LimitPlugin(Plugin):
         memory = self.store
         if type(memory) is MemoryStore:
             # Never suspends (so admission stays atomic) and never fails: no coroutine needed.
-            decision = memory.admit_now(plan, self.clock(), slot_id, tokens, self._slot_ttl)
+            decision = memory.admit_now(
+                plan, self.clock(), slot_id, tokens, self._slot_ttl, reserve_usd
+            )
         else:
             try:
                 decision = await self.store.admit(
@@ -212,6 +247,7 @@ class LimitPlugin(Plugin):
                     slot_id=slot_id,
                     tokens=tokens,
                     slot_ttl=self._slot_ttl,
+                    reserve_usd=reserve_usd,
                 )
             except StoreUnavailable as e:
                 self._store_error("admit", e)
@@ -272,7 +308,7 @@ class LimitPlugin(Plugin):
         may have been applied (a timeout) only frees its concurrency slot, which is safe to
         repeat, so its tokens and cost are never counted twice. Without this, a Redis blip held
         each slot it caught for ``parallel_slot_ttl_s`` (15 minutes by default)."""
-        if not whole and not res.parallel_keys:
+        if not whole and not res.parallel_keys and not res.budget_keys:
             return  # nothing that is safe to repeat
         if len(self._pending) >= _MAX_PENDING:
             self._pending.popleft()
@@ -307,7 +343,7 @@ class LimitPlugin(Plugin):
             except StoreUnavailable as e:
                 if whole and e.sent:  # this try may have been applied: only free the slot now
                     self._pending[0] = (res, now, used, cost, False, give_up)
-                    if not res.parallel_keys:
+                    if not res.parallel_keys and not res.budget_keys:
                         self._pending.popleft()
                 return
             self._pending.popleft()
@@ -319,6 +355,12 @@ class LimitPlugin(Plugin):
         retry = decision.retry_after or 0.0
         REJECTIONS.labels(c.kind, c.scope).inc()
         headers = retry_after_headers(retry)
+        if c.kind == "budget_held":
+            return RateLimitError(
+                f"The budget on scope {c.scope} (limit ${c.limit:.2f}) is held by requests in "
+                f"flight until their cost is known. Please try again in {format_duration(retry)}.",
+                headers=headers,
+            )
         if c.kind in ("budget_day", "budget_month"):
             period = "daily" if c.kind == "budget_day" else "monthly"
             resets = datetime.fromtimestamp(period_end(c, self.clock()), UTC)

@@ -8,7 +8,9 @@ Algorithms (identical in memory and in Redis, so a test on one holds for the oth
   minute's, weighted by how much of it still overlaps the last 60 s). O(1) per key whatever the
   token volume, and a reservation can be adjusted afterwards by ``INCRBY`` on its minute.
 * in flight: a set of slot ids with an expiry each (Redis: a sorted set scored by expiry).
-* budgets: dollars spent per scope and UTC day / month.
+* budgets: dollars spent per scope and UTC day / month, plus the worst-case cost of each
+  request in flight, held until its real cost is known (Redis: a hash of the holds and a sorted
+  set of their expiries, so a crashed replica's holds lapse after the slot TTL).
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ class Reservation:
     #: Token counter keys of the minute the reservation was taken in.
     tpm_keys: list[str] = field(default_factory=list)
     parallel_keys: list[str] = field(default_factory=list)
-    #: Budget checks (the period keys are derived at settlement time).
+    #: Budget checks (the period keys of the spend are derived at settlement time).
     budget: list[Check] = field(default_factory=list)
+    #: Dollars held against the budgets until the answer's cost is known (its worst case), and
+    #: the keys of the periods it is held in.
+    reserved_usd: float = 0.0
+    budget_keys: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -43,6 +49,16 @@ class Usage:
     limit: float
     remaining: float
     reset_s: float
+
+
+#: Retry-After when a budget is not spent but fully held by requests in flight: holds end
+#: with their requests, which we can't foresee.
+HELD_RETRY_S = 1.0
+
+
+def held_check(c: Check) -> Check:
+    """The refusal of a budget that requests in flight hold (not one that is spent)."""
+    return Check("budget_held", c.scope, c.key, c.limit)
 
 
 @dataclass(slots=True)
@@ -58,8 +74,9 @@ class Decision:
 
 class Store(Protocol):
     async def admit(
-        self, plan: Plan, *, now: float, slot_id: str, tokens: int, slot_ttl: float
-    ) -> Decision: ...
+        self, plan: Plan, *, now: float, slot_id: str, tokens: int, slot_ttl: float,
+        reserve_usd: float = 0.0,
+    ) -> Decision: ...  # fmt: skip
 
     async def settle(
         self, res: Reservation, *, now: float, used_tokens: int, cost_usd: float

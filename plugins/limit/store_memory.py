@@ -11,9 +11,11 @@ from math import floor
 
 from .scopes import Check, Plan
 from .store_base import (
+    HELD_RETRY_S,
     WINDOW,
     Decision,
     Reservation,
+    held_check,
     period,
     period_of,
     tpm_retry_after,
@@ -31,14 +33,15 @@ class MemoryStore:
         self._rpm: dict[str, deque[float]] = {}
         self._tpm: dict[str, list[float]] = {}  # key/minute -> [minute index, tokens]
         self._par: dict[str, dict[str, float]] = {}  # key -> slot id -> expiry
-        self._usd: dict[str, list[float]] = {}  # period key -> [period end, spent]
+        self._usd: dict[str, list[float]] = {}  # period key -> [period end, spent, held]
         self._next_sweep = 0.0
         self._minute: tuple[int | None, str, str] = (None, "", "")
 
     async def admit(
-        self, plan: Plan, *, now: float, slot_id: str, tokens: int, slot_ttl: float
-    ) -> Decision:
-        return self.admit_now(plan, now, slot_id, tokens, slot_ttl)
+        self, plan: Plan, *, now: float, slot_id: str, tokens: int, slot_ttl: float,
+        reserve_usd: float = 0.0,
+    ) -> Decision:  # fmt: skip
+        return self.admit_now(plan, now, slot_id, tokens, slot_ttl, reserve_usd)
 
     async def settle(
         self, res: Reservation, *, now: float, used_tokens: int, cost_usd: float
@@ -52,8 +55,9 @@ class MemoryStore:
     # memory store (the plugin calls these directly, saving a coroutine per call).
 
     def admit_now(
-        self, plan: Plan, now: float, slot_id: str, tokens: int, slot_ttl: float
-    ) -> Decision:
+        self, plan: Plan, now: float, slot_id: str, tokens: int, slot_ttl: float,
+        reserve_usd: float = 0.0,
+    ) -> Decision:  # fmt: skip
         # Runs on every request: the arithmetic of store_base's helpers is spelt out here
         # (tpm_used, tpm_usage, window_index), and positional constructors are used.
         if now >= self._next_sweep:
@@ -100,11 +104,17 @@ class MemoryStore:
                     del slots[sid]
                 if len(slots) >= c.limit:
                     return Decision(False, c, PARALLEL_RETRY_S)
+        budget_state: list[tuple[str, float]] = []
         for c in plan.budget:
             _, period_ends, suffix = period(c.kind, now)
-            entry = self._usd.get(c.key + suffix)
-            if entry is not None and entry[1] >= c.limit:
-                return Decision(False, c, period_ends - now)
+            pkey = c.key + suffix
+            entry = self._usd.get(pkey)
+            if entry is not None:
+                if entry[1] >= c.limit:
+                    return Decision(False, c, period_ends - now)
+                if entry[1] + entry[2] >= c.limit:  # not spent: held by requests in flight
+                    return Decision(False, held_check(c), HELD_RETRY_S)
+            budget_state.append((pkey, period_ends))
 
         # Commit.
         requests: list[LimitUsage] = []
@@ -147,6 +157,19 @@ class MemoryStore:
                 if c.key not in parallel_keys:
                     parallel_keys.append(c.key)
         res = Reservation(slot_id, tokens, tpm_keys, parallel_keys, plan.budget)
+        if reserve_usd > 0 and budget_state:
+            res.reserved_usd = reserve_usd
+            budget_keys = res.budget_keys
+            usd = self._usd
+            for pkey, end in budget_state:
+                if pkey in budget_keys:  # rules sharing a scope share its period counter
+                    continue
+                budget_keys.append(pkey)
+                entry = usd.get(pkey)
+                if entry is None:
+                    usd[pkey] = [end, 0.0, reserve_usd]
+                else:
+                    entry[2] += reserve_usd
         return Decision(True, None, None, requests, token_usage, res)
 
     def settle_now(self, res: Reservation, now: float, used_tokens: int, cost_usd: float) -> None:
@@ -160,6 +183,11 @@ class MemoryStore:
             slots = self._par.get(key)
             if slots is not None:
                 slots.pop(res.slot_id, None)
+        for pkey in res.budget_keys:  # the hold ends: the real cost replaces it
+            entry = self._usd.get(pkey)
+            if entry is not None:
+                held = entry[2] - res.reserved_usd
+                entry[2] = held if held > 1e-12 else 0.0
         budget = res.budget
         if cost_usd > 0 and budget:
             # Rules sharing a scope share its period counter: count the spend once.
@@ -171,7 +199,7 @@ class MemoryStore:
             for pkey, end in periods:
                 entry = self._usd.get(pkey)
                 if entry is None:
-                    self._usd[pkey] = [end, cost_usd]
+                    self._usd[pkey] = [end, cost_usd, 0.0]
                 else:
                     entry[1] += cost_usd
 

@@ -27,10 +27,12 @@ from gateway.redis_client import redis_client
 
 from .scopes import Check, Plan
 from .store_base import (
+    HELD_RETRY_S,
     WINDOW,
     Decision,
     Reservation,
     Usage,
+    held_check,
     period_end,
     period_key,
     tpm_retry_after,
@@ -41,9 +43,10 @@ from .store_memory import PARALLEL_RETRY_S
 
 log = logging.getLogger("gateway.limit")
 
-# KEYS: rpm (nr), tpm this minute (nt), tpm previous minute (nt), parallel (np), budget (nb).
-# ARGV: now, slot id, tokens, slot expiry, slot ttl ms, window, nr, nt, np, nb, then the limits
-# in the same order as the keys (tpm once).
+# KEYS: rpm (nr), tpm this minute (nt), tpm previous minute (nt), parallel (np), budget spend
+# (nb), budget holds (nb: a hash slot -> dollars), their expiries (nb: a sorted set).
+# ARGV: now, slot id, tokens, slot expiry, slot ttl ms, window, nr, nt, np, nb, dollars to hold,
+# then the limits in the same order as the keys (tpm once).
 ADMIT_LUA = """
 local now = tonumber(ARGV[1])
 local slot = ARGV[2]
@@ -52,7 +55,8 @@ local slot_expiry = tonumber(ARGV[4])
 local slot_ttl_ms = tonumber(ARGV[5])
 local win = tonumber(ARGV[6])
 local nr, nt, np, nb = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local la = 10
+local hold = tonumber(ARGV[11])
+local la = 11
 local kt, ktp, kp, kb = nr, nr + nt, nr + 2 * nt, nr + 2 * nt + np
 local elapsed = now - math.floor(now / win) * win
 
@@ -85,6 +89,19 @@ for i = 1, nb do
   local spent = tonumber(redis.call('get', KEYS[kb + i]) or '0')
   if spent >= limit then
     return {0, 'bud', i, tostring(spent)}
+  end
+  local hk, xk = KEYS[kb + nb + i], KEYS[kb + 2 * nb + i]
+  local gone = redis.call('zrangebyscore', xk, '-inf', now, 'limit', 0, 1000)
+  for _, s in ipairs(gone) do
+    redis.call('hdel', hk, s)
+    redis.call('zrem', xk, s)
+  end
+  local held = 0
+  for _, v in ipairs(redis.call('hvals', hk)) do
+    held = held + tonumber(v)
+  end
+  if spent + held >= limit then
+    return {0, 'held', i}
   end
 end
 
@@ -120,16 +137,33 @@ for i = 1, np do
   redis.call('zadd', key, slot_expiry, slot)
   redis.call('pexpire', key, slot_ttl_ms)
 end
+if hold > 0 then
+  for i = 1, nb do
+    local hk, xk = KEYS[kb + nb + i], KEYS[kb + 2 * nb + i]
+    if not done[hk] then
+      done[hk] = true
+      redis.call('hset', hk, slot, ARGV[11])
+      redis.call('zadd', xk, slot_expiry, slot)
+      redis.call('pexpire', hk, slot_ttl_ms)
+      redis.call('pexpire', xk, slot_ttl_ms)
+    end
+  end
+end
 return out
 """
 
-# KEYS: tpm keys of the admission minute (nt), parallel (np), budget period keys (nb).
-# ARGV: slot id, token delta, cost, nt, np, nb, then one ttl (s) per budget key.
+# KEYS: tpm keys of the admission minute (nt), parallel (np), budget period keys (nb), then
+# the budget holds of the admission (nh hashes, then their nh sorted sets).
+# ARGV: slot id, token delta, cost, nt, np, nb, nh, then one ttl (s) per budget key.
 SETTLE_LUA = """
 local slot = ARGV[1]
 local delta = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
-local nt, np, nb = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local nt, np, nb, nh = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+for i = 1, nh do
+  redis.call('hdel', KEYS[nt + np + nb + i], slot)
+  redis.call('zrem', KEYS[nt + np + nb + nh + i], slot)
+end
 if delta ~= 0 then
   for i = 1, nt do
     if redis.call('exists', KEYS[i]) == 1 then
@@ -146,17 +180,24 @@ if cost > 0 then
   for i = 1, nb do
     local key = KEYS[nt + np + i]
     redis.call('incrbyfloat', key, ARGV[3])
-    redis.call('expire', key, tonumber(ARGV[6 + i]))
+    redis.call('expire', key, tonumber(ARGV[7 + i]))
   end
 end
 return 1
 """
 
 
-# KEYS: parallel keys. ARGV: slot id. Frees a concurrency slot (idempotent: safe to repeat).
+# KEYS: parallel keys (np), budget holds (nh hashes, then their nh sorted sets).
+# ARGV: slot id, np, nh. Frees a concurrency slot and ends the budget holds (idempotent: safe
+# to repeat).
 RELEASE_LUA = """
-for i = 1, #KEYS do
+local np, nh = tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 1, np do
   redis.call('zrem', KEYS[i], ARGV[1])
+end
+for i = 1, nh do
+  redis.call('hdel', KEYS[np + i], ARGV[1])
+  redis.call('zrem', KEYS[np + nh + i], ARGV[1])
 end
 return 1
 """
@@ -209,8 +250,9 @@ class RedisStore:
             raise StoreUnavailable(type(e).__name__) from e
 
     async def admit(
-        self, plan: Plan, *, now: float, slot_id: str, tokens: int, slot_ttl: float
-    ) -> Decision:
+        self, plan: Plan, *, now: float, slot_id: str, tokens: int, slot_ttl: float,
+        reserve_usd: float = 0.0,
+    ) -> Decision:  # fmt: skip
         p = self.prefix
         w = window_index(now)
         budget_keys = [p + period_key(c, now) for c in plan.budget]
@@ -220,12 +262,14 @@ class RedisStore:
             *(p + f"{c.key}/{w - 1}" for c in plan.tpm),
             *(p + c.key for c in plan.parallel),
             *budget_keys,
+            *(k + "/held" for k in budget_keys),
+            *(k + "/held-until" for k in budget_keys),
         ]
         checks: list[Check] = [*plan.rpm, *plan.tpm, *plan.parallel, *plan.budget]
         args: list[Any] = [
             _f(now), slot_id, tokens, _f(now + slot_ttl), math.ceil(slot_ttl * 1000), _f(WINDOW),
             len(plan.rpm), len(plan.tpm), len(plan.parallel), len(plan.budget),
-            *(_f(c.limit) for c in checks),
+            _f(reserve_usd if plan.budget else 0.0), *(_f(c.limit) for c in checks),
         ]  # fmt: skip
         out = await self._call(self._admit, keys, args)
         elapsed = now - w * WINDOW
@@ -242,9 +286,14 @@ class RedisStore:
                 return Decision(False, c, retry, tokens=[tpm_usage(prev, cur, elapsed, c.limit)])
             if kind == "par":
                 return Decision(False, plan.parallel[i], PARALLEL_RETRY_S)
+            if kind == "held":
+                return Decision(False, held_check(plan.budget[i]), HELD_RETRY_S)
             c = plan.budget[i]
             return Decision(False, c, period_end(c, now) - now)
         res = Reservation(slot_id, tokens, budget=plan.budget)
+        if reserve_usd > 0 and budget_keys:
+            res.reserved_usd = reserve_usd
+            res.budget_keys = list(dict.fromkeys(budget_keys))
         res.tpm_keys = list(dict.fromkeys(p + f"{c.key}/{w}" for c in plan.tpm))
         res.parallel_keys = list(dict.fromkeys(p + c.key for c in plan.parallel))
         decision = Decision(True, reservation=res)
@@ -263,20 +312,29 @@ class RedisStore:
         self, res: Reservation, *, now: float, used_tokens: int, cost_usd: float
     ) -> None:
         periods = {self.prefix + period_key(c, now): period_end(c, now) for c in res.budget}
-        keys = [*res.tpm_keys, *res.parallel_keys, *periods]
+        held = res.budget_keys
+        keys = [
+            *res.tpm_keys, *res.parallel_keys, *periods,
+            *(k + "/held" for k in held), *(k + "/held-until" for k in held),
+        ]  # fmt: skip
         # Spend keys outlive their period by a day, for operators to read after it ends.
         ttls = [math.ceil(end - now) + 86400 for end in periods.values()]
         args: list[Any] = [
             res.slot_id, used_tokens - res.tokens, _f(cost_usd),
-            len(res.tpm_keys), len(res.parallel_keys), len(periods), *ttls,
+            len(res.tpm_keys), len(res.parallel_keys), len(periods), len(held), *ttls,
         ]  # fmt: skip
         await self._call(self._settle, keys, args)
 
     async def release(self, res: Reservation) -> None:
-        """Free the reservation's concurrency slots only (what a settlement that may already
-        have been applied can safely repeat)."""
-        if res.parallel_keys:
-            await self._call(self._release, res.parallel_keys, [res.slot_id])
+        """Free the reservation's concurrency slots and end its budget holds only (what a
+        settlement that may already have been applied can safely repeat)."""
+        held = res.budget_keys
+        if res.parallel_keys or held:
+            keys = [
+                *res.parallel_keys, *(k + "/held" for k in held),
+                *(k + "/held-until" for k in held),
+            ]  # fmt: skip
+            await self._call(self._release, keys, [res.slot_id, len(res.parallel_keys), len(held)])
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -405,6 +405,36 @@ async def test_monthly_budget_uses_the_deployment_price_and_resets_next_month() 
     await plugin.on_request(make_ctx())
 
 
+@pytest.mark.anyio
+async def test_budget_holds_the_worst_case_cost_of_requests_in_flight() -> None:
+    """A burst cannot spend a budget many times over: each admitted request holds what its
+    answer may cost at most (prompt bound and completion cap at the model's highest prices)
+    until its real cost is known; while the holds fill the budget, requests get a short 429."""
+    plugin = make_plugin(rules=[{"scope": "tenant", "budget_usd": {"day": 1.0}}])
+    # Each: 11 prompt bytes at $10/M + 10,000 completion tokens at $20/M = $0.20011 at most.
+    burst = [make_ctx(f"u{i}", max_tokens=10_000) for i in range(10)]
+    admitted, refused = [], []
+    for c in burst:
+        try:
+            await plugin.on_request(c)
+            admitted.append(c)
+        except RateLimitError as e:
+            refused.append(e)
+    assert len(admitted) == 5  # held $0, 0.2, 0.4, 0.6, 0.8 at their admission: under $1
+    err = refused[0]
+    assert not isinstance(err, QuotaExceededError)  # not spent: wait for requests to end
+    assert err.status == 429 and err.headers["retry-after"] == "1"
+    assert "held by requests in flight" in err.message
+    # One ends having cost $0.0201: its hold makes way for its real cost.
+    await plugin.on_response(finish(admitted[0], 10, 1000))
+    await plugin.on_request(make_ctx("late", max_tokens=10_000))
+    with pytest.raises(RateLimitError, match="held by requests in flight"):
+        await plugin.on_request(make_ctx("later", max_tokens=10_000))
+    # One fails upstream (no usage, no cost): its whole hold comes back.
+    await plugin.on_response(finish(admitted[1], status=502, usage=False))
+    await plugin.on_request(make_ctx("after", max_tokens=10_000))
+
+
 def test_format_duration_matches_openai() -> None:
     assert [format_duration(s) for s in (0, 0.02, 1, 8.64, 59.9996, 60, 360, 3723.5)] == [
         "0s", "20ms", "1s", "8.64s", "1m0s", "1m0s", "6m0s", "1h2m3.5s",

@@ -161,6 +161,32 @@ async def test_budget_shared_across_instances_resets_next_day(prefix: str) -> No
         assert float(month) == pytest.approx(0.01)
 
 
+@pytest.mark.anyio
+async def test_budget_holds_are_shared_across_instances_and_lapse(prefix: str) -> None:
+    """Holds of requests in flight count on every replica; a replica that dies mid-request
+    leaves holds that lapse after ``parallel_slot_ttl_s``."""
+    clock = Clock()
+    rules = [{"scope": "tenant", "budget_usd": {"day": 1.0}}]
+    async with plugins(
+        2, clock, store=REDIS_URL, key_prefix=prefix, rules=rules, parallel_slot_ttl_s=60,
+        **PATIENT,
+    ) as ps:  # fmt: skip
+        burst = [make_ctx(f"u{i}", max_tokens=10_000) for i in range(10)]  # $0.20011 each
+        results = await asyncio.gather(
+            *(ps[i % 2].on_request(c) for i, c in enumerate(burst)), return_exceptions=True
+        )
+        admitted = [c for c, r in zip(burst, results, strict=True) if r is None]
+        assert len(admitted) == 5
+        assert all(isinstance(r, RateLimitError) for r in results if r is not None)
+        await ps[1].on_response(finish(admitted[0], 10, 1000))  # $0.0201: room again
+        await ps[0].on_request(make_ctx("late", max_tokens=10_000))
+        with pytest.raises(RateLimitError, match="held by requests in flight"):
+            await ps[1].on_request(make_ctx("later", max_tokens=10_000))
+        clock.advance(61)  # those requests' replica "died": their holds lapse
+        for i in range(4):
+            await ps[i % 2].on_request(make_ctx(f"next{i}", max_tokens=10_000))
+
+
 # --- outages ------------------------------------------------------------------------------------
 
 
@@ -311,7 +337,9 @@ async def test_settlements_missed_in_a_redis_blip_are_retried(own_redis: OwnRedi
                 await asyncio.sleep(0.1)
         assert admitted == 2
         client = redis.Redis(port=own_redis.port)
-        (key,) = [k for k in client.keys("*") if b"budget" in k or b"usd" in k]
+        (key,) = [k for k in client.keys("*usd*") if b"/held" not in k]
+        # Holds: the two admitted since, still in flight; a's and b's have ended.
+        assert client.hlen(key + b"/held") == 2
         spent = float(client.get(key) or 0)
         # b's spend is in; a's is in if Redis ran its timed-out call on waking; never twice.
         assert round(spent, 6) in (0.06, 0.09)
