@@ -73,7 +73,7 @@ class MemoryStore:
                         dq.popleft()
                     if len(dq) >= c.limit:
                         retry = dq[-int(c.limit)] + WINDOW - now
-                        return Decision(False, c, retry, [LimitUsage(c.limit, 0, retry)])
+                        return self._refused(plan, now, c, retry)
         tpm_state: list[tuple[Check, str, float, float]] = []
         if plan.tpm:
             w = floor(now / WINDOW)  # window_index(now)
@@ -93,8 +93,7 @@ class MemoryStore:
                 prev = entry[1] if entry is not None else 0.0
                 if prev * (WINDOW - elapsed) / WINDOW + cur + tokens > c.limit:  # tpm_used
                     retry = tpm_retry_after(prev, cur, elapsed, c.limit, tokens)
-                    usage = tpm_usage(prev, cur, elapsed, c.limit)
-                    return Decision(False, c, retry, tokens=[usage])
+                    return self._refused(plan, now, c, retry)
                 tpm_state.append((c, key, prev, cur))
         for c in plan.parallel:
             slots = self._par.get(c.key)
@@ -103,7 +102,7 @@ class MemoryStore:
                 for sid in [s for s, exp in slots.items() if exp <= now]:
                     del slots[sid]
                 if len(slots) >= c.limit:
-                    return Decision(False, c, PARALLEL_RETRY_S)
+                    return self._refused(plan, now, c, PARALLEL_RETRY_S)
         budget_state: list[tuple[str, float]] = []
         for c in plan.budget:
             _, period_ends, suffix = period(c.kind, now)
@@ -111,9 +110,9 @@ class MemoryStore:
             entry = self._usd.get(pkey)
             if entry is not None:
                 if entry[1] >= c.limit:
-                    return Decision(False, c, period_ends - now)
+                    return self._refused(plan, now, c, period_ends - now)
                 if entry[1] + entry[2] >= c.limit:  # not spent: held by requests in flight
-                    return Decision(False, held_check(c), HELD_RETRY_S)
+                    return self._refused(plan, now, held_check(c), HELD_RETRY_S)
             budget_state.append((pkey, period_ends))
 
         # Commit.
@@ -171,6 +170,32 @@ class MemoryStore:
                 else:
                     entry[2] += reserve_usd
         return Decision(True, None, None, requests, token_usage, res)
+
+    def _refused(self, plan: Plan, now: float, denied: Check, retry: float) -> Decision:
+        """A refusal, with the state of every request and token limit for the
+        ``x-ratelimit-*`` headers (OpenAI sends them with its 429s too)."""
+        requests: list[LimitUsage] = []
+        cutoff = now - WINDOW
+        for c in plan.rpm:
+            dq = self._rpm.get(c.key)
+            while dq and dq[0] <= cutoff:
+                dq.popleft()
+            if dq:
+                left = c.limit - len(dq)
+                requests.append(LimitUsage(c.limit, left if left > 0 else 0, dq[0] + WINDOW - now))
+            else:
+                requests.append(LimitUsage(c.limit, c.limit, 0.0))
+        tokens: list[LimitUsage] = []
+        if plan.tpm:
+            w = floor(now / WINDOW)
+            elapsed = now - w * WINDOW
+            for c in plan.tpm:
+                cur = self._tpm.get(f"{c.key}/{w}")
+                prev = self._tpm.get(f"{c.key}/{w - 1}")
+                tokens.append(
+                    tpm_usage(prev[1] if prev else 0.0, cur[1] if cur else 0.0, elapsed, c.limit)
+                )
+        return Decision(False, denied, retry, requests, tokens)
 
     def settle_now(self, res: Reservation, now: float, used_tokens: int, cost_usd: float) -> None:
         delta = used_tokens - res.tokens

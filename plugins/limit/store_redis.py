@@ -60,11 +60,33 @@ local la = 11
 local kt, ktp, kp, kb = nr, nr + nt, nr + 2 * nt, nr + 2 * nt + np
 local elapsed = now - math.floor(now / win) * win
 
+-- A refusal: {0, kind, index, a, b}, then each request limit's count in the window and its
+-- oldest entry, then each token limit's previous and current minute (for the headers).
+local function refuse(kind, i, a, b)
+  local out = {0, kind, i, a or '0', b or '0'}
+  for j = 1, nr do
+    local key, limit = KEYS[j], tonumber(ARGV[la + j])
+    local lo, hi, idx = 0, math.min(limit, redis.call('llen', key)) - 1, -1
+    while lo <= hi do
+      local mid = math.floor((lo + hi) / 2)
+      local v = tonumber(redis.call('lindex', key, mid))
+      if v and v > now - win then idx = mid; lo = mid + 1 else hi = mid - 1 end
+    end
+    out[#out + 1] = idx + 1
+    out[#out + 1] = idx >= 0 and redis.call('lindex', key, idx) or '0'
+  end
+  for j = 1, nt do
+    out[#out + 1] = redis.call('get', KEYS[ktp + j]) or '0'
+    out[#out + 1] = redis.call('get', KEYS[kt + j]) or '0'
+  end
+  return out
+end
+
 for i = 1, nr do
   local limit = tonumber(ARGV[la + i])
   local entry = redis.call('lindex', KEYS[i], limit - 1)
   if entry and tonumber(entry) > now - win then
-    return {0, 'rpm', i, entry}
+    return refuse('rpm', i, entry)
   end
 end
 local tp = {}
@@ -73,7 +95,7 @@ for i = 1, nt do
   local cur = tonumber(redis.call('get', KEYS[kt + i]) or '0')
   local prev = tonumber(redis.call('get', KEYS[ktp + i]) or '0')
   if prev * (win - elapsed) / win + cur + tokens > limit then
-    return {0, 'tpm', i, tostring(prev), tostring(cur)}
+    return refuse('tpm', i, tostring(prev), tostring(cur))
   end
   tp[i] = {prev, cur}
 end
@@ -81,14 +103,14 @@ for i = 1, np do
   local limit = tonumber(ARGV[la + nr + nt + i])
   redis.call('zremrangebyscore', KEYS[kp + i], '-inf', now)
   if redis.call('zcard', KEYS[kp + i]) >= limit then
-    return {0, 'par', i}
+    return refuse('par', i)
   end
 end
 for i = 1, nb do
   local limit = tonumber(ARGV[la + nr + nt + np + i])
   local spent = tonumber(redis.call('get', KEYS[kb + i]) or '0')
   if spent >= limit then
-    return {0, 'bud', i, tostring(spent)}
+    return refuse('bud', i, tostring(spent))
   end
   local hk, xk = KEYS[kb + nb + i], KEYS[kb + 2 * nb + i]
   local gone = redis.call('zrangebyscore', xk, '-inf', now, 'limit', 0, 1000)
@@ -101,7 +123,7 @@ for i = 1, nb do
     held = held + tonumber(v)
   end
   if spent + held >= limit then
-    return {0, 'held', i}
+    return refuse('held', i)
   end
 end
 
@@ -203,6 +225,24 @@ return 1
 """
 
 
+def _limits_state(
+    plan: Plan, out: list[Any], pos: int, now: float, elapsed: float
+) -> tuple[list[Usage], list[Usage]]:
+    """The request and token limits' state in a refusal's reply (for the headers)."""
+    requests: list[Usage] = []
+    for c in plan.rpm:
+        count, oldest = int(out[pos]), float(out[pos + 1])
+        pos += 2
+        reset = oldest + WINDOW - now if count else 0.0
+        requests.append(Usage(c.limit, max(c.limit - count, 0), reset))
+    tokens: list[Usage] = []
+    for c in plan.tpm:
+        prev, cur = float(out[pos]), float(out[pos + 1])
+        pos += 2
+        tokens.append(tpm_usage(prev, cur, elapsed, c.limit))
+    return requests, tokens
+
+
 class StoreUnavailable(Exception):
     """The store could not be asked (down, timed out, or skipped after a recent failure).
 
@@ -275,21 +315,23 @@ class RedisStore:
         elapsed = now - w * WINDOW
         if int(out[0]) == 0:
             kind, i = out[1], int(out[2]) - 1
+            requests, token_usage = _limits_state(plan, out, 5, now, elapsed)
+            denied: Check
             if kind == "rpm":
-                c = plan.rpm[i]
+                denied = plan.rpm[i]
                 retry = float(out[3]) + WINDOW - now
-                return Decision(False, c, retry, requests=[Usage(c.limit, 0, retry)])
-            if kind == "tpm":
-                c = plan.tpm[i]
+            elif kind == "tpm":
+                denied = plan.tpm[i]
                 prev, cur = float(out[3]), float(out[4])
-                retry = tpm_retry_after(prev, cur, elapsed, c.limit, tokens)
-                return Decision(False, c, retry, tokens=[tpm_usage(prev, cur, elapsed, c.limit)])
-            if kind == "par":
-                return Decision(False, plan.parallel[i], PARALLEL_RETRY_S)
-            if kind == "held":
-                return Decision(False, held_check(plan.budget[i]), HELD_RETRY_S)
-            c = plan.budget[i]
-            return Decision(False, c, period_end(c, now) - now)
+                retry = tpm_retry_after(prev, cur, elapsed, denied.limit, tokens)
+            elif kind == "par":
+                denied, retry = plan.parallel[i], PARALLEL_RETRY_S
+            elif kind == "held":
+                denied, retry = held_check(plan.budget[i]), HELD_RETRY_S
+            else:
+                denied = plan.budget[i]
+                retry = period_end(denied, now) - now
+            return Decision(False, denied, retry, requests, token_usage)
         res = Reservation(slot_id, tokens, budget=plan.budget)
         if reserve_usd > 0 and budget_keys:
             res.reserved_usd = reserve_usd

@@ -362,6 +362,35 @@ async def test_parallel_slot_of_a_lost_request_expires() -> None:
     await plugin.on_request(make_ctx())
 
 
+@pytest.mark.anyio
+async def test_every_refusal_carries_the_request_and_token_headers() -> None:
+    """As OpenAI's 429s do: a max_parallel refusal still says how many requests and tokens
+    are left, and an rpm refusal how many tokens."""
+    plugin = make_plugin(rules=[{"scope": "user", "rpm": 3, "tpm": 100_000, "max_parallel": 1}])
+    first = make_ctx()
+    await plugin.on_request(first)
+    reserved = first.log["limit"]["reserved_tokens"]
+    busy = make_ctx()
+    with pytest.raises(RateLimitError, match="in flight"):
+        await plugin.on_request(busy)
+    h = busy.response_headers
+    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == ("3", "2")
+    assert h["x-ratelimit-remaining-tokens"] == str(100_000 - reserved)
+    assert h["x-ratelimit-reset-requests"].endswith("s")
+    await plugin.on_response(finish(first, 10, 10))
+    for _ in range(2):
+        ctx = make_ctx()
+        await plugin.on_request(ctx)
+        await plugin.on_response(finish(ctx, 10, 10))
+    over = make_ctx()
+    with pytest.raises(RateLimitError, match="requests per minute"):
+        await plugin.on_request(over)
+    h = over.response_headers
+    assert h["x-ratelimit-remaining-requests"] == "0"
+    assert h["x-ratelimit-remaining-tokens"] == str(100_000 - 60)
+    assert h["x-ratelimit-limit-tokens"] == "100000"
+
+
 # --- budgets --------------------------------------------------------------------------------
 
 

@@ -187,6 +187,33 @@ async def test_budget_holds_are_shared_across_instances_and_lapse(prefix: str) -
             await ps[i % 2].on_request(make_ctx(f"next{i}", max_tokens=10_000))
 
 
+@pytest.mark.anyio
+async def test_every_refusal_carries_the_request_and_token_headers(prefix: str) -> None:
+    rules = [{"scope": "user", "rpm": 3, "tpm": 100_000, "max_parallel": 1}]
+    async with plugins(2, store=REDIS_URL, key_prefix=prefix, rules=rules, **PATIENT) as ps:
+        first = make_ctx()
+        await ps[0].on_request(first)
+        reserved = first.log["limit"]["reserved_tokens"]
+        busy = make_ctx()
+        with pytest.raises(RateLimitError, match="in flight"):
+            await ps[1].on_request(busy)
+        h = busy.response_headers
+        assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == (
+            "3", "2")  # fmt: skip
+        assert h["x-ratelimit-remaining-tokens"] == str(100_000 - reserved)
+        await ps[0].on_response(finish(first, 10, 10))
+        for i in range(2):
+            ctx = make_ctx()
+            await ps[i].on_request(ctx)
+            await ps[i].on_response(finish(ctx, 10, 10))
+        over = make_ctx()
+        with pytest.raises(RateLimitError, match="requests per minute"):
+            await ps[1].on_request(over)
+        h = over.response_headers
+        assert h["x-ratelimit-remaining-requests"] == "0"
+        assert h["x-ratelimit-remaining-tokens"] == str(100_000 - 60)
+
+
 # --- outages ------------------------------------------------------------------------------------
 
 
