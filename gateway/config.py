@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from gateway.catalogue import ModelEntry
 from gateway.configbase import Strict
@@ -74,6 +74,19 @@ class UpstreamConfig(Strict):
     total_timeout_s: float = Field(600.0, gt=0)
     max_connections: int = Field(1_000, ge=1)
     max_connections_per_host: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> UpstreamConfig:
+        # A phase's timeout above the whole exchange's could never fire: a mistake in the
+        # file (only timeouts set there are checked, so lowering total_timeout_s alone works).
+        for name in ("connect_timeout_s", "first_byte_timeout_s", "read_timeout_s"):
+            value = getattr(self, name)
+            if name in self.model_fields_set and value > self.total_timeout_s:
+                raise ValueError(
+                    f"{name} ({value:g}) is above total_timeout_s ({self.total_timeout_s:g}), "
+                    "so it could never fire; lower it or raise total_timeout_s"
+                )
+        return self
 
 
 class MetricsConfig(Strict):

@@ -242,3 +242,13 @@ def test_check_config_runs_the_checks_that_serve_would_fail_on(tmp_path: Path) -
         )  # fmt: skip
         assert r.returncode == 2, r.stdout
         assert f"{cfg}: {expected}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_phase_timeout_above_the_total_timeout_fails() -> None:
+    msg = fails({"models": [MODEL], "upstream": {"connect_timeout_s": 30, "total_timeout_s": 10}})
+    assert "cfg.yaml: upstream: connect_timeout_s (30) is above total_timeout_s (10)" in msg
+    msg = fails({"models": [MODEL], "upstream": {"read_timeout_s": 700}})
+    assert "read_timeout_s (700) is above total_timeout_s (600)" in msg
+    # Only timeouts set in the file are compared: lowering the total alone is fine.
+    settings = parse_settings({"models": [MODEL], "upstream": {"total_timeout_s": 30}}, "c", {})
+    assert settings.upstream.first_byte_timeout_s == 60.0
