@@ -281,3 +281,18 @@ def chroma_server(path: Path | str) -> Iterator[tuple[str, subprocess.Popen[byte
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+def tokenized_texts(monkeypatch: Any) -> list[str]:
+    """Record every text the tokenizer counts from now on (it still counts them)."""
+    from gateway import tokens
+
+    calls: list[str] = []
+    real = tokens.encoded_len
+
+    def counting(enc: Any, text: str) -> int:
+        calls.append(text)
+        return real(enc, text)
+
+    monkeypatch.setattr(tokens, "encoded_len", counting)
+    return calls

@@ -60,18 +60,25 @@ local la = 11
 local kt, ktp, kp, kb = nr, nr + nt, nr + 2 * nt, nr + 2 * nt + np
 local elapsed = now - math.floor(now / win) * win
 
+-- The index of the oldest entry of a request window still in the window (-1: none), by a
+-- binary search as limits' moving_window.lua does.
+local function oldest(key, limit)
+  local lo, hi, idx = 0, math.min(limit, redis.call('llen', key)) - 1, -1
+  while lo <= hi do
+    local mid = math.floor((lo + hi) / 2)
+    local v = tonumber(redis.call('lindex', key, mid))
+    if v and v > now - win then idx = mid; lo = mid + 1 else hi = mid - 1 end
+  end
+  return idx
+end
+
 -- A refusal: {0, kind, index, a, b}, then each request limit's count in the window and its
 -- oldest entry, then each token limit's previous and current minute (for the headers).
 local function refuse(kind, i, a, b)
   local out = {0, kind, i, a or '0', b or '0'}
   for j = 1, nr do
-    local key, limit = KEYS[j], tonumber(ARGV[la + j])
-    local lo, hi, idx = 0, math.min(limit, redis.call('llen', key)) - 1, -1
-    while lo <= hi do
-      local mid = math.floor((lo + hi) / 2)
-      local v = tonumber(redis.call('lindex', key, mid))
-      if v and v > now - win then idx = mid; lo = mid + 1 else hi = mid - 1 end
-    end
+    local key = KEYS[j]
+    local idx = oldest(key, tonumber(ARGV[la + j]))
     out[#out + 1] = idx + 1
     out[#out + 1] = idx >= 0 and redis.call('lindex', key, idx) or '0'
   end
@@ -134,13 +141,7 @@ for i = 1, nr do
   redis.call('lpush', key, ARGV[1])
   redis.call('ltrim', key, 0, limit - 1)
   redis.call('expire', key, math.ceil(win))
-  -- binary search for the oldest entry still in the window, as limits' moving_window.lua
-  local lo, hi, idx = 0, math.min(limit, redis.call('llen', key)) - 1, 0
-  while lo <= hi do
-    local mid = math.floor((lo + hi) / 2)
-    local v = tonumber(redis.call('lindex', key, mid))
-    if v and v > now - win then idx = mid; lo = mid + 1 else hi = mid - 1 end
-  end
+  local idx = oldest(key, limit)  -- (>= 0: the entry just pushed is in the window)
   out[#out + 1] = idx + 1
   out[#out + 1] = redis.call('lindex', key, idx)
 end

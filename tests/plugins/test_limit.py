@@ -11,6 +11,7 @@ from gateway.pipeline import build_pipeline
 from plugins.limit import LimitConfig
 from plugins.limit.headers import format_duration
 
+from ..helpers import tokenized_texts
 from .test_limit_helpers import Clock, finish, make_ctx, make_plugin
 
 # --- config -----------------------------------------------------------------------------------
@@ -227,16 +228,7 @@ async def test_tpm_reserves_a_small_prompts_byte_count_without_tokenizing(
     """A prompt whose UTF-8 byte count (never fewer than its tokens) is at most 1% of the
     smallest TPM limit reserves that count instead of being tokenized; the answer's usage
     settles it as usual. A larger one is counted exactly."""
-    from gateway import tokens
-
-    calls: list[str] = []
-    real = tokens.encoded_len
-
-    def counting(enc: object, text: str) -> int:
-        calls.append(text)
-        return real(enc, text)
-
-    monkeypatch.setattr(tokens, "encoded_len", counting)
+    calls = tokenized_texts(monkeypatch)
     plugin = make_plugin(
         rules=[{"scope": "user", "tpm": 100_000}, {"scope": "tenant", "tpm": 10_000}]
     )
