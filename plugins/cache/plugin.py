@@ -46,6 +46,11 @@ LOOKUPS = Counter(
 )
 
 _JSON, _SSE = b"J", b"S"
+#: An answer with headers that describe it: ``H`` + their JSON + ``\n`` + the answer's JSON.
+_JSON_HEADERS = b"H"
+#: Response headers that describe the answer itself (set by plugins after the cache: RAG's
+#: sources), so a hit gives them back; the rest (rate limits, request id) are the request's.
+_ANSWER_HEADERS = ("x-gateway-rag-sources",)
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -123,7 +128,7 @@ class CachePlugin(Plugin):
             if found is not None:
                 value = await self.store.get(found[0])
                 similarity = found[1]
-        if value is None or value[:1] not in (_JSON, _SSE):
+        if value is None or value[:1] not in (_JSON, _SSE, _JSON_HEADERS):
             LOOKUPS.labels("miss").inc()
             ctx.response_headers["x-gateway-cache"] = "miss"
             ctx.log["cache"] = "miss"
@@ -138,10 +143,18 @@ class CachePlugin(Plugin):
         # A hit costs nothing: limits reconcile their reservation to zero, the ledger records 0.
         ctx.usage = Usage(0, 0)
         ctx.finished = time.perf_counter()
+        if value[:1] == _JSON_HEADERS:
+            headers, _, value = value[1:].partition(b"\n")
+            ctx.response_headers.update(orjson.loads(headers))
+            value = _JSON + value
         if value[:1] == _JSON:
             ctx.response = orjson.loads(value[1:])
             return Response(value[1:], media_type="application/json")
-        return self._replay(ctx, orjson.loads(value[1:]))
+        entry = orjson.loads(value[1:])
+        headers = entry.get("headers")
+        if isinstance(headers, dict):
+            ctx.response_headers.update(headers)
+        return self._replay(ctx, entry)
 
     def _replay(self, ctx: RequestContext, entry: dict[str, Any]) -> StreamingResponse:
         chunks: list[Any] = entry.get("chunks") or []
@@ -184,6 +197,8 @@ class CachePlugin(Plugin):
             return
         if ctx.status != 200 or ctx.error_type or ctx.client_disconnected:
             return
+        sent = ctx.response_headers
+        headers = {name: sent[name] for name in _ANSWER_HEADERS if name in sent}
         if ctx.stream:
             if scratch.get("too_big") or not scratch.get("chunks"):
                 return
@@ -195,11 +210,17 @@ class CachePlugin(Plugin):
                     "total_tokens": ctx.usage.total_tokens,
                 }
             value = _SSE + b'{"chunks":[' + b",".join(scratch["chunks"]) + b"],"
-            value += b'"usage":' + orjson.dumps(usage) + b"}"
+            value += b'"usage":' + orjson.dumps(usage)
+            if headers:
+                value += b',"headers":' + orjson.dumps(headers)
+            value += b"}"
         else:
             if ctx.response is None or not ctx.response.get("choices"):
                 return  # (an upstream's 200 holding an error object is no answer to keep)
-            value = _JSON + orjson.dumps(ctx.response)
+            if headers:
+                value = _JSON_HEADERS + orjson.dumps(headers) + b"\n" + orjson.dumps(ctx.response)
+            else:
+                value = _JSON + orjson.dumps(ctx.response)
         if len(value) > self.config.max_entry_bytes:
             return
         await self.store.set(scratch["key"], value, self.config.ttl_s)

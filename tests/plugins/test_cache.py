@@ -230,6 +230,43 @@ async def test_stream_chunks_are_collected_and_replayed_as_sse() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_hit_gives_back_the_headers_that_describe_the_answer() -> None:
+    """RAG's sources header, set by a plugin after the cache on the miss, comes back with the
+    hit (plain and streamed); the request's own headers (rate limits) are not stored."""
+    plugin = await started()
+    sources = "1=handbook/vacation.md#0"
+    ctx = make_ctx()
+    assert await plugin.on_request(ctx) is None
+    ctx.response_headers.update({"x-gateway-rag-sources": sources,
+                                 "x-ratelimit-remaining-requests": "9"})  # fmt: skip
+    ctx.status, ctx.usage = 200, Usage(7, 3)
+    ctx.response = {"id": "x", "choices": [{"message": {"content": "Ten days."}}]}
+    await plugin.on_response(ctx)
+    hit = make_ctx()
+    answer = await plugin.on_request(hit)
+    assert answer is not None and orjson.loads(answer.body) == ctx.response
+    assert hit.response_headers["x-gateway-rag-sources"] == sources
+    assert "x-ratelimit-remaining-requests" not in hit.response_headers
+
+    streamed = make_ctx(stream=True)
+    assert await plugin.on_request(streamed) is None
+    streamed.response_headers["x-gateway-rag-sources"] = sources
+    await plugin.on_chunk(streamed, {"choices": [{"index": 0, "delta": {"content": "Ten"}}]})
+    streamed.status, streamed.usage = 200, Usage(7, 1)
+    await plugin.on_response(streamed)
+    hit = make_ctx(stream=True)
+    answer = await plugin.on_request(hit)
+    assert answer is not None and hit.response_headers["x-gateway-rag-sources"] == sources
+    # An answer without such headers is stored as before.
+    plain = make_ctx(temperature=0, seed=1)
+    await miss_then_store(plugin, plain, "no sources")
+    again = make_ctx(temperature=0, seed=1)
+    assert await plugin.on_request(again) is not None
+    assert "x-gateway-rag-sources" not in again.response_headers
+    await plugin.shutdown()
+
+
+@pytest.mark.anyio
 async def test_oversized_or_dropped_streams_are_not_stored() -> None:
     plugin = await started(max_entry_bytes=200)
     ctx = make_ctx(stream=True)
