@@ -43,11 +43,30 @@ from .store_memory import PARALLEL_RETRY_S
 
 log = logging.getLogger("gateway.limit")
 
+# Ends one budget hold: a hash of holds (slot -> dollars, plus their sum under "=total", so an
+# admission reads one field, not every hold) and the sorted set of their expiries.
+_UNHOLD_LUA = """
+local function unhold(hk, xk, s)
+  local v = redis.call('hget', hk, s)
+  if v then
+    redis.call('hdel', hk, s)
+    if redis.call('hlen', hk) <= 1 then
+      redis.call('hdel', hk, '=total')  -- nothing held: no rounding left behind either
+    else
+      redis.call('hincrbyfloat', hk, '=total', -tonumber(v))
+    end
+  end
+  redis.call('zrem', xk, s)
+end
+"""
+
 # KEYS: rpm (nr), tpm this minute (nt), tpm previous minute (nt), parallel (np), budget spend
 # (nb), budget holds (nb: a hash slot -> dollars), their expiries (nb: a sorted set).
 # ARGV: now, slot id, tokens, slot expiry, slot ttl ms, window, nr, nt, np, nb, dollars to hold,
 # then the limits in the same order as the keys (tpm once).
-ADMIT_LUA = """
+ADMIT_LUA = (
+    _UNHOLD_LUA
+    + """
 local now = tonumber(ARGV[1])
 local slot = ARGV[2]
 local tokens = tonumber(ARGV[3])
@@ -122,13 +141,9 @@ for i = 1, nb do
   local hk, xk = KEYS[kb + nb + i], KEYS[kb + 2 * nb + i]
   local gone = redis.call('zrangebyscore', xk, '-inf', now, 'limit', 0, 1000)
   for _, s in ipairs(gone) do
-    redis.call('hdel', hk, s)
-    redis.call('zrem', xk, s)
+    unhold(hk, xk, s)
   end
-  local held = 0
-  for _, v in ipairs(redis.call('hvals', hk)) do
-    held = held + tonumber(v)
-  end
+  local held = tonumber(redis.call('hget', hk, '=total') or '0')
   if spent + held >= limit then
     return refuse('held', i)
   end
@@ -166,6 +181,7 @@ if hold > 0 then
     if not done[hk] then
       done[hk] = true
       redis.call('hset', hk, slot, ARGV[11])
+      redis.call('hincrbyfloat', hk, '=total', ARGV[11])
       redis.call('zadd', xk, slot_expiry, slot)
       redis.call('pexpire', hk, slot_ttl_ms)
       redis.call('pexpire', xk, slot_ttl_ms)
@@ -174,18 +190,20 @@ if hold > 0 then
 end
 return out
 """
+)
 
 # KEYS: tpm keys of the admission minute (nt), parallel (np), budget period keys (nb), then
 # the budget holds of the admission (nh hashes, then their nh sorted sets).
 # ARGV: slot id, token delta, cost, nt, np, nb, nh, then one ttl (s) per budget key.
-SETTLE_LUA = """
+SETTLE_LUA = (
+    _UNHOLD_LUA
+    + """
 local slot = ARGV[1]
 local delta = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local nt, np, nb, nh = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 for i = 1, nh do
-  redis.call('hdel', KEYS[nt + np + nb + i], slot)
-  redis.call('zrem', KEYS[nt + np + nb + nh + i], slot)
+  unhold(KEYS[nt + np + nb + i], KEYS[nt + np + nb + nh + i], slot)
 end
 if delta ~= 0 then
   for i = 1, nt do
@@ -208,22 +226,25 @@ if cost > 0 then
 end
 return 1
 """
+)
 
 
 # KEYS: parallel keys (np), budget holds (nh hashes, then their nh sorted sets).
 # ARGV: slot id, np, nh. Frees a concurrency slot and ends the budget holds (idempotent: safe
 # to repeat).
-RELEASE_LUA = """
+RELEASE_LUA = (
+    _UNHOLD_LUA
+    + """
 local np, nh = tonumber(ARGV[2]), tonumber(ARGV[3])
 for i = 1, np do
   redis.call('zrem', KEYS[i], ARGV[1])
 end
 for i = 1, nh do
-  redis.call('hdel', KEYS[np + i], ARGV[1])
-  redis.call('zrem', KEYS[np + nh + i], ARGV[1])
+  unhold(KEYS[np + i], KEYS[np + nh + i], ARGV[1])
 end
 return 1
 """
+)
 
 
 def _limits_state(

@@ -185,6 +185,13 @@ async def test_budget_holds_are_shared_across_instances_and_lapse(prefix: str) -
         clock.advance(61)  # those requests' replica "died": their holds lapse
         for i in range(4):
             await ps[i % 2].on_request(make_ctx(f"next{i}", max_tokens=10_000))
+        # The sum kept beside the holds is theirs: the four just admitted.
+        client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+        (key,) = [k async for k in client.scan_iter(match=f"{prefix}:usd/*/held")]
+        holds = await client.hgetall(key)
+        await client.aclose()
+        total = float(holds.pop("=total"))
+        assert len(holds) == 4 and total == pytest.approx(4 * 0.20011)
 
 
 @pytest.mark.anyio
@@ -365,8 +372,10 @@ async def test_settlements_missed_in_a_redis_blip_are_retried(own_redis: OwnRedi
         assert admitted == 2
         client = redis.Redis(port=own_redis.port)
         (key,) = [k for k in client.keys("*usd*") if b"/held" not in k]
-        # Holds: the two admitted since, still in flight; a's and b's have ended.
-        assert client.hlen(key + b"/held") == 2
+        # Holds: the two admitted since, still in flight (and their sum); a's and b's ended.
+        holds = client.hgetall(key + b"/held")
+        total = float(holds.pop(b"=total"))
+        assert len(holds) == 2 and total == pytest.approx(sum(float(v) for v in holds.values()))
         spent = float(client.get(key) or 0)
         # b's spend is in; a's is in if Redis ran its timed-out call on waking; never twice.
         assert round(spent, 6) in (0.06, 0.09)
