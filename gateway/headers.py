@@ -74,18 +74,13 @@ _DROP = HOP_BY_HOP | CLIENT_CREDENTIALS | MANAGED | OVERRIDES | {"forwarded"}
 _DROP_PREFIXES = ("x-forwarded-", "proxy-", "x-gateway-")
 
 
-def upstream_request_headers(
-    client_headers: Iterable[tuple[str, str]],
-    provider_headers: Mapping[str, str],
-    extra: Mapping[str, str],
-    request_id: str,
-) -> list[tuple[str, str]]:
-    """The headers sent upstream, as a list of pairs (repeated headers stay repeated).
+def forwarded_headers(client_headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The client's headers that go upstream, names lower-cased, as a list of pairs (repeated
+    headers stay repeated).
 
     Drops hop-by-hop headers (and any the client's ``Connection`` header names), the client's
-    credentials and cookies, the gateway's own control headers (``x-gateway-*``), and headers the
-    client library manages; adds the provider's
-    credentials, the configured extra headers and our request id.
+    credentials and cookies, the gateway's own control headers (``x-gateway-*``), claimed client
+    addresses and overrides, and headers the client library manages.
     """
     out: list[tuple[str, str]] = []
     named_by_connection: set[str] | None = None
@@ -105,6 +100,19 @@ def upstream_request_headers(
             named_by_connection.update(t.strip().lower() for t in value.split(","))
     if named_by_connection:
         out = [(n, v) for n, v in out if n not in named_by_connection]
+    return out
+
+
+def upstream_request_headers(
+    client_headers: Iterable[tuple[str, str]],
+    provider_headers: Mapping[str, str],
+    extra: Mapping[str, str],
+    request_id: str,
+) -> list[tuple[str, str]]:
+    """The headers sent upstream, as a list of pairs: the client's that may go
+    (:func:`forwarded_headers`), the configured extra headers, the provider's credentials, the
+    content type and our request id."""
+    out = forwarded_headers(client_headers)
     if extra:
         for name, value in extra.items():
             out.append((name.lower(), value))

@@ -21,6 +21,34 @@ class SemanticConfig(Strict):
     model: str = "all-MiniLM-L6-v2"
 
 
+#: Forwarded request headers that cannot change an answer (tracing, the client library's own
+#: metadata, browser headers): left out of the cache key. A trailing ``*`` matches a prefix.
+DEFAULT_IGNORED_HEADERS = (
+    "user-agent",
+    "accept",
+    "x-stainless-*",
+    "idempotency-key",
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "b3",
+    "x-b3-*",
+    "uber-trace-id",
+    "x-amzn-trace-id",
+    "x-cloud-trace-context",
+    "sentry-trace",
+    "x-datadog-*",
+    "x-correlation-id",
+    "cache-control",
+    "pragma",
+    "origin",
+    "referer",
+    "dnt",
+    "priority",
+    "sec-*",
+)
+
+
 class CacheConfig(PluginConfig):
     #: ``memory`` (per process, bounded LRU) or a Redis URL shared by every replica.
     store: str = "memory"
@@ -43,6 +71,25 @@ class CacheConfig(PluginConfig):
     #: After a Redis error, skip Redis (miss, no store) for this long.
     retry_store_after_s: float = Field(1.0, ge=0)
     semantic: SemanticConfig = SemanticConfig()
+    #: Every other request header the gateway forwards upstream is part of the key, since an
+    #: upstream may act on it (``openai-beta``, a vendor's own headers): one caller cannot plant
+    #: an answer for another through a header. These are left out (names, or prefixes ending in
+    #: ``*``); replacing the list replaces the defaults.
+    ignore_headers: tuple[str, ...] = DEFAULT_IGNORED_HEADERS
+
+    @field_validator("ignore_headers")
+    @classmethod
+    def _header_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for name in v:
+            stem = name[:-1] if name.endswith("*") else name
+            if not stem or not stem.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(
+                    f"{name!r} is not a header name (letters, digits, '-', '_'; a trailing '*' "
+                    "for a prefix)"
+                )
+            out.append(name.lower())
+        return tuple(out)
 
     @field_validator("store")
     @classmethod

@@ -27,18 +27,50 @@ def _canonical(value: dict[str, Any]) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
-def request_key(tenant: str, model: str, body: dict[str, Any], stream: bool) -> str:
-    """Hex digest over tenant, public model, stream mode and the canonical body."""
+class HeaderFilter:
+    """Which forwarded request headers are part of the key: all but the ignored names and
+    prefixes (``CacheConfig.ignore_headers``)."""
+
+    def __init__(self, ignored: tuple[str, ...]) -> None:
+        self.names = frozenset(n for n in ignored if not n.endswith("*"))
+        self.prefixes = tuple(n[:-1] for n in ignored if n.endswith("*"))
+
+    def key_headers(self, forwarded: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The (name, value) pairs of ``forwarded`` that the key includes, sorted (header order
+        and the repetition order of distinct names change nothing upstream)."""
+        names, prefixes = self.names, self.prefixes
+        return sorted((n, v) for n, v in forwarded if n not in names and not n.startswith(prefixes))
+
+
+def request_key(
+    tenant: str,
+    model: str,
+    body: dict[str, Any],
+    stream: bool,
+    headers: list[tuple[str, str]] | None = None,
+) -> str:
+    """Hex digest over tenant, public model, stream mode, the canonical body and the forwarded
+    headers that may change the answer (``HeaderFilter.key_headers``; none leaves the digest as
+    it was before headers were part of it)."""
     fields = {k: v for k, v in body.items() if k not in _IGNORED and k != "model"}
     fields["stream"] = stream
     h = hashlib.sha256()
     h.update(orjson.dumps([tenant, model]))
     h.update(b"\0")
     h.update(_canonical(fields))
+    if headers:
+        h.update(b"\0")
+        h.update(orjson.dumps(headers))
     return h.hexdigest()
 
 
-def shape_key(tenant: str, model: str, body: dict[str, Any], stream: bool) -> str:
+def shape_key(
+    tenant: str,
+    model: str,
+    body: dict[str, Any],
+    stream: bool,
+    headers: list[tuple[str, str]] | None = None,
+) -> str:
     """Like ``request_key`` without the messages: semantic matches only within one shape
     (same tenant, model, tools, temperature, max_tokens ...)."""
     rest = {k: v for k, v in body.items() if k != "messages"}
@@ -46,7 +78,7 @@ def shape_key(tenant: str, model: str, body: dict[str, Any], stream: bool) -> st
     # tool calls and their ids, names (the same question about another picture, or with
     # another tool result id, is another question).
     rest["messages_beyond_text"] = _beyond_text(body.get("messages") or ())
-    return request_key(tenant, model, rest, stream)
+    return request_key(tenant, model, rest, stream, headers)
 
 
 def _beyond_text(messages: Any) -> list[Any]:

@@ -25,10 +25,11 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway.config import ConfigError
 from gateway.context import Usage
+from gateway.headers import forwarded_headers
 from gateway.plugin import Plugin
 
 from .config import CacheConfig
-from .keys import deterministic, prompt_text, request_key, shape_key
+from .keys import HeaderFilter, deterministic, prompt_text, request_key, shape_key
 from .semantic import SemanticIndex, load_embedder
 from .store import MemoryStore, RedisStore
 
@@ -64,6 +65,10 @@ class CachePlugin(Plugin):
         super().__init__(config)
         self.store: MemoryStore | RedisStore | None = None
         self.semantic: SemanticIndex | None = None
+        self._headers = HeaderFilter(config.ignore_headers)
+        #: The route plugin's header that pins a deployment: such requests bypass the cache
+        #: (they ask for one deployment's answer, and the route plugin decides who may).
+        self._pin_header: str | None = None
 
     def check(self, settings: Settings, pipeline: list[str]) -> None:
         if "guard" in pipeline and pipeline.index("guard") < pipeline.index(self.name):
@@ -75,6 +80,10 @@ class CachePlugin(Plugin):
     async def startup(self, gateway: Gateway | None) -> None:
         if gateway is not None:
             self.check(gateway.settings, [p.name for p in gateway.pipeline.plugins])
+            for plugin in gateway.pipeline.plugins:
+                pin = getattr(getattr(plugin, "config", None), "pin_header", None)
+                if plugin.name == "route" and isinstance(pin, str):
+                    self._pin_header = pin
         cfg = self.config
         if cfg.store == "memory":
             self.store = MemoryStore(cfg.max_entries, cfg.max_memory_bytes)
@@ -109,19 +118,23 @@ class CachePlugin(Plugin):
     async def on_request(self, ctx: RequestContext) -> Response | None:
         assert self.store is not None, "startup() not run"
         body = ctx.body
-        if (ctx.stream and not self.config.cache_streams) or (
-            self.config.deterministic_only and not deterministic(body)
+        if (
+            (ctx.stream and not self.config.cache_streams)
+            or (self.config.deterministic_only and not deterministic(body))
+            or (self._pin_header is not None and self._pin_header in ctx.headers)
         ):
             self._bypass(ctx)
             return None
         tenant = ctx.identity.tenant if ctx.identity is not None else "default"
-        key = request_key(tenant, ctx.model, body, ctx.stream)
+        # The forwarded headers are part of the key: an upstream may act on them.
+        vary = self._headers.key_headers(forwarded_headers(ctx.raw_headers))
+        key = request_key(tenant, ctx.model, body, ctx.stream, vary)
         scratch = ctx.scratch_for(self.name)
         scratch["key"] = key
         value = await self.store.get(key)
         similarity: float | None = None
         if value is None and self.semantic is not None:
-            group = shape_key(tenant, ctx.model, body, ctx.stream)
+            group = shape_key(tenant, ctx.model, body, ctx.stream, vary)
             vec = await self.semantic.embed(prompt_text(body))
             scratch["vector"], scratch["group"] = vec, group
             found = self.semantic.lookup(group, vec)

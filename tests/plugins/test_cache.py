@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from gateway.config import ConfigError
 from gateway.context import Identity, RequestContext, Usage
 from plugins.cache import CacheConfig, CachePlugin
-from plugins.cache.keys import deterministic, request_key
+from plugins.cache.config import DEFAULT_IGNORED_HEADERS
+from plugins.cache.keys import HeaderFilter, deterministic, request_key
 from plugins.cache.store import MemoryStore, RedisStore
 
 from ..helpers import free_port, running_gateway
@@ -30,12 +31,19 @@ MSG = [{"role": "user", "content": "what is two plus two"}]
 _ids = itertools.count()
 
 
-def make_ctx(tenant: str | None = "acme", stream: bool = False, **body: Any) -> RequestContext:
+def make_ctx(
+    tenant: str | None = "acme",
+    stream: bool = False,
+    headers: list[tuple[str, str]] | None = None,
+    **body: Any,
+) -> RequestContext:
     data: dict[str, Any] = {"model": "demo", "messages": MSG, "temperature": 0}
     data.update(body)
+    pairs = headers or []
     ctx = RequestContext(
         request_id=f"r{next(_ids)}", endpoint="chat", path="/v1/chat/completions",
-        method="POST", headers={}, raw_headers=[], body=data, model="demo", stream=stream,
+        method="POST", headers=dict(pairs), raw_headers=pairs, body=data, model="demo",
+        stream=stream,
     )  # fmt: skip
     if tenant is not None:
         ctx.identity = Identity(user="u", tenant=tenant)
@@ -94,6 +102,30 @@ def test_key_is_canonical_and_separates_tenant_model_stream_and_params() -> None
     assert request_key("acme", "demo", {**a, "tools": []}, False) != base
     # A tenant name cannot be crafted to collide with another tenant + model split.
     assert request_key("a", "cme:demo", a, False) != request_key("a:cme", "demo", a, False)
+    # Forwarded headers: none keeps the key entries stored before headers counted had.
+    assert request_key("acme", "demo", a, False, []) == base
+    assert request_key("acme", "demo", a, False, [("openai-beta", "x=1")]) != base
+
+
+def test_key_headers_keep_what_an_upstream_may_act_on_and_ignore_the_rest() -> None:
+    f = HeaderFilter(CacheConfig().ignore_headers)
+    forwarded = [
+        ("x-vendor-mode", "b"), ("user-agent", "curl/8"), ("traceparent", "00-ab-cd-01"),
+        ("x-stainless-retry-count", "1"), ("openai-beta", "assistants=v2"),
+        ("x-datadog-trace-id", "9"), ("x-vendor-mode", "a"), ("sec-fetch-mode", "cors"),
+    ]  # fmt: skip
+    assert f.key_headers(forwarded) == [
+        ("openai-beta", "assistants=v2"), ("x-vendor-mode", "a"), ("x-vendor-mode", "b"),
+    ]  # fmt: skip
+    assert f.key_headers([]) == []
+    # The operator's list replaces the defaults; names are lower-cased, prefixes end in "*".
+    cfg = CacheConfig.model_validate({"ignore_headers": ["X-Vendor-*"]})
+    assert cfg.ignore_headers == ("x-vendor-*",)
+    assert HeaderFilter(cfg.ignore_headers).key_headers(forwarded[:2]) == [("user-agent", "curl/8")]
+    assert "user-agent" in DEFAULT_IGNORED_HEADERS
+    for bad in ("", "*", "x y", "a:b"):
+        with pytest.raises(ValidationError, match="is not a header name"):
+            CacheConfig.model_validate({"ignore_headers": [bad]})
 
 
 # --- stores -------------------------------------------------------------------------------------
@@ -294,6 +326,48 @@ async def test_redis_store_is_shared_by_two_instances(prefix: str) -> None:
     await b.shutdown()
 
 
+@pytest.mark.anyio
+async def test_forwarded_headers_separate_entries_credentials_and_tracing_do_not() -> None:
+    plugin = await started()
+    ua = [("user-agent", "sdk/1"), ("authorization", "Bearer sk-one"), ("traceparent", "00-1")]
+    await miss_then_store(plugin, make_ctx(headers=ua), "first")
+    # Another caller of the tenant, another client library and trace: the same question.
+    other = [("user-agent", "curl/8"), ("authorization", "Bearer sk-two"), ("traceparent", "00-2")]
+    hit = make_ctx(headers=other)
+    answer = await plugin.on_request(hit)
+    assert answer is not None and hit.response_headers["x-gateway-cache"] == "hit"
+    # A header the upstream may act on: another entry, both ways.
+    planted = make_ctx(headers=[*other, ("x-vendor-mode", "evil")])
+    assert await plugin.on_request(planted) is None
+    assert planted.response_headers["x-gateway-cache"] == "miss"
+    # Headers the gateway never forwards (its own, hop-by-hop, named by Connection) do not count.
+    dropped = [("x-gateway-trace", "1"), ("keep-alive", "5"), ("connection", "x-a"), ("x-a", "1")]
+    again = make_ctx(headers=dropped)
+    assert await plugin.on_request(again) is not None
+    await plugin.shutdown()
+
+
+@pytest.mark.anyio
+async def test_requests_pinning_a_deployment_bypass_the_cache() -> None:
+    from types import SimpleNamespace
+
+    from plugins.route import RouteConfig
+
+    route = SimpleNamespace(name="route", config=RouteConfig())
+    gateway = SimpleNamespace(
+        pipeline=SimpleNamespace(plugins=[SimpleNamespace(name="cache"), route]),
+        settings=SimpleNamespace(source="g.yaml"),
+    )
+    plugin = CachePlugin(CacheConfig())
+    await plugin.startup(gateway)  # type: ignore[arg-type]
+    await miss_then_store(plugin, make_ctx(), "first")
+    pinned = make_ctx(headers=[("x-gateway-deployment", "demo-2")])
+    assert await plugin.on_request(pinned) is None
+    assert pinned.response_headers["x-gateway-cache"] == "bypass"
+    assert await plugin.on_request(make_ctx()) is not None  # unpinned: still a hit
+    await plugin.shutdown()
+
+
 # --- end to end ---------------------------------------------------------------------------------
 
 OTHER_KEY = "sk-test-OtherTenantEeeeeeeeeeeeeeeeeeeeeeeeeeeeee"
@@ -384,6 +458,29 @@ def test_e2e_tenants_never_share_entries(gw: Any) -> None:
     )
     assert acme.headers["x-gateway-cache"] == "miss"
     assert globex.headers["x-gateway-cache"] == "miss"
+    assert len(gw.upstream_requests()) == 2
+
+
+def test_e2e_a_forwarded_header_cannot_plant_an_answer_for_the_tenant(gw: Any) -> None:
+    """The fake upstream answers with ``x-fake-content`` when sent: a caller who adds it must
+    not make the cache serve that answer to the tenant's next identical request."""
+    gw.upstream.clear()
+    body = {"model": "demo", "temperature": 0,
+            "messages": [{"role": "user", "content": f"plant {uuid.uuid4().hex}"}]}  # fmt: skip
+    url = "/v1/chat/completions"
+    with gw.http() as http:
+        planted = http.post(url, json=body, headers={"x-fake-content": "PLANTED ANSWER"})
+        honest = http.post(
+            url, json=body, headers={"user-agent": "o/1", "traceparent": "00-a-b-01"}
+        )
+        again = http.post(url, json=body, headers={"user-agent": "third/2"})
+    assert planted.json()["choices"][0]["message"]["content"] == "PLANTED ANSWER"
+    assert planted.headers["x-gateway-cache"] == "miss"
+    assert honest.headers["x-gateway-cache"] == "miss"
+    assert honest.json()["choices"][0]["message"]["content"].startswith("Echo: plant ")
+    # Client metadata and tracing are not part of the key: the honest answer is a hit.
+    assert again.headers["x-gateway-cache"] == "hit"
+    assert again.json()["choices"] == honest.json()["choices"]
     assert len(gw.upstream_requests()) == 2
 
 
