@@ -100,6 +100,9 @@ class RequestContext:
     upstream_first_byte: float | None = None
     finished: float | None = None
     client_disconnected: bool = False
+    #: The upstream failed after its answer began (a stream cut or stalled midway, or ended by
+    #: an error event): the routing plugin counts it against the deployment that served.
+    upstream_failed: bool = False
     attempts: int = 0
     #: Headers added to the client's response (rate-limit headers, sources, ...).
     response_headers: dict[str, str] = field(default_factory=dict)
@@ -172,6 +175,7 @@ class RequestContext:
         self.upstream_first_byte = upstream_first_byte
         self.finished = finished
         self.client_disconnected = client_disconnected
+        self.upstream_failed = False
         self.attempts = attempts
         self.response_headers = {} if response_headers is None else response_headers
         self.upstream_headers = {} if upstream_headers is None else upstream_headers

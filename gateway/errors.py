@@ -7,7 +7,8 @@ the right exception class::
     GatewayError (500 server_error)
      ├── InvalidRequestError (400 invalid_request_error)        -> openai.BadRequestError
      │    ├── ContentPolicyError (400, code content_policy_violation)
-     │    └── ContextLengthError (400, code context_length_exceeded)
+     │    ├── ContextLengthError (400, code context_length_exceeded)
+     │    └── UnsupportedByDeploymentError (400; another deployment may serve it)
      ├── AuthenticationError (401 authentication_error)         -> openai.AuthenticationError
      ├── PermissionDeniedError (403 permission_error)           -> openai.PermissionDeniedError
      ├── NotFoundError (404 invalid_request_error)              -> openai.NotFoundError
@@ -21,6 +22,7 @@ the right exception class::
      ├── UpstreamError (502 upstream_error)                     -> openai.InternalServerError
      ├── ServiceUnavailableError (503)
      └── UpstreamTimeoutError (504 timeout)
+          └── DeadlineExceededError (504; the request's own deadline, not the deployment's)
 
 Plugins raise these to deny a request; they never build error JSON themselves.
 """
@@ -56,6 +58,10 @@ class GatewayError(Exception):
         #: For upstream errors: whether another deployment may be tried (routing issue).
         self.retryable = retryable
 
+    #: For upstream errors: whether the error says something about the deployment's health
+    #: (circuit breakers count only those).
+    deployment_fault = True
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "error": {
@@ -82,6 +88,17 @@ class ContentPolicyError(InvalidRequestError):
 
 class ContextLengthError(InvalidRequestError):
     code = "context_length_exceeded"
+
+
+class UnsupportedByDeploymentError(InvalidRequestError):
+    """A valid request that this deployment's provider cannot express (``n > 1`` for
+    Anthropic, say): the next deployment of the plan is tried, and the client gets this 400
+    only when none could serve it. It says nothing about the deployment's health."""
+
+    deployment_fault = False
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message, param=param, retryable=True)
 
 
 class AuthenticationError(GatewayError):
@@ -157,3 +174,10 @@ class UpstreamTimeoutError(GatewayError):
     status = 504
     type = "timeout"
     code = "upstream_timeout"
+
+
+class DeadlineExceededError(UpstreamTimeoutError):
+    """The request's deadline (the route plugin's ``deadline_s``) ran out during an attempt:
+    the request's time budget, not a fault of the deployment that was cut short."""
+
+    deployment_fault = False

@@ -30,12 +30,13 @@ from gateway.errors import (
 )
 from gateway.headers import client_response_headers
 from gateway.pipeline import hooked
-from gateway.stream import relay_stream
+from gateway.stream import DisconnectWatch, relay_stream
 from gateway.upstream import open_upstream
 from gateway.validate import validate_chat, validate_embeddings
 
 if TYPE_CHECKING:
     from gateway.plugin import Plugin
+    from gateway.providers.base import UpstreamResponse
     from gateway.state import Gateway
 
 log = logging.getLogger("gateway.proxy")
@@ -269,22 +270,32 @@ async def forward(
     client_wants_usage = ctx.stream and bool(
         (ctx.body.get("stream_options") or {}).get("include_usage")
     )
-    resp, first = await open_upstream(gw, ctx, ran)
-    extra = client_response_headers(resp.headers)
-    extra.append((b"x-gateway-model", ctx.model.encode("latin-1", "replace")))
-    if ctx.deployment is not None:
-        extra.append((b"x-gateway-provider", ctx.deployment.provider.encode()))
-    extra.append((b"x-gateway-attempts", str(ctx.attempts).encode()))
-    if ctx.stream:
-        assert first is not None
-        await relay_stream(
-            gw, ctx, ran, resp, first[0], first[1], extra, client_wants_usage, receive, send
-        )
-        return True
+    # A client that leaves while the attempts run (a slow first byte, fallbacks) or while a
+    # stream is relayed cancels them: the upstream connection is dropped, so the provider
+    # stops generating.
+    watch = DisconnectWatch(receive, gw.watches)
+    relaying = False  # the relay stops the watch (and handles a disconnect) from its start
     try:
-        data = await resp.json()
+        resp, start = await open_upstream(gw, ctx, ran)
+        if not isinstance(start, dict):
+            extra = _answer_headers(ctx, resp)
+            relaying = True
+            await relay_stream(
+                gw, ctx, ran, resp, start[0], start[1], extra, client_wants_usage, watch, send
+            )
+            return True
+    except asyncio.CancelledError:
+        if relaying or not watch.disconnected:
+            raise
+        watch.main.uncancel()
+        ctx.client_disconnected = True
+        ctx.status = 499  # (nginx's "client closed request": nothing was sent)
+        return True
     finally:
-        resp.close()
+        if not relaying:
+            watch.stop()
+    extra = _answer_headers(ctx, resp)
+    data = start
     ctx.finished = time.perf_counter()
     ctx.response = data
     ctx.status = 200
@@ -299,6 +310,16 @@ async def forward(
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": out})
     return True
+
+
+def _answer_headers(ctx: RequestContext, resp: UpstreamResponse) -> list[tuple[bytes, bytes]]:
+    """The response headers that describe the upstream answer and how it was obtained."""
+    extra = client_response_headers(resp.headers)
+    extra.append((b"x-gateway-model", ctx.model.encode("latin-1", "replace")))
+    if ctx.deployment is not None:
+        extra.append((b"x-gateway-provider", ctx.deployment.provider.encode()))
+    extra.append((b"x-gateway-attempts", str(ctx.attempts).encode()))
+    return extra
 
 
 def estimate_usage(ctx: RequestContext, data: dict[str, Any]) -> Usage:

@@ -16,6 +16,7 @@ from gateway.logs import RequestLog
 from gateway.pipeline import Pipeline, build_pipeline
 from gateway.providers import provider_class
 from gateway.providers.base import make_session
+from gateway.stream import WatchQueue
 from gateway.validate import RequestLimits
 
 if TYPE_CHECKING:
@@ -66,6 +67,8 @@ class Gateway:
         self.ready = False
         self.draining = False
         self.in_flight = 0
+        #: The delayed starts of the requests' disconnect watches (one loop timer for all).
+        self.watches = WatchQueue()
         self._flusher: asyncio.Task[None] | None = None
         self._started: list[Any] = []
 

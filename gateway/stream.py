@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -30,7 +31,7 @@ import orjson
 from gateway import metrics
 from gateway.context import Usage, usage_from
 from gateway.envelope import Envelope, TextChunk, join_reads
-from gateway.errors import GatewayError, UpstreamError
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError
 from gateway.pipeline import Pipeline, hooked
 from gateway.plugin import CHUNK_HOOKS
 
@@ -198,6 +199,9 @@ class _Relay:
                 # The upstream ended the answer with an error (vLLM does): the request failed,
                 # whatever came before, so the log says so and nothing caches it.
                 self.ctx.error_type = "upstream_error"
+                self.ctx.upstream_failed = True
+                if self.ctx.deployment is not None:
+                    metrics.UPSTREAM_ERRORS.labels(self.ctx.deployment.id, "upstream_error").inc()
                 out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
             elif isinstance(obj.get("usage"), dict):
                 self._usage_of(obj)
@@ -271,35 +275,74 @@ class _Relay:
         )
 
 
-#: A stream still running this long after its first read gets a task that watches for the
-#: client going away. A fast upstream's answer is usually over by then, so it never pays for
-#: the task; a disconnect is still noticed at most this much later.
+#: A request still waiting for or relaying its upstream answer this long after it started gets
+#: a task that watches for the client going away. A fast upstream's answer is usually over by
+#: then, so most requests never pay for the task; a disconnect is still noticed at most this
+#: much later.
 WATCH_AFTER_S = 0.1
 
 
-class _Watch:
-    """Cancels the relaying task when the client disconnects (started after WATCH_AFTER_S)."""
+class WatchQueue:
+    """The delayed starts of every :class:`DisconnectWatch` of one gateway on one loop timer.
 
-    __slots__ = ("active", "disconnected", "main", "receive", "task", "timer")
+    Arming and cancelling a loop timer per request costs ~4.6k instructions (callgrind); all
+    watches wait the same ``WATCH_AFTER_S``, so they come due in the order they were made, and
+    one timer armed for the oldest still active does the same (as ``TimeoutQueue`` does for
+    first-byte timeouts)."""
 
-    def __init__(self, receive: Any) -> None:
-        main = asyncio.current_task()
+    __slots__ = ("_handle", "_loop", "_pending")
+
+    def __init__(self) -> None:
+        self._pending: deque[DisconnectWatch] = deque()
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, watch: DisconnectWatch, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._loop:  # first use, or a new event loop (tests): start afresh
+            self._loop, self._handle = loop, None
+            self._pending.clear()
+        pending = self._pending
+        while pending and not pending[0].active:
+            pending.popleft()
+        pending.append(watch)
+        if self._handle is None:
+            self._handle = loop.call_at(watch.at, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        pending = self._pending
+        while pending:
+            head = pending[0]
+            if head.active:
+                if head.at > now:
+                    self._handle = loop.call_at(head.at, self._fire)
+                    return
+                head.task = loop.create_task(head.watch())
+            pending.popleft()
+
+
+class DisconnectWatch:
+    """Cancels the request's task when the client disconnects, from ``WATCH_AFTER_S`` after it
+    was made until ``stop()``: while the attempts run and while a stream is relayed."""
+
+    __slots__ = ("active", "at", "disconnected", "main", "receive", "task")
+
+    def __init__(self, receive: Any, queue: WatchQueue) -> None:
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task(loop)
         assert main is not None
         self.main = main
         self.receive = receive
         self.active = True
         self.disconnected = False
         self.task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            WATCH_AFTER_S, self._start
-        )
+        self.at = loop.time() + WATCH_AFTER_S
+        queue.add(self, loop)
 
-    def _start(self) -> None:
-        self.timer = None
-        if self.active:
-            self.task = asyncio.get_running_loop().create_task(self._watch())
-
-    async def _watch(self) -> None:
+    async def watch(self) -> None:
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
@@ -310,10 +353,9 @@ class _Watch:
 
     def stop(self) -> None:
         self.active = False
-        if self.timer is not None:
-            self.timer.cancel()
         if self.task is not None:
             self.task.cancel()
+            self.task = None
 
 
 async def relay_stream(
@@ -325,9 +367,10 @@ async def relay_stream(
     it: AsyncIterator[bytes],
     extra: list[tuple[bytes, bytes]],
     client_wants_usage: bool,
-    receive: Any,
+    watch: DisconnectWatch,
     send: Any,
 ) -> None:
+    """Relay the stream to the client; ``watch`` (stopped here) notices a client that leaves."""
     from gateway.proxy import response_headers
 
     hooks = hooked(ran, *CHUNK_HOOKS) if gw.pipeline.has_chunk_hooks else []
@@ -336,7 +379,6 @@ async def relay_stream(
     headers = response_headers(ctx, SSE_HEADERS)
     headers.extend(extra)
     ctx.status = 200
-    watch: _Watch | None = None
     final = b""
     try:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -344,13 +386,9 @@ async def relay_stream(
         metrics.TTFT.labels(ctx.model).observe(time.perf_counter() - ctx.started)
         # Forward each read at once, except after [DONE]: then only the end of the upstream
         # body can follow, and the last bytes go out in one write with the terminating chunk.
-        if not relay.saw_done:
-            # Only a stream still running needs watching: a fast upstream often delivers the
-            # whole answer, [DONE] included, in the first read.
-            watch = _Watch(receive)
-            if relay.pending:
-                await send({"type": "http.response.body", "body": relay.pending, "more_body": True})
-                relay.pending = b""
+        if not relay.saw_done and relay.pending:
+            await send({"type": "http.response.body", "body": relay.pending, "more_body": True})
+            relay.pending = b""
         async for data in it:
             relay.pending += await relay.feed(data)
             if relay.pending and not relay.saw_done:
@@ -359,15 +397,19 @@ async def relay_stream(
         final = relay.pending + await relay.end()
     except GatewayError as err:
         ctx.error_type = err.type
+        if err.deployment_fault and isinstance(err, (UpstreamError, UpstreamTimeoutError)):
+            # The deployment failed after it began answering: counted as such (metrics, breaker).
+            ctx.upstream_failed = True
+            if ctx.deployment is not None:
+                metrics.UPSTREAM_ERRORS.labels(ctx.deployment.id, err.type).inc()
         final = relay.pending + b"data: " + err.body() + b"\n\n"
     except asyncio.CancelledError:
-        if watch is None or not watch.disconnected:
+        if not watch.disconnected:
             raise
         watch.main.uncancel()
         ctx.client_disconnected = True
     finally:
-        if watch is not None:
-            watch.stop()
+        watch.stop()
         resp.close()
         ctx.finished = time.perf_counter()
         ctx.usage = relay.final_usage()

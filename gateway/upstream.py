@@ -16,6 +16,7 @@ from gateway import metrics
 from gateway.accounting import fast_round
 from gateway.context import RequestContext
 from gateway.errors import (
+    DeadlineExceededError,
     GatewayError,
     ServiceUnavailableError,
     UpstreamError,
@@ -39,11 +40,17 @@ def upstream_body(ctx: RequestContext, model: str) -> dict[str, Any]:
     return body
 
 
+#: What an attempt that succeeded returns beside the response: a stream's first bytes and the
+#: iterator to go on, or a plain answer's parsed body.
+Start = tuple[bytes, AsyncIterator[bytes]] | dict[str, Any]
+
+
 async def open_upstream(
     gw: Gateway, ctx: RequestContext, ran: list[Plugin]
-) -> tuple[UpstreamResponse, tuple[bytes, AsyncIterator[bytes]] | None]:
-    """Try the attempt plan in order until one deployment answers 2xx (and, for a stream, its
-    first bytes arrived): nothing has reached the client yet, so failing over is safe."""
+) -> tuple[UpstreamResponse, Start]:
+    """Try the attempt plan in order until one deployment answers 2xx with, for a stream, its
+    first bytes, and for a plain answer, its whole body: nothing has reached the client yet, so
+    failing over is safe (a body cut short or not JSON is that deployment's failure)."""
     if not ctx.candidates:
         assert ctx.deployment is not None
         ctx.candidates = [ctx.deployment]
@@ -61,17 +68,16 @@ async def open_upstream(
         if ctx.upstream_started is None:
             ctx.upstream_started = started
         body = upstream_body(ctx, dep.model)
-        first: tuple[bytes, AsyncIterator[bytes]] | None = None
         try:
             if ctx.deadline is None:
-                resp, first = await attempt(gw, ctx, provider, body)
+                resp, start = await attempt(gw, ctx, provider, body)
             else:
                 # The request's deadline bounds each attempt too, not only the start of the next.
                 try:
                     with upstream_timeout(max(0.0, ctx.deadline - started)):
-                        resp, first = await attempt(gw, ctx, provider, body)
+                        resp, start = await attempt(gw, ctx, provider, body)
                 except TimeoutError:
-                    raise UpstreamTimeoutError(
+                    raise DeadlineExceededError(
                         "the request deadline passed before the upstream answered", retryable=True
                     ) from None
         except GatewayError as err:
@@ -96,7 +102,7 @@ async def open_upstream(
         )  # fmt: skip
         for plugin in hooks:
             await plugin.on_attempt(ctx, dep, None, elapsed)
-        return resp, first
+        return resp, start
     if last is not None:
         raise last
     raise ServiceUnavailableError("no deployment is available for this model")
@@ -104,14 +110,17 @@ async def open_upstream(
 
 async def attempt(
     gw: Gateway, ctx: RequestContext, provider: Provider, body: dict[str, Any]
-) -> tuple[UpstreamResponse, tuple[bytes, AsyncIterator[bytes]] | None]:
+) -> tuple[UpstreamResponse, Start]:
     if ctx.endpoint == "embeddings":
         resp = await provider.embeddings(ctx, body)
     else:
         resp = await provider.chat(ctx, body)
-    if not ctx.stream:
-        return resp, None
-    return resp, await first_bytes(resp, provider.first_byte_timeout)
+    if ctx.stream:
+        return resp, await first_bytes(resp, provider.first_byte_timeout)
+    try:
+        return resp, await resp.json()
+    finally:
+        resp.close()
 
 
 async def first_bytes(

@@ -186,3 +186,25 @@ def test_pauses_shorter_than_the_read_timeout_do_not_end_a_stream() -> None:
         evs = events(r.text.splitlines())
         assert evs[-1] == "[DONE]", evs[-3:]
         assert not any(isinstance(e, dict) and "error" in e for e in evs)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_leaving_before_the_first_byte_cancels_the_upstream(stream: bool) -> None:
+    """The upstream is slow to answer (hang before its headers): a client that gives up cancels
+    the upstream call at once, and the log says so (status 499: nothing was sent)."""
+    with running_gateway(fake={"hang_ms": 3000}) as gw:
+        records: list[dict[str, Any]] = []
+        gw.gateway.observers.append(lambda ctx, record: records.append(record))
+        with httpx.Client(timeout=0.4) as client, pytest.raises(httpx.ReadTimeout):
+            client.post(f"{gw.url}/v1/chat/completions", json={**BODY, "stream": stream})
+        left_at = time.time()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (
+            gw.upstream.stats().get("requests_cancelled") and records
+        ):
+            time.sleep(0.05)
+        stats = gw.upstream.stats()
+        assert stats["requests_cancelled"] == 1  # the upstream connection was dropped
+        assert stats["last_cancelled_at"] - left_at < 1.0
+        assert records[0]["client_disconnected"] is True and records[0]["status"] == 499
+        assert "cost_usd" not in records[0] or records[0]["cost_usd"] == 0

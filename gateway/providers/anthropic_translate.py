@@ -18,7 +18,12 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    UnsupportedByDeploymentError,
+    UpstreamError,
+)
 from gateway.providers.errors import error_for_status
 
 STOP_REASONS = {
@@ -97,7 +102,7 @@ def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
             img = part.get("image_url") or {}
             blocks.append(_image_block(str(img.get("url", "")), f"{where}.content[{j}]"))
         else:
-            raise InvalidRequestError(
+            raise UnsupportedByDeploymentError(
                 f"content part type {kind!r} is not supported by this model",
                 param=f"{where}.content[{j}]",
             )
@@ -159,7 +164,7 @@ def _messages(
                 }
             ]
         else:
-            raise InvalidRequestError(
+            raise UnsupportedByDeploymentError(
                 f"role {role!r} is not supported by this model", param=f"{where}.role"
             )
         if not blocks:
@@ -205,13 +210,15 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
 def to_anthropic(body: dict[str, Any], model: str, max_output_tokens: int) -> dict[str, Any]:
     """The Messages API body for an OpenAI chat request (``body`` is not modified)."""
     if (body.get("n") or 1) > 1:
-        raise InvalidRequestError("n > 1 is not supported by this model", param="n")
+        raise UnsupportedByDeploymentError("n > 1 is not supported by this model", param="n")
     if body.get("logprobs"):
-        raise InvalidRequestError("logprobs are not supported by this model", param="logprobs")
+        raise UnsupportedByDeploymentError(
+            "logprobs are not supported by this model", param="logprobs"
+        )
     if body.get("functions") or body.get("function_call"):
         # (the legacy form of tools: dropping it would answer in text where a call was asked)
         field = "functions" if body.get("functions") else "function_call"
-        raise InvalidRequestError(
+        raise UnsupportedByDeploymentError(
             f"'{field}' is not supported by this model; use 'tools' and 'tool_choice'",
             param=field,
         )

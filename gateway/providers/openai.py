@@ -102,11 +102,15 @@ class AiohttpResponse(UpstreamResponse):
         except orjson.JSONDecodeError:
             from gateway.errors import UpstreamError
 
-            raise UpstreamError(f"the {self._provider} upstream sent invalid JSON") from None
+            raise UpstreamError(
+                f"the {self._provider} upstream sent invalid JSON", retryable=True
+            ) from None
         if not isinstance(data, dict):
             from gateway.errors import UpstreamError
 
-            raise UpstreamError(f"the {self._provider} upstream sent an unexpected body")
+            raise UpstreamError(
+                f"the {self._provider} upstream sent an unexpected body", retryable=True
+            )
         return data
 
     async def iter_bytes(self) -> AsyncIterator[bytes]:  # type: ignore[override]

@@ -26,7 +26,7 @@ from gateway.errors import (
 )
 from gateway.plugin import Plugin
 from plugins.route.balance import Balancer
-from plugins.route.breaker import Breakers
+from plugins.route.breaker import HALF_OPEN, Breakers
 from plugins.route.budget import RetryBudget
 from plugins.route.config import RouteConfig, Rule
 from plugins.route.rules import Needs, estimated_cost, first_match, fits, needs_of
@@ -233,9 +233,10 @@ class RoutePlugin(Plugin):
             plan, label = [pinned], "pinned"
         else:
             plan, label = self.plan(ctx, entry)
-        scratch["claims"] = [d.id for d in plan if self.breakers.claim(d.id)]
-        ctx.deployment = plan[0]
+        scratch["claims"] = []
         ctx.candidates = plan
+        self._claim_next(ctx, scratch, skip_busy=pinned is None)
+        ctx.deployment = plan[0]
         ctx.log["route_rule"] = label
         self.balancer.start(plan[0].id)
         scratch["busy"] = plan[0].id
@@ -253,7 +254,12 @@ class RoutePlugin(Plugin):
         if deployment.id in claims:
             claims.remove(deployment.id)  # the outcome below settles the probe
         if error is None:
-            self.breakers.success(deployment.id)
+            if ctx.stream:
+                # Settled when the stream's outcome is known (on_response): a stream cut
+                # midway is the deployment's failure, and a probe lasts until its end.
+                scratch["served"] = deployment.id
+            else:
+                self.breakers.success(deployment.id)
             self.balancer.observe(deployment.id, elapsed_s)
             if self.config.expose_deployment:
                 ctx.response_headers["x-gateway-deployment"] = deployment.id
@@ -263,22 +269,46 @@ class RoutePlugin(Plugin):
             # The request's own fault (400 ...): says nothing about the deployment's health.
             self.breakers.release(deployment.id)
             return
-        retry_after = _seconds(error.headers.get("retry-after"), self.config.max_retry_after_s)
-        self.breakers.failure(deployment.id, retry_after)
-        log.info(
-            "upstream attempt failed",
-            extra={"request_id": ctx.request_id, "deployment": deployment.id,
-                   "error": error.type, "status": error.status, "retry_after_s": retry_after},
-        )  # fmt: skip
-        if ctx.candidates:
-            if not self.budget.withdraw():
-                ctx.log["retry_budget_exhausted"] = True
-                ctx.candidates.clear()
-        elif await self._wait_retry_after(ctx, scratch, deployment, retry_after):
-            ctx.candidates.append(deployment)
+        if not error.deployment_fault:
+            # The request's deadline ran out, or this provider cannot express the request (the
+            # next deployment may): nothing against the deployment, and no retry was spent.
+            self.breakers.release(deployment.id)
+        else:
+            retry_after = _seconds(error.headers.get("retry-after"), self.config.max_retry_after_s)
+            self.breakers.failure(deployment.id, retry_after)
+            log.info(
+                "upstream attempt failed",
+                extra={"request_id": ctx.request_id, "deployment": deployment.id,
+                       "error": error.type, "status": error.status, "retry_after_s": retry_after},
+            )  # fmt: skip
+            if ctx.candidates:
+                if not self.budget.withdraw():
+                    ctx.log["retry_budget_exhausted"] = True
+                    ctx.candidates.clear()
+            elif await self._wait_retry_after(ctx, scratch, deployment, retry_after):
+                ctx.candidates.append(deployment)
+        self._claim_next(ctx, scratch, skip_busy=True)
         if ctx.candidates:
             self.balancer.start(ctx.candidates[0].id)
             scratch["busy"] = ctx.candidates[0].id
+
+    def _claim_next(self, ctx: RequestContext, scratch: dict[str, Any], skip_busy: bool) -> None:
+        """Claim the probe of the next candidate if it is half-open, and only of that one: a
+        fallback this request may never try must not keep the probe from the requests that
+        would use it (a claim is settled when its attempt ends). A half-open candidate whose
+        probe another request holds is skipped (``skip_busy``; a pinned request waits for
+        nothing and goes anyway)."""
+        candidates = ctx.candidates
+        while candidates:
+            dep_id = candidates[0].id
+            if self.breakers.state(dep_id) != HALF_OPEN:
+                return
+            if self.breakers.claim(dep_id):
+                scratch["claims"].append(dep_id)
+                return
+            if not skip_busy:
+                return
+            candidates.pop(0)
 
     async def _wait_retry_after(
         self, ctx: RequestContext, scratch: dict[str, Any], dep: Deployment, seconds: float
@@ -305,6 +335,14 @@ class RoutePlugin(Plugin):
         for dep_id in scratch.pop("claims", []):
             self.breakers.release(dep_id)
         self._end_busy(scratch)
+        served = scratch.pop("served", None)
+        if served is not None:
+            if ctx.upstream_failed:
+                # The stream began, then failed (cut or stalled midway, an error event): the
+                # breaker counts it like a failure before the first byte.
+                self.breakers.failure(served)
+            else:
+                self.breakers.success(served)
 
     def health(self) -> dict[str, Any]:
         """Routing detail for ``/readyz``: breaker state, load and latency per deployment."""

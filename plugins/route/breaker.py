@@ -74,11 +74,11 @@ class Breakers:
         return s == CLOSED or (s == HALF_OPEN and not self._get(dep_id).probing)
 
     def claim(self, dep_id: str) -> bool:
-        """Take the deployment for one request; in half-open only the first caller gets it.
-
-        Returns True when the caller now holds the probe (and must ``release`` it if unused)."""
+        """Take a half-open deployment's one probe. Returns True when the caller now holds it
+        (and must settle it with ``success``, ``failure`` or ``release``); False when the
+        deployment is not half-open or another request holds the probe."""
         c = self._get(dep_id)
-        if self.state(dep_id) == HALF_OPEN:
+        if self.state(dep_id) == HALF_OPEN and not c.probing:
             c.probing = True
             return True
         return False

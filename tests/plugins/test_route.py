@@ -13,8 +13,10 @@ from gateway.config import ConfigError
 from gateway.context import Identity, RequestContext
 from gateway.errors import (
     ContextLengthError,
+    DeadlineExceededError,
     InvalidRequestError,
     ServiceUnavailableError,
+    UnsupportedByDeploymentError,
     UpstreamError,
 )
 from plugins.route import RoutePlugin
@@ -213,6 +215,92 @@ async def test_unused_probe_is_released_and_failed_probe_reopens() -> None:
     await p.on_request(c)
     await p.on_attempt(c, c.candidates.pop(0), retryable(), 0.01)
     assert p.breakers.state("big") == OPEN and p.breakers.retry_in("big") == 5
+
+
+def backup_ctx() -> RequestContext:
+    c = ctx()
+    c.model = "backup"
+    c.model_entry = catalogue().get("backup")
+    return c
+
+
+@pytest.mark.anyio
+async def test_a_half_open_fallback_is_claimed_only_when_its_turn_comes() -> None:
+    """A request that lists a half-open deployment only as a fallback must not hold its probe:
+    the requests for that deployment's own model would be refused for as long as it runs."""
+    clock = Clock()
+    p = plugin(clock, breaker={"failures": 1, "cooldown_s": 5})
+    p.breakers.failure("bk")
+    clock.now += 5
+    a = ctx()
+    await p.on_request(a)
+    assert ids(a)[-1] == "bk" and p.breakers.available("bk")  # listed, not claimed
+    b = backup_ctx()
+    await p.on_request(b)  # backup's own request takes the probe
+    assert ids(b) == ["bk"] and not p.breakers.available("bk")
+    # a's own deployments fail: bk's probe is b's, so a skips it instead of queueing on it.
+    while len(a.candidates) > 1:
+        await p.on_attempt(a, a.candidates.pop(0), retryable(), 0.01)
+    assert a.candidates == []
+    await p.on_attempt(b, b.candidates.pop(0), None, 0.01)
+    assert p.breakers.state("bk") == CLOSED
+
+
+@pytest.mark.anyio
+async def test_a_half_open_fallback_is_probed_when_the_earlier_ones_fail() -> None:
+    clock = Clock()
+    p = plugin(clock, breaker={"failures": 1, "cooldown_s": 5}, rules=[{"deployments": ["big"]}])
+    p.breakers.failure("bk")
+    clock.now += 5
+    c = ctx()
+    await p.on_request(c)
+    assert ids(c) == ["big", "bk"] and p.breakers.available("bk")
+    await p.on_attempt(c, c.candidates.pop(0), retryable(), 0.01)
+    assert ids(c) == ["bk"] and not p.breakers.available("bk")  # claimed now: its turn
+    await p.on_response(c)  # answered otherwise (or given up): the probe is free again
+    assert p.breakers.available("bk")
+
+
+@pytest.mark.anyio
+async def test_deadline_and_unsupported_requests_are_not_the_deployments_fault() -> None:
+    p = plugin(breaker={"failures": 1}, retry_budget={"ratio": 0, "floor_per_s": 0, "burst": 1})
+    c = ctx()
+    await p.on_request(c)
+    tokens = p.budget.tokens
+    first = c.candidates.pop(0)
+    # An Anthropic deployment cannot express n > 1: the next one is tried (no retry budget is
+    # spent: nothing was sent), and nothing counts against the first.
+    await p.on_attempt(c, first, UnsupportedByDeploymentError("n > 1", param="n"), 0.0)
+    assert c.candidates and p.breakers.state(first.id) == CLOSED
+    second = c.candidates.pop(0)
+    await p.on_attempt(c, second, DeadlineExceededError("late", retryable=True), 1.0)
+    assert p.breakers.state(second.id) == CLOSED
+    assert p.breakers.circuits[second.id].failures == 0
+    assert p.budget.tokens == tokens  # neither spent a retry
+    # The same timeout from the deployment's own first-byte limit opens it (failures: 1).
+    third = c.candidates.pop(0)
+    await p.on_attempt(c, third, UpstreamError("slow", retryable=True), 1.0)
+    assert p.breakers.state(third.id) == OPEN
+
+
+@pytest.mark.anyio
+async def test_a_stream_is_settled_by_its_outcome_not_its_first_byte() -> None:
+    clock = Clock()
+    p = plugin(clock, breaker={"failures": 2, "cooldown_s": 5}, rules=[{"deployments": ["big"]}])
+    for _ in range(2):
+        c = ctx(stream=True)
+        await p.on_request(c)
+        await p.on_attempt(c, c.candidates.pop(0), None, 0.01)  # the first bytes came
+        c.upstream_failed = True  # then the stream broke
+        await p.on_response(c)
+    assert p.breakers.state("big") == OPEN
+    clock.now += 5
+    probe = ctx(stream=True)
+    await p.on_request(probe)
+    await p.on_attempt(probe, probe.candidates.pop(0), None, 0.01)
+    assert p.breakers.state("big") == HALF_OPEN  # the probe lasts until the stream ends
+    await p.on_response(probe)
+    assert p.breakers.state("big") == CLOSED
 
 
 @pytest.mark.anyio

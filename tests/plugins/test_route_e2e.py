@@ -375,6 +375,9 @@ def test_deadline_bounds_the_whole_request(stream: bool) -> None:
         assert exc.value.status_code == 504
         assert 0.7 < elapsed < 2.0
         assert models_called(gw) == ["large-up"]  # no attempt starts after the deadline
+        # The request's time ran out, not the deployment's first-byte timeout: not its fault.
+        health = gw.gateway.pipeline.find("route").health()["deployments"]
+        assert health["smart-large"]["consecutive_failures"] == 0
 
 
 def test_fallbacks_and_rules_never_take_a_caller_to_a_model_its_roles_do_not_grant() -> None:
@@ -424,3 +427,73 @@ def test_fallbacks_and_rules_never_take_a_caller_to_a_model_its_roles_do_not_gra
         assert gw.upstream_requests()[-1]["body"]["model"] == "tools-up"
         list(admin.chat.completions.create(model="gpt-tools", messages=MSG, stream=True))
         assert gw.upstream_requests()[-1]["body"]["model"] == "o1-up"
+
+
+def upstream_errors(gw: Any, dep_id: str) -> float:
+    text = httpx.get(f"{gw.url}/metrics").text
+    prefix = f'gateway_upstream_errors_total{{deployment="{dep_id}"'
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(prefix))
+
+
+def test_a_plain_answer_cut_after_its_headers_fails_over_and_counts_against_the_deployment() -> (
+    None
+):
+    """200 and headers, then the body stops after 3 bytes: nothing reached the client, so the
+    next deployment answers; the cut is the first deployment's failure."""
+    with running_gateway(
+        one_deployment_then_fallback(),
+        registry={"tier": TierFromHeader},
+        fake={"behaviours": {"large-up": {"drop_after": 3}}},
+    ) as gw:
+        errors = upstream_errors(gw, "smart-large")  # (the counters are the process's)
+        r = gw.openai().chat.completions.with_raw_response.create(model="smart", messages=MSG)
+        assert r.parse().choices[0].message.content == "Echo: hello there"
+        assert r.headers["x-gateway-deployment"] == "claude-a"
+        assert r.headers["x-gateway-attempts"] == "2"
+        assert models_called(gw) == ["large-up", "claude-up"]
+        health = gw.gateway.pipeline.find("route").health()["deployments"]
+        assert health["smart-large"]["consecutive_failures"] == 1
+        assert upstream_errors(gw, "smart-large") == errors + 1
+
+
+def test_a_stream_failing_midway_counts_against_the_deployment_that_served() -> None:
+    with running_gateway(
+        one_deployment_then_fallback({"breaker": {"failures": 2, "cooldown_s": 30}}),
+        registry={"tier": TierFromHeader},
+        fake={"behaviours": {"large-up": {"drop_after": 2}}},
+    ) as gw:
+        body = {"model": "smart", "messages": MSG, "stream": True}
+        errors = upstream_errors(gw, "smart-large")  # (the counters are the process's)
+        for _ in range(2):
+            with gw.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert "error" in r.read().decode().strip().split("\n\n")[-1]
+        route = gw.gateway.pipeline.find("route")
+        assert route.health()["deployments"]["smart-large"]["state"] == "open"
+        assert upstream_errors(gw, "smart-large") == errors + 2
+        # The breaker is open: the next request goes straight to the fallback.
+        r = gw.openai().chat.completions.with_raw_response.create(model="smart", messages=MSG)
+        assert r.headers["x-gateway-deployment"] == "claude-a"
+
+
+def test_a_deployment_that_cannot_express_the_request_passes_it_on() -> None:
+    """Anthropic has no ``n > 1``: a request for ``claude`` (fallback: ``local``) is served by
+    the local server instead of a 400, and the Anthropic deployment is not blamed; with no
+    deployment left that can serve it, the 400 reaches the client."""
+
+    def alone(url: str) -> dict[str, Any]:
+        cfg = three_providers(url)
+        cfg["models"][1]["fallbacks"] = []
+        return cfg
+
+    with running_gateway(three_providers, registry={"tier": TierFromHeader}) as gw:
+        r = gw.openai().chat.completions.with_raw_response.create(model="claude", messages=MSG, n=2)
+        assert r.headers["x-gateway-deployment"] == "local-a"
+        assert r.headers["x-gateway-attempts"] == "2"
+        assert models_called(gw) == ["local-up"]  # the translation failed before sending
+        health = gw.gateway.pipeline.find("route").health()["deployments"]
+        assert health["claude-a"]["state"] == "closed"
+        assert health["claude-a"]["consecutive_failures"] == 0
+    with running_gateway(alone, registry={"tier": TierFromHeader}) as gw:
+        with pytest.raises(openai.BadRequestError, match="n > 1 is not supported"):
+            gw.openai().chat.completions.create(model="claude", messages=MSG, n=2)
+        assert models_called(gw) == []
