@@ -8,6 +8,7 @@ gateway spends its time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ from gateway.errors import (
     MethodNotAllowedError,
     ModelNotFoundError,
     PayloadTooLargeError,
+    ServiceUnavailableError,
     UnsupportedMediaTypeError,
 )
 from gateway.headers import client_response_headers
@@ -222,12 +224,29 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
             responded = True
             await send_error(send, ctx, GatewayError("internal error"))
     except asyncio.CancelledError:
-        # Cancelled other than by the client leaving (the relay marks that): the server is
-        # stopping with this request unfinished. Whatever went out, it did not complete: the
-        # log, the ledger and the plugins (the cache) must not take it for a success.
-        if not ctx.client_disconnected:
+        # Cancelled other than by the client leaving (forward and the relay handle that): the
+        # server is stopping (its drain timeout passed) with this request unfinished. Whatever
+        # went out, it did not complete: the log, the ledger and the plugins (the cache) must
+        # not take it for a success. The client is told so, as an OpenAI error: a 503 if
+        # nothing was sent yet, else a last SSE error event (uvicorn would answer a bare
+        # text/plain 500, or cut the stream, and log a traceback).
+        if ctx.client_disconnected:
+            raise
+        task = asyncio.current_task()
+        if task is None or task.uncancel() > 0:
             ctx.error_type = ctx.error_type or "cancelled"
-        raise
+            raise  # cancelled more than once: no time to answer
+        stopping = ServiceUnavailableError(
+            "the gateway is shutting down; retry the request", headers={"retry-after": "1"}
+        )
+        with contextlib.suppress(Exception):
+            if ctx.status == 0 and not responded:
+                responded = True
+                await send_error(send, ctx, stopping)
+            elif ctx.stream and ctx.status == 200:
+                event = b"data: " + stopping.body() + b"\n\n"
+                await send({"type": "http.response.body", "body": event, "more_body": False})
+        ctx.error_type = "cancelled"
     finally:
         try:
             if ctx.finished is None:

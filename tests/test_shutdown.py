@@ -81,7 +81,40 @@ def test_a_stream_cut_by_the_drain_timeout_is_logged_as_cancelled(tmp_path: Path
         gw.proc.send_signal(signal.SIGTERM)
         t.join(20)
         assert gw.proc.wait(20) == 0, gw.output()[-2000:]
-        assert not result.get("text", "").endswith("data: [DONE]\n\n")
+        text = result.get("text", "")
+        assert not text.endswith("data: [DONE]\n\n")
+        # The stream ends with an OpenAI error event saying why, not a bare cut.
+        last = json.loads(text.strip().split("\n\n")[-1].removeprefix("data: "))
+        assert last["error"]["type"] == "service_unavailable", text[-500:]
         lines = [json.loads(x) for x in log_file.read_text().splitlines()]
         assert len(lines) == 1, gw.output()[-2000:]
         assert lines[0]["error_type"] == "cancelled" and lines[0]["stream"] is True
+        assert "Exception in ASGI application" not in gw.output()
+
+
+def test_a_plain_request_cut_by_the_drain_timeout_gets_an_openai_503(tmp_path: Path) -> None:
+    """The upstream has not answered when the drain timeout passes: the client gets an
+    OpenAI-shaped 503 with its request id (not uvicorn's text/plain 500), and the log says 503."""
+    log_file = tmp_path / "requests.jsonl"
+    with fake_upstream(hang_ms=15000) as fake:
+        gw = spawn_gateway(config_for(fake.url, log_file, drain_delay_s=0, drain_timeout_s=1))
+        result: dict[str, Any] = {}
+
+        def plain() -> None:
+            body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+            r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=20)
+            result.update(status=r.status_code, body=r.json(), headers=r.headers)
+
+        t = threading.Thread(target=plain)
+        t.start()
+        time.sleep(0.6)
+        gw.proc.send_signal(signal.SIGTERM)
+        t.join(20)
+        assert gw.proc.wait(20) == 0, gw.output()[-2000:]
+        assert result["status"] == 503, result
+        assert result["body"]["error"]["type"] == "service_unavailable"
+        assert result["headers"]["retry-after"] == "1" and result["headers"]["x-request-id"]
+        lines = [json.loads(x) for x in log_file.read_text().splitlines()]
+        assert len(lines) == 1, gw.output()[-2000:]
+        assert lines[0]["status"] == 503 and lines[0]["error_type"] == "cancelled"
+        assert "Exception in ASGI application" not in gw.output()
