@@ -159,8 +159,10 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """503 while starting or draining. Open circuit breakers are reported, not fatal: a
-    provider's outage is no reason to take this replica out of the load balancer."""
+    """503 while draining (and "starting" before startup is done, which only an app driven
+    without uvicorn can see: uvicorn accepts connections once the lifespan startup is over).
+    Open circuit breakers are reported, not fatal: a provider's outage is no reason to take
+    this replica out of the load balancer."""
     gw: Gateway = request.app.state.gateway
     if not gw.ready:
         reason = "draining" if gw.draining else "starting"

@@ -75,7 +75,7 @@ def _start_demo_upstream(settings: Settings) -> subprocess.Popen[bytes] | None:
     raise SystemExit("demo upstream did not start within 15 s")
 
 
-def _server_class() -> type:
+def server_class() -> type:
     import asyncio
     import signal
 
@@ -163,15 +163,16 @@ def serve(args: argparse.Namespace) -> int:
             )
         if workers > 1:
             from uvicorn.config import STARTUP_FAILURE
-            from uvicorn.supervisors import Multiprocess
 
-            supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+            from gateway.workers import Supervisor
+
+            supervisor = Supervisor(config, sockets=[config.bind_socket()])
             supervisor.run()
             if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
                 return 3  # as one worker does: a supervisor must see the failure
         else:
             config.load()
-            server = _server_class()(config)
+            server = server_class()(config)
             server.run()
             if not server.started:
                 return 3

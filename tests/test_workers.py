@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from tests.helpers import demo_model, fake_upstream, spawn_gateway
 
@@ -82,3 +90,105 @@ def test_several_workers_with_memory_stores_warn_at_startup() -> None:
             assert "per_worker_state" not in single.log_path.read_text()
         finally:
             assert single.stop() == 0
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The uvicorn worker processes of the gateway process ``parent`` (not its helpers)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    out = []
+    for pid in map(int, children):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"spawn_main" in cmdline:
+            out.append(pid)
+    return out
+
+
+def test_sigterm_with_workers_drains_like_one_worker_then_refuses_new_connections() -> None:
+    """Every worker answers /readyz 503 for drain_delay_s while still serving, the stream in
+    flight finishes, and once the workers stopped accepting a new connection is refused at
+    once (it used to wait in the listen queue of the socket the supervisor still held)."""
+    with fake_upstream(chunks=10, delay_ms=300) as fake:  # a 3 s answer
+        config = {
+            "models": [demo_model(fake.url)],
+            "server": {"drain_delay_s": 1.0, "drain_timeout_s": 10},
+            "logging": {"request_log": "none"},
+        }
+        gw = spawn_gateway(config, workers=2)
+        result: dict[str, Any] = {}
+
+        def stream() -> None:
+            body = {"model": "demo", "stream": True, "messages": [{"role": "user", "content": "a"}]}
+            r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=20)
+            result.update(status=r.status_code, text=r.text)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.5)
+        gw.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.4)
+        for _ in range(4):  # new connections each time: whichever worker takes it
+            r = httpx.get(f"{gw.url}/readyz", headers={"connection": "close"}, timeout=5)
+            assert r.status_code == 503 and r.json() == {"status": "draining"}
+        time.sleep(1.2)  # past the drain delay; the stream is still running
+        assert t.is_alive()
+        started = time.monotonic()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{gw.url}/healthz", timeout=5)
+        assert time.monotonic() - started < 1.0
+        t.join(20)
+        assert gw.proc.wait(20) == 0, gw.output()[-2000:]
+        assert result["status"] == 200 and result["text"].endswith("data: [DONE]\n\n")
+
+
+def test_a_killed_worker_leaves_the_in_flight_gauge() -> None:
+    """A worker killed with a request in flight is restarted, and its share of the live gauge
+    (the prometheus multiprocess file of a dead pid) leaves the sum."""
+    with fake_upstream(chunks=50, delay_ms=200) as fake:  # a 10 s answer
+        config = {
+            "models": [demo_model(fake.url)],
+            "metrics": {"bearer_token": "metrics-token"},
+            "logging": {"request_log": "none"},
+        }
+        gw = spawn_gateway(config, workers=2)
+        auth = {"authorization": "Bearer metrics-token", "connection": "close"}
+
+        def in_flight() -> float:
+            text = httpx.get(f"{gw.url}/metrics", headers=auth, timeout=5).text
+            line = next(
+                ln for ln in text.splitlines() if ln.startswith("gateway_in_flight_requests ")
+            )
+            return float(line.split()[-1])
+
+        try:
+            body = {"model": "demo", "stream": True, "messages": [{"role": "user", "content": "a"}]}
+
+            def stream() -> None:
+                with contextlib.suppress(httpx.HTTPError):  # its worker is killed midway
+                    httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=20)
+
+            t = threading.Thread(target=stream, daemon=True)
+            t.start()
+            deadline = time.monotonic() + 5
+            while in_flight() != 1.0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert in_flight() == 1.0
+            old = worker_pids(gw.proc.pid)
+            assert len(old) == 2
+            for pid in old:
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                now = worker_pids(gw.proc.pid)
+                if len(now) == 2 and not set(now) & set(old):
+                    try:
+                        if httpx.get(f"{gw.url}/readyz", timeout=1).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                time.sleep(0.2)
+            assert in_flight() == 0.0
+        finally:
+            assert gw.stop() == 0
