@@ -142,6 +142,7 @@ class RequestContext:
         upstream_first_byte: float | None = None,
         finished: float | None = None,
         client_disconnected: bool = False,
+        upstream_failed: bool = False,
         attempts: int = 0,
         response_headers: dict[str, str] | None = None,
         upstream_headers: dict[str, str] | None = None,
@@ -175,7 +176,7 @@ class RequestContext:
         self.upstream_first_byte = upstream_first_byte
         self.finished = finished
         self.client_disconnected = client_disconnected
-        self.upstream_failed = False
+        self.upstream_failed = upstream_failed
         self.attempts = attempts
         self.response_headers = {} if response_headers is None else response_headers
         self.upstream_headers = {} if upstream_headers is None else upstream_headers
