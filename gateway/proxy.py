@@ -345,9 +345,10 @@ def estimate_usage(ctx: RequestContext, data: dict[str, Any]) -> Usage:
     from gateway import tokens
 
     model = ctx.deployment.model if ctx.deployment else ctx.model
-    text = ""
+    texts: list[str] = []
     for choice in data.get("choices") or ():
         msg = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(msg, dict) and isinstance(msg.get("content"), str):
-            text += msg["content"]
+        if isinstance(msg, dict):
+            texts.extend(tokens.generated_texts(msg))
+    text = "".join(texts)
     return Usage(tokens.prompt_tokens(ctx), tokens.count_text(text, model), estimated=True)

@@ -34,6 +34,7 @@ from gateway.envelope import Envelope, TextChunk, join_reads
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError
 from gateway.pipeline import Pipeline, hooked
 from gateway.plugin import CHUNK_HOOKS
+from gateway.tokens import generated_texts
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -101,8 +102,12 @@ class _Relay:
         self.saw_done = False
         #: Forwarded events kept until the upstream's usage shows up (then dropped), so the
         #: completion can still be counted if it never does (all of them with ``keep_text``).
-        #: Parsed mode keeps what it sent, after the plugins' changes.
+        #: Parsed mode keeps what it sent, after the plugins' changes, for the log only.
         self.kept: list[bytes] = []
+        #: Parsed mode: the upstream's blocks as they came, until its usage shows up: what the
+        #: model generated (the provider bills it) is counted from these if it never does,
+        #: also text the plugins held back or refused (the output guard ending the stream).
+        self.generated: list[bytes] = []
         #: Parsed mode: the stream's envelope, and whether the hooks take a run of text in it as
         #: a ``TextChunk`` (else it becomes a dict).
         self.envelope = Envelope() if hooks else None
@@ -159,6 +164,7 @@ class _Relay:
         usage = usage_from(obj)
         if usage is not None:
             self.usage = usage
+            self.generated.clear()
             if not self.keep_text:
                 self.kept.clear()
         return not obj.get("choices") and not self.client_wants_usage
@@ -167,6 +173,8 @@ class _Relay:
         if complete.endswith(_DONE):
             self.saw_done = True
             complete = complete[: -len(_DONE)]
+        if self.usage is None:
+            self.generated.append(complete)
         assert self.envelope is not None
         if self.text_chunks:
             # One text event per read (a model generating tokens): no lists to build.
@@ -176,6 +184,17 @@ class _Relay:
         objs = self.envelope.parse(complete)
         if objs is None:
             objs = self._objects(complete)
+        try:
+            return await self._parsed_objects(objs)
+        except GatewayError:
+            # A plugin ended the stream on this block: a usage event in it still counts (the
+            # output guard refusing the answer does not make it free).
+            for obj in objs:
+                if type(obj) is dict and isinstance(obj.get("usage"), dict):
+                    self._usage_of(obj)
+            raise
+
+    async def _parsed_objects(self, objs: list[Any]) -> bytes:
         out: list[bytes] = []
         run: list[Any] = []  # chunks for the hooks, in order
         for obj in objs:
@@ -228,8 +247,8 @@ class _Relay:
         return objs
 
     def _keep(self, data: bytes) -> bytes:
-        """Parsed mode: keep what the client gets while its text may still be needed."""
-        if data and (self.usage is None or self.keep_text):
+        """Parsed mode: keep what the client gets when its text is logged."""
+        if data and self.keep_text:
             self.kept.append(data)
         return data
 
@@ -243,11 +262,14 @@ class _Relay:
             raise UpstreamError("the upstream stream ended before it was complete")
         return out + _DONE
 
-    def completion_text(self) -> str:
-        """The text the client received, parsed back from the kept events (only needed when
-        the upstream sent no usage, or to log the text)."""
+    def completion_text(self, generated: bool = False) -> str:
+        """The text the client received, parsed back from the kept events (to log it).
+        ``generated``: what the model produced, to count it when the upstream sent no usage:
+        the upstream's own blocks in parsed mode, and tool calls' names and arguments and
+        refusals too."""
+        blocks = self.generated if generated and self.hooks else self.kept
         parts: list[str] = []
-        for block in self.kept:
+        for block in blocks:
             for event in block.split(b"\n\n"):
                 payload = _payload(event)
                 if not payload or payload == b"[DONE]":
@@ -258,7 +280,11 @@ class _Relay:
                     continue
                 for choice in obj.get("choices") or () if isinstance(obj, dict) else ():
                     delta = choice.get("delta") if isinstance(choice, dict) else None
-                    if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                    if not isinstance(delta, dict):
+                        continue
+                    if generated:
+                        parts.extend(generated_texts(delta))
+                    elif isinstance(delta.get("content"), str):
                         parts.append(delta["content"])
         return "".join(parts)
 
@@ -270,7 +296,7 @@ class _Relay:
         model = self.ctx.deployment.model if self.ctx.deployment else self.ctx.model
         return Usage(
             tokens.prompt_tokens(self.ctx),
-            tokens.count_text(self.completion_text(), model),
+            tokens.count_text(self.completion_text(generated=True), model),
             estimated=True,
         )
 

@@ -96,6 +96,22 @@ def count_text(text: str, model: str = "") -> int:
     return encoded_len(encoding_for_model(model), text)
 
 
+def generated_texts(part: dict[str, Any]) -> list[str]:
+    """What a model wrote in an answer's ``message`` or a stream's ``delta``: its text, refusal,
+    and tool calls' names and arguments (legacy ``function_call`` too): what an estimate of
+    completion tokens counts when the upstream reports no usage."""
+    out = [v for v in (part.get("content"), part.get("refusal")) if isinstance(v, str)]
+    calls = part.get("tool_calls")
+    functions = (
+        [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+    )
+    functions.append(part.get("function_call"))
+    for fn in functions:
+        if isinstance(fn, dict):
+            out.extend(v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str))
+    return out
+
+
 def message_text(content: Any) -> str:
     """The text of a message's ``content`` (a string, or a list of parts)."""
     if isinstance(content, str):

@@ -650,3 +650,49 @@ async def test_usage_in_a_chunk_with_choices_is_counted_with_the_guard_on() -> N
     events, r, _ = await relay(guard(), data)
     assert r.final_usage() == Usage(5, 7)
     assert events[-2]["usage"] == USAGE  # passed on with its chunk
+
+
+@pytest.mark.anyio
+async def test_a_stream_the_guard_ends_keeps_the_upstreams_usage() -> None:
+    """The output guard blocks the answer in the same read that carries the usage event: the
+    answer was generated (and billed by the provider), so its usage counts, not an estimate of
+    the nothing the client got."""
+    data = wire(small(TEXT, 7))
+    r = _Relay(ctx(), [guard(output={"secrets": "block"})], False)
+    with pytest.raises(ContentPolicyError):
+        await r.feed(data)
+    assert r.final_usage() == Usage(5, 7)
+
+
+@pytest.mark.anyio
+async def test_a_refused_block_without_usage_is_counted_in_the_estimate() -> None:
+    data = wire(small(TEXT, 7), usage=False)
+    for reads in (None, per_event(data)):
+        r = _Relay(ctx(), [guard(output={"secrets": "block"})], False)
+        with pytest.raises(ContentPolicyError):
+            if reads is None:
+                await r.feed(data)
+            else:
+                pos = 0
+                for size in reads:
+                    await r.feed(data[pos : pos + size])
+                    pos += size
+        usage = r.final_usage()
+        assert usage.estimated and usage.completion_tokens > 10, usage
+
+
+@pytest.mark.anyio
+async def test_estimated_usage_counts_tool_calls_streamed_and_not() -> None:
+    from gateway.proxy import estimate_usage
+
+    data = tool_wire(small(ARGS, 9))
+    _, r, _ = await relay(guard(output={"secrets": "flag"}), data)
+    streamed = r.final_usage()
+    assert streamed.estimated and streamed.completion_tokens > 10, streamed
+    c = ctx()
+    c.body = {"messages": [{"role": "user", "content": "mail it"}]}
+    call = {"id": "c1", "type": "function", "function": {"name": "send_mail", "arguments": ARGS}}
+    answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": None,
+                                                   "tool_calls": [call]}}]}  # fmt: skip
+    plain = estimate_usage(c, answer)
+    assert plain.estimated and plain.completion_tokens == streamed.completion_tokens

@@ -71,12 +71,18 @@ class StreamTranslator:
         }
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
+    def _take_usage(self, usage: Any) -> None:
+        """Counts of ``message_start`` and then ``message_delta`` (cumulative); a count left
+        out or null in the later event keeps the earlier one."""
+        if isinstance(usage, dict):
+            self.usage.update({k: v for k, v in usage.items() if v is not None})
+
     def event(self, obj: dict[str, Any]) -> list[bytes]:
         kind = obj.get("type")
         if kind == "message_start":
             msg = obj.get("message") or {}
             self.id = msg.get("id", "")
-            self.usage.update(msg.get("usage") or {})
+            self._take_usage(msg.get("usage"))
             return [self._chunk({"role": "assistant", "content": ""})]
         if kind == "content_block_start":
             block = obj.get("content_block") or {}
@@ -104,7 +110,7 @@ class StreamTranslator:
                 return [self._chunk({"tool_calls": [call]})]
             return []  # thinking and signature deltas have no OpenAI equivalent
         if kind == "message_delta":
-            self.usage.update(obj.get("usage") or {})
+            self._take_usage(obj.get("usage"))
             reason = (obj.get("delta") or {}).get("stop_reason")
             self.finish = STOP_REASONS.get(reason or "", "stop")
             return [self._chunk({}, self.finish)]

@@ -460,3 +460,41 @@ def test_format_duration_matches_openai() -> None:
     assert [format_duration(s) for s in (0, 0.02, 1, 8.64, 59.9996, 60, 360, 3723.5)] == [
         "0s", "20ms", "1s", "8.64s", "1m0s", "1m0s", "6m0s", "1h2m3.5s",
     ]  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_budget_holds_price_the_fallbacks_and_routing_targets_too() -> None:
+    """A request for a cheap model may be served by its pricier fallback, or moved by a
+    routing rule: its hold must cover the priciest deployment it may end up on."""
+    from types import SimpleNamespace
+
+    from gateway.catalogue import Catalogue, Deployment, ModelEntry, Price
+
+    def model(name: str, price: float, fallbacks: tuple[str, ...] = ()) -> ModelEntry:
+        dep = Deployment(id=f"{name}-d", model=f"{name}-up", base_url="http://127.0.0.1:9/v1",
+                         price=Price(input_per_mtok=price, output_per_mtok=price))  # fmt: skip
+        return ModelEntry(name=name, deployments=(dep,), fallbacks=fallbacks)
+
+    catalogue = Catalogue((
+        model("demo", 1, ("backup",)), model("backup", 5, ("last",)), model("last", 50),
+        model("ruled", 500), model("other", 2000), model("pinned", 9000),
+    ))  # fmt: skip
+    rules = [SimpleNamespace(model="ruled", deployments=()),
+             SimpleNamespace(model=None, deployments=("pinned-d",))]  # fmt: skip
+    route = SimpleNamespace(name="route", config=SimpleNamespace(rules=rules))
+    gateway = SimpleNamespace(catalogue=catalogue, pipeline=SimpleNamespace(find=lambda n: route))
+    plugin = make_plugin(rules=[{"scope": "tenant", "budget_usd": {"day": 1.0}}])
+    await plugin.startup(gateway)  # type: ignore[arg-type]
+    entry = catalogue.get("demo")
+    assert entry is not None
+    served = {d.id for d in plugin.may_serve(entry)}
+    assert served == {"demo-d", "backup-d", "last-d", "ruled-d", "pinned-d"}  # not "other"
+    ctx = make_ctx(max_tokens=100)
+    ctx.model_entry = entry
+    # 100 completion tokens at the priciest one ($9000/M): $0.9 held, whatever serves it.
+    assert plugin.worst_cost(ctx, 0, 100) == pytest.approx(0.9)
+    # Without a route plugin, the fallbacks alone.
+    plain = make_plugin(rules=[{"scope": "tenant", "budget_usd": {"day": 1.0}}])
+    await plain.startup(SimpleNamespace(catalogue=catalogue,  # type: ignore[arg-type]
+                                        pipeline=SimpleNamespace(find=lambda n: None)))  # fmt: skip
+    assert {d.id for d in plain.may_serve(entry)} == {"demo-d", "backup-d", "last-d"}

@@ -202,3 +202,23 @@ def test_a_crlf_split_between_two_reads() -> None:
         t = StreamTranslator("claude-up", CREATED)
         out = b"".join(t.feed(source[i : i + size]) for i in range(0, len(source), size))
         assert out == expected and t.done, size
+
+
+def test_stream_usage_left_null_in_message_delta_keeps_the_message_start_counts() -> None:
+    def sse(kind: str, data: dict[str, Any]) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+
+    source = b"".join([
+        sse("message_start", {"message": {"id": "m1", "usage": {"input_tokens": 1000,
+                                                               "output_tokens": 1}}}),
+        sse("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        sse("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
+        sse("message_delta", {"delta": {"stop_reason": "end_turn"},
+                              "usage": {"input_tokens": None, "output_tokens": 2}}),
+        sse("message_stop", {}),
+    ])  # fmt: skip
+    t = StreamTranslator("claude-up", CREATED)
+    out = t.feed(source).decode()
+    usage = [json.loads(e[6:]) for e in out.split("\n\n") if '"usage"' in e]
+    assert usage[-1]["usage"]["prompt_tokens"] == 1000
+    assert usage[-1]["usage"]["completion_tokens"] == 2
