@@ -178,16 +178,18 @@ async def readyz(request: Request) -> Response:
 async def metrics_endpoint(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     token = gw.settings.metrics.bearer_token
-    if token:
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {token}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+    given = request.headers.get("authorization", "")
+    if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # Not the scrape token: a key (or JWT) whose roles grant the metrics endpoint. With a
+        # token set, only an authenticated caller: without an auth plugin, the token alone.
+        if token and gw.pipeline.find("auth") is None:
             return error_response(AuthenticationError("invalid credentials"))
-    else:
         try:
-            await authenticate(gw, request.scope, "metrics")
+            ctx = await authenticate(gw, request.scope, "metrics")
         except GatewayError as err:
             return error_response(err)
+        if token and ctx.identity is None:
+            return error_response(AuthenticationError("invalid credentials"))
     body, ctype = metrics.render()
     return Response(body, headers={"content-type": ctype})
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -30,9 +30,8 @@ class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=256)
-    #: After SIGTERM, seconds ``/readyz`` answers 503 while still serving, so load balancers stop
-    #: sending new requests before the listener closes (one worker; several workers shut down
-    #: at once).
+    #: After SIGTERM, seconds ``/readyz`` answers 503 while still serving (in every worker), so
+    #: load balancers stop sending new requests before the listener closes.
     drain_delay_s: float = Field(2.0, ge=0)
     #: Then, seconds in-flight requests (streams) get to finish before they are cut.
     drain_timeout_s: float = Field(10.0, ge=0)
@@ -110,7 +109,8 @@ class MetricsConfig(Strict):
 
 class LoggingConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    #: Where the one-line-per-request JSON log goes: ``stdout`` or a file path.
+    #: Where the one-line-per-request JSON log goes: ``stdout``, ``stderr``, a file path, or
+    #: ``none`` (off).
     request_log: str = "stdout"
     access_log: bool = False
     #: Prompt and completion text in the request log (``prompt_text``, ``completion_text``).
@@ -144,7 +144,7 @@ class LedgerConfig(Strict):
     #: Longest a row waits in memory before it is written.
     flush_interval_s: float = Field(1.0, gt=0, le=60)
     #: Rows kept in memory while the database is unreachable; beyond that new rows are dropped
-    #: (and counted in ``gateway_ledger_dropped_total``).
+    #: (and counted in ``gateway_ledger_rows_dropped_total``).
     max_buffer: int = Field(100_000, ge=1)
     #: On shutdown, how long the last rows may take to reach the database.
     shutdown_timeout_s: float = Field(5.0, ge=0)
@@ -200,6 +200,7 @@ class Settings(Strict):
     pipeline: tuple[PipelineEntry, ...] = ()
     #: The file this came from, for error messages.
     source: str = "<memory>"
+    internal_keys: ClassVar[frozenset[str]] = frozenset({"source"})
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
@@ -266,8 +267,15 @@ def _substitute(node: Any, loc: tuple[Any, ...], source: str, env: dict[str, str
 
 def format_validation_error(source: str, err: ValidationError, prefix: tuple[Any, ...] = ()) -> str:
     lines = []
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors:
         loc = (*prefix, *e["loc"])
+        if e["type"] == "too_short" and any(
+            len(o["loc"]) > len(e["loc"]) and o["loc"][: len(e["loc"])] == e["loc"] for o in errors
+        ):
+            # pydantic's echo of an error inside the list ("at least 1 item after validation,
+            # not 0"): the inner error is the one to fix.
+            continue
         msg = e["msg"].removeprefix("Value error, ")
         if (
             e["type"] not in ("missing", "value_error")

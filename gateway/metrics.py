@@ -119,6 +119,8 @@ class _Family:
             counter = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
             for values, child in children:
                 counter.add_metric(values, child.value, created=child.created)
+            if not children and not self.labelnames:
+                counter.add_metric((), 0.0)  # (as prometheus_client exports a fresh counter)
             return counter
         hist = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
         les = [floatToGoString(b) for b in self.bounds]

@@ -31,6 +31,23 @@ def test_unknown_top_level_key_names_allowed_keys() -> None:
     msg = fails({"models": [MODEL], "sever": {}})
     assert msg.startswith("cfg.yaml: (top level): unknown key 'sever'; allowed keys: ")
     assert "server" in msg and "pipeline" in msg
+    assert "source" not in msg  # the gateway's own field, refused in a file
+
+
+def test_an_error_inside_a_deployment_is_reported_once() -> None:
+    """pydantic also reports the emptied lists around a bad item ("at least 1 item after
+    validation, not 0"): only the item's own error is shown."""
+    bad = {"name": "m", "deployments": [{"model": "x", "base_url": "http://h",
+                                         "context_window": "big"}]}  # fmt: skip
+    msg = fails({"models": [bad]})
+    assert msg.splitlines() == [
+        "cfg.yaml: models[0].deployments[0].context_window: Input should be a valid integer, "
+        "unable to parse string as an integer (got 'big')"
+    ]
+    # An empty list is still its own error.
+    assert "models[0].deployments: Tuple should have at least 1 item" in fails(
+        {"models": [{"name": "m", "deployments": []}]}
+    )
 
 
 def test_wrong_type_names_the_path_and_value() -> None:

@@ -59,6 +59,13 @@ def test_in_flight_gauge_sums_the_live_gateways() -> None:
     assert "gateway_in_flight_requests 2.0" in _exposition(_Single(gauge))
 
 
+def test_a_counter_without_labels_is_exposed_as_0_before_its_first_use() -> None:
+    family = _Family("gateway_test_fresh_total", "A fresh counter.", ())
+    assert "gateway_test_fresh_total 0.0" in _exposition(_Single(family))
+    family.inc()
+    assert "gateway_test_fresh_total 1.0" in _exposition(_Single(family))
+
+
 def test_core_metrics_are_exposed_by_the_default_registry() -> None:
     metrics.TOKENS.labels("metrics-test-model", "prompt").inc(3)
     text = metrics.render()[0].decode()

@@ -17,7 +17,7 @@ log = logging.getLogger("gateway.fake_upstream")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m gateway.fake_upstream",
+        prog="gateway fake-upstream",
         description="A fake OpenAI-compatible upstream. Each flag sets the server default of "
         "the x-fake-* header of the same name.",
     )

@@ -146,6 +146,8 @@ class Ingestor:
     ) -> IngestResult:
         source = source_name(path)
         try:
+            if not path.exists():
+                return IngestResult(source, "error", error=f"{path}: no such file or directory")
             kind = kind_for(path.name)
             data = path.read_bytes()
             mtime = path.stat().st_mtime

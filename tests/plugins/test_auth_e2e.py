@@ -301,3 +301,23 @@ def test_rs256_jwt_from_a_jwks_url_through_the_sdk() -> None:
     finally:
         loop.run(runner.cleanup())
         loop.stop()
+
+
+def test_metrics_take_the_scrape_token_or_a_key_with_the_metrics_role() -> None:
+    from tests.plugins.test_auth_support import base_config
+
+    token = "scrape-token-0123456789"
+    with running_gateway(pipeline=[{"name": "auth", "config": base_config()}],
+                         metrics={"bearer_token": token}) as gw:  # fmt: skip
+        url = f"{gw.url}/metrics"
+        assert httpx.get(url, headers={"authorization": f"Bearer {token}"}).status_code == 200
+        assert httpx.get(url, headers={"x-api-key": ADMIN_KEY}).status_code == 200
+        assert httpx.get(url, headers={"x-api-key": USER_KEY}).status_code == 403
+        assert httpx.get(url, headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(url).status_code == 401
+    # Without an auth plugin the token is the only way in.
+    with running_gateway(metrics={"bearer_token": token}) as gw:
+        url = f"{gw.url}/metrics"
+        assert httpx.get(url, headers={"authorization": f"Bearer {token}"}).status_code == 200
+        assert httpx.get(url, headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(url).status_code == 401

@@ -665,7 +665,8 @@ def test_cli_ingest_list_delete(tmp_path: Path, store_dir: Path) -> None:
     code, out, _ = run("delete", "--collection", "kb1", "--tenant", "acme", "--source", vpn)
     assert code == 0 and out == "deleted 1 chunks\n"
     code, out, err = run("ingest", str(tmp_path / "missing.md"), "--no-progress")
-    assert code == 1 and "error:" in err
+    assert code == 1 and "error:" in err and "no such file or directory" in err + out
+    assert "unsupported file type" not in err + out
     code, _, err = run("ingest", str(docs), "--meta", "tenant=evil", "--no-progress")
     assert code == 2 and "set by the gateway" in err
     code, _, err = run("delete", "--collection", "kb1")
