@@ -63,15 +63,17 @@ class _Series:
     )  # fmt: skip
 
     def __init__(
-        self, endpoint: str, model: str, entry: ModelEntry | None, used: Deployment | None,
-        status: int,
-    ) -> None:  # fmt: skip
+        self, endpoint: str, entry: ModelEntry | None, used: Deployment | None, status: int
+    ) -> None:
         # Held, so that their ids (in the key) cannot be reused while this entry exists.
         self.entry = entry
         self.used = used
         provider = used.provider if used is not None else "none"
-        self.metrics = metrics.RequestSeries(endpoint, model, provider, status)
         self.model_name = entry.name if entry is not None else None
+        # The catalogue's name, as the cost counter and the ledger have it (an alias is the
+        # same model; the request log keeps the name asked for).
+        model = self.model_name or "unknown"
+        self.metrics = metrics.RequestSeries(endpoint, model, provider, status)
         self.model_used = used.model if used is not None else None
         self.provider = provider if used is not None else None
         self.deployment = used.id if used is not None else None
@@ -80,21 +82,21 @@ class _Series:
         self.output_per_mtok = price.output_per_mtok if price is not None else 0.0
 
 
-#: By (endpoint, model label, id of the entry, id of the deployment used, status). The labels
-#: come from configuration and a few status codes, so this stays small; entries and deployments
+#: By (endpoint, id of the entry, id of the deployment used, status). The labels come from
+#: configuration and a few status codes, so this stays small; entries and deployments
 #: are the catalogue's, fixed for a gateway's life (more appear only when several gateways are
 #: built in one process, as tests do: hence the bound).
-_SERIES: dict[tuple[str, str, int, int, int], _Series] = {}
+_SERIES: dict[tuple[str, int, int, int], _Series] = {}
 _MAX_SERIES = 4096
 
 
-def _series(ctx: RequestContext, model: str, used: Deployment | None) -> _Series:
-    key = (ctx.endpoint, model, id(ctx.model_entry), id(used), ctx.status)
+def _series(ctx: RequestContext, used: Deployment | None) -> _Series:
+    key = (ctx.endpoint, id(ctx.model_entry), id(used), ctx.status)
     series = _SERIES.get(key)
     if series is None:
         if len(_SERIES) >= _MAX_SERIES:
             _SERIES.clear()
-        series = _SERIES[key] = _Series(ctx.endpoint, model, ctx.model_entry, used, ctx.status)
+        series = _SERIES[key] = _Series(ctx.endpoint, ctx.model_entry, used, ctx.status)
     return series
 
 
@@ -104,9 +106,8 @@ def account(gw: Gateway, ctx: RequestContext) -> None:
         finished = ctx.finished or time.perf_counter()
         total = finished - ctx.started
         entry = ctx.model_entry
-        model = ctx.model if entry is not None else "unknown"
         used = ctx.deployment if ctx.attempts and ctx.deployment is not None else None
-        series = _series(ctx, model, used)
+        series = _series(ctx, used)
         upstream = 0.0
         observed: float | None = None  # the upstream latency, when there was an upstream call
         if ctx.upstream_started is not None:

@@ -300,6 +300,25 @@ class RequestSeries:
                 self.completion.value += completion_tokens
 
 
+#: A model entry's catalogue name by the entry's id (the label of the per-model series; a
+#: pydantic attribute read costs ~450 instructions).
+_MODEL_LABELS: dict[int, tuple[object, str]] = {}
+
+
+def model_label(ctx: Any) -> str:
+    """The ``model`` label of a request: the catalogue's name (an alias is the same model), or
+    ``unknown``: only configured names, whatever clients ask for."""
+    entry = ctx.model_entry
+    if entry is None:
+        return "unknown"
+    hit = _MODEL_LABELS.get(id(entry))
+    if hit is None or hit[0] is not entry:
+        if len(_MODEL_LABELS) >= 4096:
+            _MODEL_LABELS.clear()
+        hit = _MODEL_LABELS[id(entry)] = (entry, entry.name)
+    return hit[1]
+
+
 def track_in_flight(gateway: Any) -> None:
     """Count ``gateway.in_flight`` in ``gateway_in_flight_requests`` (one process; held
     weakly, so a gateway that is gone stops counting)."""

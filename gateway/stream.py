@@ -32,6 +32,7 @@ from gateway import metrics
 from gateway.context import Usage, usage_from
 from gateway.envelope import Envelope, TextChunk, join_reads
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError
+from gateway.metrics import model_label
 from gateway.pipeline import Pipeline, hooked
 from gateway.plugin import CHUNK_HOOKS
 from gateway.tokens import generated_texts
@@ -409,7 +410,7 @@ async def relay_stream(
     try:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         relay.pending = await relay.feed(first)
-        metrics.TTFT.labels(ctx.model).observe(time.perf_counter() - ctx.started)
+        metrics.TTFT.labels(model_label(ctx)).observe(time.perf_counter() - ctx.started)
         # Forward each read at once, except after [DONE]: then only the end of the upstream
         # body can follow, and the last bytes go out in one write with the terminating chunk.
         if not relay.saw_done and relay.pending:

@@ -3,6 +3,8 @@ exactly as prometheus_client's own Counter and Histogram would."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from gateway import metrics
@@ -105,3 +107,31 @@ def test_request_series_records_as_the_separate_updates_would() -> None:
     assert sum(upstream.counts) == 2 and upstream.sum == 0.015
     overhead = metrics.OVERHEAD.labels("chat")
     assert sum(overhead.counts) >= 3
+
+
+def test_an_alias_counts_under_its_catalogue_model_in_every_series() -> None:
+    """Tokens, requests and TTFT carry the catalogue's name, as the cost counter and the ledger
+    do, so per-model series line up; the request log keeps the name asked for."""
+    import httpx
+
+    from tests.helpers import demo_model, running_gateway
+
+    def config(url: str) -> dict[str, Any]:
+        model = {**demo_model(url, name="metrics-alias-m"), "aliases": ["metrics-alias-a"]}
+        return {"models": [model], "logging": {"request_log": "none"}}
+
+    with running_gateway(config) as gw:
+        records: list[dict[str, Any]] = []
+        gw.gateway.observers.append(lambda ctx, record: records.append(record))
+        client = gw.openai()
+        msgs = [{"role": "user", "content": "hi"}]
+        client.chat.completions.create(model="metrics-alias-a", messages=msgs)  # type: ignore[arg-type]
+        list(client.chat.completions.create(model="metrics-alias-a", messages=msgs, stream=True))  # type: ignore[arg-type]
+        text = httpx.get(f"{gw.url}/metrics").text
+    assert 'model="metrics-alias-a"' not in text
+    names = ("gateway_requests_total", "gateway_tokens_total", "gateway_cost_usd_total",
+             "gateway_time_to_first_token_seconds_count")  # fmt: skip
+    for name in names:
+        lines = [ln for ln in text.splitlines() if ln.startswith(name + "{")]
+        assert any('model="metrics-alias-m"' in ln for ln in lines), name
+    assert [r["model"] for r in records] == ["metrics-alias-a", "metrics-alias-a"]
