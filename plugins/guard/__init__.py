@@ -50,6 +50,7 @@ class GuardPlugin(AnswerGuard, Plugin):
         self.secret_actions = {k: v for k, v in cfg.secrets.model_dump().items() if v != "allow"}
         self.secret_types = frozenset(self.secret_actions)
         self._scan_roles = frozenset(cfg.scan_roles)
+        self._classified_roles = frozenset(cfg.semantic.roles)
         # Read on every request: plain attributes (a pydantic attribute read costs ~450
         # instructions).
         self._mode = cfg.mode
@@ -103,11 +104,20 @@ class GuardPlugin(AnswerGuard, Plugin):
         check_input(self._limits, ctx)
         slots = request_slots(ctx)
         roles = self._scan_roles if ctx.endpoint == "chat" else USER_ONLY
-        # Injection layers over the scanned roles' texts, no secrets (done below, with spans).
-        texts = [c[k] for c, k, role in slots if role in roles]
-        findings = self.scanner.findings_now(texts, self._offload_chars)
+        # Injection layers over the scanned roles' texts, no secrets (done below, with spans);
+        # the classifier only over its roles' texts.
+        classify: list[bool] | None = None
+        if self.scanner.semantic is None:
+            texts = [c[k] for c, k, role in slots if role in roles]
+        else:
+            scanned = [(c[k], role) for c, k, role in slots if role in roles]
+            texts = [t for t, _ in scanned]
+            classify = [role in self._classified_roles for _, role in scanned]
+        findings = self.scanner.findings_now(texts, self._offload_chars, classify)
         if findings is None:  # a classifier or a thread to wait for
-            findings = await self.scanner.findings(texts, self._offload_chars, self.shadow)
+            findings = await self.scanner.findings(
+                texts, self._offload_chars, self.shadow, classify
+            )
         redactions: list[tuple[Slot, list[Any]]] = []
         if self.secret_types:
             actions = self.secret_actions

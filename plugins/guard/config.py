@@ -27,6 +27,14 @@ class SemanticConfig(Strict):
     model_path: str | None = None
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     action: Literal["block", "flag"] = "block"
+    #: Roles (of ``scan_roles``) whose texts the classifier scores; the others get the rules
+    #: and the secrets checks only. The classifier learnt from people's prompts: tool results
+    #: (JSON, web pages, logs) are outside what it knows, and it took 22 of 25 realistic ones
+    #: for injections.
+    roles: tuple[
+        Literal["system", "developer", "user", "assistant", "tool", "function", "definitions"],
+        ...,
+    ] = ("user",)
 
 
 class SecretsConfig(Strict):

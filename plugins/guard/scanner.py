@@ -236,38 +236,54 @@ class Scanner:
         secrets: bool = True,
         offload_chars: int = 4096,
         exhaustive: bool = False,
+        classify: list[bool] | None = None,
     ) -> list[Verdict]:
         """All layers over ``texts``; large inputs are swept in a worker thread.
 
         The classifier (the costly layer) only scores texts the cheaper layers did not already
-        block, unless ``exhaustive`` (shadow mode reports every layer's opinion)."""
+        block, unless ``exhaustive`` (shadow mode reports every layer's opinion), and of those
+        only the ones ``classify`` marks (None: all)."""
         if sum(map(len, texts)) > offload_chars:
             verdicts = await asyncio.to_thread(self.scan_sync, texts, secrets)
         else:
             verdicts = self.scan_sync(texts, secrets)
         if self.semantic is not None:
-            todo = [i for i, v in enumerate(verdicts) if exhaustive or not v.blocked]
+            todo = [
+                i
+                for i, v in enumerate(verdicts)
+                if (classify is None or classify[i]) and (exhaustive or not v.blocked)
+            ]
             scores = await self.semantic_scores([texts[i] for i in todo])
             for i, s in zip(todo, scores, strict=True):
                 verdicts[i].findings.extend(self._semantic_findings(s))
         return verdicts
 
     async def findings(
-        self, texts: list[str], offload_chars: int = 4096, exhaustive: bool = False
+        self,
+        texts: list[str],
+        offload_chars: int = 4096,
+        exhaustive: bool = False,
+        classify: list[bool] | None = None,
     ) -> list[Finding]:
         """The findings of :meth:`scan` (injection layers only, no secrets) over all ``texts``,
-        in order. Without a classifier, texts too small for a thread are swept here, with no
-        verdict per text (the guard's usual request)."""
-        swept = self.findings_now(texts, offload_chars)
+        in order; the classifier over those ``classify`` marks (None: all). Without a
+        classifier, texts too small for a thread are swept here, with no verdict per text (the
+        guard's usual request)."""
+        swept = self.findings_now(texts, offload_chars, classify)
         if swept is not None:
             return swept
-        verdicts = await self.scan(texts, False, offload_chars, exhaustive)
+        verdicts = await self.scan(texts, False, offload_chars, exhaustive, classify)
         return [f for v in verdicts for f in v.findings]
 
-    def findings_now(self, texts: list[str], offload_chars: int = 4096) -> list[Finding] | None:
-        """What :meth:`findings` gives when it has nothing to wait for (no classifier, and texts
-        too small for a thread), without a coroutine; None when it has."""
-        if self.semantic is not None or sum(map(len, texts)) > offload_chars:
+    def findings_now(
+        self, texts: list[str], offload_chars: int = 4096, classify: list[bool] | None = None
+    ) -> list[Finding] | None:
+        """What :meth:`findings` gives when it has nothing to wait for (no classifier, or no
+        text for it, and texts too small for a thread), without a coroutine; None when it
+        has."""
+        if sum(map(len, texts)) > offload_chars or (
+            self.semantic is not None and (classify is None or any(classify))
+        ):
             return None
         out: list[Finding] = []
         for t in texts:

@@ -390,6 +390,39 @@ async def test_semantic_layer(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.anyio
+async def test_classifier_scores_only_its_roles_and_the_rules_scan_every_scanned_role(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tool results are scanned by the rules (indirect injection) but, by default, not by the
+    classifier, which learnt from people's prompts and reads JSON as attacks."""
+    import plugins.guard.semantic as semantic
+
+    class Fake(FakeDetector):
+        scored: list[str] = []
+
+    monkeypatch.setattr(semantic, "SemanticDetector", Fake)
+    tool_json = {"role": "tool", "tool_call_id": "c1", "content": '{"sneaky": true}'}
+    for roles, want_blocked, want_scored in (
+        (None, False, ["weather in Lyon?"]),  # the default: user only
+        (["user", "tool"], True, ["weather in Lyon?", '{"sneaky": true}']),
+    ):
+        Fake.scored.clear()
+        sem: dict[str, Any] = {"enabled": True}
+        if roles is not None:
+            sem["roles"] = roles
+        g = guard(semantic=sem)
+        await g.startup(None)  # type: ignore[arg-type]
+        try:
+            assert await blocked(g, chat(user("weather in Lyon?"), tool_json)) == want_blocked
+            assert Fake.scored == want_scored
+            # The rules still read tool results whatever the classifier's roles.
+            tool_attack = {"role": "tool", "tool_call_id": "c2", "content": "Result. " + ATTACK}
+            assert await blocked(g, chat(user("weather?"), tool_attack))
+        finally:
+            await g.shutdown()
+
+
+@pytest.mark.anyio
 async def test_classifier_skips_prompts_the_rules_already_block(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
