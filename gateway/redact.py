@@ -205,10 +205,54 @@ def _iban_ok(s: str) -> bool:
         return False
 
 
+def issuer_ok(digits: str) -> bool:
+    """Whether a card network issues numbers that start so, at that length (ISO/IEC 7812
+    ranges of Visa, Mastercard, Amex, Discover, JCB, Diners, UnionPay, Maestro, Mir). One
+    number in ten passes the Luhn check by chance; IMEIs (15 digits from "35"/"86"), chat and
+    database ids (from "1") and phone numbers written from "00" pass it by design or often,
+    and none is a card."""
+    n = len(digits)
+    first = digits[0]
+    if first == "4":  # Visa
+        return n in (13, 16, 19)
+    two, four = int(digits[:2]), int(digits[:4])
+    if first == "5":  # Mastercard 51-55; Maestro 50, 56-58
+        return 12 <= n <= 19 if two in (50, 56, 57, 58) else n == 16 and two <= 55
+    if first == "2":  # Mir 2200-2204; Mastercard 2221-2720
+        return (2200 <= four <= 2204 and 16 <= n <= 19) or (2221 <= four <= 2720 and n == 16)
+    if first == "3":  # Amex 34/37; JCB 3528-3589; Diners 300-305, 36, 38, 39
+        if two in (34, 37):
+            return n == 15
+        if 3528 <= four <= 3589:
+            return 16 <= n <= 19
+        return (300 <= int(digits[:3]) <= 305 or two in (36, 38, 39)) and 14 <= n <= 19
+    if first == "6":  # Discover, UnionPay, Maestro
+        return 16 <= n <= 19 or (n >= 12 and two in (60, 63, 67))
+    return False
+
+
+#: What documentation and templates put where a key goes: not a secret, whatever its shape.
+_PLACEHOLDER_KEY = re.compile(
+    r"your|here|example|placeholder|dummy|redacted|changeme|insert|replace|xxxx|\.\.\.",
+    re.IGNORECASE,
+)
+#: A domain ending like a file name ("logo@2x.png", "icon@3x.webp"): a retina image, not mail.
+_FILE_SUFFIX = re.compile(r"\.(?:png|jpe?g|gif|svg|webp|ico|bmp|tiff?|css|js|mjs|ts|json|md)$")
+
+
 def _valid(kind: str, text: str) -> bool:
     if kind == "credit_card":
         digits = re.sub(r"[ \-]", "", text)
-        return 13 <= len(digits) <= 19 and luhn_ok(digits) and len(set(digits)) > 1
+        return (
+            13 <= len(digits) <= 19
+            and luhn_ok(digits)
+            and len(set(digits)) > 1
+            and issuer_ok(digits)
+        )
+    if kind == "api_key":
+        return _PLACEHOLDER_KEY.search(text) is None
+    if kind == "email":
+        return _FILE_SUFFIX.search(text) is None
     if kind == "iban":
         return _iban_ok(text)
     if kind == "phone":
@@ -242,6 +286,9 @@ def find_secrets(text: str, types: frozenset[str] | None = None) -> list[SecretH
         if (types is not None and kind not in types) or not _may_contain(kind, text):
             continue
         for m in _emails(text) if kind == "email" else rx.finditer(text):
+            if kind == "email" and text.startswith(":", m.end()) and m.end() + 1 < len(text):
+                if not text[m.end() + 1].isspace():
+                    continue  # "git@github.com:org/repo.git": an scp address, not mail
             if _valid(kind, m.group(0)):
                 found.append(SecretHit(kind, m.start(), m.end()))
             elif kind == "credit_card":

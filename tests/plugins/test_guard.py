@@ -236,7 +236,7 @@ SECRETS = {
     "api_key": [
         "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789",
         "sk-ant-api03-AbCdEfGhIjKlMnOpQrStUvWxYz012345",
-        "AKIAIOSFODNN7EXAMPLE",
+        "AKIAZ7QK2M4P9XR3LN5T",
         "ghp_" + "a1B2c3D4" * 5,
         "xoxb-1234567890-abcdefghij",
         "AIzaSyA-1234567890abcdefghijklmnopqrstu",

@@ -192,7 +192,7 @@ def test_hook_choice_is_kept_even_for_a_plugin_that_skips_plugin_init() -> None:
 # --- streamed output against the whole text, at random chunk boundaries ----------------------
 
 SECRETS = [
-    KEY, "AKIAIOSFODNN7EXAMPLE", "ghp_" + "a1B2c3D4e5" * 4, "xoxb-1234567890-abcdefghij",
+    KEY, "AKIAZ7QK2M4P9XR3LN5T", "ghp_" + "a1B2c3D4e5" * 4, "xoxb-1234567890-abcdefghij",
     "AIza" + "SyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6q",
     "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
     "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA\nabcdEFGH\n-----END RSA PRIVATE KEY-----",
