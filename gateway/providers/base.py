@@ -13,7 +13,6 @@ the route plugin can fail over before the first byte reaches the client.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,6 +22,7 @@ from aiohttp import hdrs
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.duequeue import DueQueue
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -185,57 +185,20 @@ class upstream_timeout:  # lower case: a drop-in for asyncio.timeout
             raise TimeoutError from exc
 
 
-class TimeoutQueue:
+class TimeoutQueue(DueQueue):
     """Any number of ``upstream_timeout(delay)`` blocks of one fixed ``delay``, on one event-loop
-    timer instead of one each.
+    timer instead of one each (``DueQueue``): when a block's deadline passes its task is
+    cancelled, and that cancellation leaves the block as ``TimeoutError``."""
 
-    Arming and cancelling a loop timer costs ~4.6k instructions (callgrind, uvloop), and every
-    request sets one or two first-byte timeouts. Deadlines of one fixed length pass in the
-    order they were set, so a queue of them and a single timer, armed for the oldest one still
-    pending, give the same behaviour: when a block's deadline passes its task is cancelled, and
-    that cancellation leaves the block as ``TimeoutError``. While requests keep finishing in
-    time, the timer fires about once per ``delay``.
-    """
-
-    __slots__ = ("_handle", "_loop", "_pending", "delay")
+    __slots__ = ("delay",)
 
     def __init__(self, delay: float) -> None:
+        super().__init__()
         self.delay = delay
-        self._pending: deque[_Deadline] = deque()
-        self._handle: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> _Deadline:
         """A context manager: the block it guards is given ``delay`` seconds from its entry."""
         return _Deadline(self)
-
-    def _add(self, deadline: _Deadline, loop: asyncio.AbstractEventLoop) -> None:
-        if loop is not self._loop:  # first use, or a new event loop (tests): start afresh
-            self._loop, self._handle = loop, None
-            self._pending.clear()
-        pending = self._pending
-        while pending and pending[0].done:
-            pending.popleft()
-        pending.append(deadline)
-        if self._handle is None:
-            self._handle = loop.call_at(deadline.at, self._fire)
-
-    def _fire(self) -> None:
-        self._handle = None
-        loop = self._loop
-        assert loop is not None
-        now = loop.time()
-        pending = self._pending
-        while pending:
-            head = pending[0]
-            if not head.done:
-                if head.at > now:
-                    self._handle = loop.call_at(head.at, self._fire)
-                    return
-                head.expired = True
-                if head.task is not None:
-                    head.task.cancel()
-            pending.popleft()
 
 
 class _Deadline:
@@ -257,7 +220,12 @@ class _Deadline:
         self.task = task
         self.cancelling = task.cancelling()
         self.at = loop.time() + self._queue.delay
-        self._queue._add(self, loop)
+        self._queue.add(self, loop)
+
+    def fire(self) -> None:
+        self.expired = True
+        if self.task is not None:
+            self.task.cancel()
 
     def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         self.done = True

@@ -42,12 +42,12 @@ class HeaderFilter:
         return sorted((n, v) for n, v in forwarded if n not in names and not n.startswith(prefixes))
 
 
+#: Forwarded request headers, as ``HeaderFilter.key_headers`` gives them.
+KeyHeaders = list[tuple[str, str]] | None
+
+
 def request_key(
-    tenant: str,
-    model: str,
-    body: dict[str, Any],
-    stream: bool,
-    headers: list[tuple[str, str]] | None = None,
+    tenant: str, model: str, body: dict[str, Any], stream: bool, headers: KeyHeaders = None
 ) -> str:
     """Hex digest over tenant, public model, stream mode, the canonical body and the forwarded
     headers that may change the answer (``HeaderFilter.key_headers``; none leaves the digest as
@@ -65,11 +65,7 @@ def request_key(
 
 
 def shape_key(
-    tenant: str,
-    model: str,
-    body: dict[str, Any],
-    stream: bool,
-    headers: list[tuple[str, str]] | None = None,
+    tenant: str, model: str, body: dict[str, Any], stream: bool, headers: KeyHeaders = None
 ) -> str:
     """Like ``request_key`` without the messages: semantic matches only within one shape
     (same tenant, model, tools, temperature, max_tokens ...)."""
