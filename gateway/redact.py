@@ -211,6 +211,8 @@ def issuer_ok(digits: str) -> bool:
     number in ten passes the Luhn check by chance; IMEIs (15 digits from "35"/"86"), chat and
     database ids (from "1") and phone numbers written from "00" pass it by design or often,
     and none is a card."""
+    if not digits.isascii():  # fullwidth or other scripts' digits (the pattern's \d)
+        digits = "".join(str(int(c)) for c in digits)
     n = len(digits)
     first = digits[0]
     if first == "4":  # Visa
