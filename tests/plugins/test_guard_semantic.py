@@ -68,6 +68,25 @@ def test_short_everyday_prompts_pass(detector: SemanticDetector) -> None:
     assert not any(detector.is_attack(s) for s in scores), dict(zip(short, scores, strict=True))
 
 
+def test_ordinary_prompts_in_other_languages_and_small_json_pass(
+    detector: SemanticDetector,
+) -> None:
+    """Every row of dev.jsonl whose letters are mostly not Latin is an attack, and a model
+    trained on it alone blocked every Chinese and Japanese prompt and most French, German and
+    Spanish ones. None of these is in the training files."""
+    texts = [
+        "Vielen Dank für die schnelle Antwort",
+        "谢谢你的帮助",
+        "ありがとう、助かりました",
+        "Pouvez-vous reformuler ce paragraphe ?",
+        "Спасибо, всё понятно",
+        "¿Puedes resumir este informe en tres puntos?",
+        '{"status": "done", "count": 2}',
+    ]
+    scores = detector.score(texts)
+    assert not any(detector.is_attack(s) for s in scores), dict(zip(texts, scores, strict=True))
+
+
 def test_scores_are_probabilities_one_per_text(detector: SemanticDetector) -> None:
     texts = ["", "x", *ATTACKS, "word " * 3000]
     scores = detector.score(texts)
