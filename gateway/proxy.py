@@ -267,6 +267,7 @@ async def finish_response_phase(ran: list[Plugin], ctx: RequestContext) -> Gatew
     raises. Returns the first ``GatewayError`` raised."""
     ctx.scratch["response_done"] = {}
     first: GatewayError | None = None
+    cancelled: asyncio.CancelledError | None = None
     for plugin in reversed(hooked(ran, "on_response")):
         try:
             await plugin.on_response(ctx)
@@ -274,11 +275,17 @@ async def finish_response_phase(ran: list[Plugin], ctx: RequestContext) -> Gatew
             if first is None:
                 first = err
                 ctx.status, ctx.error_type = err.status, err.type
+        except asyncio.CancelledError as err:
+            # Shutdown cut this plugin short: the others still give back what they hold
+            # (concurrency slots, budget holds, probes) before the cancellation goes on.
+            cancelled = err
         except Exception:
             log.exception(
                 "plugin on_response failed",
                 extra={"plugin": plugin.name, "request_id": ctx.request_id},
             )
+    if cancelled is not None:
+        raise cancelled
     return first
 
 
@@ -319,7 +326,11 @@ async def forward(
     ctx.response = data
     ctx.status = 200
     ctx.usage = usage_from(data) or estimate_usage(ctx, data)
-    err = await finish_response_phase(ran, ctx)
+    try:
+        err = await finish_response_phase(ran, ctx)
+    except asyncio.CancelledError:
+        ctx.status = 0  # nothing was sent: the handler answers the shutdown with a 503
+        raise
     if err is not None:
         raise err
     out = orjson.dumps(ctx.response)

@@ -211,8 +211,6 @@ def issuer_ok(digits: str) -> bool:
     number in ten passes the Luhn check by chance; IMEIs (15 digits from "35"/"86"), chat and
     database ids (from "1") and phone numbers written from "00" pass it by design or often,
     and none is a card."""
-    if not digits.isascii():  # fullwidth or other scripts' digits (the pattern's \d)
-        digits = "".join(str(int(c)) for c in digits)
     n = len(digits)
     first = digits[0]
     if first == "4":  # Visa
@@ -245,6 +243,8 @@ _FILE_SUFFIX = re.compile(r"\.(?:png|jpe?g|gif|svg|webp|ico|bmp|tiff?|css|js|mjs
 def _valid(kind: str, text: str) -> bool:
     if kind == "credit_card":
         digits = re.sub(r"[ \-]", "", text)
+        if not digits.isascii():  # fullwidth or other scripts' digits (the pattern's \d)
+            digits = "".join(str(int(c)) for c in digits)
         return (
             13 <= len(digits) <= 19
             and luhn_ok(digits)

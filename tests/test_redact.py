@@ -125,6 +125,11 @@ def test_numbers_that_pass_luhn_but_no_card_network_issues_are_not_cards() -> No
                  "30569309025904", "6200000000000005"):  # fmt: skip
         assert cards(f"pay with {card} today") == [card], card
         assert redact.luhn_ok(card.replace(" ", ""))
+    # Other scripts' digits (what the pattern's \d matches) are read as the digits they are.
+    fullwidth = "".join(chr(0xFF10 + int(c)) for c in "5555555555554444")
+    arabic_indic = "".join(chr(0x0660 + int(c)) for c in "378282246310005")
+    for card in (fullwidth, arabic_indic):
+        assert cards(f"card {card} ok") == [card]
     # Luhn-valid numbers no network issues: an IMEI (15 digits from 35), a chat id, a phone
     # number written from 00, a Visa prefix at a length Visa does not use.
     for number in ("352099001761481", "1148276533041184733", "004915112345678",

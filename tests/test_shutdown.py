@@ -3,6 +3,7 @@ the request log is flushed, and the process exits 0."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.helpers import demo_model, fake_upstream, spawn_gateway
 
@@ -118,3 +120,69 @@ def test_a_plain_request_cut_by_the_drain_timeout_gets_an_openai_503(tmp_path: P
         assert len(lines) == 1, gw.output()[-2000:]
         assert lines[0]["status"] == 503 and lines[0]["error_type"] == "cancelled"
         assert "Exception in ASGI application" not in gw.output()
+
+
+@pytest.mark.anyio
+async def test_a_cancel_during_a_plain_answers_response_phase_still_answers_503() -> None:
+    """Shutdown may cancel a request while a plugin's response hook runs, before the answer
+    went out: the client gets the OpenAI 503 (not uvicorn's text/plain 500 for an app that
+    sent nothing), and the hooks of the plugins below still run."""
+    from gateway import fake_upstream as fake
+    from gateway.app import create_app
+    from gateway.config import parse_settings
+    from gateway.plugin import Plugin, PluginConfig
+    from tests.helpers import build_config
+
+    entered = asyncio.Event()
+    settled: list[str] = []
+
+    class Settles(Plugin):
+        name = "settles"
+        Config = PluginConfig
+
+        async def on_response(self, ctx: Any) -> None:
+            settled.append(ctx.request_id)
+
+    class Slow(Plugin):
+        name = "slow"
+        Config = PluginConfig
+
+        async def on_response(self, ctx: Any) -> None:
+            entered.set()  # as a Redis write or a scan in a thread would, it waits
+            await asyncio.sleep(30)
+
+    runner, port = await fake.start()
+    try:
+        raw = build_config(f"http://127.0.0.1:{port}",
+                           pipeline=[{"name": "settles"}, {"name": "slow"}])  # fmt: skip
+        app = create_app(parse_settings(raw, "t.yaml", {}), {"settles": Settles, "slow": Slow})
+        await app.gateway.startup()
+        body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}]})
+        sent: list[dict[str, Any]] = []
+        done = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if not done.is_set():
+                done.set()
+                return {"type": "http.request", "body": body.encode(), "more_body": False}
+            await asyncio.sleep(60)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "path": "/v1/chat/completions", "raw_path": b"",
+                 "query_string": b"", "root_path": "", "scheme": "http",
+                 "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}  # fmt: skip
+        task = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.wait_for(entered.wait(), 10)
+        task.cancel()
+        await asyncio.wait_for(task, 10)  # the handler answers; the cancellation ends there
+        assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 503
+        assert json.loads(sent[1]["body"])["error"]["type"] == "service_unavailable"
+        assert len(settled) == 1  # the plugin below the cancelled one still settled
+        await app.gateway.shutdown()
+    finally:
+        await runner.cleanup()

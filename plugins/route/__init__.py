@@ -251,7 +251,8 @@ class RoutePlugin(Plugin):
     ) -> None:
         scratch = ctx.scratch_for(self.name)
         claims: list[str] = scratch.get("claims", [])
-        if deployment.id in claims:
+        held = deployment.id in claims  # this request holds the deployment's probe
+        if held:
             claims.remove(deployment.id)  # the outcome below settles the probe
         if error is None:
             if ctx.stream:
@@ -267,12 +268,16 @@ class RoutePlugin(Plugin):
         self._end_busy(scratch)
         if not error.retryable:
             # The request's own fault (400 ...): says nothing about the deployment's health.
-            self.breakers.release(deployment.id)
+            # (Only the probe's holder gives it back: a pinned request may have gone to a
+            # deployment whose probe another request is running.)
+            if held:
+                self.breakers.release(deployment.id)
             return
         if not error.deployment_fault:
             # The request's deadline ran out, or this provider cannot express the request (the
             # next deployment may): nothing against the deployment, and no retry was spent.
-            self.breakers.release(deployment.id)
+            if held:
+                self.breakers.release(deployment.id)
         else:
             retry_after = _seconds(error.headers.get("retry-after"), self.config.max_retry_after_s)
             self.breakers.failure(deployment.id, retry_after)

@@ -262,6 +262,29 @@ async def test_a_half_open_fallback_is_probed_when_the_earlier_ones_fail() -> No
 
 
 @pytest.mark.anyio
+async def test_only_the_probes_holder_gives_it_back() -> None:
+    """A pinned request may go to a half-open deployment whose probe another request runs; its
+    own 400 (or deadline) must not free that probe, or a third request probes at once."""
+    clock = Clock()
+    p = plugin(clock, breaker={"failures": 1, "cooldown_s": 5}, rules=[{"deployments": ["big"]}])
+    p.breakers.failure("big")
+    clock.now += 5
+    probe = ctx()
+    await p.on_request(probe)
+    assert ids(probe)[0] == "big" and not p.breakers.available("big")
+    pinned = ctx(identity=Identity(user="ops", roles=("admin",)))
+    pinned.headers["x-gateway-deployment"] = "big"
+    await p.on_request(pinned)
+    assert ids(pinned) == ["big"]
+    await p.on_attempt(pinned, pinned.candidates.pop(0), InvalidRequestError("bad"), 0.01)
+    await p.on_attempt(pinned, p.by_id["big"], DeadlineExceededError("late", retryable=True), 1)
+    await p.on_response(pinned)
+    assert not p.breakers.available("big")  # still the first request's probe
+    await p.on_attempt(probe, probe.candidates.pop(0), None, 0.01)
+    assert p.breakers.state("big") == CLOSED
+
+
+@pytest.mark.anyio
 async def test_deadline_and_unsupported_requests_are_not_the_deployments_fault() -> None:
     p = plugin(breaker={"failures": 1}, retry_budget={"ratio": 0, "floor_per_s": 0, "burst": 1})
     c = ctx()
