@@ -113,6 +113,9 @@ def test_key_headers_keep_what_an_upstream_may_act_on_and_ignore_the_rest() -> N
         ("x-vendor-mode", "b"), ("user-agent", "curl/8"), ("traceparent", "00-ab-cd-01"),
         ("x-stainless-retry-count", "1"), ("openai-beta", "assistants=v2"),
         ("x-datadog-trace-id", "9"), ("x-vendor-mode", "a"), ("sec-fetch-mode", "cors"),
+        # Per-request headers of CDNs, APM agents and meshes in front of the gateway.
+        ("cf-ray", "8a1b2c3d4e5f-CDG"), ("newrelic", "eyJ2Ijpb"), ("x-request-start", "t=17"),
+        ("elastic-apm-traceparent", "00-1-2-01"), ("x-envoy-attempt-count", "1"),
     ]  # fmt: skip
     assert f.key_headers(forwarded) == [
         ("openai-beta", "assistants=v2"), ("x-vendor-mode", "a"), ("x-vendor-mode", "b"),
