@@ -254,9 +254,9 @@ def main(argv: list[str] | None = None) -> None:
         # Under valgrind the driver runs ~50x slower, so requests last far longer in wall time
         # and would start the disconnect watch (after 0.1 s of wall time) that real requests,
         # over in a few ms, never do: stretch its delay by the same factor.
-        import gateway.stream
+        import gateway.disconnect
 
-        gateway.stream.WATCH_AFTER_S *= 50
+        gateway.disconnect.WATCH_AFTER_S *= 50
     try:
         import uvloop
 

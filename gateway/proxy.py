@@ -21,6 +21,7 @@ import orjson
 from gateway import metrics
 from gateway.accounting import account
 from gateway.context import RequestContext, Usage, usage_from
+from gateway.disconnect import DisconnectWatch
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -32,7 +33,7 @@ from gateway.errors import (
 )
 from gateway.headers import client_response_headers
 from gateway.pipeline import hooked
-from gateway.stream import DisconnectWatch, relay_stream
+from gateway.stream import relay_stream
 from gateway.upstream import open_upstream
 from gateway.validate import validate_chat, validate_embeddings
 

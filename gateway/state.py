@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 from gateway import tokens
 from gateway.catalogue import Catalogue
 from gateway.config import ConfigError
+from gateway.disconnect import WatchQueue
 from gateway.ledger.metrics import UsageMetrics
 from gateway.logs import RequestLog
 from gateway.pipeline import Pipeline, build_pipeline
 from gateway.providers import provider_class
 from gateway.providers.base import make_session
-from gateway.stream import WatchQueue
 from gateway.validate import RequestLimits
 
 if TYPE_CHECKING:

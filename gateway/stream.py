@@ -29,7 +29,7 @@ import orjson
 
 from gateway import metrics
 from gateway.context import Usage, usage_from
-from gateway.duequeue import DueQueue
+from gateway.disconnect import DisconnectWatch
 from gateway.envelope import Envelope, TextChunk, join_reads
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError
 from gateway.metrics import model_label
@@ -300,57 +300,6 @@ class _Relay:
             tokens.count_text(self.completion_text(generated=True), model),
             estimated=True,
         )
-
-
-#: A request still waiting for or relaying its upstream answer this long after it started gets
-#: a task that watches for the client going away. A fast upstream's answer is usually over by
-#: then, so most requests never pay for the task; a disconnect is still noticed at most this
-#: much later.
-WATCH_AFTER_S = 0.1
-
-
-class WatchQueue(DueQueue):
-    """The delayed starts of every :class:`DisconnectWatch` of one gateway, on one loop timer
-    (all wait the same ``WATCH_AFTER_S``)."""
-
-    __slots__ = ()
-
-
-class DisconnectWatch:
-    """Cancels the request's task when the client disconnects, from ``WATCH_AFTER_S`` after it
-    was made until ``stop()``: while the attempts run and while a stream is relayed."""
-
-    __slots__ = ("at", "disconnected", "done", "main", "receive", "task")
-
-    def __init__(self, receive: Any, queue: WatchQueue) -> None:
-        loop = asyncio.get_running_loop()
-        main = asyncio.current_task(loop)
-        assert main is not None
-        self.main = main
-        self.receive = receive
-        self.done = False
-        self.disconnected = False
-        self.task: asyncio.Task[None] | None = None
-        self.at = loop.time() + WATCH_AFTER_S
-        queue.add(self, loop)
-
-    def fire(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self.watch())
-
-    async def watch(self) -> None:
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                if not self.done:
-                    self.disconnected = True
-                    self.main.cancel()
-                return
-
-    def stop(self) -> None:
-        self.done = True
-        if self.task is not None:
-            self.task.cancel()
-            self.task = None
 
 
 async def relay_stream(

@@ -28,12 +28,12 @@ from gateway.tokens import prompt_tokens, prompt_tokens_bound
 from . import scopes
 from .config import LimitConfig
 from .headers import add_rate_limit_headers, format_duration, retry_after_headers
+from .prices import HoldPrices
 from .store_base import Decision, Reservation, Store, period_end
 from .store_memory import MemoryStore
 from .store_redis import RedisStore, StoreUnavailable
 
 if TYPE_CHECKING:
-    from gateway.catalogue import Catalogue, Deployment, ModelEntry
     from gateway.context import RequestContext
     from gateway.state import Gateway
 
@@ -95,12 +95,8 @@ class LimitPlugin(Plugin):
         #: Settlements the store did not take (Redis down): (reservation, admission-side
         #: arguments, whether the whole settlement may be retried, give-up time).
         self._pending: deque[tuple[Reservation, float, int, float, bool, float]] = deque()
-        #: Per model entry: (the entry, the highest input and output prices of the
-        #: deployments that may serve it).
-        self._prices: dict[int, tuple[object, float, float]] = {}
-        #: For those: the catalogue (fallbacks) and the routing rules' targets, from startup.
-        self._catalogue: Catalogue | None = None
-        self._rule_targets: tuple[tuple[str | None, tuple[str, ...]], ...] = ()
+        #: What budget holds price a request at (the catalogue and routing rules: startup).
+        self.prices = HoldPrices()
         self._retry_task: asyncio.Task[None] | None = None
 
     def _new_slot_ids(self) -> None:
@@ -114,11 +110,9 @@ class LimitPlugin(Plugin):
         cfg = self.config
         self._new_slot_ids()
         if gateway is not None:
-            self._catalogue = gateway.catalogue
             route = gateway.pipeline.find("route")
             rules = getattr(getattr(route, "config", None), "rules", None) or ()
-            self._rule_targets = tuple((r.model, tuple(r.deployments)) for r in rules)
-            self._prices.clear()
+            self.prices = HoldPrices(gateway.catalogue, rules)
         if cfg.store == "memory":
             self.store = MemoryStore()
             return
@@ -183,43 +177,9 @@ class LimitPlugin(Plugin):
 
     def worst_cost(self, ctx: RequestContext, prompt: int, cap: int) -> float:
         """The most the answer can cost: ``prompt`` and ``cap`` tokens at the highest prices
-        among the deployments that may serve it (``may_serve``)."""
+        among the deployments that may serve it (``HoldPrices.may_serve``)."""
         entry = ctx.model_entry
-        if entry is None:
-            return 0.0
-        prices = self._prices.get(id(entry))
-        if prices is None or prices[0] is not entry:
-            if len(self._prices) >= _MAX_PLANS:
-                self._prices.clear()
-            deps = self.may_serve(entry)
-            prices = self._prices[id(entry)] = (
-                entry,
-                max([d.price.input_per_mtok for d in deps], default=0.0),
-                max([d.price.output_per_mtok for d in deps], default=0.0),
-            )
-        return (prompt * prices[1] + cap * prices[2]) / 1e6
-
-    def may_serve(self, entry: ModelEntry) -> list[Deployment]:
-        """The deployments a request for ``entry`` may end up on: its own, its fallbacks' (and
-        theirs), and every routing rule's target model (with its fallbacks) and deployments,
-        whatever the rules' conditions: a hold must cover the priciest of them."""
-        catalogue = self._catalogue
-        if catalogue is None:
-            return list(entry.deployments)
-        out: list[Deployment] = []
-        seen: set[str] = set()
-        queue: list[str] = [entry.name, *(m for m, _ in self._rule_targets if m)]
-        while queue:
-            model = catalogue.get(queue.pop(0))
-            if model is None or model.name in seen:
-                continue
-            seen.add(model.name)
-            out.extend(model.deployments)
-            queue.extend(model.fallbacks)
-        wanted = {d for _, deps in self._rule_targets for d in deps}
-        if wanted:
-            out.extend(d for d in catalogue.deployments() if d.id in wanted)
-        return out
+        return 0.0 if entry is None else self.prices.worst_cost(entry, prompt, cap)
 
     def plan(self, ctx: RequestContext) -> scopes.Plan:
         """The checks of this request: a function of the caller and the model only, so built

@@ -487,7 +487,7 @@ async def test_budget_holds_price_the_fallbacks_and_routing_targets_too() -> Non
     await plugin.startup(gateway)  # type: ignore[arg-type]
     entry = catalogue.get("demo")
     assert entry is not None
-    served = {d.id for d in plugin.may_serve(entry)}
+    served = {d.id for d in plugin.prices.may_serve(entry)}
     assert served == {"demo-d", "backup-d", "last-d", "ruled-d", "pinned-d"}  # not "other"
     ctx = make_ctx(max_tokens=100)
     ctx.model_entry = entry
@@ -497,4 +497,4 @@ async def test_budget_holds_price_the_fallbacks_and_routing_targets_too() -> Non
     plain = make_plugin(rules=[{"scope": "tenant", "budget_usd": {"day": 1.0}}])
     await plain.startup(SimpleNamespace(catalogue=catalogue,  # type: ignore[arg-type]
                                         pipeline=SimpleNamespace(find=lambda n: None)))  # fmt: skip
-    assert {d.id for d in plain.may_serve(entry)} == {"demo-d", "backup-d", "last-d"}
+    assert {d.id for d in plain.prices.may_serve(entry)} == {"demo-d", "backup-d", "last-d"}

@@ -201,12 +201,20 @@ async def test_breaker_opens_skips_then_half_opens_one_probe() -> None:
     assert probe.response_headers["x-gateway-deployment"] == "big"
 
 
+def half_open(dep_id: str, big_only: bool = True) -> RoutePlugin:
+    """A plugin (breaker: 1 failure, 5 s cool-down; with ``big_only`` a rule sending every
+    request to ``big`` first) whose deployment ``dep_id`` failed and has just half-opened."""
+    clock = Clock()
+    rules = [{"deployments": ["big"]}] if big_only else []
+    p = plugin(clock, breaker={"failures": 1, "cooldown_s": 5}, rules=rules)
+    p.breakers.failure(dep_id)
+    clock.now += 5
+    return p
+
+
 @pytest.mark.anyio
 async def test_unused_probe_is_released_and_failed_probe_reopens() -> None:
-    clock = Clock()
-    p = plugin(clock, breaker={"failures": 1, "cooldown_s": 5}, rules=[{"deployments": ["big"]}])
-    p.breakers.failure("big")
-    clock.now += 5
+    p = half_open("big")
     c = ctx()
     await p.on_request(c)
     await p.on_response(c)  # answered without trying the probe (e.g. a cache hit)
@@ -228,10 +236,7 @@ def backup_ctx() -> RequestContext:
 async def test_a_half_open_fallback_is_claimed_only_when_its_turn_comes() -> None:
     """A request that lists a half-open deployment only as a fallback must not hold its probe:
     the requests for that deployment's own model would be refused for as long as it runs."""
-    clock = Clock()
-    p = plugin(clock, breaker={"failures": 1, "cooldown_s": 5})
-    p.breakers.failure("bk")
-    clock.now += 5
+    p = half_open("bk", big_only=False)
     a = ctx()
     await p.on_request(a)
     assert ids(a)[-1] == "bk" and p.breakers.available("bk")  # listed, not claimed
@@ -248,10 +253,7 @@ async def test_a_half_open_fallback_is_claimed_only_when_its_turn_comes() -> Non
 
 @pytest.mark.anyio
 async def test_a_half_open_fallback_is_probed_when_the_earlier_ones_fail() -> None:
-    clock = Clock()
-    p = plugin(clock, breaker={"failures": 1, "cooldown_s": 5}, rules=[{"deployments": ["big"]}])
-    p.breakers.failure("bk")
-    clock.now += 5
+    p = half_open("bk")
     c = ctx()
     await p.on_request(c)
     assert ids(c) == ["big", "bk"] and p.breakers.available("bk")
@@ -265,10 +267,7 @@ async def test_a_half_open_fallback_is_probed_when_the_earlier_ones_fail() -> No
 async def test_only_the_probes_holder_gives_it_back() -> None:
     """A pinned request may go to a half-open deployment whose probe another request runs; its
     own 400 (or deadline) must not free that probe, or a third request probes at once."""
-    clock = Clock()
-    p = plugin(clock, breaker={"failures": 1, "cooldown_s": 5}, rules=[{"deployments": ["big"]}])
-    p.breakers.failure("big")
-    clock.now += 5
+    p = half_open("big")
     probe = ctx()
     await p.on_request(probe)
     assert ids(probe)[0] == "big" and not p.breakers.available("big")

@@ -1,0 +1,60 @@
+"""What a budget hold prices a request at: the priciest deployment it may end up on."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.catalogue import Catalogue, Deployment, ModelEntry
+
+#: Distinct model entries priced; past this the memo starts again (tests build many gateways).
+_MAX_ENTRIES = 4096
+
+
+class HoldPrices:
+    """Per model entry, the highest input and output prices among the deployments a request
+    for it may end up on (``may_serve``), remembered by the entry's id."""
+
+    def __init__(self, catalogue: Catalogue | None = None, rules: Any = ()) -> None:
+        self.catalogue = catalogue
+        #: The routing rules' targets: (model or None, deployment ids).
+        self.rule_targets: tuple[tuple[str | None, tuple[str, ...]], ...] = tuple(
+            (r.model, tuple(r.deployments)) for r in rules
+        )
+        self._memo: dict[int, tuple[object, float, float]] = {}
+
+    def worst_cost(self, entry: ModelEntry, prompt: int, cap: int) -> float:
+        """``prompt`` and ``cap`` tokens at those highest prices, in USD."""
+        prices = self._memo.get(id(entry))
+        if prices is None or prices[0] is not entry:
+            if len(self._memo) >= _MAX_ENTRIES:
+                self._memo.clear()
+            deps = self.may_serve(entry)
+            prices = self._memo[id(entry)] = (
+                entry,
+                max([d.price.input_per_mtok for d in deps], default=0.0),
+                max([d.price.output_per_mtok for d in deps], default=0.0),
+            )
+        return (prompt * prices[1] + cap * prices[2]) / 1e6
+
+    def may_serve(self, entry: ModelEntry) -> list[Deployment]:
+        """The deployments a request for ``entry`` may end up on: its own, its fallbacks' (and
+        theirs), and every routing rule's target model (with its fallbacks) and deployments,
+        whatever the rules' conditions: a hold must cover the priciest of them."""
+        catalogue = self.catalogue
+        if catalogue is None:
+            return list(entry.deployments)
+        out: list[Deployment] = []
+        seen: set[str] = set()
+        queue: list[str] = [entry.name, *(m for m, _ in self.rule_targets if m)]
+        while queue:
+            model = catalogue.get(queue.pop(0))
+            if model is None or model.name in seen:
+                continue
+            seen.add(model.name)
+            out.extend(model.deployments)
+            queue.extend(model.fallbacks)
+        wanted = {d for _, deps in self.rule_targets for d in deps}
+        if wanted:
+            out.extend(d for d in catalogue.deployments() if d.id in wanted)
+        return out
