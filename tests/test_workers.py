@@ -110,10 +110,10 @@ def test_sigterm_with_workers_drains_like_one_worker_then_refuses_new_connection
     """Every worker answers /readyz 503 for drain_delay_s while still serving, the stream in
     flight finishes, and once the workers stopped accepting a new connection is refused at
     once (it used to wait in the listen queue of the socket the supervisor still held)."""
-    with fake_upstream(chunks=10, delay_ms=300) as fake:  # a 3 s answer
+    with fake_upstream(chunks=20, delay_ms=300) as fake:  # a 6 s answer
         config = {
             "models": [demo_model(fake.url)],
-            "server": {"drain_delay_s": 1.0, "drain_timeout_s": 10},
+            "server": {"drain_delay_s": 2.0, "drain_timeout_s": 15},
             "logging": {"request_log": "none"},
         }
         gw = spawn_gateway(config, workers=2)
@@ -121,26 +121,39 @@ def test_sigterm_with_workers_drains_like_one_worker_then_refuses_new_connection
 
         def stream() -> None:
             body = {"model": "demo", "stream": True, "messages": [{"role": "user", "content": "a"}]}
-            r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=20)
+            r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=30)
             result.update(status=r.status_code, text=r.text)
 
-        t = threading.Thread(target=stream)
-        t.start()
-        time.sleep(0.5)
-        gw.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.4)
-        for _ in range(4):  # new connections each time: whichever worker takes it
+        def ready() -> int:
             r = httpx.get(f"{gw.url}/readyz", headers={"connection": "close"}, timeout=5)
-            assert r.status_code == 503 and r.json() == {"status": "draining"}
-        time.sleep(1.2)  # past the drain delay; the stream is still running
-        assert t.is_alive()
-        started = time.monotonic()
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{gw.url}/healthz", timeout=5)
-        assert time.monotonic() - started < 1.0
-        t.join(20)
-        assert gw.proc.wait(20) == 0, gw.output()[-2000:]
-        assert result["status"] == 200 and result["text"].endswith("data: [DONE]\n\n")
+            return r.status_code
+
+        t = threading.Thread(target=stream)
+        try:
+            t.start()
+            time.sleep(0.5)
+            gw.proc.send_signal(signal.SIGTERM)
+            # The supervisor looks at its signals every 0.5 s, then tells every worker at once.
+            deadline = time.monotonic() + 1.5
+            while ready() != 503 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            draining_since = time.monotonic()
+            statuses = [ready() for _ in range(4)]  # new connections: whichever worker takes it
+            assert statuses == [503] * 4, statuses
+            time.sleep(max(0.0, draining_since + 2.3 - time.monotonic()))  # past the delay
+            assert t.is_alive()  # the stream is still running
+            started = time.monotonic()
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{gw.url}/healthz", timeout=5)
+            assert time.monotonic() - started < 1.0
+            t.join(30)
+            assert gw.proc.wait(30) == 0, gw.output()[-2000:]
+            assert result["status"] == 200 and result["text"].endswith("data: [DONE]\n\n")
+        finally:
+            if gw.proc.poll() is None:
+                gw.proc.kill()
+                gw.proc.wait(10)
+            t.join(30)
 
 
 def test_a_killed_worker_leaves_the_in_flight_gauge() -> None:
