@@ -86,6 +86,15 @@ def _events(chunks: list[Any]) -> bytes:
     return b"data: " + b"\n\ndata: ".join(payloads) + b"\n\n"
 
 
+def upstream_failed(ctx: RequestContext, error_type: str) -> None:
+    """The deployment failed after it began answering (the stream cut, stalled, or ended by an
+    error event): counted like a failed attempt, in the metrics and (the route plugin reads
+    ``ctx.upstream_failed``) by its circuit breaker."""
+    ctx.upstream_failed = True
+    if ctx.deployment is not None:
+        metrics.UPSTREAM_ERRORS.labels(ctx.deployment.id, error_type).inc()
+
+
 class _Relay:
     def __init__(
         self, ctx: RequestContext, hooks: list[Plugin], client_wants_usage: bool,
@@ -219,9 +228,7 @@ class _Relay:
                 # The upstream ended the answer with an error (vLLM does): the request failed,
                 # whatever came before, so the log says so and nothing caches it.
                 self.ctx.error_type = "upstream_error"
-                self.ctx.upstream_failed = True
-                if self.ctx.deployment is not None:
-                    metrics.UPSTREAM_ERRORS.labels(self.ctx.deployment.id, "upstream_error").inc()
+                upstream_failed(self.ctx, "upstream_error")
                 out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
             elif isinstance(obj.get("usage"), dict):
                 self._usage_of(obj)
@@ -342,10 +349,7 @@ async def relay_stream(
     except GatewayError as err:
         ctx.error_type = err.type
         if err.deployment_fault and isinstance(err, (UpstreamError, UpstreamTimeoutError)):
-            # The deployment failed after it began answering: counted as such (metrics, breaker).
-            ctx.upstream_failed = True
-            if ctx.deployment is not None:
-                metrics.UPSTREAM_ERRORS.labels(ctx.deployment.id, err.type).inc()
+            upstream_failed(ctx, err.type)
         final = relay.pending + b"data: " + err.body() + b"\n\n"
     except asyncio.CancelledError:
         if not watch.disconnected:

@@ -266,18 +266,15 @@ class RoutePlugin(Plugin):
                 ctx.response_headers["x-gateway-deployment"] = deployment.id
             return
         self._end_busy(scratch)
-        if not error.retryable:
-            # The request's own fault (400 ...): says nothing about the deployment's health.
-            # (Only the probe's holder gives it back: a pinned request may have gone to a
-            # deployment whose probe another request is running.)
+        if not error.retryable or not error.deployment_fault:
+            # The request's own fault (400 ...), its deadline running out, or a request this
+            # provider cannot express (the next deployment may): nothing against the
+            # deployment, and no retry spent. Only the probe's holder gives it back: a pinned
+            # request may have gone to a deployment whose probe another request is running.
             if held:
                 self.breakers.release(deployment.id)
-            return
-        if not error.deployment_fault:
-            # The request's deadline ran out, or this provider cannot express the request (the
-            # next deployment may): nothing against the deployment, and no retry was spent.
-            if held:
-                self.breakers.release(deployment.id)
+            if not error.retryable:
+                return
         else:
             retry_after = _seconds(error.headers.get("retry-after"), self.config.max_retry_after_s)
             self.breakers.failure(deployment.id, retry_after)
