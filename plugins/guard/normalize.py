@@ -216,6 +216,16 @@ def light(text: str) -> str:
     return _collapse("".join(out))
 
 
+def fold_pattern(pattern: str) -> str:
+    """A rule's regular expression in the form the text it matches takes: each non-ASCII
+    character as :func:`light` folds it (lookalikes, case), the ASCII (all of the regex syntax)
+    unchanged. A rule written in Russian, whose letters the lookalike folding turns partly
+    Latin ("игнорируй" becomes "иrhopиpyй"), then matches the folded text."""
+    if pattern.isascii():
+        return pattern
+    return "".join(c if c.isascii() else light(c) for c in pattern)
+
+
 def _spaced(s: str, joins: list[tuple[int, int, int, int]] | None) -> str:
     """``_SPACED.sub(<separators removed>, s)``, tried only where :data:`_SPACED_HINT` matches
     (every match holds one, starting at its second character). ``joins`` (when given) receives

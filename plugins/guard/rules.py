@@ -21,7 +21,7 @@ import yaml
 from pydantic import field_validator, model_validator
 
 from gateway.configbase import Strict
-from plugins.guard.normalize import light
+from plugins.guard.normalize import fold_pattern, light
 from plugins.guard.prefixes import Sweeps, rot13, triggers
 
 Category = Literal["injection", "jailbreak", "override", "exfiltration", "system_prompt_leak"]
@@ -64,7 +64,9 @@ class RuleSpec(Strict):
     def regex(self) -> str:
         if self.pattern is not None:
             # Text is lower-cased before matching; an operator's "Ignore" should still work.
-            return f"(?i:{self.pattern})" if _UPPER.search(self.pattern) else self.pattern
+            # Its non-ASCII letters are folded as the text's are (Cyrillic lookalikes, case).
+            pattern = fold_pattern(self.pattern)
+            return f"(?i:{pattern})" if _UPPER.search(pattern) else pattern
         alts = []
         for kw in self.keywords:
             words = re.findall(r"\w+", light(kw))

@@ -14,34 +14,70 @@ USER_ONLY = frozenset({"user"})
 #: schema: written by the application, or by whatever tool server it lists tools from.
 DEFINITIONS = "definitions"
 
+#: The pseudo-role of every other string the request carries upstream (schema values such as
+#: ``enum`` or ``default``, tool names and call ids, ``metadata``, ``user``, ``stop`` ...): never
+#: scanned for injection, but a secret in one leaves with the request like any other.
+FIELDS = "fields"
+
 # A text slot in the body: (container, key) with container[key] a str, and the message role.
 Slot = tuple[Any, Any, str]
+
+#: Top-level keys whose strings are collected elsewhere, or are no text (the model's name).
+_COLLECTED = frozenset({"model", "messages", "tools", "functions", "response_format", "prediction"})
+#: Message keys collected as the message's own text, and those that are no text.
+_MESSAGE_TEXT = frozenset({"content", "name", "tool_calls", "function_call", "refusal", "role"})
 
 
 def _text_parts(content: Any, role: str, out: list[Slot]) -> None:
     if isinstance(content, list):
-        out.extend(
-            (p, "text", role)
-            for p in content
-            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        )
+        for p in content:
+            if not isinstance(p, dict):
+                continue
+            if p.get("type") == "text" and isinstance(p.get("text"), str):
+                out.append((p, "text", role))
+            if len(p) > 2 or p.get("type") != "text":
+                # An image's URL (its query string), a file's name, extra keys: sent upstream.
+                for key, v in p.items():
+                    if key not in ("type", "text") and isinstance(v, (dict, list)):
+                        _strings(v, FIELDS, out)
+                    elif key not in ("type", "text") and isinstance(v, str):
+                        if not v.startswith("data:"):
+                            out.append((p, key, FIELDS))
 
 
 def _descriptions(schema: Any, out: list[Slot], depth: int = 0) -> None:
-    """Every ``description`` string of a JSON schema (tool parameters, response formats): text
-    the model reads. Bounded in depth; the body's size bounds the rest."""
+    """Every string of a JSON schema (tool definitions, response formats): its
+    ``description``s are text the model reads as instructions (``definitions``), its other
+    strings (``enum``, ``default``, ``title``, ``const``, names ...) reach the model too
+    (``fields``). Bounded in depth; the body's size bounds the rest."""
     if depth > 32:
         return
     if isinstance(schema, dict):
         for key, value in schema.items():
-            if key == "description" and isinstance(value, str):
-                out.append((schema, key, DEFINITIONS))
+            if isinstance(value, str):
+                out.append((schema, key, DEFINITIONS if key == "description" else FIELDS))
             elif isinstance(value, (dict, list)):
                 _descriptions(value, out, depth + 1)
     elif isinstance(schema, list):
-        for value in schema:
-            if isinstance(value, (dict, list)):
+        for i, value in enumerate(schema):
+            if isinstance(value, str):
+                out.append((schema, i, FIELDS))
+            elif isinstance(value, (dict, list)):
                 _descriptions(value, out, depth + 1)
+
+
+def _strings(value: Any, role: str, out: list[Slot], depth: int = 0) -> None:
+    """Every string inside ``value`` (a dict or list), as slots of ``role``. A ``data:`` URL
+    (an inline image or file, often megabytes of base64) is not text anyone reads."""
+    if depth > 32:
+        return
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, v in items:
+        if isinstance(v, str):
+            if not v.startswith("data:"):
+                out.append((value, key, role))
+        elif isinstance(v, (dict, list)):
+            _strings(v, role, out, depth + 1)
 
 
 def request_slots(ctx: RequestContext) -> list[Slot]:
@@ -65,16 +101,22 @@ def request_slots(ctx: RequestContext) -> list[Slot]:
         else:
             _text_parts(content, role, out)
         if len(msg) > 2 or "content" not in msg:  # the usual one is {"role", "content"}
-            if isinstance(msg.get("name"), str):
-                out.append((msg, "name", role))
+            for key in ("name", "refusal"):
+                if isinstance(msg.get(key), str):
+                    out.append((msg, key, role))
             calls = msg.get("tool_calls")
             for call in calls if isinstance(calls, list) else ():
-                fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                    out.append((fn, "arguments", role))
+                if not isinstance(call, dict):
+                    continue
+                fn = call.get("function")
+                if isinstance(fn, dict):
+                    _call(fn, role, out)
+                _other_strings(call, ("function",), out)
             fn = msg.get("function_call")
-            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                out.append((fn, "arguments", role))
+            if isinstance(fn, dict):
+                _call(fn, role, out)
+            # Any other key (tool_call_id, reasoning_content, audio ...) goes upstream too.
+            _other_strings(msg, _MESSAGE_TEXT, out)
     if len(body) > 2:  # beyond {"model", "messages"}
         for key in ("tools", "functions"):
             if body.get(key):
@@ -89,4 +131,28 @@ def request_slots(ctx: RequestContext) -> list[Slot]:
                 out.append((prediction, "content", "user"))
             else:
                 _text_parts(prediction.get("content"), "user", out)
+        # user, stop, metadata, tool_choice ...: strings the provider receives (and may keep).
+        _other_strings(body, _COLLECTED, out)
     return out
+
+
+def _call(fn: dict[str, Any], role: str, out: list[Slot]) -> None:
+    """A tool call's (or legacy function call's) arguments as the message's text, its name and
+    anything else as ``fields`` (arguments sent as an object, not a JSON string, too)."""
+    if isinstance(fn.get("arguments"), str):
+        out.append((fn, "arguments", role))
+        _other_strings(fn, ("arguments",), out)
+    else:
+        _other_strings(fn, (), out)
+
+
+def _other_strings(container: dict[str, Any], skip: Any, out: list[Slot]) -> None:
+    """The strings of ``container`` outside the keys in ``skip``, as ``fields`` slots."""
+    for key, v in container.items():
+        if key in skip:
+            continue
+        if isinstance(v, str):
+            if not v.startswith("data:"):
+                out.append((container, key, FIELDS))
+        elif isinstance(v, (dict, list)):
+            _strings(v, FIELDS, out)
