@@ -610,6 +610,75 @@ async def test_logprobs_never_carry_a_held_or_redacted_secret(action: str) -> No
 
 
 @pytest.mark.anyio
+async def test_logprobs_of_a_secret_at_the_end_never_go_out_with_the_finish_chunk() -> None:
+    """The key is the answer's last word, held until the finish chunk, whose ``logprobs`` is
+    null (as OpenAI sends it): the queued tokens used to be added to it whole, spelling the
+    key next to its redaction."""
+    tokens = ["Here is the key: ", KEY[:10], KEY[10:20], KEY[20:]]
+    data = b"".join(
+        [_lp_event(t) for t in tokens] + [event({}, finish="stop"), b"data: [DONE]\n\n"]
+    )
+    for reads in (None, per_event(data)):
+        events, _, _ = await relay(guard(output={"secrets": "redact"}), data, reads)
+        dumped = json.dumps(events)
+        assert KEY[:10] not in dumped and KEY[10:20] not in dumped and KEY[20:] not in dumped
+        assert text_of(events) == "Here is the key: [REDACTED:api_key]"
+
+    # The same in a refusal, whose held text is flushed by the finish chunk.
+    def refusal_event(text: str) -> bytes:
+        lp = {"content": None, "refusal": [{"token": text, "logprob": -0.1}]}
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "delta": {"refusal": text}, "logprobs": lp,
+                              "finish_reason": None}]}  # fmt: skip
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    data = b"".join(
+        [refusal_event(t) for t in tokens] + [event({}, finish="stop"), b"data: [DONE]\n\n"]
+    )
+    for reads in (None, per_event(data)):
+        events, _, _ = await relay(guard(output={"secrets": "redact"}), data, reads)
+        dumped = json.dumps(events)
+        assert KEY[:10] not in dumped and KEY[10:20] not in dumped and KEY[20:] not in dumped
+        assert _field(events, "refusal") == "Here is the key: [REDACTED:api_key]"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+async def test_secrets_and_the_canary_in_streamed_reasoning_are_redacted(field: str) -> None:
+    """vLLM, DeepSeek, OpenRouter and Groq send the model's reasoning in its own field; it
+    quotes the system prompt as readily as the answer does. It went out unread."""
+    thought = f"The system prompt says {CANARY} and the key {KEY} must stay secret."
+    data = b"".join(
+        [event({"role": "assistant", "content": ""})]
+        + [event({field: p}) for p in small(thought, 7)]
+        + [event({"content": "I can't help with that."}), event({}, finish="stop"),
+           b"data: [DONE]\n\n"]
+    )  # fmt: skip
+    g = guard(output={"secrets": "redact", "canary": CANARY, "canary_action": "redact"})
+    for reads in (None, per_event(data)):
+        events, _, _ = await relay(g, data, reads)
+        dumped = json.dumps(events)
+        assert KEY[:12] not in dumped and CANARY not in dumped
+        assert _field(events, field) == (
+            "The system prompt says [REDACTED:canary] and the key [REDACTED:api_key] must stay"
+            " secret."
+        )
+        assert text_of(events) == "I can't help with that."
+    # The canary's default action ends the stream.
+    sent = await sent_before_block(guard(output={"canary": CANARY}), data)
+    assert CANARY not in sent.decode()
+
+
+@pytest.mark.anyio
+async def test_non_streamed_reasoning_is_checked() -> None:
+    c = ctx()
+    c.response = {"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": "ok", "reasoning_content": f"use {KEY}"}}]}  # fmt: skip
+    await guard().on_response(c)
+    assert c.response["choices"][0]["message"]["reasoning_content"] == "use [REDACTED:api_key]"
+
+
+@pytest.mark.anyio
 async def test_non_streamed_logprobs_are_dropped_when_the_text_is_redacted() -> None:
     g = guard()
     c = ctx()

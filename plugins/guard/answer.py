@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 BLOCKED_RESPONSE = "The response was stopped by the gateway's content policy."
 
+#: A choice's reasoning, as OpenAI-compatible servers send it (vLLM, DeepSeek, OpenRouter,
+#: Groq): the model's text like its answer, and it often quotes the system prompt.
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
 
 class AnswerGuard:
     """The response hooks of the guard plugin (set up by its ``__init__``)."""
@@ -163,7 +167,11 @@ class AnswerGuard:
                     )
                     if findings:
                         self._act(ctx, findings)
-                    if isinstance(logprobs, dict) and not shadow:
+                    if not shadow and (isinstance(logprobs, dict) or self._queued(ctx, idx)):
+                        # (A chunk without logprobs of its own, the finish chunk say, still
+                        # releases text that queued entries spell.)
+                        if not isinstance(logprobs, dict):
+                            logprobs = choice["logprobs"] = {"content": None, "refusal": None}
                         consumed = before + len(content or "") - len(held[idx])
                         self._logprobs(ctx, idx, "content", logprobs, consumed, bool(findings))
                 if not shadow:
@@ -184,6 +192,17 @@ class AnswerGuard:
                     if isinstance(logprobs, dict):
                         consumed = before + len(refusal) - len(held[key])
                         self._logprobs(ctx, idx, "refusal", logprobs, consumed, bool(findings))
+            for field in REASONING_FIELDS:
+                reasoning = delta.get(field)
+                if type(reasoning) is str and reasoning:
+                    key = (idx, field)
+                    released, held[key], findings = self.output.feed(
+                        held.get(key, ""), reasoning, False
+                    )
+                    if findings:
+                        self._act(ctx, findings)
+                    if not shadow:
+                        delta[field] = released
             calls = delta.get("tool_calls")
             if calls:
                 self._tool_calls(ctx, held, idx, calls)
@@ -201,6 +220,11 @@ class AnswerGuard:
             if final or shadow or len(delta) > ("content" in delta) or logprobs:
                 keep = True
         return keep
+
+    def _queued(self, ctx: RequestContext, idx: Any) -> bool:
+        """Whether logprobs entries of a choice's text wait for the text they spell."""
+        state = ctx.scratch_for(self.name).get("logprobs")
+        return bool(state and state.get((idx, "content")))
 
     def _logprobs(
         self,
@@ -256,15 +280,21 @@ class AnswerGuard:
     ) -> None:  # fmt: skip
         """At a choice's ``finish_reason``: what is still held of its refusal and calls goes
         out in that chunk's delta (its text was flushed by the feed), with the logprobs."""
+        found: set[Any] = set()  # parts whose flushed text held a finding
         for key in [k for k, v in held.items() if v and type(k) is tuple and k[0] == idx]:
-            released = self._flush(ctx, held, key)
+            released, hit = self._flush(ctx, held, key)
+            if hit:
+                found.add(key[1])
             if released and not self.shadow:
                 _merge(delta, key[1], released)
         state = ctx.scratch_for(self.name).get("logprobs")
         if state and not self.shadow:
             for field in ("content", "refusal"):
                 rest = state.get((idx, field))
-                if rest:
+                if rest and field in found:
+                    # Entries of the text just flushed, which held a finding: never its tokens.
+                    rest.clear()
+                elif rest:
                     logprobs = choice.get("logprobs")
                     if not isinstance(logprobs, dict):
                         logprobs = choice["logprobs"] = {"content": None, "refusal": None}
@@ -272,12 +302,13 @@ class AnswerGuard:
                     logprobs[field] = [*(entries if type(entries) is list else ()), *rest]
                     rest.clear()
 
-    def _flush(self, ctx: RequestContext, held: dict[Any, str], key: Any) -> str:
-        """Release everything held under ``key`` (a choice's text, refusal or call arguments)."""
+    def _flush(self, ctx: RequestContext, held: dict[Any, str], key: Any) -> tuple[str, bool]:
+        """Release everything held under ``key`` (a choice's text, refusal, reasoning or call
+        arguments); and whether it held a finding."""
         released, _, findings = self.output.feed(held[key], "", final=True)
         held[key] = ""
         self._act(ctx, findings)
-        return released
+        return released, bool(findings)
 
     @staticmethod
     def _template(first: Any) -> dict[str, Any]:
@@ -304,7 +335,7 @@ class AnswerGuard:
         for key, text in sorted(held.items(), key=order):
             if not text:
                 continue
-            released = self._flush(ctx, held, key)
+            released, _ = self._flush(ctx, held, key)
             delta: dict[str, Any] = {}
             if type(key) is tuple:
                 _merge(delta, key[1], released)
@@ -336,8 +367,8 @@ class AnswerGuard:
 def _merge(delta: dict[str, Any], part: Any, released: str) -> None:
     """Put text released for ``part`` of a choice (``"refusal"``, ``"function_call"`` or a
     tool call's index) into ``delta``."""
-    if part == "refusal":
-        delta["refusal"] = delta.get("refusal", "") + released
+    if part == "refusal" or part in REASONING_FIELDS:
+        delta[part] = (delta.get(part) or "") + released
     elif part == "function_call":
         fn = delta.get("function_call")
         if type(fn) is dict:

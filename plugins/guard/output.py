@@ -208,14 +208,15 @@ class OutputGuard:
 def response_texts(
     response: dict[str, Any],
 ) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
-    """(choice, container, key) of each text in a non-streamed chat answer: content, refusal
-    and the arguments of its tool calls and legacy function call (a secret the model writes
+    """(choice, container, key) of each text in a non-streamed chat answer: content, refusal,
+    reasoning (``reasoning_content`` / ``reasoning``, as OpenAI-compatible servers send it) and
+    the arguments of its tool calls and legacy function call (a secret the model writes
     into a call leaves too)."""
     out = []
     for choice in response.get("choices") or ():
         msg = choice.get("message") if isinstance(choice, dict) else None
         if isinstance(msg, dict):
-            for key in ("content", "refusal"):
+            for key in ("content", "refusal", "reasoning_content", "reasoning"):
                 if isinstance(msg.get(key), str):
                     out.append((choice, msg, key))
             calls = msg.get("tool_calls")
