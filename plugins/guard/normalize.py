@@ -22,6 +22,23 @@ _INVISIBLE = re.compile(
     "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e007f]"
 )
 
+# The printable ASCII of the Unicode tag block (U+E0020-U+E007E): invisible, yet some models
+# read it as the ASCII it shadows ("ASCII smuggling"). Decoded, not dropped, so the matchers see
+# the hidden text; spaces around it keep it from gluing onto the visible words.
+_TAG_RUN = re.compile("[\U000e0020-\U000e007e]+")
+
+
+def _untag(m: re.Match[str]) -> str:
+    return " " + "".join(chr(ord(c) - 0xE0000) for c in m.group(0)) + " "
+
+
+def reveal_tags(text: str) -> str:
+    """``text`` with runs of tag characters replaced by the ASCII they encode."""
+    if text.isascii():
+        return text
+    return _TAG_RUN.sub(_untag, text)
+
+
 # Lookalikes that NFKC leaves alone: Cyrillic and Greek letters that render like Latin ones, and
 # a few symbols. Compact on purpose (the ones seen in real attacks), not the full Unicode
 # confusables table.
@@ -116,7 +133,7 @@ def light_reference(text: str) -> str:
         s = text.lower()
     else:
         s = unicodedata.normalize("NFKC", text)
-        s = _INVISIBLE.sub("", s)
+        s = _INVISIBLE.sub("", _TAG_RUN.sub(_untag, s))
         s = s.translate(_CONFUSABLE_TABLE).casefold()
         # Casefolding can produce further lookalikes (e.g. upper-case Greek).
         s = s.translate(_CONFUSABLE_TABLE)
@@ -180,6 +197,9 @@ _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 def _fold_unicode(s: str) -> str:
     """The Unicode steps of :func:`light_reference`, before the whitespace collapse."""
     s = unicodedata.normalize("NFKC", s)
+    astral = _ASTRAL.search(s) is not None
+    if astral:
+        s = _TAG_RUN.sub(_untag, s)  # before the table drops what separates two runs
     table, changes = _fold_table()
     first = changes.search(s)
     if first is not None:
@@ -187,8 +207,8 @@ def _fold_unicode(s: str) -> str:
         # long prompt): translate works character by character, so this is the same.
         end = len(s) - changes.search(s[::-1]).start()  # type: ignore[union-attr]
         s = s[: first.start()] + s[first.start() : end].translate(table) + s[end:]
-    if _ASTRAL.search(s) is not None:
-        s = _INVISIBLE.sub("", s)  # tag characters are outside the table's plane
+    if astral:
+        s = _INVISIBLE.sub("", s)  # the other tag characters are outside the table's plane
     return s.casefold()
 
 

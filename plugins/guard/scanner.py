@@ -19,7 +19,7 @@ from prometheus_client import Counter
 from gateway.digest import text_digest
 from gateway.redact import find_secrets
 from plugins.guard.decode import ROT13_ALWAYS_BELOW, ascii_clues, decoded_variants, rot13_windows
-from plugins.guard.normalize import deobfuscate_spans, light, variants
+from plugins.guard.normalize import deobfuscate_spans, light, reveal_tags, variants
 from plugins.guard.rules import WINDOW_REACH, RuleSet
 
 if TYPE_CHECKING:
@@ -208,6 +208,8 @@ class Scanner:
         forward pass each, ~4 ms)."""
         if self.semantic is None or not texts:
             return [0.0] * len(texts)
+        # Text hidden in tag characters is read as the ASCII it shadows (some models do).
+        texts = [reveal_tags(t) for t in texts]
         keys = [text_digest(t, "guard-score") for t in texts]
         memo = self._scores
         scores = [memo.get(k, -1.0) for k in keys]  # scores are probabilities: -1 is "unknown"

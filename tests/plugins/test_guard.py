@@ -68,7 +68,7 @@ def metric(category: str, action: str, layer: str) -> float:
 
 
 def test_fold_undoes_character_tricks() -> None:
-    assert fold("Ig\u200bno\u200dre\U000e0041 all") == "ignore all"  # zero-width, tag chars
+    assert fold("Ig\u200bno\u200dre\U000e007f all") == "ignore all"  # zero-width, cancel tag
     assert fold("Іgnоrе") == "ignore"  # Cyrillic І, о, е
     assert fold("ｉｇｎｏｒｅ") == "ignore"  # fullwidth (NFKC)
     assert fold("ΡΑSSWΟRD") == "password"  # Greek capitals
