@@ -195,8 +195,21 @@ def _check_message(where: str, msg: dict[str, Any], role: Any, content: Any) -> 
             raise _bad(f"'{where}.tool_calls' must be a list on an assistant message",
                        f"{where}.tool_calls")  # fmt: skip
         for j, call in enumerate(calls):
-            if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-                raise _bad(f"'{where}.tool_calls[{j}]' is malformed", f"{where}.tool_calls[{j}]")
+            cw = f"{where}.tool_calls[{j}]"
+            if not isinstance(call, dict):
+                raise _bad(f"'{cw}' is malformed", cw)
+            if call.get("type") == "custom":
+                # A custom tool's call replayed ({"name", "input": free text}), as OpenAI takes.
+                custom = call.get("custom")
+                if not (
+                    isinstance(custom, dict)
+                    and isinstance(custom.get("name"), str)
+                    and isinstance(custom.get("input"), str)
+                ):
+                    raise _bad(f"'{cw}.custom' must be an object with string 'name' and "
+                               "'input'", f"{cw}.custom")  # fmt: skip
+            elif not isinstance(call.get("function"), dict):
+                raise _bad(f"'{cw}' is malformed", cw)
 
 
 def _stop(body: dict[str, Any], cfg: RequestLimits) -> None:

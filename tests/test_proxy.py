@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -191,12 +192,72 @@ def test_embeddings_go_through_the_gateway(gw: Any) -> None:
          "messages[0].content"),
         ({"model": "demo", "messages": MSG, "top_p": 3}, "top_p"),
         ({"model": "demo", "messages": MSG, "seed": 2**64}, "seed"),
+        # Replayed tool calls: a function call needs its function, a custom one its custom.
+        ({"model": "demo", "messages": [*MSG, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "function"}]}]}, "messages[1].tool_calls[0]"),
+        ({"model": "demo", "messages": [*MSG, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "custom", "function": {"name": "f", "arguments": "{}"}}]}]},
+         "messages[1].tool_calls[0].custom"),
+        ({"model": "demo", "messages": [*MSG, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "custom", "custom": {"name": "f", "input": {"a": 1}}}]}]},
+         "messages[1].tool_calls[0].custom"),
+        ({"model": "demo", "messages": [*MSG, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "custom", "custom": {"input": "x"}}]}]},
+         "messages[1].tool_calls[0].custom"),
     ],
 )  # fmt: skip
 def test_schema_errors_are_400_naming_the_param(gw: Any, body: dict[str, Any], param: str) -> None:
     r = post(gw, body)
     assert_openai_error(r, 400, param=param)
     assert gw.upstream_requests() == []
+
+
+CUSTOM_CALL = {"id": "c1", "type": "custom",
+               "custom": {"name": "code_exec", "input": "print(1)"}}  # fmt: skip
+CUSTOM_HISTORY = [
+    {"role": "user", "content": "run it"},
+    {"role": "assistant", "content": None, "tool_calls": [CUSTOM_CALL]},
+    {"role": "tool", "tool_call_id": "c1", "content": "1"},
+    {"role": "user", "content": "hello"},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_replayed_custom_tool_call_is_accepted_and_forwarded(stream: bool) -> None:
+    """OpenAI and its SDK take a custom tool's call in the history (it was a 400 'malformed');
+    the guard's slots and the token estimate (no usage from the upstream) read it too."""
+    guard = {"name": "guard", "config": {"semantic": {"enabled": False}}}
+    tools = [{"type": "custom", "custom": {"name": "code_exec", "description": "Run Python"}}]
+    with running_gateway(pipeline=[guard], fake={"no_usage": True}) as g:
+        client = g.openai()
+        if stream:
+            chunks = list(client.chat.completions.create(
+                model="demo", messages=CUSTOM_HISTORY, tools=tools, stream=True,  # type: ignore
+                stream_options={"include_usage": True},
+            ))  # fmt: skip
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            r = client.chat.completions.create(
+                model="demo",
+                messages=CUSTOM_HISTORY,
+                tools=tools,  # type: ignore[arg-type]
+            )
+            text = r.choices[0].message.content or ""
+        assert text == "Echo: hello"
+        # The upstream sent no usage: the gateway counted the prompt itself (once the request
+        # is accounted, which may follow the last byte by a moment).
+        deadline = time.monotonic() + 5
+        while True:
+            metrics = httpx.get(f"{g.url}/metrics", timeout=20).text
+            prefix = 'gateway_tokens_total{model="demo",type="prompt"}'
+            lines = [ln for ln in metrics.splitlines() if ln.startswith(prefix)]
+            if (lines and float(lines[0].split()[-1]) > 0) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert lines and float(lines[0].split()[-1]) > 0
+        sent = g.upstream_requests()[-1]["body"]
+        assert sent["messages"][1]["tool_calls"] == [CUSTOM_CALL]
+        assert sent["tools"] == tools
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,10 @@
   Anthropic SSE events into ``chat.completion.chunk`` events.
 
 What has no Anthropic equivalent is either dropped when it only tunes sampling (``seed``,
-``frequency_penalty``, ``logit_bias`` ...) or refused with a 400 when ignoring it would change
-the answer's shape (``n > 1``, ``logprobs``).
+``frequency_penalty``, ``logit_bias`` ...) or refused with
+:class:`~gateway.errors.UnsupportedByDeploymentError` when ignoring it would change the answer
+(``n > 1``, ``logprobs``, audio output, custom tools, ``allowed_tools``): the next deployment of
+the plan is tried, and the client gets a 400 only when none can serve it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ _IMAGE_TYPES = {"image/jpeg": "image/jpeg", "image/jpg": "image/jpeg", "image/pn
                 "image/gif": "image/gif", "image/webp": "image/webp"}  # fmt: skip
 
 _JSON_INSTRUCTION = "Respond only with a single valid JSON object and nothing else."
+
+#: The user turn put before a history that opens with the assistant (a greeting-first chat,
+#: which OpenAI takes): the Messages API wants a user turn first, and a non-empty text.
+_OPENING_USER_TEXT = "."
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -115,6 +121,12 @@ def _assistant_blocks(msg: dict[str, Any], where: str) -> list[dict[str, Any]]:
     if text:
         blocks.append({"type": "text", "text": text})
     for j, call in enumerate(msg.get("tool_calls") or ()):
+        if call.get("type", "function") != "function":
+            # A custom tool's call (free-text input): no tool_use block can carry it.
+            raise UnsupportedByDeploymentError(
+                f"tool calls of type {call.get('type')!r} are not supported by this model",
+                param=f"{where}.tool_calls[{j}]",
+            )
         fn = call.get("function") or {}
         try:
             args = orjson.loads(fn.get("arguments") or "{}")
@@ -178,7 +190,13 @@ def _messages(
 
 def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    for t in tools:
+    for i, t in enumerate(tools):
+        if t.get("type", "function") != "function":
+            # A custom tool (free-text input, maybe a grammar): Anthropic tools take JSON only.
+            raise UnsupportedByDeploymentError(
+                f"tools of type {t.get('type')!r} are not supported by this model",
+                param=f"tools[{i}]",
+            )
         fn = t.get("function") or {}
         tool: dict[str, Any] = {"name": fn.get("name", "")}
         if fn.get("description"):
@@ -200,6 +218,12 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
         out = {"type": "none"}
     elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         out = {"type": "tool", "name": choice["function"].get("name", "")}
+    elif isinstance(choice, dict) and choice.get("type") not in (None, "function"):
+        # allowed_tools, a named custom tool ...: valid OpenAI shapes with no equivalent here.
+        raise UnsupportedByDeploymentError(
+            f"tool_choice of type {choice['type']!r} is not supported by this model",
+            param="tool_choice",
+        )
     else:
         raise InvalidRequestError("unsupported tool_choice", param="tool_choice")
     if out is not None and parallel is False and out["type"] != "none":
@@ -222,6 +246,15 @@ def to_anthropic(body: dict[str, Any], model: str, max_output_tokens: int) -> di
             f"'{field}' is not supported by this model; use 'tools' and 'tool_choice'",
             param=field,
         )
+    modalities = body.get("modalities")
+    if isinstance(modalities, list) and "audio" in modalities:
+        raise UnsupportedByDeploymentError(
+            "audio output is not supported by this model", param="modalities"
+        )
+    if body.get("audio") is not None:
+        raise UnsupportedByDeploymentError(
+            "audio output is not supported by this model", param="audio"
+        )
     system, messages = _messages(body.get("messages") or [])
     if not messages and system:
         # Only system/developer text (OpenAI answers it): the Messages API needs one turn.
@@ -230,6 +263,11 @@ def to_anthropic(body: dict[str, Any], model: str, max_output_tokens: int) -> di
         raise InvalidRequestError(
             "'messages' must hold at least one message with content", param="messages"
         )
+    if messages[0]["role"] == "assistant":
+        # A history opening with the assistant (OpenAI answers it): the Messages API wants a
+        # user turn first.
+        opening = {"type": "text", "text": _OPENING_USER_TEXT}
+        messages.insert(0, {"role": "user", "content": [opening]})
     fmt = body.get("response_format") or {}
     if fmt.get("type") == "json_object":
         system.append(_JSON_INSTRUCTION)

@@ -12,6 +12,7 @@ from gateway.errors import (
     InvalidRequestError,
     RateLimitError,
     ServiceUnavailableError,
+    UnsupportedByDeploymentError,
     UpstreamError,
 )
 from gateway.providers.anthropic_stream import StreamTranslator
@@ -114,6 +115,73 @@ def test_untranslatable_requests_are_400_naming_the_param(body: dict[str, Any], 
     with pytest.raises(InvalidRequestError) as exc:
         to_anthropic(full, "up", 10)
     assert exc.value.param == param
+
+
+FN_TOOL = {"type": "function", "function": {"name": "f"}}
+CUSTOM_TOOL = {"type": "custom", "custom": {"name": "code_exec", "description": "Run code"}}
+CUSTOM_CALL = {"id": "c1", "type": "custom", "custom": {"name": "code_exec", "input": "print(1)"}}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        # A custom tool (free-text input) became a function with an empty name.
+        ({"tools": [FN_TOOL, CUSTOM_TOOL]}, "tools[1]"),
+        ({"tools": [{"type": "web_search", "function": {"name": "s"}}]}, "tools[0]"),
+        # ... and a custom tool's call replayed in the history.
+        ({"messages": [{"role": "user", "content": "x"},
+                       {"role": "assistant", "content": None, "tool_calls": [CUSTOM_CALL]},
+                       {"role": "tool", "tool_call_id": "c1", "content": "1"}]},
+         "messages[1].tool_calls[0]"),
+        # Audio output was dropped: a text-only answer where audio was asked.
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        # Valid OpenAI tool_choice shapes with no Anthropic equivalent were a final 400.
+        ({"tools": [FN_TOOL], "tool_choice": {"type": "allowed_tools", "allowed_tools": {
+            "mode": "auto", "tools": [{"type": "function", "function": {"name": "f"}}]}}},
+         "tool_choice"),
+        ({"tools": [FN_TOOL], "tool_choice": {"type": "custom", "custom": {"name": "f"}}},
+         "tool_choice"),
+    ],
+)  # fmt: skip
+def test_requests_another_deployment_may_serve_move_on_without_blame(
+    body: dict[str, Any], param: str
+) -> None:
+    full = {"model": "m", "messages": [{"role": "user", "content": "x"}], **body}
+    with pytest.raises(UnsupportedByDeploymentError) as exc:
+        to_anthropic(full, "up", 10)
+    assert exc.value.param == param
+    assert exc.value.retryable and not exc.value.deployment_fault
+
+
+def test_text_only_modalities_and_a_malformed_tool_choice_are_not_unsupported() -> None:
+    base = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [FN_TOOL]}
+    assert "messages" in to_anthropic({**base, "modalities": ["text"]}, "up", 10)
+    with pytest.raises(InvalidRequestError) as exc:
+        to_anthropic({**base, "tool_choice": "sometimes"}, "up", 10)
+    assert not isinstance(exc.value, UnsupportedByDeploymentError)
+    assert exc.value.param == "tool_choice"
+
+
+def test_a_history_opening_with_the_assistant_gets_a_user_turn_first() -> None:
+    """A greeting-first chat (OpenAI takes it): Anthropic refused it with "the first message
+    must use the user role"."""
+    body = {"model": "m", "messages": [
+        {"role": "system", "content": "Be nice."},
+        {"role": "assistant", "content": "Hi! How can I help?"},
+        {"role": "user", "content": "Tell me a joke"},
+    ]}  # fmt: skip
+    out = to_anthropic(body, "up", 10)
+    assert out["system"] == "Be nice."
+    assert out["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hi! How can I help?"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Tell me a joke"}]},
+    ]
+    # An assistant message with no content left (an empty greeting) is dropped, not opened for.
+    body["messages"][1]["content"] = ""
+    assert to_anthropic(body, "up", 10)["messages"][0]["role"] == "user"
+    assert len(to_anthropic(body, "up", 10)["messages"]) == 1
 
 
 def test_errors_map_to_openai_meaning() -> None:

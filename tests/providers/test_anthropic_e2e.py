@@ -168,3 +168,65 @@ def test_anthropic_prompt_too_long_is_context_length_exceeded(stream: bool) -> N
             )  # fmt: skip
         assert (info.value.code, info.value.param) == ("context_length_exceeded", "messages")
         assert "prompt is too long" in info.value.message
+
+
+def test_a_greeting_first_history_is_answered() -> None:
+    """OpenAI takes a history that opens with the assistant; Anthropic (as its fake) refused it
+    with "the first message must use the user role"."""
+    with running_gateway(claude_config) as gw:
+        r = gw.openai().chat.completions.create(
+            model="claude",
+            messages=[
+                {"role": "system", "content": "Be brief."},
+                {"role": "assistant", "content": "Hi! How can I help?"},
+                {"role": "user", "content": "hello"},
+            ],
+        )
+        assert r.choices[0].message.content == "Echo: hello"
+        sent = gw.upstream_requests()[-1]["body"]["messages"]
+        assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+
+
+def claude_then_openai(url: str) -> dict[str, Any]:
+    """``claude`` (Anthropic) falls back to ``gpt`` (OpenAI), through the route plugin."""
+    cfg = claude_config(url)
+    cfg["models"][0]["fallbacks"] = ["gpt"]
+    cfg["models"].append({"name": "gpt", "deployments": [{
+        "id": "gpt-a", "provider": "openai", "model": "gpt-up", "base_url": f"{url}/v1",
+        "api_key": "sk-provider-CANARY",
+    }]})  # fmt: skip
+    cfg["pipeline"] = [{"name": "route"}]
+    return cfg
+
+
+CUSTOM_TOOLS = [{"type": "custom", "custom": {"name": "code_exec", "description": "Run code"}}]
+CUSTOM_HISTORY = [
+    {"role": "user", "content": "run it"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "custom", "custom": {"name": "code_exec", "input": "print(1)"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "1"},
+    {"role": "user", "content": "hello"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tools": CUSTOM_TOOLS},
+        {"messages": CUSTOM_HISTORY},
+        {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+        {"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {
+            "mode": "required", "tools": [{"type": "function", "function": {"name": "lookup"}}]}}},
+    ],
+)  # fmt: skip
+def test_what_anthropic_cannot_express_is_served_by_the_fallback(extra: dict[str, Any]) -> None:
+    with running_gateway(claude_then_openai) as gw:
+        body: dict[str, Any] = {"model": "claude", "messages": [{"role": "user", "content": "hi"}]}
+        body.update(extra)
+        r = gw.openai().chat.completions.with_raw_response.create(**body)
+        assert r.parse().choices[0].message.content == f"Echo: {body['messages'][-1]['content']}"
+        assert r.headers["x-gateway-deployment"] == "gpt-a"
+        # Anthropic was never called: nothing was dropped or sent half-translated.
+        assert [q["body"]["model"] for q in gw.upstream_requests()] == ["gpt-up"]
+        sent = gw.upstream_requests()[-1]["body"]
+        assert {k: sent[k] for k in extra} == extra
