@@ -64,6 +64,11 @@ class Deployment(Strict):
             parts = urlsplit(v)
             parts.port  # noqa: B018  (raises on a port out of range or not a number)
         except ValueError as e:
+            if "@" in v:  # the parser's message quotes a piece of the password
+                raise ValueError(
+                    "is not a valid URL (percent-encode '/', '?', '#' and '@' in its user and "
+                    "password)"
+                ) from None
             raise ValueError(f"is not a valid URL: {e}") from None
         if not parts.hostname or any(c.isspace() for c in v):
             raise ValueError("is not a valid URL: it needs a host name and no spaces")

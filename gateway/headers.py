@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 HOP_BY_HOP = frozenset(
@@ -135,10 +136,15 @@ _PASS_UPSTREAM = {
 _PASS_UPSTREAM_RAW = tuple((name, renamed.encode()) for name, renamed in _PASS_UPSTREAM.items())
 
 
+#: What a request id or a duration looks like (OpenAI: "req_" and 32 hex digits). Anything else
+#: (a server echoing the request's Authorization into its request id, say) is not passed on.
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
 def client_response_headers(upstream: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
     out = []
     for name, renamed in _PASS_UPSTREAM_RAW:
         value = upstream.get(name)
-        if value is not None and "\n" not in value and "\r" not in value:
-            out.append((renamed, value.encode("latin-1", "replace")))
+        if value is not None and _PLAIN_VALUE.fullmatch(value) and "sk-" not in value:
+            out.append((renamed, value.encode()))
     return out

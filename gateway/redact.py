@@ -327,3 +327,17 @@ def redact(text: str, hits: list[SecretHit]) -> str:
         pos = h.end
     out.append(text[pos:])
     return "".join(out)
+
+
+def url_for_logs(url: str) -> str:
+    """``scheme://host[:port]/path`` of ``url`` for logs and messages: no user, password, query
+    or fragment. Not a URL parser's ``hostname``: a password holding "/", "?" or "#" (common in
+    base64-style secrets) ends the host part for a parser, which then shows the password's
+    first part as the host or port, or fails quoting it. Everything up to the last "@" goes."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "(a URL without a scheme)"
+    rest = rest[rest.rfind("@") + 1 :]
+    for stop in ("?", "#"):
+        rest = rest.split(stop, 1)[0]
+    return f"{scheme}://{rest}"

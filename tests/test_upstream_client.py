@@ -21,6 +21,13 @@ def tricky_upstream() -> Iterator[tuple[str, list[dict[str, Any]]]]:
 
     async def chat(request: web.Request) -> web.StreamResponse:
         seen.append({"path": request.path, "cookie": request.headers.get("cookie")})
+        if request.headers.get("x-echo-auth"):
+            # A misbehaving server quoting the request's credentials, in a 400 and a request id.
+            auth = request.headers.get("authorization", "")
+            return web.json_response(
+                {"error": {"message": f"bad request; your key {auth}", "type": "invalid"}},
+                status=400, headers={"x-request-id": f"upreq-{auth}"},
+            )  # fmt: skip
         if request.query.get("redirected") is None and request.headers.get("x-redirect"):
             raise web.HTTPFound("/v1/chat/completions?redirected=1")
         resp = web.json_response({
@@ -67,3 +74,34 @@ def test_cookies_set_by_the_upstream_are_not_replayed_for_other_users(tricky_ups
         b = gw.openai(api_key="user-b").chat.completions.create(model="demo", messages=MSG)
         assert a.choices[0].message.content == b.choices[0].message.content == "ok"
     assert [s["cookie"] for s in seen] == [None, None]
+
+
+def test_an_upstream_error_quoting_the_provider_key_reaches_the_client_without_it(
+    tricky_upstream: Any,
+) -> None:
+    url, _ = tricky_upstream
+    with running_gateway(models=[demo_model(url)]) as gw:
+        client = gw.openai(default_headers={"x-echo-auth": "1"})
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="demo", messages=MSG)
+        err = info.value
+        assert "sk-provider-CANARY" not in str(err.body) and "[REDACTED]" in str(err.body)
+        assert "x-upstream-request-id" not in err.response.headers
+        assert "CANARY" not in str(dict(err.response.headers))
+
+
+def test_userinfo_never_shows_in_what_a_url_is_logged_as() -> None:
+    from gateway.config import ConfigError, parse_settings
+    from gateway.ledger.postgres import PostgresBackend
+    from gateway.redact import url_for_logs
+
+    for pw in ("4821?CANARYpw", "Xk9/CANARYpw", "a#CANARYpw", "p@ss:CANARYpw"):
+        url = f"postgresql://gw:{pw}@127.0.0.1:5432/db?sslmode=require"
+        assert url_for_logs(url) == "postgresql://127.0.0.1:5432/db"
+        assert "CANARY" not in PostgresBackend(url, "gw").describe()
+    # A config error naming the URL's parse failure quoted the password's first part.
+    dep = {"provider": "openai", "model": "m", "base_url": "https://u:Xk9/CANARYpw@h/v1"}
+    with pytest.raises(ConfigError) as info:
+        parse_settings({"models": [{"name": "m", "deployments": [dep]}]})
+    assert "base_url" in str(info.value)
+    assert "CANARY" not in str(info.value) and "Xk9" not in str(info.value)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from gateway.ledger.backend import Backend
+from gateway.redact import url_for_logs
 
 
 class PostgresBackend(Backend):
@@ -22,8 +22,7 @@ class PostgresBackend(Backend):
         self.lock_timeout_s = lock_timeout_s
 
     def describe(self) -> str:
-        where = urlsplit(self.url)  # no user or password in logs
-        return f"postgresql://{where.hostname}:{where.port or 5432}{where.path}"
+        return url_for_logs(self.url)  # no user or password in logs
 
     def connect(self) -> Any:
         import psycopg

@@ -71,6 +71,13 @@ class Provider:
         self.settings = settings
         #: The deployment's credentials and headers: fixed at startup, so built once.
         self.static_headers = {k.lower(): v for k, v in self.auth_headers().items()}
+        #: What an upstream's error message must never show the client: the deployment's key
+        #: and header values (a misconfigured server may echo the request's headers).
+        self._secrets = sorted(
+            {v for v in (deployment.api_key, *self.static_headers.values()) if v and len(v) >= 8},
+            key=len,
+            reverse=True,
+        )
         #: Per request, aiohttp would parse the URL string (~0.5k instructions) and this would
         #: build a context manager (~0.8k): both are the same every time.
         self._urls: dict[str, URL] = {}
@@ -87,6 +94,14 @@ class Provider:
         override this)."""
         message, code, param = upstream_error(raw)
         return error_for_status(status, headers, message, self.name, code=code, param=param)
+
+    def scrubbed(self, err: GatewayError) -> GatewayError:
+        """``err`` with the deployment's credentials cut out of its message (errors caused by
+        the request pass the upstream's text on to the client)."""
+        for secret in self._secrets:
+            if secret in err.message:
+                err.message = err.message.replace(secret, "[REDACTED]")
+        return err
 
     async def post(
         self, ctx: RequestContext, path: str, payload: dict[str, Any]
@@ -111,7 +126,7 @@ class Provider:
                     raw = await resp.content.read(MAX_ERROR_BODY)
                 finally:
                     resp.close()
-                raise self.error_for(resp.status, resp.headers, raw)  # type: ignore[arg-type]
+                raise self.scrubbed(self.error_for(resp.status, resp.headers, raw))  # type: ignore[arg-type]
         return resp
 
     async def chat(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:

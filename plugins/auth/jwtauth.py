@@ -21,6 +21,7 @@ import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.context import Identity
+from gateway.redact import url_for_logs
 from plugins.auth.config import HMAC_ALGS
 from plugins.auth.failure import AuthFailure
 
@@ -100,7 +101,9 @@ class JwtVerifier:
         await self.refresh()
         if not self.keys:
             # The issuer may be down at boot; tokens fail (401) until a refresh succeeds.
-            log.warning("jwks not loaded at startup", extra={"jwks_url": self.config.jwks_url})
+            log.warning(
+                "jwks not loaded at startup", extra={"jwks_url": url_for_logs(self.config.jwks_url)}
+            )
 
     async def close(self) -> None:
         if self._fetching is not None:
@@ -140,10 +143,14 @@ class JwtVerifier:
             keys = parse_jwks(json.loads(body))
         except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as e:
             # Keep the keys we had: an issuer hiccup must not lock everybody out.
-            log.warning("jwks fetch failed", extra={"jwks_url": url, "error": str(e)[:200]})
+            log.warning(
+                "jwks fetch failed", extra={"jwks_url": url_for_logs(url), "error": str(e)[:200]}
+            )
             return
         self.keys = keys
-        log.info("jwks loaded", extra={"jwks_url": url, "kids": [k for k in keys if k]})
+        log.info(
+            "jwks loaded", extra={"jwks_url": url_for_logs(url), "kids": [k for k in keys if k]}
+        )
 
     # -- verification ---------------------------------------------------------------------------
 

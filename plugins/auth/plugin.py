@@ -10,10 +10,10 @@ from __future__ import annotations
 import hmac
 import logging
 from typing import TYPE_CHECKING, ClassVar
-from urllib.parse import urlsplit
 
 from gateway.errors import AuthenticationError, ServiceUnavailableError
 from gateway.plugin import Plugin, StartupError
+from gateway.redact import url_for_logs
 from plugins.auth.config import DEMO_SECRET, AuthConfig
 from plugins.auth.failure import AuthFailure
 from plugins.auth.jwtauth import JwtVerifier
@@ -81,10 +81,9 @@ class AuthPlugin(Plugin):
             except Exception as e:
                 await self.store.close()
                 self.store = None
-                where = urlsplit(self.config.store.url)  # no password in the message
                 raise StartupError(
-                    f"auth: cannot reach the key store at {where.hostname}:{where.port}: "
-                    f"{type(e).__name__}"
+                    "auth: cannot reach the key store at "
+                    f"{url_for_logs(self.config.store.url)}: {type(e).__name__}"
                 ) from None
         if self.jwt is not None:
             await self.jwt.start(session)  # type: ignore[arg-type]
