@@ -10,6 +10,7 @@ spend.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
@@ -17,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from prometheus_client import Counter
 
@@ -27,7 +28,13 @@ from gateway.tokens import prompt_tokens, prompt_tokens_bound
 
 from . import scopes
 from .config import LimitConfig
-from .headers import add_rate_limit_headers, format_duration, retry_after_headers
+from .headers import (
+    LIMIT_REQUESTS,
+    LIMIT_TOKENS,
+    add_rate_limit_headers,
+    format_duration,
+    retry_after_headers,
+)
 from .prices import HoldPrices
 from .store_base import Decision, Reservation, Store, period_end
 from .store_memory import MemoryStore
@@ -47,7 +54,8 @@ STORE_ERRORS = Counter(
 SETTLE_RETRIES = Counter(
     "gateway_limit_settlement_retries_total",
     "Settlements that failed on the store and were retried in the background, by outcome: "
-    "applied (the whole settlement), released (the concurrency slot only), dropped.",
+    "applied (the whole settlement), released (the concurrency slot and budget holds only, "
+    "also of an admission that timed out), dropped.",
     ["outcome"],
 )
 REJECTIONS = Counter(
@@ -67,6 +75,11 @@ _MAX_PLANS = 4096
 #: reserves its byte count instead of being tokenized: at most 1% of the limit over-reserved
 #: per request in flight, until its answer settles the reservation.
 BOUND_SHARE = 0.01
+
+#: How a pending settlement is retried: ``settle`` whole (it never reached Redis), ``release``
+#: the slot and holds only (it may have been applied), ``abandon`` an admission that timed out
+#: (release, and mark the slot so that Redis, if it has not run the admission yet, never will).
+Mode = Literal["settle", "release", "abandon"]
 
 _KIND_TEXT = {
     "rpm": "requests per minute (RPM)",
@@ -92,9 +105,9 @@ class LimitPlugin(Plugin):
         self._default_max_tokens = config.default_max_tokens
         self._slot_ttl = config.parallel_slot_ttl_s
         self._new_slot_ids()
-        #: Settlements the store did not take (Redis down): (reservation, admission-side
-        #: arguments, whether the whole settlement may be retried, give-up time).
-        self._pending: deque[tuple[Reservation, float, int, float, bool, float]] = deque()
+        #: Settlements the store did not take (Redis down): (reservation, time, used tokens,
+        #: cost, how to retry it, give-up time).
+        self._pending: deque[tuple[Reservation, float, int, float, Mode, float]] = deque()
         #: What budget holds price a request at (the catalogue and routing rules: startup).
         self.prices = HoldPrices()
         self._retry_task: asyncio.Task[None] | None = None
@@ -133,9 +146,11 @@ class LimitPlugin(Plugin):
             )
 
     async def shutdown(self) -> None:
-        if self._retry_task is not None:
-            self._retry_task.cancel()
-            self._retry_task = None
+        task, self._retry_task = self._retry_task, None
+        if task is not None:
+            task.cancel()  # and wait for it: two loops over the queue would both pop its head
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._pending:  # one last try, so that a restart loses as little as it can
             try:
                 async with asyncio.timeout(2.0):
@@ -220,6 +235,7 @@ class LimitPlugin(Plugin):
                 # Waiting would not help, so no Retry-After (OpenAI answers the same way).
                 REJECTIONS.labels("tpm", c.scope).inc()
                 ctx.log["limit"] = {"rejected": "tpm", "scope": c.scope, "reason": "too_large"}
+                await self._state_headers(ctx, plan)
                 raise RateLimitError(
                     f"Request too large for tokens per minute (TPM) on scope {c.scope}: "
                     f"limit {int(c.limit)}, requested {tokens}. Shorten the prompt or lower "
@@ -233,10 +249,11 @@ class LimitPlugin(Plugin):
                 plan, self.clock(), slot_id, tokens, self._slot_ttl, reserve_usd
             )
         else:
+            now = self.clock()
             try:
                 decision = await self.store.admit(
                     plan,
-                    now=self.clock(),
+                    now=now,
                     slot_id=slot_id,
                     tokens=tokens,
                     slot_ttl=self._slot_ttl,
@@ -245,6 +262,7 @@ class LimitPlugin(Plugin):
             except StoreUnavailable as e:
                 self._store_error("admit", e)
                 ctx.log["limit"] = "store_unavailable"
+                self._admit_failed(ctx, plan, now, slot_id, tokens, reserve_usd, e.sent)
                 if self.config.on_store_error == "fail_closed":
                     raise ServiceUnavailableError(
                         "Rate limiting is temporarily unavailable; please retry shortly.",
@@ -265,6 +283,55 @@ class LimitPlugin(Plugin):
             scratch["reservation"] = decision.reservation
         ctx.log["limit"] = {"reserved_tokens": tokens} if plan.tpm else "admitted"
         return None
+
+    def _admit_failed(
+        self, ctx: RequestContext, plan: scopes.Plan, now: float, slot_id: str, tokens: int,
+        reserve_usd: float, sent: bool,
+    ) -> None:  # fmt: skip
+        """An admission the store did not answer. If it may have reached Redis (a timeout),
+        Redis may still run it when it wakes, taking a concurrency slot and a budget hold that
+        nothing would give back for ``parallel_slot_ttl_s``: queue their release (which also
+        stops Redis from running the admission if it has not yet). A request admitted anyway
+        (``fail_open``) gets a reservation that holds nothing, so that its spend (and, when the
+        admission surely did not run, its tokens) is still recorded when it ends."""
+        store = self.store
+        if not isinstance(store, RedisStore):
+            return
+        if sent:
+            taken = store.reservation(
+                plan, now=now, slot_id=slot_id, tokens=tokens, reserve_usd=reserve_usd
+            )
+            self._defer(taken, now, 0, 0.0, "abandon")
+        if self.config.on_store_error == "fail_open" and (plan.budget or plan.tpm):
+            res = store.reservation(plan, now=now, slot_id=slot_id, tokens=0)
+            res.parallel_keys = []
+            if sent:  # if the admission ran, its reserved tokens stay counted: not twice
+                res.tpm_keys = []
+            if res.budget or res.tpm_keys:
+                scratch = ctx.scratch.get(self.name)
+                if scratch is None:
+                    ctx.scratch[self.name] = {"reservation": res}
+                else:
+                    scratch["reservation"] = res
+
+    async def _state_headers(self, ctx: RequestContext, plan: scopes.Plan) -> None:
+        """The ``x-ratelimit-*`` headers of a refusal decided without an admission (a request
+        larger than a token limit): the limits' state from the store, or, when the store cannot
+        be read, the limits alone."""
+        store = self.store
+        now = self.clock()
+        try:
+            state = store.peek_now(plan, now) if type(store) is MemoryStore else (
+                await store.peek(plan, now=now))  # fmt: skip
+        except StoreUnavailable as e:
+            self._store_error("peek", e)
+            out = ctx.response_headers
+            if plan.rpm:
+                out[LIMIT_REQUESTS] = str(int(min(c.limit for c in plan.rpm)))
+            if plan.tpm:
+                out[LIMIT_TOKENS] = str(int(min(c.limit for c in plan.tpm)))
+            return
+        add_rate_limit_headers(ctx.response_headers, state.requests, state.tokens)
 
     async def on_response(self, ctx: RequestContext) -> None:
         scratch = ctx.scratch.get(self.name)
@@ -293,20 +360,21 @@ class LimitPlugin(Plugin):
             await asyncio.shield(settle)
         except StoreUnavailable as e:
             self._store_error("settle", e)
-            self._defer(res, now, used, cost, whole=not e.sent)
+            self._defer(res, now, used, cost, "release" if e.sent else "settle")
 
-    def _defer(self, res: Reservation, now: float, used: int, cost: float, whole: bool) -> None:
+    def _defer(self, res: Reservation, now: float, used: int, cost: float, mode: Mode) -> None:
         """Retry a settlement the store did not take, in the background, until the slot would
         have expired anyway. A settlement that never reached Redis is retried whole; one that
         may have been applied (a timeout) only frees its concurrency slot, which is safe to
         repeat, so its tokens and cost are never counted twice. Without this, a Redis blip held
-        each slot it caught for ``parallel_slot_ttl_s`` (15 minutes by default)."""
-        if not whole and not res.parallel_keys and not res.budget_keys:
+        each slot it caught for ``parallel_slot_ttl_s`` (15 minutes by default). An admission
+        that timed out (``abandon``) is released the same way."""
+        if mode == "release" and not res.parallel_keys and not res.budget_keys:
             return  # nothing that is safe to repeat
         if len(self._pending) >= _MAX_PENDING:
             self._pending.popleft()
             SETTLE_RETRIES.labels("dropped").inc()
-        self._pending.append((res, now, used, cost, whole, time.monotonic() + self._slot_ttl))
+        self._pending.append((res, now, used, cost, mode, time.monotonic() + self._slot_ttl))
         if self._retry_task is None or self._retry_task.done():
             self._retry_task = asyncio.get_running_loop().create_task(self._retry_loop())
 
@@ -323,24 +391,26 @@ class LimitPlugin(Plugin):
             self._pending.clear()
             return
         while self._pending:
-            res, now, used, cost, whole, give_up = self._pending[0]
+            res, now, used, cost, mode, give_up = self._pending[0]
             if time.monotonic() > give_up:  # its slot has expired meanwhile
                 self._pending.popleft()
                 SETTLE_RETRIES.labels("dropped").inc()
                 continue
             try:
-                if whole:
+                if mode == "settle":
                     await store.settle(res, now=now, used_tokens=used, cost_usd=cost)
-                else:
+                elif mode == "release":
                     await store.release(res)
+                else:
+                    await store.release(res, abandon_ttl=self._slot_ttl)
             except StoreUnavailable as e:
-                if whole and e.sent:  # this try may have been applied: only free the slot now
-                    self._pending[0] = (res, now, used, cost, False, give_up)
+                if mode == "settle" and e.sent:  # this try may have been applied: only free
+                    self._pending[0] = (res, now, used, cost, "release", give_up)  # the slot
                     if not res.parallel_keys and not res.budget_keys:
                         self._pending.popleft()
                 return
             self._pending.popleft()
-            SETTLE_RETRIES.labels("applied" if whole else "released").inc()
+            SETTLE_RETRIES.labels("applied" if mode == "settle" else "released").inc()
 
     def _denial(self, decision: Decision) -> RateLimitError:
         c = decision.denied

@@ -20,9 +20,13 @@ end
 """
 
 # KEYS: rpm (nr), tpm this minute (nt), tpm previous minute (nt), parallel (np), budget spend
-# (nb), budget holds (nb: a hash slot -> dollars), their expiries (nb: a sorted set).
+# (nb), budget holds (nb: a hash slot -> dollars), their expiries (nb: a sorted set), then the
+# slot's "abandoned" marker (set by RELEASE_LUA when the gateway gave up on this admission).
 # ARGV: now, slot id, tokens, slot expiry, slot ttl ms, window, nr, nt, np, nb, dollars to hold,
-# then the limits in the same order as the keys (tpm once).
+# peek (1: only read the request and token limits' state), then the limits in the same order as
+# the keys (tpm once).
+# Reply: {1, state...} admitted; {0, nfail, nfail x (kind, index, a, b), state...} refused, with
+# every failing check (the caller picks the longest wait); {-1} abandoned.
 ADMIT_LUA = (
     _UNHOLD_LUA
     + """
@@ -34,7 +38,7 @@ local slot_ttl_ms = tonumber(ARGV[5])
 local win = tonumber(ARGV[6])
 local nr, nt, np, nb = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local hold = tonumber(ARGV[11])
-local la = 11
+local la = 12
 local kt, ktp, kp, kb = nr, nr + nt, nr + 2 * nt, nr + 2 * nt + np
 local elapsed = now - math.floor(now / win) * win
 
@@ -50,10 +54,14 @@ local function oldest(key, limit)
   return idx
 end
 
--- A refusal: {0, kind, index, a, b}, then each request limit's count in the window and its
--- oldest entry, then each token limit's previous and current minute (for the headers).
-local function refuse(kind, i, a, b)
-  local out = {0, kind, i, a or '0', b or '0'}
+-- A refusal: {0, n, then n x (kind, index, a, b)}, then each request limit's count in the
+-- window and its oldest entry, then each token limit's previous and current minute (for the
+-- headers).
+local function refuse(fails)
+  local out = {0, #fails / 4}
+  for _, v in ipairs(fails) do
+    out[#out + 1] = v
+  end
   for j = 1, nr do
     local key = KEYS[j]
     local idx = oldest(key, tonumber(ARGV[la + j]))
@@ -67,11 +75,25 @@ local function refuse(kind, i, a, b)
   return out
 end
 
+if redis.call('exists', KEYS[kb + 3 * nb + 1]) == 1 then
+  return {-1}  -- the gateway gave up on this admission (it timed out) and released it
+end
+if ARGV[12] == '1' then
+  return refuse({})
+end
+-- Every check is evaluated, so a refusal can name the one with the longest wait.
+local fails = {}
+local function fail(kind, i, a, b)
+  fails[#fails + 1] = kind
+  fails[#fails + 1] = i
+  fails[#fails + 1] = a or '0'
+  fails[#fails + 1] = b or '0'
+end
 for i = 1, nr do
   local limit = tonumber(ARGV[la + i])
   local entry = redis.call('lindex', KEYS[i], limit - 1)
   if entry and tonumber(entry) > now - win then
-    return refuse('rpm', i, entry)
+    fail('rpm', i, entry)
   end
 end
 local tp = {}
@@ -80,7 +102,7 @@ for i = 1, nt do
   local cur = tonumber(redis.call('get', KEYS[kt + i]) or '0')
   local prev = tonumber(redis.call('get', KEYS[ktp + i]) or '0')
   if prev * (win - elapsed) / win + cur + tokens > limit then
-    return refuse('tpm', i, tostring(prev), tostring(cur))
+    fail('tpm', i, tostring(prev), tostring(cur))
   end
   tp[i] = {prev, cur}
 end
@@ -88,24 +110,28 @@ for i = 1, np do
   local limit = tonumber(ARGV[la + nr + nt + i])
   redis.call('zremrangebyscore', KEYS[kp + i], '-inf', now)
   if redis.call('zcard', KEYS[kp + i]) >= limit then
-    return refuse('par', i)
+    fail('par', i)
   end
 end
 for i = 1, nb do
   local limit = tonumber(ARGV[la + nr + nt + np + i])
   local spent = tonumber(redis.call('get', KEYS[kb + i]) or '0')
-  if spent >= limit then
-    return refuse('bud', i, tostring(spent))
-  end
   local hk, xk = KEYS[kb + nb + i], KEYS[kb + 2 * nb + i]
   local gone = redis.call('zrangebyscore', xk, '-inf', now, 'limit', 0, 1000)
   for _, s in ipairs(gone) do
     unhold(hk, xk, s)
   end
-  local held = tonumber(redis.call('hget', hk, '=total') or '0')
-  if spent + held >= limit then
-    return refuse('held', i)
+  if spent >= limit then
+    fail('bud', i, tostring(spent))
+  else
+    local held = tonumber(redis.call('hget', hk, '=total') or '0')
+    if spent + held >= limit then
+      fail('held', i)
+    end
   end
+end
+if #fails > 0 then
+  return refuse(fails)
 end
 
 local out = {1}
@@ -188,13 +214,18 @@ return 1
 )
 
 
-# KEYS: parallel keys (np), budget holds (nh hashes, then their nh sorted sets).
-# ARGV: slot id, np, nh. Frees a concurrency slot and ends the budget holds (idempotent: safe
-# to repeat).
+# KEYS: parallel keys (np), budget holds (nh hashes, then their nh sorted sets), and with a 4th
+# argument the slot's "abandoned" marker.
+# ARGV: slot id, np, nh, [marker ttl ms]. Frees a concurrency slot and ends the budget holds
+# (idempotent: safe to repeat). With the marker (an admission that timed out), an admission of
+# this slot that Redis has not run yet never will: it finds the marker and does nothing.
 RELEASE_LUA = (
     _UNHOLD_LUA
     + """
 local np, nh = tonumber(ARGV[2]), tonumber(ARGV[3])
+if ARGV[4] then
+  redis.call('set', KEYS[np + 2 * nh + 1], '1', 'PX', ARGV[4])
+end
 for i = 1, np do
   redis.call('zrem', KEYS[i], ARGV[1])
 end

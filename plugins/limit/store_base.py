@@ -82,6 +82,10 @@ class Store(Protocol):
         self, res: Reservation, *, now: float, used_tokens: int, cost_usd: float
     ) -> None: ...
 
+    async def peek(self, plan: Plan, *, now: float) -> Decision:
+        """The request and token limits' state (``requests``, ``tokens``), changing nothing."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -72,8 +72,7 @@ class MemoryStore:
                     while dq and dq[0] <= cutoff:
                         dq.popleft()
                     if len(dq) >= c.limit:
-                        retry = dq[-int(c.limit)] + WINDOW - now
-                        return self._refused(plan, now, c, retry)
+                        return self._refusal(plan, now, tokens)
         tpm_state: list[tuple[Check, str, float, float]] = []
         if plan.tpm:
             w = floor(now / WINDOW)  # window_index(now)
@@ -92,8 +91,7 @@ class MemoryStore:
                 entry = tpm.get(c.key + prev_suffix)
                 prev = entry[1] if entry is not None else 0.0
                 if prev * (WINDOW - elapsed) / WINDOW + cur + tokens > c.limit:  # tpm_used
-                    retry = tpm_retry_after(prev, cur, elapsed, c.limit, tokens)
-                    return self._refused(plan, now, c, retry)
+                    return self._refusal(plan, now, tokens)
                 tpm_state.append((c, key, prev, cur))
         for c in plan.parallel:
             slots = self._par.get(c.key)
@@ -102,17 +100,14 @@ class MemoryStore:
                 for sid in [s for s, exp in slots.items() if exp <= now]:
                     del slots[sid]
                 if len(slots) >= c.limit:
-                    return self._refused(plan, now, c, PARALLEL_RETRY_S)
+                    return self._refusal(plan, now, tokens)
         budget_state: list[tuple[str, float]] = []
         for c in plan.budget:
             _, period_ends, suffix = period(c.kind, now)
             pkey = c.key + suffix
             entry = self._usd.get(pkey)
-            if entry is not None:
-                if entry[1] >= c.limit:
-                    return self._refused(plan, now, c, period_ends - now)
-                if entry[1] + entry[2] >= c.limit:  # not spent: held by requests in flight
-                    return self._refused(plan, now, held_check(c), HELD_RETRY_S)
+            if entry is not None and entry[1] + entry[2] >= c.limit:  # spent, or held
+                return self._refusal(plan, now, tokens)
             budget_state.append((pkey, period_ends))
 
         # Commit.
@@ -171,7 +166,61 @@ class MemoryStore:
                     entry[2] += reserve_usd
         return Decision(True, None, None, requests, token_usage, res)
 
-    def _refused(self, plan: Plan, now: float, denied: Check, retry: float) -> Decision:
+    def _refusal(self, plan: Plan, now: float, tokens: int) -> Decision:
+        """A refusal (some check failed): every check is evaluated again, and the one with the
+        longest wait (the first of equals) is the one named, so that a client that waits as
+        long as Retry-After says does not run into another limit. (Off the hot path: only
+        refusals come here.)"""
+        denied: Check | None = None
+        retry = -1.0
+
+        def failed(c: Check, wait: float) -> None:
+            nonlocal denied, retry
+            if wait > retry:
+                denied, retry = c, wait
+
+        cutoff = now - WINDOW
+        for c in plan.rpm:
+            dq = self._rpm.get(c.key)
+            if dq is not None:
+                live = [t for t in dq if t > cutoff]
+                if len(live) >= c.limit:
+                    failed(c, live[-int(c.limit)] + WINDOW - now)
+        if plan.tpm:
+            w = floor(now / WINDOW)
+            elapsed = now - w * WINDOW
+            for c in plan.tpm:
+                entry = self._tpm.get(f"{c.key}/{w}")
+                cur = entry[1] if entry is not None else 0.0
+                entry = self._tpm.get(f"{c.key}/{w - 1}")
+                prev = entry[1] if entry is not None else 0.0
+                if prev * (WINDOW - elapsed) / WINDOW + cur + tokens > c.limit:
+                    failed(c, tpm_retry_after(prev, cur, elapsed, c.limit, tokens))
+        for c in plan.parallel:
+            slots = self._par.get(c.key)
+            if slots and sum(1 for exp in slots.values() if exp > now) >= c.limit:
+                failed(c, PARALLEL_RETRY_S)
+        for c in plan.budget:
+            _, period_ends, suffix = period(c.kind, now)
+            usd = self._usd.get(c.key + suffix)
+            if usd is not None:
+                if usd[1] >= c.limit:
+                    failed(c, period_ends - now)
+                elif usd[1] + usd[2] >= c.limit:  # not spent: held by requests in flight
+                    failed(held_check(c), HELD_RETRY_S)
+        assert denied is not None
+        return self._refused(plan, now, denied, retry)
+
+    def peek_now(self, plan: Plan, now: float) -> Decision:
+        """The request and token limits' state, changing nothing that counts."""
+        return self._refused(plan, now, None, None)
+
+    async def peek(self, plan: Plan, *, now: float) -> Decision:
+        return self.peek_now(plan, now)
+
+    def _refused(
+        self, plan: Plan, now: float, denied: Check | None, retry: float | None
+    ) -> Decision:
         """A refusal, with the state of every request and token limit for the
         ``x-ratelimit-*`` headers (OpenAI sends them with its 429s too)."""
         requests: list[LimitUsage] = []

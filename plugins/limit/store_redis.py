@@ -109,10 +109,8 @@ class RedisStore:
         except (RedisError, OSError, TimeoutError) as e:
             raise StoreUnavailable(type(e).__name__) from e
 
-    async def admit(
-        self, plan: Plan, *, now: float, slot_id: str, tokens: int, slot_ttl: float,
-        reserve_usd: float = 0.0,
-    ) -> Decision:  # fmt: skip
+    def _admit_keys(self, plan: Plan, now: float, slot_id: str) -> tuple[list[str], list[str]]:
+        """The admission script's keys, and the budget period keys among them."""
         p = self.prefix
         w = window_index(now)
         budget_keys = [p + period_key(c, now) for c in plan.budget]
@@ -124,40 +122,95 @@ class RedisStore:
             *budget_keys,
             *(k + "/held" for k in budget_keys),
             *(k + "/held-until" for k in budget_keys),
+            self._abandoned_key(slot_id),
         ]
-        checks: list[Check] = [*plan.rpm, *plan.tpm, *plan.parallel, *plan.budget]
-        args: list[Any] = [
-            _f(now), slot_id, tokens, _f(now + slot_ttl), math.ceil(slot_ttl * 1000), _f(WINDOW),
-            len(plan.rpm), len(plan.tpm), len(plan.parallel), len(plan.budget),
-            _f(reserve_usd if plan.budget else 0.0), *(_f(c.limit) for c in checks),
-        ]  # fmt: skip
-        out = await self._call(self._admit, keys, args)
-        elapsed = now - w * WINDOW
-        if int(out[0]) == 0:
-            kind, i = out[1], int(out[2]) - 1
-            requests, token_usage = _limits_state(plan, out, 5, now, elapsed)
-            denied: Check
-            if kind == "rpm":
-                denied = plan.rpm[i]
-                retry = float(out[3]) + WINDOW - now
-            elif kind == "tpm":
-                denied = plan.tpm[i]
-                prev, cur = float(out[3]), float(out[4])
-                retry = tpm_retry_after(prev, cur, elapsed, denied.limit, tokens)
-            elif kind == "par":
-                denied, retry = plan.parallel[i], PARALLEL_RETRY_S
-            elif kind == "held":
-                denied, retry = held_check(plan.budget[i]), HELD_RETRY_S
-            else:
-                denied = plan.budget[i]
-                retry = period_end(denied, now) - now
-            return Decision(False, denied, retry, requests, token_usage)
+        return keys, budget_keys
+
+    def _abandoned_key(self, slot_id: str) -> str:
+        return f"{self.prefix}abandoned/{slot_id}"
+
+    def reservation(
+        self, plan: Plan, *, now: float, slot_id: str, tokens: int, reserve_usd: float = 0.0,
+        budget_keys: list[str] | None = None,
+    ) -> Reservation:  # fmt: skip
+        """What ``admit`` takes when it admits: also what to give back for an admission whose
+        outcome is unknown (it timed out, and Redis may still run it)."""
+        p = self.prefix
         res = Reservation(slot_id, tokens, budget=plan.budget)
-        if reserve_usd > 0 and budget_keys:
+        if reserve_usd > 0 and plan.budget:
+            if budget_keys is None:
+                budget_keys = [p + period_key(c, now) for c in plan.budget]
             res.reserved_usd = reserve_usd
             res.budget_keys = list(dict.fromkeys(budget_keys))
-        res.tpm_keys = list(dict.fromkeys(p + f"{c.key}/{w}" for c in plan.tpm))
+        if plan.tpm:
+            w = window_index(now)
+            res.tpm_keys = list(dict.fromkeys(p + f"{c.key}/{w}" for c in plan.tpm))
         res.parallel_keys = list(dict.fromkeys(p + c.key for c in plan.parallel))
+        return res
+
+    def _args(
+        self, plan: Plan, now: float, slot_id: str, tokens: int, slot_ttl: float,
+        reserve_usd: float, peek: bool,
+    ) -> list[Any]:  # fmt: skip
+        checks: list[Check] = [*plan.rpm, *plan.tpm, *plan.parallel, *plan.budget]
+        return [
+            _f(now), slot_id, tokens, _f(now + slot_ttl), math.ceil(slot_ttl * 1000), _f(WINDOW),
+            len(plan.rpm), len(plan.tpm), len(plan.parallel), len(plan.budget),
+            _f(reserve_usd if plan.budget else 0.0), "1" if peek else "0",
+            *(_f(c.limit) for c in checks),
+        ]  # fmt: skip
+
+    async def peek(self, plan: Plan, *, now: float) -> Decision:
+        """The request and token limits' state, changing nothing (for the headers of a refusal
+        decided without the store)."""
+        keys, _ = self._admit_keys(plan, now, "-")
+        out = await self._call(self._admit, keys, self._args(plan, now, "-", 0, 1.0, 0.0, True))
+        elapsed = now - window_index(now) * WINDOW
+        requests, tokens = _limits_state(plan, out, 2, now, elapsed)
+        return Decision(False, None, None, requests, tokens)
+
+    async def admit(
+        self, plan: Plan, *, now: float, slot_id: str, tokens: int, slot_ttl: float,
+        reserve_usd: float = 0.0,
+    ) -> Decision:  # fmt: skip
+        keys, budget_keys = self._admit_keys(plan, now, slot_id)
+        args = self._args(plan, now, slot_id, tokens, slot_ttl, reserve_usd, False)
+        out = await self._call(self._admit, keys, args)
+        w = window_index(now)
+        elapsed = now - w * WINDOW
+        status = int(out[0])
+        if status == -1:  # (a slot id given up on before: cannot happen to a fresh one)
+            raise StoreUnavailable("admission already abandoned", sent=False)
+        if status == 0:
+            nfail = int(out[1])
+            requests, token_usage = _limits_state(plan, out, 2 + 4 * nfail, now, elapsed)
+            # Of the failing checks, the one with the longest wait (the first of equals): a
+            # client that waits for it does not run into another.
+            denied: Check | None = None
+            retry = -1.0
+            for j in range(nfail):
+                kind, i, a, b = out[2 + 4 * j : 6 + 4 * j]
+                i = int(i) - 1
+                c: Check
+                if kind == "rpm":
+                    c, wait = plan.rpm[i], float(a) + WINDOW - now
+                elif kind == "tpm":
+                    c = plan.tpm[i]
+                    wait = tpm_retry_after(float(a), float(b), elapsed, c.limit, tokens)
+                elif kind == "par":
+                    c, wait = plan.parallel[i], PARALLEL_RETRY_S
+                elif kind == "held":
+                    c, wait = held_check(plan.budget[i]), HELD_RETRY_S
+                else:
+                    c = plan.budget[i]
+                    wait = period_end(c, now) - now
+                if wait > retry:
+                    denied, retry = c, wait
+            return Decision(False, denied, retry, requests, token_usage)
+        res = self.reservation(
+            plan, now=now, slot_id=slot_id, tokens=tokens, reserve_usd=reserve_usd,
+            budget_keys=budget_keys,
+        )  # fmt: skip
         decision = Decision(True, reservation=res)
         pos = 1
         for c in plan.rpm:
@@ -187,16 +240,24 @@ class RedisStore:
         ]  # fmt: skip
         await self._call(self._settle, keys, args)
 
-    async def release(self, res: Reservation) -> None:
+    async def release(self, res: Reservation, *, abandon_ttl: float | None = None) -> None:
         """Free the reservation's concurrency slots and end its budget holds only (what a
-        settlement that may already have been applied can safely repeat)."""
+        settlement that may already have been applied can safely repeat).
+
+        ``abandon_ttl``: the reservation is that of an admission that timed out (Redis may not
+        have run it yet): also mark its slot abandoned for that long, so that if Redis runs the
+        admission only after this, it takes nothing."""
         held = res.budget_keys
-        if res.parallel_keys or held:
+        if res.parallel_keys or held or abandon_ttl is not None:
             keys = [
                 *res.parallel_keys, *(k + "/held" for k in held),
                 *(k + "/held-until" for k in held),
             ]  # fmt: skip
-            await self._call(self._release, keys, [res.slot_id, len(res.parallel_keys), len(held)])
+            args: list[Any] = [res.slot_id, len(res.parallel_keys), len(held)]
+            if abandon_ttl is not None:
+                keys.append(self._abandoned_key(res.slot_id))
+                args.append(max(1, math.ceil(abandon_ttl * 1000)))
+            await self._call(self._release, keys, args)
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -498,3 +498,58 @@ async def test_budget_holds_price_the_fallbacks_and_routing_targets_too() -> Non
     await plain.startup(SimpleNamespace(catalogue=catalogue,  # type: ignore[arg-type]
                                         pipeline=SimpleNamespace(find=lambda n: None)))  # fmt: skip
     assert {d.id for d in plain.prices.may_serve(entry)} == {"demo-d", "backup-d", "last-d"}
+
+
+# --- refusals: headers and the longest wait ---------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_request_too_large_carries_the_request_and_token_headers() -> None:
+    plugin = make_plugin(rules=[{"scope": "user", "rpm": 5, "tpm": 1000}])
+    first = make_ctx()
+    await plugin.on_request(first)
+    reserved = first.log["limit"]["reserved_tokens"]
+    big = make_ctx(max_tokens=5000)
+    with pytest.raises(RateLimitError, match="Request too large") as e:
+        await plugin.on_request(big)
+    assert "retry-after" not in e.value.headers
+    h = big.response_headers
+    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == ("5", "4")
+    assert (h["x-ratelimit-limit-tokens"], h["x-ratelimit-remaining-tokens"]) == (
+        "1000", str(1000 - reserved))  # fmt: skip
+    assert h["x-ratelimit-reset-tokens"].endswith("s")
+
+
+@pytest.mark.anyio
+async def test_retry_after_is_the_longest_wait_of_the_failing_limits() -> None:
+    """The tenant's window frees a request in 49 s, the user's in 59 s: waiting 49 s (what
+    Retry-After used to say, from the first failing rule) would be refused again."""
+    clock = Clock()
+    plugin = make_plugin(clock, rules=[{"scope": "tenant", "rpm": 2}, {"scope": "user", "rpm": 1}])
+    await plugin.on_request(make_ctx("bob"))
+    clock.advance(10)
+    await plugin.on_request(make_ctx("alice"))
+    clock.advance(1)
+    with pytest.raises(RateLimitError, match="scope user") as e:
+        await plugin.on_request(make_ctx("alice"))
+    assert e.value.headers["retry-after"] == "59"
+    clock.advance(49)  # the tenant's limit passes, the user's not yet
+    with pytest.raises(RateLimitError, match="scope user"):
+        await plugin.on_request(make_ctx("alice"))
+    clock.advance(10)
+    await plugin.on_request(make_ctx("alice"))
+
+
+@pytest.mark.anyio
+async def test_a_spent_budget_outweighs_a_request_limit() -> None:
+    clock = Clock(1_767_225_600.0 + 23 * 3600)  # 23:00 UTC
+    plugin = make_plugin(
+        clock, rules=[{"scope": "user", "rpm": 1}, {"scope": "tenant", "budget_usd": {"day": 0.01}}]
+    )
+    ctx = make_ctx()
+    await plugin.on_request(ctx)
+    await plugin.on_response(finish(ctx, 1000, 0))  # $0.01: spent
+    clock.advance(1)
+    with pytest.raises(QuotaExceededError) as e:  # not the request limit's 59 s
+        await plugin.on_request(make_ctx())
+    assert e.value.headers["retry-after"] == "3599"

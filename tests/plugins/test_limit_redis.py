@@ -24,8 +24,10 @@ from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from prometheus_client import REGISTRY
 
+from gateway.context import RequestContext
 from gateway.errors import QuotaExceededError, RateLimitError, ServiceUnavailableError
 from plugins.limit import LimitPlugin
+from plugins.limit.store_redis import RedisStore, StoreUnavailable
 
 from ..helpers import free_port
 from .test_limit_helpers import Clock, finish, make_ctx, make_plugin
@@ -415,3 +417,199 @@ async def test_a_burst_beyond_the_connection_pool_is_still_limited_exactly(prefi
         results = await asyncio.gather(*(_attempt(ps[0]) for _ in range(burst)))
     assert sum(r is None for r in results) == limit
     assert all(r is None or r.status == 429 for r in results)  # no store error, no 503
+
+
+async def _admit_until(plugin: LimitPlugin, seconds: float = 10.0) -> RequestContext:
+    """Asks until admitted by the store (not failed open while it is marked down; refused
+    while a slot is taken)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        ctx = make_ctx()
+        try:
+            await plugin.on_request(ctx)
+            if ctx.log["limit"] != "store_unavailable":
+                return ctx
+            await plugin.on_response(finish(ctx))
+        except (RateLimitError, ServiceUnavailableError):
+            pass
+        assert time.monotonic() < deadline, "not admitted in time"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("on_store_error", ["fail_closed", "fail_open"])
+async def test_an_admission_that_timed_out_gives_back_its_slot_and_hold(
+    own_redis: OwnRedis, on_store_error: str
+) -> None:
+    """Redis hangs during an admission: the client gives up, but Redis runs the script when it
+    wakes, taking a concurrency slot and a budget hold. They used to stay taken for
+    ``parallel_slot_ttl_s``; now they are released once Redis answers again."""
+    import redis
+
+    async with plugins(
+        1, store=own_redis.url, retry_store_after_s=0.3, socket_timeout_s=0.2,
+        on_store_error=on_store_error,
+        rules=[{"scope": "user", "max_parallel": 1, "rpm": 100, "tpm": 100_000},
+               {"scope": "tenant", "budget_usd": {"day": 100}}],
+    ) as ps:  # fmt: skip
+        plugin = ps[0]
+        first = make_ctx()
+        await plugin.on_request(first)
+        await plugin.on_response(finish(first, 10, 10))
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            lost = make_ctx()
+            if on_store_error == "fail_closed":
+                with pytest.raises(ServiceUnavailableError):
+                    await plugin.on_request(lost)
+            else:
+                await plugin.on_request(lost)  # admitted without limits
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        if on_store_error == "fail_open":
+            await plugin.on_response(finish(lost, 10, 10))
+        again = await _admit_until(plugin)  # the timed-out admission's slot came back
+        with pytest.raises(RateLimitError, match="in flight"):  # and the limit still holds
+            await plugin.on_request(make_ctx())
+        client = redis.Redis(port=own_redis.port, decode_responses=True)
+        (par,) = client.keys("*par/*")
+        assert client.zcard(par) == 1
+        (held,) = client.keys("*/held")
+        holds = client.hgetall(held)
+        holds.pop("=total")
+        assert list(holds) == [again.scratch["limit"]["reservation"].slot_id]
+        await plugin.on_response(finish(again, 10, 10))
+
+
+@pytest.mark.anyio
+async def test_an_admission_run_after_its_release_takes_nothing(prefix: str) -> None:
+    """The release of a timed-out admission may reach Redis before the admission itself (it
+    waits in the socket of a connection the client gave up on): the admission then does
+    nothing, where it used to take a slot and a hold that nothing would give back."""
+    rules = [{"scope": "user", "max_parallel": 1, "rpm": 5},
+             {"scope": "tenant", "budget_usd": {"day": 100}}]  # fmt: skip
+    async with plugins(1, store=REDIS_URL, key_prefix=prefix, rules=rules, **PATIENT) as ps:
+        plugin = ps[0]
+        store = plugin.store
+        assert isinstance(store, RedisStore)
+        plan = plugin.plan(make_ctx())
+        now = plugin.clock()
+        taken = store.reservation(plan, now=now, slot_id="s.1", tokens=10, reserve_usd=0.5)
+        await store.release(taken, abandon_ttl=60)
+        with pytest.raises(StoreUnavailable):
+            await store.admit(plan, now=now, slot_id="s.1", tokens=10, slot_ttl=60,
+                              reserve_usd=0.5)  # fmt: skip
+        client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+        await client.aclose()
+        assert keys == [f"{prefix}:abandoned/s.1"]  # no request counted, no slot, no hold
+        ctx = make_ctx()
+        await plugin.on_request(ctx)  # other slots are not affected
+        assert ctx.response_headers["x-ratelimit-remaining-requests"] == "4"
+
+
+@pytest.mark.anyio
+async def test_fail_open_requests_are_charged_to_budgets_when_they_end(
+    own_redis: OwnRedis,
+) -> None:
+    """Requests admitted without the store (``fail_open``) used to be free: their spend was
+    never recorded. It now is when they end: at once if Redis is back, else by the background
+    retries."""
+    import redis
+
+    async with plugins(
+        1, store=own_redis.url, on_store_error="fail_open", retry_store_after_s=0.2,
+        rules=[{"scope": "tenant", "tpm": 100_000, "budget_usd": {"day": 100}}],
+    ) as ps:  # fmt: skip
+        plugin = ps[0]
+        own_redis.kill()
+        a, b = make_ctx(), make_ctx()
+        await plugin.on_request(a)  # admitted without limits
+        await plugin.on_request(b)
+        own_redis.start()  # same port, empty
+        await asyncio.sleep(0.3)
+        await plugin.on_response(finish(a, 1000, 1000))  # $0.03, Redis back
+        client = redis.Redis(port=own_redis.port, decode_responses=True)
+        (spend,) = [k for k in client.keys("*usd*") if "/held" not in k]
+        assert float(client.get(spend)) == pytest.approx(0.03)
+        own_redis.kill()
+        await plugin.on_request(make_ctx(max_tokens=None))  # fails: the store is marked down
+        await plugin.on_response(finish(b, 2000, 2000))  # $0.06: skipped, retried later
+        own_redis.start()
+        client = redis.Redis(port=own_redis.port, decode_responses=True)
+        deadline = time.monotonic() + 5
+        while True:
+            found = client.keys("*usd*")
+            if found or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        (spend,) = found
+        assert float(client.get(spend)) == pytest.approx(0.06)
+
+
+@pytest.mark.anyio
+async def test_a_request_too_large_carries_the_limit_headers(prefix: str) -> None:
+    rules = [{"scope": "user", "rpm": 5, "tpm": 1000}]
+    async with plugins(1, store=REDIS_URL, key_prefix=prefix, rules=rules, **PATIENT) as ps:
+        first = make_ctx()
+        await ps[0].on_request(first)
+        reserved = first.log["limit"]["reserved_tokens"]
+        big = make_ctx(max_tokens=5000)
+        with pytest.raises(RateLimitError, match="Request too large") as e:
+            await ps[0].on_request(big)
+        assert "retry-after" not in e.value.headers
+        h = big.response_headers
+        assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == (
+            "5", "4")  # fmt: skip
+        assert (h["x-ratelimit-limit-tokens"], h["x-ratelimit-remaining-tokens"]) == (
+            "1000", str(1000 - reserved))  # fmt: skip
+        # It counted for nothing.
+        ctx = make_ctx()
+        await ps[0].on_request(ctx)
+        assert ctx.response_headers["x-ratelimit-remaining-requests"] == "3"
+
+
+@pytest.mark.anyio
+async def test_a_request_too_large_with_the_store_down_carries_the_limits(
+    own_redis: OwnRedis,
+) -> None:
+    async with plugins(
+        1, store=own_redis.url, on_store_error="fail_closed",
+        rules=[{"scope": "user", "rpm": 5, "tpm": 1000}],
+    ) as ps:  # fmt: skip
+        own_redis.kill()
+        big = make_ctx(max_tokens=5000)
+        with pytest.raises(RateLimitError, match="Request too large"):
+            await ps[0].on_request(big)
+        h = big.response_headers
+        assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-limit-tokens"]) == ("5", "1000")
+        assert "x-ratelimit-remaining-tokens" not in h  # unknown without the store
+
+
+@pytest.mark.anyio
+async def test_retry_after_is_the_longest_wait_of_the_failing_limits(prefix: str) -> None:
+    clock = Clock()
+    rules = [{"scope": "tenant", "rpm": 2}, {"scope": "user", "rpm": 1}]
+    async with plugins(1, clock, store=REDIS_URL, key_prefix=prefix, rules=rules) as ps:
+        await ps[0].on_request(make_ctx("bob"))
+        clock.advance(10)
+        await ps[0].on_request(make_ctx("alice"))
+        clock.advance(1)
+        with pytest.raises(RateLimitError, match="scope user") as e:  # not tenant's 49 s
+            await ps[0].on_request(make_ctx("alice"))
+        assert e.value.headers["retry-after"] == "59"
+
+
+@pytest.mark.anyio
+async def test_a_spent_budget_outweighs_a_request_limit(prefix: str) -> None:
+    clock = Clock(1_767_225_600.0 + 23 * 3600)  # 23:00 UTC
+    rules = [{"scope": "user", "rpm": 1}, {"scope": "tenant", "budget_usd": {"day": 0.01}}]
+    async with plugins(1, clock, store=REDIS_URL, key_prefix=prefix, rules=rules) as ps:
+        ctx = make_ctx()
+        await ps[0].on_request(ctx)
+        await ps[0].on_response(finish(ctx, 1000, 0))  # $0.01: spent
+        clock.advance(1)
+        with pytest.raises(QuotaExceededError) as e:  # not the 59 s of the request limit
+            await ps[0].on_request(make_ctx())
+        assert e.value.headers["retry-after"] == "3599"
