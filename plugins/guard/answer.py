@@ -209,7 +209,9 @@ class AnswerGuard:
             fn = delta.get("function_call")  # (the legacy single call)
             if type(fn) is dict and type(args := fn.get("arguments")) is str and args:
                 key = (idx, "function_call")
-                released, held[key], findings = self.output.feed(held.get(key, ""), args, False)
+                released, held[key], findings = self.output.feed(
+                    held.get(key, ""), args, False, json_text=True
+                )
                 if findings:
                     self._act(ctx, findings)
                 if not shadow:
@@ -268,7 +270,9 @@ class AnswerGuard:
             if type(fn) is not dict or type(args := fn.get("arguments")) is not str or not args:
                 continue
             key = (idx, call.get("index", 0))
-            released, held[key], findings = self.output.feed(held.get(key, ""), args, False)
+            released, held[key], findings = self.output.feed(
+                held.get(key, ""), args, False, json_text=True
+            )
             if findings:
                 self._act(ctx, findings)
             if not self.shadow:
@@ -354,7 +358,7 @@ class AnswerGuard:
         # here, before the body is sent.
         if ctx.response is not None and ctx.endpoint == "chat" and self._output_enabled:
             for choice, msg, key in response_texts(ctx.response):
-                text, findings = self.output.check(msg[key])
+                text, findings = self.output.check(msg[key], json_text=key == "arguments")
                 self._act(ctx, findings)
                 if not self.shadow and text != msg[key]:
                     msg[key] = text

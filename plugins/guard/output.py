@@ -107,6 +107,28 @@ def canary_pattern(canary: str) -> tuple[re.Pattern[str] | None, int]:
 SPACED_SPAN = {"iban": 42, "phone": 36}
 
 
+#: A JSON escape that spells a printable ASCII character (``\u0073`` is "s") or "/" (``\/``),
+#: preceded by an even run of backslashes (an odd one would make it an escaped backslash).
+_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\(?:u00([2-7][0-9a-fA-F])|/)")
+
+
+def _plain(m: re.Match[str]) -> str:
+    code = m.group(2)
+    if code is None:
+        return m.group(1) + "/"
+    c = chr(int(code, 16))
+    return m.group(0) if c in '"\\\x7f' else m.group(1) + c
+
+
+def plain_escapes(json_text: str) -> str:
+    """JSON text (a tool call's arguments) with its escapes of printable ASCII written as the
+    characters: the same JSON value, and what the checks must read, since the application
+    decodes it before acting on it ("\\u0073k-proj-..." is the key "sk-proj-...")."""
+    if "\\" not in json_text:
+        return json_text
+    return _ESCAPE.sub(_plain, json_text)
+
+
 class OutputGuard:
     def __init__(self, cfg: OutputConfig) -> None:
         self.cfg = cfg
@@ -139,9 +161,15 @@ class OutputGuard:
             text = text[:start] + mark + text[end:]
         return text, cut + sum(len(mark) - (end - start) for start, end in spans)
 
-    def check(self, text: str) -> tuple[str, list[Finding]]:
-        """The text with redactions applied (when the actions say so), and the findings."""
+    def check(self, text: str, json_text: bool = False) -> tuple[str, list[Finding]]:
+        """The text with redactions applied (when the actions say so), and the findings.
+        ``json_text``: the text is JSON (call arguments), read with its escapes decoded."""
         findings: list[Finding] = []
+        if json_text:
+            plain = plain_escapes(text)
+            if plain != text:
+                checked, findings = self.check(plain)
+                return (checked if findings else text), findings
         text, cut = self._canary_pass(text, len(text), findings)
         return self._redact(text, cut, findings)[0], findings
 
@@ -191,9 +219,16 @@ class OutputGuard:
             cut = begin
         return cut
 
-    def feed(self, held: str, text: str, final: bool) -> tuple[str, str, list[Finding]]:
-        """Add ``text`` to the ``held`` text of one choice: (released, still held, findings)."""
+    def feed(
+        self, held: str, text: str, final: bool, json_text: bool = False
+    ) -> tuple[str, str, list[Finding]]:
+        """Add ``text`` to the ``held`` text of one choice: (released, still held, findings).
+        ``json_text`` (call arguments): escapes of printable ASCII are decoded first, and
+        released so (the same JSON); an escape cut by the end of ``text`` is decoded once it is
+        whole (it is part of the last word, which is always held)."""
         pending = held + text
+        if json_text:
+            pending = plain_escapes(pending)
         if not final and len(pending) <= self.window:
             return "", pending, []  # all of it is still held: nothing to scan yet
         findings: list[Finding] = []
