@@ -604,6 +604,26 @@ async def test_a_key_and_the_canary_hidden_by_json_escapes_in_call_arguments_are
     assert json.loads(out)["body"] == "[REDACTED:api_key] and [REDACTED:canary]"
 
 
+@pytest.mark.anyio
+async def test_invisible_and_fullwidth_characters_do_not_hide_a_key_or_the_canary() -> None:
+    """A reader sees "sk-proj-<zero-width spaces>AbCd..." and a fullwidth canary whole; the
+    matchers did not, so both went out."""
+    zw = "\u200b\u200b\u200b"
+    wide = "".join(chr(ord(c) + 0xFEE0) if c != "-" else "\uff0d" for c in CANARY)
+    text = f"Key: {KEY[:8]}{zw}{KEY[8:]} and {wide} and {CANARY[:3]}{zw}{CANARY[3:]} - done."
+    data = wire(small(text, 5))
+    g = guard(output={"secrets": "redact", "canary": CANARY, "canary_action": "redact"})
+    for reads in (None, per_event(data)):
+        events, _, _ = await relay(g, data, reads)
+        assert text_of(events) == (
+            "Key: [REDACTED:api_key] and [REDACTED:canary] and [REDACTED:canary] - done."
+        )
+    # Text that only uses such characters as text does (a family emoji, Chinese) is untouched.
+    family = "We are \U0001f468\u200d\U0001f469\u200d\U0001f467 and 你好\uff0c世界。"
+    events, _, _ = await relay(g, wire(small(family, 4)))
+    assert text_of(events) == family
+
+
 async def sent_before_block(g: Plugin, data: bytes) -> bytes:
     """What the client got, event by event, before the guard ended the stream (the relay
     turns the ContentPolicyError into the final error event)."""

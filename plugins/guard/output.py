@@ -129,6 +129,43 @@ def plain_escapes(json_text: str) -> str:
     return _ESCAPE.sub(_plain, json_text)
 
 
+#: What hides a secret or the canary from a matcher while a reader sees it whole: invisible
+#: characters (zero-width, joiners, soft hyphen, BOM, tag characters) and fullwidth letters,
+#: digits, "-", "_" and "@" (a canary written in fullwidth letters).
+_HIDING = re.compile(
+    "[\u00ad\u180e\u200b-\u200f\u2060-\u2064\ufeff\uff0d\uff10-\uff19\uff20-\uff3a"
+    "\uff3f\uff41-\uff5a\U000e0000-\U000e007f]"
+)
+
+
+def _visible(text: str) -> tuple[str, list[int]] | None:
+    """``text`` as a reader sees it (hiding characters dropped, fullwidth ones as ASCII), and
+    the index in ``text`` of each of its characters; None when nothing hides (the usual)."""
+    if text.isascii() or _HIDING.search(text) is None:
+        return None
+    out: list[str] = []
+    index: list[int] = []
+    for i, c in enumerate(text):
+        o = ord(c)
+        if 0xFF01 <= o <= 0xFF5E:
+            out.append(chr(o - 0xFEE0))
+        elif _HIDING.match(c):
+            continue
+        else:
+            out.append(c)
+        index.append(i)
+    return "".join(out), index
+
+
+def _raw(index: list[int] | None, start: int, end: int) -> tuple[int, int]:
+    """A span of the visible text as the span of the text it was read from."""
+    if index is None:
+        return start, end
+    if start >= len(index):
+        return index[-1] + 1, index[-1] + 1
+    return index[start], index[end - 1] + 1 if end > start else index[start]
+
+
 class OutputGuard:
     def __init__(self, cfg: OutputConfig) -> None:
         self.cfg = cfg
@@ -143,14 +180,17 @@ class OutputGuard:
         if self._canary is None:
             return text, cut
         spans = []
-        for m in self._canary.finditer(text):
-            if m.end() > cut:
+        vis = _visible(text)
+        index = None if vis is None else vis[1]
+        for m in self._canary.finditer(text if vis is None else vis[0]):
+            start, end = _raw(index, *m.span())
+            if end > cut:
                 # Not redacted in this pass: hold back as if the text ended where it starts,
                 # since a key or IBAN just before it is only one once the canary is gone (its
                 # end needs a non-alphanumeric character after it).
-                cut = min(cut, self._safe_cut(text, m.start()))
+                cut = min(cut, self._safe_cut(text, start))
                 break
-            spans.append(m.span())
+            spans.append((start, end))
         if not spans:
             return text, cut
         findings.append(Finding("output", "system_prompt_leak", self.cfg.canary_action, "canary"))
@@ -175,20 +215,23 @@ class OutputGuard:
 
     def _redact(self, text: str, cut: int, findings: list[Finding]) -> tuple[str, int]:
         """Handle secrets ending before ``cut``; a secret straddling it moves ``cut`` back."""
-        hits = find_secrets(text, self.types)
+        vis = _visible(text)
+        index = None if vis is None else vis[1]
+        hits = find_secrets(text if vis is None else vis[0], self.types)
         out: list[str] = []
         pos = 0
         for h in hits:
-            if h.start >= cut:
+            start, end = _raw(index, h.start, h.end)
+            if start >= cut:
                 break
-            if h.end > cut:
-                cut = h.start
+            if end > cut:
+                cut = start
                 break
             findings.append(Finding("output", h.type, self.cfg.secrets, h.type))
             if self.cfg.secrets == "redact":
-                out.append(text[pos : h.start])
+                out.append(text[pos:start])
                 out.append(placeholder(h.type))
-                pos = h.end
+                pos = end
         if pos == 0:
             return text, cut
         # Redaction shifts offsets: recompute ``cut`` in the rewritten text.
