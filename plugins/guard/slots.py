@@ -22,8 +22,14 @@ FIELDS = "fields"
 # A text slot in the body: (container, key) with container[key] a str, and the message role.
 Slot = tuple[Any, Any, str]
 
-#: Top-level keys whose strings are collected elsewhere, or are no text (the model's name).
-_COLLECTED = frozenset({"model", "messages", "tools", "functions", "response_format", "prediction"})
+#: Top-level keys whose strings are collected elsewhere, or are no text (the model's name, and
+#: the numbers and flags that make most bodies).
+_COLLECTED = frozenset({
+    "model", "messages", "tools", "functions", "response_format", "prediction",
+    "stream", "stream_options", "max_tokens", "max_completion_tokens", "n", "temperature",
+    "top_p", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "seed",
+    "parallel_tool_calls", "store", "logit_bias",
+})  # fmt: skip
 #: Message keys collected as the message's own text, and those that are no text.
 _MESSAGE_TEXT = frozenset({"content", "name", "tool_calls", "function_call", "refusal", "role"})
 
@@ -132,7 +138,8 @@ def request_slots(ctx: RequestContext) -> list[Slot]:
             else:
                 _text_parts(prediction.get("content"), "user", out)
         # user, stop, metadata, tool_choice ...: strings the provider receives (and may keep).
-        _other_strings(body, _COLLECTED, out)
+        if not body.keys() <= _COLLECTED:
+            _other_strings(body, _COLLECTED, out)
     return out
 
 
