@@ -57,7 +57,7 @@ def test_a_plugin_that_cannot_start_is_one_log_line(tmp_path: Path) -> None:
     config = {"models": [MODEL], "pipeline": [{"name": "auth", "config": auth}]}
     code, out = serve(tmp_path, config, "--port", str(free_port()))
     assert code == 3, out
-    assert "startup failed: auth: cannot reach the key store at 127.0.0.1:" in out
+    assert "startup failed: auth: cannot reach the key store at redis://127.0.0.1:" in out
     assert "Traceback" not in out
 
 

@@ -75,11 +75,12 @@ class AuthPlugin(Plugin):
     async def open(self, session: object = None) -> None:
         """Connect the key store and load JWKS (``startup`` minus the gateway)."""
         if self.config.store.type == "redis":
-            self.store = RedisKeyStore(self.config.store.url, self.config.store.prefix)
             try:
+                self.store = RedisKeyStore(self.config.store.url, self.config.store.prefix)
                 await self.store.ping()
             except Exception as e:
-                await self.store.close()
+                if self.store is not None:
+                    await self.store.close()
                 self.store = None
                 raise StartupError(
                     "auth: cannot reach the key store at "
