@@ -178,8 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     detector.load()
     rules = rules_checker()
 
+    from plugins.guard.decode import DECODERS
+    from plugins.guard.scanner import DECODED_THRESHOLD, Scanner
+
+    # The plugin also scores the payloads a prompt hides in base64, hex or %-escapes that read
+    # as prose (Scanner._decoded_prose): the highest score counts.
+    decoding = Scanner(None, decoders=tuple(DECODERS), semantic=detector)
+
     def semantic(text: str) -> bool:
-        return detector.is_attack(detector.score([text])[0])
+        if detector.is_attack(detector.score([text])[0]):
+            return True
+        floor = max(detector.threshold, DECODED_THRESHOLD)
+        return any(detector.score([d])[0] >= floor for d in decoding._decoded_prose(text))
 
     layers: dict[str, Callable[[str], bool]] = {"semantic": semantic}
     if rules is not None:

@@ -104,6 +104,13 @@ def record_metrics(verdict: Verdict, shadow: bool) -> None:
         VERDICTS.labels(f.category, f"shadow_{f.action}" if shadow else f.action, f.layer).inc()
 
 
+#: Decoded payloads of one text the classifier scores, besides the text itself.
+MAX_DECODED_SCORED = 2
+#: The least score a decoded payload counts with (the threshold, if higher): a decoded text is
+#: further from what the classifier learnt from ("lorem ipsum dolor sit amet" scores 0.79).
+DECODED_THRESHOLD = 0.9
+
+
 class Scanner:
     """Injection scanning of texts. Thread-safe: compiled regexes and the model are read-only."""
 
@@ -255,10 +262,38 @@ class Scanner:
                 for i, v in enumerate(verdicts)
                 if (classify is None or classify[i]) and (exhaustive or not v.blocked)
             ]
-            scores = await self.semantic_scores([texts[i] for i in todo])
-            for i, s in zip(todo, scores, strict=True):
-                verdicts[i].findings.extend(self._semantic_findings(s))
+            batch: list[str] = []
+            owner: list[tuple[int, bool]] = []  # each batch text's owner, and if it is decoded
+            for i in todo:
+                batch.append(texts[i])
+                owner.append((i, False))
+                for t in self._decoded_prose(texts[i]):
+                    batch.append(t)
+                    owner.append((i, True))
+            best: dict[int, float] = {}
+            floor = max(self.semantic_threshold, DECODED_THRESHOLD)
+            for (i, decoded), s in zip(owner, await self.semantic_scores(batch), strict=True):
+                if not decoded or s >= floor:
+                    best[i] = max(best.get(i, 0.0), s)
+            for i in todo:
+                verdicts[i].findings.extend(self._semantic_findings(best[i]))
         return verdicts
+
+    def _decoded_prose(self, text: str) -> list[str]:
+        """The payloads hidden in ``text`` (base64, hex, %-escapes) that read as prose, for the
+        classifier: encoding a paraphrase the rules do not know used to be enough to get it
+        past both layers. At most :data:`MAX_DECODED_SCORED`, each one forward pass more."""
+        kinds = self._decoders_but_rot13
+        if not kinds or (text.isascii() and not ascii_clues(text, light(text))[1]):
+            return []
+        out = []
+        for d in dict.fromkeys(decoded_variants(text, kinds)):
+            letters = sum(c.isalpha() or c.isspace() for c in d)
+            if len(d) >= 16 and letters >= 0.85 * len(d) and " " in d.strip():
+                out.append(d)
+                if len(out) == MAX_DECODED_SCORED:
+                    break
+        return out
 
     async def findings(
         self,
