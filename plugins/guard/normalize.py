@@ -74,6 +74,17 @@ _TOKEN = re.compile(r"(?<![a-z0-9@$€!+])(?:[a-z]+[0-9@$€!+]|[0-9@$€!+]+[a-
 # "i g n o r e", "i.g.n.o.r.e", "i-g-n-o-r-e": four or more single letters with one separator.
 _SPACED = re.compile(r"(?<![a-z])(?:[a-z][ .\-_*]){3,}[a-z](?![a-z])")
 _SEPARATORS = re.compile(r"[ .\-_*]")
+_MARKS = re.compile(r"[.\-_*]")
+
+
+def _join_spaced(run: str) -> str:
+    """A run of spaced-out letters as words: its separators dropped, except that where letters
+    are separated by marks and words by spaces ("r-e-v-e-a-l y-o-u-r") the spaces stay."""
+    if " " in run and _MARKS.search(run) is not None:
+        return " ".join(_SEPARATORS.sub("", w) for w in run.split(" ") if w)
+    return _SEPARATORS.sub("", run)
+
+
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -262,7 +273,7 @@ def _spaced(s: str, joins: list[tuple[int, int, int, int]] | None) -> str:
             continue
         out.append(s[last : m.start()])
         size += m.start() - last
-        word = _SEPARATORS.sub("", m.group(0))
+        word = _join_spaced(m.group(0))
         out.append(word)
         if joins is not None:
             joins.append((m.start(), m.end(), size, size + len(word)))
@@ -313,7 +324,26 @@ def deobfuscate_spans(lit: str) -> tuple[str, list[tuple[int, int]]]:
 def deobfuscate_reference(lit: str) -> str:
     """:func:`deobfuscate` as specified (slow; the tests check the fast one against it)."""
     s = _TOKEN.sub(_leet, lit)
-    return _SPACED.sub(lambda m: _SEPARATORS.sub("", m.group(0)), s)
+    return _SPACED.sub(lambda m: _join_spaced(m.group(0)), s)
+
+
+#: One word spelt out with single spaces ("a l l"), in a text whose words are two spaces apart.
+_SPELT_WORD = re.compile(r"(?<![a-z])[a-z](?: [a-z])+(?![a-z])")
+
+
+def spelt_words(text: str) -> str | None:
+    """The light form of a text that spells its words out letter by letter with two spaces
+    between words ("I G N O R E  A L L  P R E V I O U S"): each word joined, then the spaces
+    collapsed ("ignore all previous"). The light form has lost the word gaps (its spaced
+    letters join into one word). None when the text has no double space."""
+    if "  " not in text:
+        return None
+    low = light(text.replace("  ", "\x00"))
+    if "\x00" not in low:
+        return None
+    return _collapse(
+        _SPELT_WORD.sub(lambda m: m.group(0).replace(" ", ""), low).replace("\x00", " ")
+    )
 
 
 def fold(text: str) -> str:

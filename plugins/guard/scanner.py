@@ -19,7 +19,13 @@ from prometheus_client import Counter
 from gateway.digest import text_digest
 from gateway.redact import find_secrets
 from plugins.guard.decode import ROT13_ALWAYS_BELOW, ascii_clues, decoded_variants, rot13_windows
-from plugins.guard.normalize import deobfuscate_spans, light, reveal_tags, variants
+from plugins.guard.normalize import (
+    deobfuscate_spans,
+    light,
+    reveal_tags,
+    spelt_words,
+    variants,
+)
 from plugins.guard.rules import WINDOW_REACH, RuleSet
 
 if TYPE_CHECKING:
@@ -174,6 +180,11 @@ class Scanner:
             full, changed = deobfuscate_spans(lit)
             if changed:
                 fired |= rules.fired(full, fired, _windows(changed))
+                # Words spelt out letter by letter, two spaces apart: the light form lost the
+                # gaps between them ("ignoreallprevious"), this form keeps them.
+                spelt = spelt_words(text) if "  " in text else None
+                if spelt is not None:
+                    fired |= rules.fired(spelt, fired)
         if kinds and decode:
             for decoded in dict.fromkeys(decoded_variants(text, kinds)):
                 for form in variants(decoded):
