@@ -44,6 +44,7 @@ class AnthropicResponse(AiohttpResponse):
             out = translator.feed(data)
             if out:
                 yield out
+            translator.raise_pending()
         if not translator.done:
             raise UpstreamError(
                 "the anthropic upstream stream ended before it was complete",

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from gateway.envelope import join_reads
-from gateway.errors import UpstreamError
+from gateway.errors import GatewayError, UpstreamError
 from gateway.providers.anthropic_translate import STOP_REASONS, error_from_body, usage_of
 
 
@@ -33,6 +33,11 @@ class StreamTranslator:
         self.finish: str | None = None
         #: Anthropic content block index → OpenAI tool call index.
         self.tool_index: dict[int, int] = {}
+        #: Tool blocks (Anthropic index) whose arguments have had some JSON.
+        self.tool_json: set[int] = set()
+        #: An ``error`` event that came in the same read as events before it: those go out
+        #: first, then the reader raises this (:meth:`raise_pending`).
+        self.error: GatewayError | None = None
         self.done = False
         self.started = False
 
@@ -56,10 +61,22 @@ class StreamTranslator:
                     "the anthropic upstream sent a malformed stream event"
                 ) from None
             if isinstance(obj, dict):
-                out.extend(self.event(obj))
+                try:
+                    out.extend(self.event(obj))
+                except GatewayError as err:
+                    if not out:
+                        raise
+                    err.retryable = False  # what came before it goes out first
+                    self.error = err
+                    break
         if out:
             self.started = True
         return b"".join(out)
+
+    def raise_pending(self) -> None:
+        """Raise the ``error`` event held back by :meth:`feed`, if any."""
+        if self.error is not None:
+            raise self.error
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         chunk = {
@@ -89,14 +106,32 @@ class StreamTranslator:
             if block.get("type") == "text" and block.get("text"):
                 return [self._chunk({"content": block["text"]})]
             if block.get("type") == "tool_use":
-                pos = self.tool_index[int(obj.get("index", 0))] = len(self.tool_index)
+                index = int(obj.get("index", 0))
+                pos = self.tool_index[index] = len(self.tool_index)
+                # Anthropic starts a block with "input": {} and streams the JSON after; a
+                # block that arrives whole carries it here.
+                given = block.get("input")
+                args = orjson.dumps(given).decode() if isinstance(given, dict) and given else ""
+                if args:
+                    self.tool_json.add(index)
                 call = {
                     "index": pos,
                     "id": block.get("id", ""),
                     "type": "function",
-                    "function": {"name": block.get("name", ""), "arguments": ""},
+                    "function": {"name": block.get("name", ""), "arguments": args},
                 }
                 return [self._chunk({"tool_calls": [call]})]
+            return []
+        if kind == "content_block_stop":
+            index = int(obj.get("index", 0))
+            n = self.tool_index.get(index)
+            if n is not None and index not in self.tool_json:
+                # A call without arguments: "{}", as OpenAI sends it (an empty string is no
+                # JSON, and the SDK's callers parse it).
+                self.tool_json.add(index)
+                return [
+                    self._chunk({"tool_calls": [{"index": n, "function": {"arguments": "{}"}}]})
+                ]
             return []
         if kind == "content_block_delta":
             delta = obj.get("delta") or {}
@@ -106,7 +141,11 @@ class StreamTranslator:
                 n = self.tool_index.get(int(obj.get("index", 0)))
                 if n is None:
                     return []
-                call = {"index": n, "function": {"arguments": delta.get("partial_json", "")}}
+                part = delta.get("partial_json", "")
+                if not part:
+                    return []  # (Anthropic opens every call's JSON with an empty delta)
+                self.tool_json.add(int(obj.get("index", 0)))
+                call = {"index": n, "function": {"arguments": part}}
                 return [self._chunk({"tool_calls": [call]})]
             return []  # thinking and signature deltas have no OpenAI equivalent
         if kind == "message_delta":
@@ -129,4 +168,4 @@ class StreamTranslator:
             err = error_from_body(obj, {})
             err.retryable = err.retryable and not self.started
             raise err
-        return []  # ping, content_block_stop
+        return []  # ping

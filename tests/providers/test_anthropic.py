@@ -290,3 +290,108 @@ def test_stream_usage_left_null_in_message_delta_keeps_the_message_start_counts(
     usage = [json.loads(e[6:]) for e in out.split("\n\n") if '"usage"' in e]
     assert usage[-1]["usage"]["prompt_tokens"] == 1000
     assert usage[-1]["usage"]["completion_tokens"] == 2
+
+
+def _sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(
+        b"event: " + e["type"].encode() + b"\ndata: " + json.dumps(e).encode() + b"\n\n"
+        for e in events
+    )
+
+
+def _args_of(out: bytes) -> dict[int, str]:
+    """Each tool call's arguments, as the SDK accumulates them from the OpenAI chunks."""
+    args: dict[int, str] = {}
+    for line in out.split(b"\n\n"):
+        if not line.startswith(b"data: {"):
+            continue
+        for choice in json.loads(line[6:])["choices"]:
+            for call in choice["delta"].get("tool_calls") or ():
+                piece = call.get("function", {}).get("arguments", "")
+                args[call["index"]] = args.get(call["index"], "") + piece
+    return args
+
+
+def test_a_streamed_call_without_arguments_has_the_json_of_no_arguments() -> None:
+    """Anthropic opens every call's JSON with an empty input_json_delta; a call without
+    arguments gets nothing more, and its arguments came out as "" (no JSON: json.loads fails)."""
+    start = {"type": "message_start", "message": {"id": "msg_1", "usage": {"input_tokens": 5}}}
+    source = _sse(
+        start,
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "tool_use", "id": "t1", "name": "weather", "input": {}}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "input_json_delta", "partial_json": ""}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "input_json_delta", "partial_json": '{"city": "Paris"}'}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1,
+         "content_block": {"type": "tool_use", "id": "t2", "name": "now", "input": {}}},
+        {"type": "content_block_delta", "index": 1,
+         "delta": {"type": "input_json_delta", "partial_json": ""}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+         "usage": {"output_tokens": 9}},
+        {"type": "message_stop"},
+    )  # fmt: skip
+    for size in (1, 9, len(source)):
+        t = StreamTranslator("m", CREATED)
+        out = b"".join(t.feed(source[i : i + size]) for i in range(0, len(source), size))
+        assert {i: json.loads(a) for i, a in _args_of(out).items()} == {
+            0: {"city": "Paris"},
+            1: {},
+        }
+
+
+def test_text_in_the_same_read_as_an_error_event_goes_out_before_the_error() -> None:
+    start = {"type": "message_start", "message": {"id": "msg_1", "usage": {"input_tokens": 5}}}
+    block = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "text", "text": ""},
+    }
+    t = StreamTranslator("m", CREATED)
+    t.feed(_sse(start, block))
+    out = t.feed(
+        _sse({"type": "content_block_delta", "index": 0,
+              "delta": {"type": "text_delta", "text": " LOST-TEXT"}},
+             {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    )  # fmt: skip
+    assert b"LOST-TEXT" in out
+    with pytest.raises(ServiceUnavailableError) as info:
+        t.raise_pending()
+    assert not info.value.retryable
+
+
+@pytest.mark.anyio
+async def test_the_reader_raises_the_error_after_the_text_that_came_with_it() -> None:
+    from gateway.providers.anthropic import AnthropicResponse
+
+    start = {"type": "message_start", "message": {"id": "msg_1", "usage": {"input_tokens": 5}}}
+    block = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "text", "text": ""},
+    }
+    reads = [
+        _sse(start, block),
+        _sse({"type": "content_block_delta", "index": 0,
+              "delta": {"type": "text_delta", "text": " LOST-TEXT"}},
+             {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    ]  # fmt: skip
+
+    class Content:
+        total_bytes = 0
+
+        async def iter_any(self) -> Any:
+            for r in reads:
+                yield r
+
+    class Resp:
+        status, headers, content = 200, {}, Content()
+
+    got = b""
+    with pytest.raises(ServiceUnavailableError):
+        async for data in AnthropicResponse(Resp(), "m").iter_bytes():  # type: ignore[arg-type]
+            got += data
+    assert b"LOST-TEXT" in got
