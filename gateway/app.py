@@ -130,8 +130,11 @@ async def models(request: Request) -> Response:
         ctx = await authenticate(gw, request.scope, "models")
     except GatewayError as err:
         return error_response(err)
-    names = visible_models(gw, ctx, gw.catalogue.names())
-    data = [model_object(e.name, e.owned_by) for e in gw.catalogue.entries if e.name in names]
+    # Every name a request may use: aliases too (a grant may match an alias and not the name
+    # it points to, and OpenAI lists its aliases beside the models they point to).
+    ids = [(n, e.owned_by) for e in gw.catalogue.entries for n in (e.name, *e.aliases)]
+    names = set(visible_models(gw, ctx, [n for n, _ in ids]))
+    data = [model_object(n, owned_by) for n, owned_by in ids if n in names]
     return json_response({"object": "list", "data": data}, headers=ctx.response_headers or None)
 
 
@@ -144,7 +147,7 @@ async def model(request: Request) -> Response:
     try:
         ctx = await authenticate(gw, request.scope, "models")
         entry = gw.catalogue.get(name)
-        if entry is None or not visible_models(gw, ctx, [entry.name]):
+        if entry is None or not visible_models(gw, ctx, [name]):
             raise ModelNotFoundError(
                 f"The model '{name[:100]}' does not exist or you do not have access to it.",
                 param="model",

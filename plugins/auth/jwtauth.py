@@ -33,7 +33,7 @@ log = logging.getLogger("gateway.auth")
 _FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c", "crit")
 #: A kid is an opaque name; anything else (paths, SQL, URLs) is refused before any lookup, so it
 #: cannot even trigger a JWKS refresh.
-_KID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+_KID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" passes "k1\n"
 _MAX_JWKS_BYTES = 1 << 20
 
 
@@ -137,9 +137,13 @@ class JwtVerifier:
             async with self.session.get(url, timeout=timeout, allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
-                body = await resp.content.read(_MAX_JWKS_BYTES + 1)
-                if len(body) > _MAX_JWKS_BYTES:
-                    raise ValueError("JWKS larger than 1 MiB")
+                # Read to the end: read(n) returns what has arrived so far, which cut a JWKS
+                # sent in several segments (TLS records, chunks) and failed every token.
+                body = bytearray()
+                async for piece in resp.content.iter_chunked(64 * 1024):
+                    body += piece
+                    if len(body) > _MAX_JWKS_BYTES:
+                        raise ValueError("JWKS larger than 1 MiB")
             keys = parse_jwks(json.loads(body))
         except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as e:
             # Keep the keys we had: an issuer hiccup must not lock everybody out.
@@ -185,7 +189,7 @@ class JwtVerifier:
             if name in header:
                 raise AuthFailure(f"forbidden header {name}")
         kid = header.get("kid")
-        if kid is not None and (not isinstance(kid, str) or not _KID.match(kid)):
+        if kid is not None and (not isinstance(kid, str) or not _KID.fullmatch(kid)):
             raise AuthFailure("malformed kid")
         key = await self._key_for(header)
         if isinstance(key, JwkKey):

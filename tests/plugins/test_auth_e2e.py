@@ -48,7 +48,11 @@ def config(upstream: str) -> dict[str, Any]:
         "claims": {"user": "sub", "tenant": "org", "roles": "roles", "tier": "tier"},
     })  # fmt: skip
     return {
-        "models": [demo_model(upstream), demo_model(upstream, "o1-secret")],
+        # The user role may use "gpt-*": the alias of a model whose name it may not.
+        "models": [
+            demo_model(upstream),
+            {**demo_model(upstream, "o1-secret"), "aliases": ["gpt-secret"]},
+        ],
         "pipeline": [{"name": "auth", "config": auth}],
         "logging": {"request_log": "none"},
     }
@@ -124,8 +128,16 @@ def test_model_not_permitted_is_403_through_the_sdk(gw: RunningGateway) -> None:
 
 
 def test_models_lists_only_permitted_models(gw: RunningGateway) -> None:
-    assert [m.id for m in gw.openai(api_key=USER_KEY).models.list()] == ["demo"]
-    assert [m.id for m in gw.openai(api_key=ADMIN_KEY).models.list()] == ["demo", "o1-secret"]
+    # Every name the caller may use, aliases too: a model reachable only through its alias was
+    # missing from the list, and its retrieve was a 404.
+    user = gw.openai(api_key=USER_KEY)
+    assert [m.id for m in user.models.list()] == ["demo", "gpt-secret"]
+    assert user.models.retrieve("gpt-secret").id == "gpt-secret"
+    with pytest.raises(openai.NotFoundError):
+        user.models.retrieve("o1-secret")
+    assert user.chat.completions.create(model="gpt-secret", messages=MSG).choices
+    admin = gw.openai(api_key=ADMIN_KEY)
+    assert [m.id for m in admin.models.list()] == ["demo", "o1-secret", "gpt-secret"]
     with pytest.raises(openai.AuthenticationError):
         gw.openai(api_key="sk-nope").models.list()
 

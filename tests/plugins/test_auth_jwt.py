@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -282,6 +283,7 @@ async def test_unknown_kid(tmp_path: Path) -> None:
         "' OR '1'='1",
         "k1; DROP TABLE keys",
         "k1\x00",
+        "k1\n",  # ("$" matches before a final line break)
         "http://evil.example/key",
         12,
         {"$ne": None},
@@ -319,6 +321,38 @@ async def jwks_server() -> AsyncIterator[dict[str, Any]]:
     state["evil_url"] = f"http://127.0.0.1:{port}/evil"
     yield state
     await runner.cleanup()
+
+
+@pytest.mark.anyio
+async def test_a_jwks_sent_in_several_segments_is_read_whole(jwks_server: dict[str, Any]) -> None:
+    """``read(n)`` returns what has arrived so far: a JWKS whose body came in two segments
+    (TLS records, chunked encoding) was cut, failed to parse, and every token was refused."""
+    body = json.dumps({"keys": [jwk_of(rsa_key(), "k1", "RS256")]}).encode()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[:100])
+        await asyncio.sleep(0.05)
+        await resp.write(body[100:])
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/jwks", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        server = {"url": f"http://127.0.0.1:{runner.addresses[0][1]}/jwks"}
+        plugin = await url_plugin(server)
+        try:
+            await accept(plugin, jwt.encode(claims(), rsa_key(), "RS256", headers={"kid": "k1"}))
+        finally:
+            await plugin.shutdown()
+    finally:
+        await runner.cleanup()
 
 
 async def url_plugin(server: dict[str, Any], **extra: Any) -> AuthPlugin:
