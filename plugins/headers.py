@@ -51,8 +51,18 @@ class HeadersPlugin(Plugin):
         self._response = dict(config.response)
         self._upstream = dict(config.upstream)
 
+    async def on_headers(self, ctx: RequestContext) -> None:
+        # Before any plugin may answer: a cache hit, a refusal, an error get them too.
+        ctx.response_headers.update(self._response)
+
     async def on_request(self, ctx: RequestContext) -> None:
-        if self._response:
-            ctx.response_headers.update(self._response)
         if self._upstream:
             ctx.upstream_headers.update(self._upstream)
+
+    def uses(self, hook: str) -> bool:
+        # Only the hooks with something to do run (each is a coroutine per request).
+        if hook == "on_headers" and not self._response:
+            return False
+        if hook == "on_request" and not self._upstream:
+            return False
+        return super().uses(hook)

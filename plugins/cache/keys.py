@@ -67,14 +67,27 @@ def request_key(
 def shape_key(
     tenant: str, model: str, body: dict[str, Any], stream: bool, headers: KeyHeaders = None
 ) -> str:
-    """Like ``request_key`` without the messages: semantic matches only within one shape
-    (same tenant, model, tools, temperature, max_tokens ...)."""
+    """Like ``request_key`` without the text of the last user turn: semantic matches only
+    within one shape (same tenant, model, tools, temperature, max_tokens ...) and one
+    conversation before that turn (system prompt and earlier turns, exactly)."""
+    messages = body.get("messages") or ()
     rest = {k: v for k, v in body.items() if k != "messages"}
+    last = _last_user(messages)
+    rest["messages_before"] = list(messages[:last]) if last >= 0 else list(messages)
+    rest["messages_after"] = list(messages[last + 1 :]) if last >= 0 else []
     # What the embedded text leaves out must match exactly: images, audio and file parts,
-    # tool calls and their ids, names (the same question about another picture, or with
-    # another tool result id, is another question).
-    rest["messages_beyond_text"] = _beyond_text(body.get("messages") or ())
+    # names (the same question about another picture is another question).
+    rest["last_beyond_text"] = _beyond_text([messages[last]]) if last >= 0 else []
     return request_key(tenant, model, rest, stream, headers)
+
+
+def _last_user(messages: Any) -> int:
+    """The index of the last user message, or -1."""
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if isinstance(m, dict) and m.get("role") == "user":
+            return i
+    return -1
 
 
 def _beyond_text(messages: Any) -> list[Any]:
@@ -95,18 +108,17 @@ def _beyond_text(messages: Any) -> list[Any]:
 
 
 def prompt_text(body: dict[str, Any]) -> str:
-    """The conversation as one text, for embedding (semantic mode)."""
-    parts: list[str] = []
-    for m in body.get("messages") or ():
-        if not isinstance(m, dict):
-            continue
-        content = m.get("content")
-        if isinstance(content, list):
-            content = " ".join(
-                p.get("text", "")
-                for p in content
-                if isinstance(p, dict) and p.get("type") == "text"
-            )
-        if isinstance(content, str):
-            parts.append(f"{m.get('role', '')}: {content}")
-    return "\n".join(parts)
+    """The text of the last user turn, for embedding (semantic mode): the rest of the
+    conversation is in the shape key, exactly. (Embedding the whole conversation let a long
+    system prompt fill the model's 256 tokens, so the question itself was never seen and
+    every question matched.)"""
+    messages = body.get("messages") or ()
+    last = _last_user(messages)
+    if last < 0:
+        return ""
+    content = messages[last].get("content")
+    if isinstance(content, list):
+        content = " ".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return content if isinstance(content, str) else ""

@@ -69,6 +69,13 @@ class CachePlugin(Plugin):
         #: The route plugin's header that pins a deployment: such requests bypass the cache
         #: (they ask for one deployment's answer, and the route plugin decides who may).
         self._pin_header: str | None = None
+        #: Whether the route plugin's rules pick deployments by the caller's tier / roles: then
+        #: those are part of the key (a free caller must not get the pro tier's model's answer).
+        self._vary_tier = False
+        self._vary_roles = False
+        #: The guard plugin after this one: a semantic hit answers a prompt that was never
+        #: checked (only its near twin was), so it is checked here before being answered.
+        self._guard: Plugin | None = None
 
     def check(self, settings: Settings, pipeline: list[str]) -> None:
         if "guard" in pipeline and pipeline.index("guard") < pipeline.index(self.name):
@@ -76,14 +83,27 @@ class CachePlugin(Plugin):
                 f"{settings.source}: pipeline: 'cache' must come before 'guard' so that cached "
                 "answers are the ones the output guard let through (and hits cannot bypass it)"
             )
+        if "auth" in pipeline and pipeline.index("auth") > pipeline.index(self.name):
+            raise ConfigError(
+                f"{settings.source}: pipeline: 'cache' must come after 'auth': before it, a "
+                "hit answers a caller whose role may not use the model, under another caller's "
+                "tenant"
+            )
 
     async def startup(self, gateway: Gateway | None) -> None:
         if gateway is not None:
             self.check(gateway.settings, [p.name for p in gateway.pipeline.plugins])
+            names = [p.name for p in gateway.pipeline.plugins]
             for plugin in gateway.pipeline.plugins:
                 pin = getattr(getattr(plugin, "config", None), "pin_header", None)
                 if plugin.name == "route" and isinstance(pin, str):
                     self._pin_header = pin
+                if plugin.name == "route":
+                    rules = getattr(getattr(plugin, "config", None), "rules", ()) or ()
+                    self._vary_tier = any(r.when.tiers for r in rules)
+                    self._vary_roles = any(r.when.roles for r in rules)
+                if plugin.name == "guard" and names.index("guard") > names.index(self.name):
+                    self._guard = plugin
         cfg = self.config
         if cfg.store == "memory":
             self.store = MemoryStore(cfg.max_entries, cfg.max_memory_bytes)
@@ -125,7 +145,13 @@ class CachePlugin(Plugin):
         ):
             self._bypass(ctx)
             return None
-        tenant = ctx.identity.tenant if ctx.identity is not None else "default"
+        ident = ctx.identity
+        tenant = ident.tenant if ident is not None else "default"
+        if ident is not None and (self._vary_tier or self._vary_roles):
+            if self._vary_tier:
+                tenant += f"\0tier={ident.tier}"
+            if self._vary_roles:
+                tenant += "\0roles=" + ",".join(sorted(ident.roles))
         # The forwarded headers are part of the key: an upstream may act on them.
         vary = self._headers.key_headers(forwarded_headers(ctx.raw_headers))
         key = request_key(tenant, ctx.model, body, ctx.stream, vary)
@@ -134,13 +160,18 @@ class CachePlugin(Plugin):
         value = await self.store.get(key)
         similarity: float | None = None
         if value is None and self.semantic is not None:
-            group = shape_key(tenant, ctx.model, body, ctx.stream, vary)
-            vec = await self.semantic.embed(prompt_text(body))
-            scratch["vector"], scratch["group"] = vec, group
-            found = self.semantic.lookup(group, vec)
-            if found is not None:
-                value = await self.store.get(found[0])
-                similarity = found[1]
+            text = prompt_text(body)
+            vec = await self.semantic.embed(text) if text else None
+            if vec is not None:  # (a question too long to embed whole: exact hits only)
+                group = shape_key(tenant, ctx.model, body, ctx.stream, vary)
+                scratch["vector"], scratch["group"] = vec, group
+                found = self.semantic.lookup(group, vec)
+                if found is not None:
+                    value = await self.store.get(found[0])
+                    similarity = found[1]
+                    if value is not None and self._guard is not None:
+                        # Raises (a 400) when the guard refuses this prompt.
+                        await self._guard.on_request(ctx)
         if value is None or value[:1] not in (_JSON, _SSE, _JSON_HEADERS):
             LOOKUPS.labels("miss").inc()
             ctx.response_headers["x-gateway-cache"] = "miss"
@@ -173,7 +204,13 @@ class CachePlugin(Plugin):
         chunks: list[Any] = entry.get("chunks") or []
         usage = entry.get("usage")
         opts = ctx.body.get("stream_options")
-        if isinstance(opts, dict) and opts.get("include_usage") and isinstance(usage, dict):
+        has_usage = any(isinstance(c, dict) and c.get("usage") for c in chunks)
+        if (
+            isinstance(opts, dict)
+            and opts.get("include_usage")
+            and isinstance(usage, dict)
+            and not has_usage  # (some upstreams put it in their last content chunk, stored)
+        ):
             last = chunks[-1] if chunks else {}
             chunks = [*chunks, {
                 "id": last.get("id", ""), "object": "chat.completion.chunk",

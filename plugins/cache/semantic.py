@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-Embedder = Callable[[str], "np.ndarray[Any, Any]"]
+Embedder = Callable[[str], "np.ndarray[Any, Any] | None"]
 
 
 def load_embedder(model: str) -> Embedder:
@@ -29,8 +29,15 @@ def load_embedder(model: str) -> Embedder:
 
         path = str(get_model_path())
     st = SentenceTransformer(path, device="cpu")
+    limit = int(st.max_seq_length or 256)
+    tokenizer = st.tokenizer
 
-    def embed(text: str) -> np.ndarray[Any, Any]:
+    def embed(text: str) -> np.ndarray[Any, Any] | None:
+        """The text's unit vector; None when the model would cut it (beyond its
+        ``max_seq_length`` only the start is embedded, so two texts that differ later would
+        match at 1.0)."""
+        if len(text) > limit and len(tokenizer(text)["input_ids"]) > limit:
+            return None
         vec = st.encode([text], normalize_embeddings=True, convert_to_numpy=True)[0]
         return np.asarray(vec, dtype=np.float32)
 
@@ -76,9 +83,12 @@ class SemanticIndex:
         # One thread: the model is not re-entrant-cheap and the machine's cores serve requests.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-embed")
 
-    async def embed(self, text: str) -> np.ndarray[Any, Any]:
+    async def embed(self, text: str) -> np.ndarray[Any, Any] | None:
+        """The text's unit vector, or None when it is too long to embed whole."""
         loop = asyncio.get_running_loop()
         vec = await loop.run_in_executor(self.executor, self.embedder, text)
+        if vec is None:
+            return None
         norm = float(np.linalg.norm(vec))
         return vec / norm if norm else vec
 

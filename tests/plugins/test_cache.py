@@ -386,7 +386,9 @@ def _config(pipeline_extra: list[dict[str, Any]] | None = None, **cache: Any) ->
 @pytest.fixture(scope="module")
 def gw() -> Iterator[Any]:
     limit = {"name": "limit", "config": {"rules": [{"scope": "tenant", "tpm": 100_000}]}}
-    with running_gateway(pipeline=_config([limit])) as running:
+    # (headers after the cache: its response headers used to be missing from every hit)
+    headers = {"name": "headers", "config": {"response": {"x-team": "t1"}}}
+    with running_gateway(pipeline=[*_config([limit]), headers]) as running:
         running.api_key = USER_KEY
         yield running
 
@@ -416,6 +418,7 @@ def test_e2e_second_identical_request_is_a_hit_and_upstream_is_not_called(gw: An
     assert first.headers["x-gateway-cache"] == "miss"
     assert second.headers["x-gateway-cache"] == "hit"
     assert third.headers["x-gateway-cache"] == "bypass"
+    assert first.headers["x-team"] == second.headers["x-team"] == "t1"
     assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
     assert len(gw.upstream_requests()) == 2  # the hit never reached the upstream
     assert [r["cache"] for r in records] == ["miss", "hit", "bypass"]
@@ -502,4 +505,66 @@ async def test_guard_before_cache_is_refused_at_startup() -> None:
         await plugin.startup(gateway("auth", "guard", "cache"))
     await plugin.startup(gateway("auth", "limit", "cache", "guard", "route"))
     assert plugin.store is not None
+    await plugin.shutdown()
+
+
+@pytest.mark.anyio
+async def test_cache_before_auth_is_refused_at_startup() -> None:
+    from types import SimpleNamespace
+
+    plugins = [SimpleNamespace(name=n) for n in ("cache", "auth", "route")]
+    gateway = SimpleNamespace(
+        pipeline=SimpleNamespace(plugins=plugins), settings=SimpleNamespace(source="g.yaml")
+    )
+    with pytest.raises(ConfigError, match=r"'cache' must come after 'auth'"):
+        await CachePlugin(CacheConfig()).startup(gateway)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_routing_by_tier_or_role_separates_entries_within_a_tenant() -> None:
+    """Route rules may send the free tier to a small model and the pro tier to a large one: a
+    pro caller got the free tier's cached answer (and a free caller the pro one, for free)."""
+    from types import SimpleNamespace
+
+    from plugins.route import RouteConfig
+
+    rules = [{"when": {"tiers": ["pro"]}, "deployments": ["big"]}]
+    route = SimpleNamespace(name="route", config=RouteConfig.model_validate({"rules": rules}))
+    gateway = SimpleNamespace(
+        pipeline=SimpleNamespace(plugins=[SimpleNamespace(name="cache"), route]),
+        settings=SimpleNamespace(source="g.yaml"),
+    )
+    plugin = CachePlugin(CacheConfig())
+    await plugin.startup(gateway)  # type: ignore[arg-type]
+
+    def caller(tier: str) -> RequestContext:
+        ctx = make_ctx()
+        ctx.identity = Identity(user="u", tenant="acme", tier=tier)
+        return ctx
+
+    await miss_then_store(plugin, caller("free"), "small model's answer")
+    assert await plugin.on_request(caller("pro")) is None  # another entry
+    assert await plugin.on_request(caller("free")) is not None
+    await plugin.shutdown()
+
+
+@pytest.mark.anyio
+async def test_a_replayed_stream_carries_its_usage_once() -> None:
+    """Some upstreams (vLLM) put the usage in their last content chunk, which is stored: the
+    replay appended a second usage chunk, and a client adding them up counted it twice."""
+    plugin = await started()
+    opts = {"stream_options": {"include_usage": True}}
+    ctx = make_ctx(stream=True, **opts)
+    assert await plugin.on_request(ctx) is None
+    usage = {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}],
+             "usage": usage}  # fmt: skip
+    await plugin.on_chunk(ctx, chunk)
+    ctx.status, ctx.usage = 200, Usage(4, 2)
+    await plugin.on_response(ctx)
+    answer = await plugin.on_request(make_ctx(stream=True, **opts))
+    assert answer is not None
+    body = b"".join([part async for part in answer.body_iterator])  # type: ignore[attr-defined]
+    assert body.count(b'"usage":{') == 1
     await plugin.shutdown()

@@ -102,3 +102,63 @@ async def test_the_same_words_about_another_image_or_tool_result_miss() -> None:
         again = await p.on_request(make_ctx(messages=first))
         assert again is not None  # (the first is still there)
     await p.shutdown()
+
+
+async def stored(p: CachePlugin, messages: list[dict[str, Any]], answer: str) -> None:
+    ctx = make_ctx(messages=messages)
+    assert await p.on_request(ctx) is None
+    ctx.status, ctx.usage = 200, Usage(5, 1)
+    ctx.response = {"choices": [{"message": {"content": answer}}]}
+    await p.on_response(ctx)
+
+
+@pytest.mark.anyio
+async def test_a_long_system_prompt_does_not_make_every_question_match() -> None:
+    """The whole conversation was embedded: a 300-token system prompt filled the model's 256
+    tokens, the question was never seen, and every question matched at 1.0."""
+    p = CachePlugin(CacheConfig.model_validate({"semantic": {"enabled": True, "threshold": 0.85}}))
+    await p.startup(None)
+    system = {"role": "system", "content": "You are the help desk of Acme Corp. " * 40}
+    await stored(p, [system, {"role": "user", "content": "What is the capital of France?"}],
+                 "Paris")  # fmt: skip
+    other = make_ctx(messages=[system, {"role": "user", "content": "Delete all customer records"}])
+    assert await p.on_request(other) is None
+    same = make_ctx(messages=[system, {"role": "user", "content": "capital city of France?"}])
+    assert await p.on_request(same) is not None
+    # Another system prompt is another conversation, however close the question.
+    sys2 = {"role": "system", "content": "You are a pirate."}
+    assert await p.on_request(make_ctx(messages=[sys2, {"role": "user",
+                                       "content": "capital city of France?"}])) is None  # fmt: skip
+    # A question too long to embed whole gets exact hits only.
+    long_q = "Summarise: " + "the quarterly report shows growth " * 60
+    await stored(p, [{"role": "user", "content": long_q + "in Europe."}], "Europe grew")
+    assert await p.on_request(make_ctx(messages=[{"role": "user",
+                                       "content": long_q + "in Asia."}])) is None  # fmt: skip
+    await p.shutdown()
+
+
+@pytest.mark.anyio
+async def test_a_semantic_hit_is_checked_by_the_guard_after_the_cache() -> None:
+    """Only the stored prompt passed the guard; its near twin carrying a key was answered."""
+    from types import SimpleNamespace
+
+    from gateway.errors import ContentPolicyError
+    from plugins.guard import GuardConfig, GuardPlugin
+
+    guard = GuardPlugin(GuardConfig.model_validate({"semantic": {"enabled": False}}))
+    gateway = SimpleNamespace(
+        pipeline=SimpleNamespace(plugins=[SimpleNamespace(name="auth"),
+                                          SimpleNamespace(name="cache"), guard]),
+        settings=SimpleNamespace(source="g.yaml"),
+    )  # fmt: skip
+    # (a low threshold, so that the twin is a hit whatever the key does to its vector)
+    p = CachePlugin(CacheConfig.model_validate({"semantic": {"enabled": True, "threshold": 0.5}}))
+    await p.startup(gateway)  # type: ignore[arg-type]
+    await stored(p, [{"role": "user", "content": "Please check my key for typos"}], "ok")
+    key = "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
+    twin = make_ctx(messages=[{"role": "user", "content": f"Please check my key for typos {key}"}])
+    with pytest.raises(ContentPolicyError):
+        await p.on_request(twin)
+    plain = make_ctx(messages=[{"role": "user", "content": "please check my key for typos!"}])
+    assert await p.on_request(plain) is not None
+    await p.shutdown()
