@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -54,14 +54,24 @@ class NewKey(Strict):
     roles: tuple[str, ...] = ("user",)
     tier: str = "default"
     expires_at: datetime | None = None
-    expires_in_s: int | None = Field(None, gt=0)
+    #: At most ten years.
+    expires_in_s: int | None = Field(None, gt=0, le=10 * 365 * 86400)
     #: Goes into the key (``sk-<label>-...``) so humans can tell keys apart.
     label: str = Field("gw", pattern=r"^[a-z0-9]{1,16}$")
 
     @field_validator("expires_at")
     @classmethod
     def _utc(cls, v: datetime | None) -> datetime | None:
-        return as_utc(v)
+        v = as_utc(v)
+        if v is not None and v.timestamp() <= time.time():
+            raise ValueError("is in the past: the key would never work")
+        return v
+
+    @model_validator(mode="after")
+    def _one_expiry(self) -> NewKey:
+        if self.expires_at is not None and self.expires_in_s is not None:
+            raise ValueError("give expires_at or expires_in_s, not both")
+        return self
 
 
 def _guarded(plugin: AuthPlugin, handler: Any) -> Callable[[Request], Awaitable[Response]]:

@@ -109,6 +109,9 @@ class JwtConfig(Strict):
     jwks_url: str = ""
     #: A JWKS URL is fetched again on an unknown ``kid``, at most this often.
     jwks_min_refresh_s: float = Field(30.0, ge=1)
+    #: ... and every this many seconds regardless, so that a key the issuer removed (rotated
+    #: out, or revoked after a leak) stops verifying tokens; 0 turns it off.
+    jwks_refresh_s: float = Field(300.0, ge=0)
     jwks_timeout_s: float = Field(5.0, gt=0, le=60)
     issuer: str = ""
     audience: str = ""

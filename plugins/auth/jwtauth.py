@@ -79,6 +79,7 @@ class JwtVerifier:
         self._own_session = False
         self._last_fetch = float("-inf")
         self._fetching: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
         if config.public_key_file:
             self.keys = {None: load_pem_public_key(Path(config.public_key_file).read_bytes())}
         elif config.jwks_file:
@@ -104,23 +105,39 @@ class JwtVerifier:
             log.warning(
                 "jwks not loaded at startup", extra={"jwks_url": url_for_logs(self.config.jwks_url)}
             )
+        if self.config.jwks_refresh_s > 0:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        """Fetch the JWKS every ``jwks_refresh_s``: without it a key removed from the JWKS
+        (revoked) kept verifying tokens until an unknown kid or a restart caused a fetch."""
+        while True:
+            await asyncio.sleep(self.config.jwks_refresh_s)
+            try:
+                await self.refresh(force=True)
+            except Exception:  # (never ends the loop: the next period tries again)
+                log.exception("jwks refresh failed")
 
     async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
         if self._fetching is not None:
             self._fetching.cancel()
         if self._own_session and self.session is not None:
             await self.session.close()
         self.session = None
 
-    async def refresh(self) -> None:
-        """Fetch the JWKS unless one was fetched less than ``jwks_min_refresh_s`` ago.
+    async def refresh(self, force: bool = False) -> None:
+        """Fetch the JWKS unless one was fetched less than ``jwks_min_refresh_s`` ago (or
+        ``force``: the periodic refresh).
 
         Concurrent callers share one fetch; it runs on the event loop's own I/O, so waiting for
         it never blocks other requests."""
         if self._fetching is not None:
             await asyncio.shield(self._fetching)
             return
-        if time.monotonic() - self._last_fetch < self.config.jwks_min_refresh_s:
+        if not force and time.monotonic() - self._last_fetch < self.config.jwks_min_refresh_s:
             return
         self._last_fetch = time.monotonic()
         self._fetching = asyncio.create_task(self._fetch())
@@ -221,12 +238,17 @@ class JwtVerifier:
             raise AuthFailure("bad signature") from None
         except (jwt.PyJWTError, ValueError, TypeError) as e:
             raise AuthFailure(f"invalid token ({type(e).__name__})") from None
+        for name in ("exp", "nbf", "iat"):
+            # NumericDate (RFC 7519); PyJWT would take "99999999999", a string, through int().
+            value = payload.get(name)
+            if value is not None and (type(value) not in (int, float)):
+                raise AuthFailure(f"claim {name} is not a number")
         return self.identity(payload, kid)
 
     def identity(self, payload: dict[str, Any], kid: str | None) -> Identity:
         cfg = self.config
         user = _claim(payload, cfg.claims.user)
-        if not isinstance(user, str) or not user:
+        if not isinstance(user, str) or not user.strip():
             raise AuthFailure("user claim missing")
         tenant = _claim(payload, cfg.claims.tenant)
         tier = _claim(payload, cfg.claims.tier)

@@ -257,6 +257,15 @@ async def test_missing_required_claim(claim: str) -> None:
 @pytest.mark.anyio
 async def test_empty_user_claim() -> None:
     await refuse(hs_plugin(), jwt.encode(claims(sub=""), HS_SECRET, "HS256"))
+    await refuse(hs_plugin(), jwt.encode(claims(sub="  "), HS_SECRET, "HS256"))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+async def test_time_claims_must_be_numbers(claim: str) -> None:
+    # PyJWT takes a string through int(): "99999999999" was a token valid until the year 5138.
+    value = str(int(time.time()) + (10**11 if claim == "exp" else -60))
+    await refuse(hs_plugin(), hs256({"alg": "HS256"}, claims(**{claim: value})))
 
 
 @pytest.mark.anyio
@@ -353,6 +362,25 @@ async def test_a_jwks_sent_in_several_segments_is_read_whole(jwks_server: dict[s
             await plugin.shutdown()
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.anyio
+async def test_a_key_removed_from_the_jwks_stops_verifying(jwks_server: dict[str, Any]) -> None:
+    """The JWKS was fetched only at startup and on an unknown kid: a key the issuer removed
+    (revoked after a leak) kept verifying tokens until a restart."""
+    plugin = await url_plugin(jwks_server, jwks_refresh_s=0.2)
+    try:
+        token = jwt.encode(claims(), rsa_key(), "RS256", headers={"kid": "k1"})
+        await accept(plugin, token)
+        jwks_server["keys"] = [jwk_of(ec_key(), "k2", "ES256")]
+        for _ in range(100):
+            if jwks_server["hits"] >= 2:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # (the fetch that counted the hit may still be parsing)
+        await refuse(plugin, token)
+    finally:
+        await plugin.shutdown()
 
 
 async def url_plugin(server: dict[str, Any], **extra: Any) -> AuthPlugin:
