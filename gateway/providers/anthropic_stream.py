@@ -40,6 +40,10 @@ class StreamTranslator:
         self.error: GatewayError | None = None
         self.done = False
         self.started = False
+        #: The role chunk of ``message_start``, held until the answer's first output: an error
+        #: event before it (Anthropic's overloaded_error comes right after message_start) is
+        #: then still one another deployment may serve.
+        self.role: bytes | None = None
 
     def feed(self, data: bytes) -> bytes:
         self.buffer = join_reads(self.buffer, data)
@@ -70,6 +74,9 @@ class StreamTranslator:
                     self.error = err
                     break
         if out:
+            if self.role is not None:
+                out.insert(0, self.role)
+                self.role = None
             self.started = True
         return b"".join(out)
 
@@ -100,7 +107,8 @@ class StreamTranslator:
             msg = obj.get("message") or {}
             self.id = msg.get("id", "")
             self._take_usage(msg.get("usage"))
-            return [self._chunk({"role": "assistant", "content": ""})]
+            self.role = self._chunk({"role": "assistant", "content": ""})
+            return []
         if kind == "content_block_start":
             block = obj.get("content_block") or {}
             if block.get("type") == "text" and block.get("text"):

@@ -255,6 +255,11 @@ def to_anthropic(body: dict[str, Any], model: str, max_output_tokens: int) -> di
         raise UnsupportedByDeploymentError(
             "audio output is not supported by this model", param="audio"
         )
+    if body.get("web_search_options") is not None:
+        # (dropping it would answer without the search that was asked for)
+        raise UnsupportedByDeploymentError(
+            "web_search_options is not supported by this model", param="web_search_options"
+        )
     system, messages = _messages(body.get("messages") or [])
     if not messages and system:
         # Only system/developer text (OpenAI answers it): the Messages API needs one turn.
@@ -308,18 +313,23 @@ def to_anthropic(body: dict[str, Any], model: str, max_output_tokens: int) -> di
     return out
 
 
-def usage_of(usage: dict[str, Any] | None) -> dict[str, int]:
+def usage_of(usage: dict[str, Any] | None) -> dict[str, Any]:
     u = usage or {}
     prompt = sum(
         int(u.get(k) or 0)
         for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
     )
     completion = int(u.get("output_tokens") or 0)
-    return {
+    out: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+    cached = int(u.get("cache_read_input_tokens") or 0)
+    if cached:
+        # Where OpenAI reports its cache hits, so clients see them (they are in prompt_tokens).
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    return out
 
 
 def from_anthropic(data: dict[str, Any], model: str, created: int | None = None) -> dict[str, Any]:

@@ -16,7 +16,12 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.providers.anthropic_stream import StreamTranslator
-from gateway.providers.anthropic_translate import error_from_body, from_anthropic, to_anthropic
+from gateway.providers.anthropic_translate import (
+    error_from_body,
+    from_anthropic,
+    to_anthropic,
+    usage_of,
+)
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "anthropic"
 GOLDEN = ["text", "system", "tools"]
@@ -142,6 +147,8 @@ CUSTOM_CALL = {"id": "c1", "type": "custom", "custom": {"name": "code_exec", "in
          "tool_choice"),
         ({"tools": [FN_TOOL], "tool_choice": {"type": "custom", "custom": {"name": "f"}}},
          "tool_choice"),
+        # A web search asked for was dropped: an answer without it.
+        ({"web_search_options": {}}, "web_search_options"),
     ],
 )  # fmt: skip
 def test_requests_another_deployment_may_serve_move_on_without_blame(
@@ -395,3 +402,33 @@ async def test_the_reader_raises_the_error_after_the_text_that_came_with_it() ->
         async for data in AnthropicResponse(Resp(), "m").iter_bytes():  # type: ignore[arg-type]
             got += data
     assert b"LOST-TEXT" in got
+
+
+def test_an_error_right_after_message_start_can_still_fail_over() -> None:
+    """Anthropic sends message_start at once and an overloaded_error after it: the role chunk
+    made the stream 'started', so the error could not move to another deployment."""
+    start = {"type": "message_start", "message": {"id": "msg_1", "usage": {"input_tokens": 5}}}
+    t = StreamTranslator("m", CREATED)
+    assert t.feed(_sse(start, {"type": "ping"})) == b""  # the role chunk waits for output
+    with pytest.raises(ServiceUnavailableError) as info:
+        t.feed(_sse({"type": "error", "error": {"type": "overloaded_error", "message": "x"}}))
+    assert info.value.retryable
+    # With output, the role chunk goes first, as before.
+    t = StreamTranslator("m", CREATED)
+    t.feed(_sse(start))
+    block = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "text", "text": ""},
+    }
+    out = t.feed(_sse(block, {"type": "content_block_delta", "index": 0,
+                              "delta": {"type": "text_delta", "text": "Hi"}}))  # fmt: skip
+    first = json.loads(out.split(b"\n\n")[0][6:])
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert b'"content":"Hi"' in out
+
+
+def test_cache_reads_are_reported_where_openai_reports_them() -> None:
+    usage = usage_of({"input_tokens": 10, "cache_read_input_tokens": 2000, "output_tokens": 5})
+    assert usage["prompt_tokens"] == 2010
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 2000}
