@@ -14,7 +14,8 @@ unauthenticated write path. Upload bodies:
   "content": "...", "meta": {...}}]}`` (``content_base64`` instead of ``content`` for PDF);
 * anything else: the raw file, with ``?name=faq.md&tenant=acme&meta=team=sales``; the
   Content-Type (text/plain, text/markdown, text/html, application/pdf) or the name's extension
-  says how to read it.
+  says how to read it, and its ``charset`` how to decode it (UTF-8 without one; an unknown
+  charset, or bytes not valid in it, fail that document).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from gateway.errors import (
 from gateway.proxy import new_context
 from gateway.responses import error_response, private_json
 from plugins.rag.config import check_collection
-from plugins.rag.loaders import UnsupportedDocument, kind_for
+from plugins.rag.loaders import UnsupportedDocument, charset_of, kind_for
 from plugins.rag.store import StoreError
 
 if TYPE_CHECKING:
@@ -121,7 +122,8 @@ def _query_meta(request: Request) -> dict[str, str]:
 
 def _documents(request: Request, raw: bytes) -> tuple[str | None, list[dict[str, Any]]]:
     """(tenant, documents) where each document has name, data, kind, meta."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    full_ctype = request.headers.get("content-type", "")
+    ctype = full_ctype.split(";")[0].strip().lower()
     if ctype == "application/json":
         try:
             body = orjson.loads(raw)
@@ -137,8 +139,17 @@ def _documents(request: Request, raw: bytes) -> tuple[str | None, list[dict[str,
             where = f"documents[{i}]"
             if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not d["name"]:
                 raise InvalidRequestError(f"{where}.name is required", param=f"{where}.name")
+            content_type = str(d.get("content_type") or "")
+            # ``content`` is JSON text, sent on as UTF-8 whatever charset content_type names;
+            # ``content_base64`` is raw bytes, read with content_type's charset.
+            charset = ""
             if isinstance(d.get("content"), str):
-                data = d["content"].encode()
+                try:
+                    data = d["content"].encode()
+                except UnicodeEncodeError:
+                    raise InvalidRequestError(
+                        f"{where}.content is not valid Unicode", param=f"{where}.content"
+                    ) from None
             elif isinstance(d.get("content_base64"), str):
                 try:
                     data = base64.b64decode(d["content_base64"], validate=True)
@@ -146,13 +157,14 @@ def _documents(request: Request, raw: bytes) -> tuple[str | None, list[dict[str,
                     raise InvalidRequestError(
                         f"{where}.content_base64 is not base64", param=f"{where}.content_base64"
                     ) from None
+                charset = charset_of(content_type)
             else:
                 raise InvalidRequestError(f"{where}.content is required", param=f"{where}.content")
             meta = d.get("meta") or {}
             if not isinstance(meta, dict):
                 raise InvalidRequestError(f"{where}.meta must be an object", param=f"{where}.meta")
             docs.append({"name": d["name"], "data": data, "kind": "",
-                         "content_type": str(d.get("content_type") or ""),
+                         "content_type": content_type, "charset": charset,
                          "meta": {**common, **meta}})  # fmt: skip
         tenant = body.get("tenant")
         if tenant is not None and not isinstance(tenant, str):
@@ -162,7 +174,7 @@ def _documents(request: Request, raw: bytes) -> tuple[str | None, list[dict[str,
     if not name:
         raise InvalidRequestError("a raw upload needs ?name=", param="name")
     doc = {"name": name, "data": raw, "kind": "", "content_type": ctype,
-           "meta": _query_meta(request)}  # fmt: skip
+           "charset": charset_of(full_ctype), "meta": _query_meta(request)}  # fmt: skip
     return request.query_params.get("tenant"), [doc]
 
 
@@ -228,7 +240,7 @@ def partial_ingest(plugin: RagPlugin, collection: str, tenant: str, doc: dict[st
 
     def run() -> Any:
         return ingestor.ingest_bytes(collection, tenant, doc["name"], doc["data"], kind=kind,
-                                     meta=doc["meta"])  # fmt: skip
+                                     meta=doc["meta"], charset=doc.get("charset", ""))  # fmt: skip
 
     return run
 

@@ -4,11 +4,14 @@ A client filter may narrow what the caller's tenant sees, never widen it. Retrie
 only the caller's tenant's collection (``store.physical_name``), so a filter has nothing of
 another tenant's to reach; management paths (ingest, list, delete) also AND the tenant
 condition on top with ``with_tenant``. Conditions on ``tenant`` itself are dropped (or refused,
-per ``tenant_filter``), and only the documented operator set is accepted.
+per ``tenant_filter``), and only the documented operator set is accepted, with the operand types
+Chroma takes (range operators: numbers, not booleans; ``$in``/``$nin``: values of one type;
+integers within int64), so a bad operand is the client's 400 rather than a failed retrieval.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -31,8 +34,29 @@ def _bad(msg: str) -> InvalidRequestError:
     return InvalidRequestError(f"rag.filter: {msg}", param="rag.filter")
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+_RANGE_OPS = frozenset({"$gt", "$gte", "$lt", "$lte"})
+
+
 def _scalar(v: Any) -> bool:
     return isinstance(v, (str, int, float, bool))
+
+
+def _kind(v: Any) -> str:
+    """The operand's type as Chroma sees it (a bool is not a number there)."""
+    return "boolean" if isinstance(v, bool) else "string" if isinstance(v, str) else (
+        "integer" if isinstance(v, int) else "float")  # fmt: skip
+
+
+def _check_number(op: str, v: Any) -> None:
+    """What Chroma refuses at query time (a 503 otherwise) refused here as the client's error:
+    integers outside int64, and infinite or NaN floats."""
+    if isinstance(v, bool):
+        return
+    if isinstance(v, int) and not _INT64[0] <= v <= _INT64[1]:
+        raise _bad(f"{op}: integer {v} is out of range (64-bit signed integers only)")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise _bad(f"{op}: {v} is not a finite number")
 
 
 def _condition(key: str, value: Any, reject_tenant: bool, dropped: list[str]) -> dict[str, Any]:
@@ -44,6 +68,7 @@ def _condition(key: str, value: Any, reject_tenant: bool, dropped: list[str]) ->
         dropped.append(key)
         raise _Dropped
     if _scalar(value):
+        _check_number(key, value)
         return {key: {"$eq": value}}
     if isinstance(value, dict) and len(value) == 1:
         op, arg = next(iter(value.items()))
@@ -54,8 +79,19 @@ def _condition(key: str, value: Any, reject_tenant: bool, dropped: list[str]) ->
                 raise _bad(f"{op} needs a non-empty list of strings or numbers")
             if len(arg) > _MAX_TERMS:
                 raise _bad(f"{op} accepts at most {_MAX_TERMS} values")
+            kinds = sorted({_kind(a) for a in arg})
+            if len(kinds) > 1:
+                raise _bad(
+                    f"{op} on {key!r}: values must all be of one type (got {', '.join(kinds)})"
+                )
+            for a in arg:
+                _check_number(f"{op} on {key!r}", a)
         elif not _scalar(arg):
             raise _bad(f"{op} needs a string or number")
+        elif op in _RANGE_OPS and _kind(arg) not in ("integer", "float"):
+            raise _bad(f"{op} on {key!r} needs a number, got {_kind(arg)} {arg!r}")
+        else:
+            _check_number(f"{op} on {key!r}", arg)
         return {key: {op: arg}}
     raise _bad(f"condition on {key!r} must be a value or {{operator: value}}")
 

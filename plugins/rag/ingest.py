@@ -1,8 +1,9 @@
 """Ingestion: files or uploads → chunks → embeddings → the store, idempotently.
 
 Each source (a path, or an upload's name) is identified by ``(tenant, source)``. Its content
-hash covers the bytes, the extra metadata, the chunking settings and the embedding model, so
-re-ingesting an unchanged file adds nothing, and a changed one replaces all its chunks at once.
+hash covers the bytes, how they are read (the document kind and the charset), the extra metadata,
+the chunking settings and the embedding model, so re-ingesting an unchanged file adds nothing,
+and a changed one (or the same bytes uploaded as another type) replaces all its chunks at once.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import orjson
 from plugins.rag.chunking import chunk_sections
 from plugins.rag.config import ChunkConfig
 from plugins.rag.embed import Embedder
-from plugins.rag.loaders import KINDS, UnsupportedDocument, kind_for, parse
+from plugins.rag.loaders import KINDS, UnsupportedDocument, check_charset, kind_for, parse
 from plugins.rag.store import RESERVED, VectorStore
 
 log = logging.getLogger("gateway.rag")
@@ -76,10 +77,15 @@ class Ingestor:
         self.embedder = embedder
         self.chunk = chunk
 
-    def content_hash(self, data: bytes, meta: Mapping[str, Any]) -> str:
+    def content_hash(
+        self, data: bytes, meta: Mapping[str, Any], kind: str = "", charset: str = ""
+    ) -> str:
         h = hashlib.sha256(data)
         h.update(orjson.dumps(dict(meta), option=orjson.OPT_SORT_KEYS))
         h.update(f"{self.chunk.tokens}/{self.chunk.overlap}/{self.embedder.model_name}".encode())
+        # The same bytes read another way (text/plain then text/html, another charset) are
+        # another document.
+        h.update(f"\0{kind}\0{charset}".encode())
         return h.hexdigest()
 
     def ingest_bytes(
@@ -92,15 +98,21 @@ class Ingestor:
         kind: str = "",
         mtime: float = 0.0,
         meta: Mapping[str, Any] | None = None,
+        charset: str = "",
     ) -> IngestResult:
+        """``charset``: the text's encoding (a Content-Type's ``charset``); none means UTF-8.
+        Bytes that are not valid in it raise ``UnsupportedDocument`` (a ``ValueError``)."""
         meta = check_meta(meta or {})
         check_tenant(tenant)
         kind = kind or kind_for(source)
-        digest = self.content_hash(data, meta)
+        charset = "" if kind == "pdf" else check_charset(charset)
+        if charset == "utf-8":
+            charset = ""  # UTF-8 is the default: declaring it is not another reading
+        digest = self.content_hash(data, meta, kind, charset)
         previous = self.store.source_hash(collection, tenant, source)
         if previous == digest:
             return IngestResult(source, "unchanged")
-        parsed = parse(data, source, kind)
+        parsed = parse(data, source, kind, charset)
         chunks = chunk_sections(parsed.sections, self.chunk.tokens, self.chunk.overlap)
         if not chunks:
             if previous is not None:

@@ -6,6 +6,7 @@ block of text. HTML scripts, styles and other invisible parts are dropped.
 
 from __future__ import annotations
 
+import codecs
 import io
 import re
 from dataclasses import dataclass
@@ -44,6 +45,48 @@ def kind_for(name: str, content_type: str = "") -> str:
             f"{name}: unsupported file type (supported: {', '.join(sorted(KINDS))})"
         )
     return kind
+
+
+def charset_of(content_type: str) -> str:
+    """The ``charset`` parameter of a Content-Type (``""`` when there is none)."""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            return value.strip().strip("'\"").strip()
+    return ""
+
+
+def check_charset(charset: str) -> str:
+    """Python's codec name for ``charset`` (``""`` stays ``""``: UTF-8), or UnsupportedDocument."""
+    if not charset:
+        return ""
+    try:
+        info = codecs.lookup(charset)
+    except LookupError:
+        info = None
+    # Python also has bytes-to-bytes codecs (base64, rot13, zlib): not charsets.
+    if info is None or not getattr(info, "_is_text_encoding", True):
+        raise UnsupportedDocument(f"unknown charset {charset!r}")
+    return info.name
+
+
+def decode(data: bytes, name: str, charset: str = "") -> str:
+    """The text of a document. With a declared ``charset``, decoded with it; without one, as
+    UTF-8. Either way a leading byte order mark is dropped, and bytes that are not valid in the
+    encoding are an error naming it, never silently replaced."""
+    codec = check_charset(charset) or "utf-8"
+    if codec == "utf-8":
+        codec = "utf-8-sig"
+    try:
+        text = data.decode(codec)
+    except UnicodeDecodeError as e:
+        declared = f"declared charset {charset!r}" if charset else "UTF-8 (no charset declared)"
+        raise UnsupportedDocument(
+            f"{name}: not valid {declared}: byte 0x{data[e.start]:02x} at offset {e.start}; "
+            "convert it to UTF-8 or declare its charset (content-type: text/plain; "
+            "charset=...)"
+        ) from None
+    return text.removeprefix("\ufeff")
 
 
 def _stem_title(name: str) -> str:
@@ -138,7 +181,10 @@ class _HTML(HTMLParser):
         self._path: list[tuple[int, str]] = []
         self._buf: list[str] = []
         self._skip = 0
+        #: Of ``_skip``, how many are ``<head>``: the document's title lives there.
+        self._head = 0
         self._in_title = False
+        self._titled = False
         self._heading: tuple[int, list[str]] | None = None
 
     def _flush(self) -> None:
@@ -149,9 +195,13 @@ class _HTML(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "title":
-            self._in_title = True
+            # The document's title is the first <title> outside other skipped elements (an
+            # <svg>'s <title> is an icon's tooltip).
+            self._in_title = not self._titled and self._skip == self._head
+            self._skip += 1
         elif tag in _SKIP:
             self._skip += 1
+            self._head += tag == "head"
         elif re.fullmatch(r"h[1-6]", tag) and not self._skip:
             self._flush()
             self._heading = (int(tag[1]), [])
@@ -160,9 +210,14 @@ class _HTML(HTMLParser):
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "title":
+            if self._in_title:
+                self._titled = True
             self._in_title = False
+            self._skip = max(0, self._skip - 1)
         elif tag in _SKIP:
             self._skip = max(0, self._skip - 1)
+            if tag == "head":
+                self._head = max(0, self._head - 1)
         elif re.fullmatch(r"h[1-6]", tag) and self._heading:
             level, parts = self._heading
             heading = " ".join("".join(parts).split())
@@ -218,10 +273,10 @@ def parse_pdf(data: bytes, name: str) -> Parsed:
     return Parsed(title or _stem_title(name), sections)
 
 
-def parse(data: bytes, name: str, kind: str) -> Parsed:
+def parse(data: bytes, name: str, kind: str, charset: str = "") -> Parsed:
     if kind == "pdf":
         return parse_pdf(data, name)
-    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    text = decode(data, name, charset).replace("\r\n", "\n")
     if kind == "markdown":
         return parse_markdown(text, name)
     if kind == "html":

@@ -5,7 +5,8 @@ request carries ``"rag": {...}`` / ``"use_rag": true`` (the ``openai`` SDK sends
 ``extra_body``). Only the caller's tenant's own collection is searched. Retrieved
 chunks are re-ranked, scanned for indirect prompt injection, fitted into the model's context
 window and injected as one system message with numbered sources; the client learns which
-sources were used from the ``x-gateway-rag-sources`` header and a ``rag_sources`` body field.
+sources were used from the ``x-gateway-rag-sources`` header (on an upstream's answer only, set
+when the attempt succeeds) and a ``rag_sources`` body field.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from gateway.errors import InvalidRequestError, ServiceUnavailableError
+from gateway.errors import GatewayError, InvalidRequestError, ServiceUnavailableError
 from gateway.plugin import Plugin, StartupError
 from gateway.tokens import message_text
 from plugins.rag import context as ctxbuild
@@ -30,6 +31,7 @@ from plugins.rag.rerank import rerank
 from plugins.rag.store import Hit, StoreError, VectorStore
 
 if TYPE_CHECKING:
+    from gateway.catalogue import Deployment
     from gateway.context import RequestContext
     from gateway.state import Gateway
 
@@ -269,7 +271,6 @@ class RagPlugin(Plugin):
         ctxbuild.inject(ctx, ctxbuild.message(selected))
         srcs = ctxbuild.sources(selected, spec["collection"])
         ctx.scratch_for(self.name)["sources"] = srcs
-        ctx.response_headers[HEADER] = ctxbuild.header_value(srcs)
         ctx.log["rag_sources"] = [f"{s['source']}#{s['chunk']}" for s in srcs]
         return None
 
@@ -311,6 +312,24 @@ class RagPlugin(Plugin):
         if len(verdicts) != len(texts):
             raise RetrievalError("chunk scan returned the wrong number of verdicts")
         return verdicts
+
+    async def on_attempt(
+        self,
+        ctx: RequestContext,
+        deployment: Deployment,
+        error: GatewayError | None,
+        elapsed_s: float,
+    ) -> None:
+        """The header goes out with an upstream's answer only: an error response (a later
+        plugin's 400, a context_length_exceeded, every deployment failing) sent nothing to a
+        model, so it names no sources."""
+        srcs = ctx.scratch_for(self.name).get("sources")
+        if not srcs:
+            return
+        if error is None:
+            ctx.response_headers[HEADER] = ctxbuild.header_value(srcs)
+        else:
+            ctx.response_headers.pop(HEADER, None)
 
     async def on_response(self, ctx: RequestContext) -> None:
         srcs = ctx.scratch_for(self.name).get("sources")

@@ -6,9 +6,11 @@ Uses the real offline MiniLM model and an embedded Chroma store in a temporary d
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,10 @@ async def test_request_gets_context_sources_header_and_body_field(store_dir: Pat
     srcs = ctx.scratch["rag"]["sources"]
     assert any(s["source"].endswith("docs/vacation.md") for s in srcs) and len(srcs) <= 4
     assert [s["n"] for s in srcs] == list(range(1, len(srcs) + 1))
+    # The header goes out with the upstream's answer: set when an attempt succeeds.
+    assert HEADER not in ctx.response_headers
+    assert ctx.model_entry is not None
+    await plugin.on_attempt(ctx, ctx.model_entry.deployments[0], None, 0.1)
     assert (
         ctx.response_headers[HEADER].startswith("1=")
         and "vacation.md#0" in ctx.response_headers[HEADER]
@@ -243,13 +249,42 @@ async def test_tenant_filter_reject_mode(store_dir: Path) -> None:
     ("body", "param"),
     [({"rag": "handbook"}, "rag"), ({"use_rag": "yes"}, "use_rag"),
      ({"rag": {"top_k": 0}}, "rag.top_k"), ({"rag": {"colection": "x"}}, "rag"),
-     ({"rag": {"collection": 5}}, "rag.collection")],
+     ({"rag": {"collection": 5}}, "rag.collection"),
+     # Operands Chroma refuses: a 400, not a failed retrieval (with on_error: skip, the
+     # default here, no context at all and no word why).
+     ({"rag": {"filter": {"year": {"$gt": "abc"}}}}, "rag.filter"),
+     ({"rag": {"filter": {"team": {"$in": ["a", 1]}}}}, "rag.filter"),
+     ({"rag": {"filter": {"x": {"$gt": True}}}}, "rag.filter"),
+     ({"rag": {"filter": {"a": 9223372036854775808}}}, "rag.filter")],
 )  # fmt: skip
 async def test_bad_extension_fields_are_400(store_dir: Path, body: Any, param: str) -> None:
     plugin = await make_plugin(store_dir)
     with pytest.raises(InvalidRequestError) as e:
         await plugin.on_request(make_ctx("q", **body))
     assert e.value.param == param
+    await plugin.shutdown()
+
+
+@pytest.mark.anyio
+async def test_sources_header_only_goes_out_with_an_upstream_answer(store_dir: Path) -> None:
+    """A later plugin's 400, a context_length_exceeded, every deployment failing: nothing
+    reached a model, so the error names no sources."""
+    plugin = await make_plugin(store_dir)
+    ctx = make_ctx("How many days of paid holiday do I get each year?", use_rag=True)
+    await plugin.on_request(ctx)
+    assert ctx.scratch["rag"]["sources"]
+    assert HEADER not in ctx.response_headers  # a guard 400 after rag is sent with these
+    assert ctx.model_entry is not None
+    dep = ctx.model_entry.deployments[0]
+    await plugin.on_attempt(ctx, dep, ServiceUnavailableError("upstream down"), 0.1)
+    assert HEADER not in ctx.response_headers
+    await plugin.on_attempt(ctx, dep, None, 0.1)
+    assert "vacation.md#" in ctx.response_headers[HEADER]
+    # A request without sources never gets the header.
+    bare = make_ctx("hello")
+    await plugin.on_request(bare)
+    await plugin.on_attempt(bare, dep, None, 0.1)
+    assert HEADER not in bare.response_headers
     await plugin.shutdown()
 
 
@@ -619,6 +654,28 @@ def test_ingest_idempotent_and_changed_file_replaces(tmp_path: Path) -> None:
     assert (info.tenant, info.chunks, info.meta, info.title) == ("t", 1, {"team": "x"}, "A")
 
 
+def test_same_bytes_as_another_type_are_read_again(tmp_path: Path) -> None:
+    """text/plain then text/html: the same bytes make other chunks, so not 'unchanged'."""
+    store, _, ingestor = open_store(tmp_path / "db")
+    page = b"<html><head><title>Benefits</title></head><body><p>Dental is covered.</p></body>"
+    assert ingestor.ingest_bytes("coll", "t", "page", page, kind="text").status == "added"
+    [info] = store.list_sources("coll")
+    assert info.title == "page"  # read as text: the tags are text
+    assert ingestor.ingest_bytes("coll", "t", "page", page, kind="html").status == "replaced"
+    [info] = store.list_sources("coll")
+    assert info.title == "Benefits"
+    assert ingestor.ingest_bytes("coll", "t", "page", page, kind="html").status == "unchanged"
+    # Another charset is another reading too; declaring UTF-8 is the default reading.
+    text = "Café menu\n\nthe café opens at 8".encode("latin-1")
+    menu = partial(ingestor.ingest_bytes, "coll", "t", "menu.txt", text)
+    assert menu(charset="latin-1").status == "added"
+    assert menu(charset="cp1252").status == "replaced"
+    utf8 = "Café".encode()
+    assert ingestor.ingest_bytes("coll", "t", "u.txt", utf8).status == "added"
+    assert ingestor.ingest_bytes("coll", "t", "u.txt", utf8, charset="UTF-8").status == "unchanged"
+    store.close()
+
+
 def cli_config(tmp_path: Path) -> Path:
     """A config.yaml for ``gateway rag`` with an embedded store under ``tmp_path``."""
     config = tmp_path / "config.yaml"
@@ -783,6 +840,53 @@ async def test_admin_routes(tmp_path: Path) -> None:
     assert error["type"] == "invalid_request_error" and error["code"] == "ingest_failed"
     assert error["param"] == "documents" and "a.docx" in error["message"]
     assert all_bad.json()["results"][0]["status"] == "error"
+    await plugin.shutdown()
+
+
+@pytest.mark.anyio
+async def test_admin_upload_honours_the_charset(tmp_path: Path) -> None:
+    plugin = RagPlugin(RagConfig.model_validate({"store": {"path": str(tmp_path / "db")}}))
+    await plugin.startup(Gateway(Auth()))  # type: ignore[arg-type]
+    app = Starlette(routes=admin_routes(plugin))
+    admin = {"x-test-admin": "yes"}
+    latin1 = "Café crème\n\nLe café ouvre à 8 h, près de la cour.".encode("latin-1")
+
+    def raw(name: str, ctype: str) -> Any:
+        with TestClient(app) as client:
+            return client.post(f"/admin/rag/kb1/documents?name={name}", content=latin1,
+                               headers={**admin, "content-type": ctype})  # fmt: skip
+
+    def json_upload(doc: dict[str, Any]) -> Any:
+        with TestClient(app) as client:
+            return client.post("/admin/rag/kb1/documents", headers=admin,
+                               json={"documents": [doc]})  # fmt: skip
+
+    declared = await asyncio.to_thread(raw, "declared.txt", "text/plain; charset=ISO-8859-1")
+    assert declared.status_code == 200, declared.text
+    assert declared.json()["results"][0]["status"] == "added"
+    unknown = await asyncio.to_thread(raw, "unknown.txt", "text/plain; charset=klingon")
+    assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "ingest_failed"
+    assert "unknown charset 'klingon'" in unknown.json()["error"]["message"]
+    # No charset: UTF-8, and bytes that are not UTF-8 are refused, never read as U+FFFD.
+    undeclared = await asyncio.to_thread(raw, "undeclared.txt", "text/plain")
+    assert undeclared.status_code == 400
+    assert "not valid UTF-8" in undeclared.json()["error"]["message"]
+    b64 = await asyncio.to_thread(json_upload, {
+        "name": "b64.txt", "content_base64": base64.b64encode(latin1).decode(),
+        "content_type": "text/plain; charset=latin-1"})  # fmt: skip
+    assert b64.json()["results"][0]["status"] == "added"
+    # JSON text is Unicode already: a charset in content_type does not re-read it.
+    text = await asyncio.to_thread(json_upload, {
+        "name": "text.txt", "content": "Crème brûlée\n\nsweet", "content_type":
+        "text/plain; charset=latin-1"})  # fmt: skip
+    assert text.json()["results"][0]["status"] == "added"
+    assert plugin.store is not None
+    titles = {s.source: s.title for s in plugin.store.list_sources("kb1")}
+    assert titles == {"declared.txt": "Café crème", "b64.txt": "Café crème",
+                      "text.txt": "Crème brûlée"}  # fmt: skip
+    coll = plugin.store.collection("kb1", "acme")
+    got = coll.get(where={"source": "declared.txt"}, include=["documents"])
+    assert "Le café ouvre à 8 h, près de la cour." in got["documents"][0]
     await plugin.shutdown()
 
 
