@@ -41,6 +41,9 @@ class RequestsConfig(Strict):
     """Bounds on what a client may ask for; checked before any plugin runs."""
 
     max_body_bytes: int = Field(1_048_576, gt=0)
+    #: Seconds a client gets to send its whole body once its headers are in: a body that
+    #: stops midway held its connection and an in-flight slot until the client left.
+    body_timeout_s: float = Field(30.0, gt=0)
     max_tokens: int = Field(32_768, gt=0)
     max_n: int = Field(4, ge=1)
     max_messages: int = Field(1_000, ge=1)

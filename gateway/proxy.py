@@ -28,6 +28,7 @@ from gateway.errors import (
     MethodNotAllowedError,
     ModelNotFoundError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     ServiceUnavailableError,
     UnsupportedMediaTypeError,
 )
@@ -126,6 +127,28 @@ async def send_error(send: Any, ctx: RequestContext, err: GatewayError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+#: Deepest nesting of a request body. orjson parses up to 1,024 levels but serialises only
+#: about 254: a deeper body parsed, then failed every later dumps (the upstream request, the
+#: cache key, the token count) as a 500.
+MAX_JSON_DEPTH = 128
+
+
+def check_depth(body: Any) -> None:
+    """Raise a 400 when ``body`` nests deeper than :data:`MAX_JSON_DEPTH`."""
+    level: list[Any] = [body]
+    for _ in range(MAX_JSON_DEPTH):
+        nxt: list[Any] = []
+        for node in level:
+            if type(node) is dict:
+                nxt.extend(v for v in node.values() if type(v) in (dict, list))
+            else:
+                nxt.extend(v for v in node if type(v) in (dict, list))
+        if not nxt:
+            return
+        level = nxt
+    raise InvalidRequestError(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+
+
 async def read_body(receive: Any, ctx: RequestContext, limit: int) -> bytes:
     declared = ctx.headers.get("content-length")
     if declared is not None:
@@ -181,13 +204,22 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
         if ctx.headers.get("content-type") != "application/json":  # else check_content_type passes
             check_content_type(ctx)
         requests_cfg = gw.request_limits
-        raw = await read_body(receive, ctx, requests_cfg.max_body_bytes)
+        try:
+            with gw.body_deadline.start():
+                raw = await read_body(receive, ctx, requests_cfg.max_body_bytes)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the request body did not arrive within {gw.body_deadline.delay:g} s"
+            ) from None
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise InvalidRequestError("request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise InvalidRequestError("request body must be a JSON object")
+        # (Nesting that deep takes that many brackets, and twice that many bytes.)
+        if len(raw) > 2 * MAX_JSON_DEPTH and raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+            check_depth(body)
         ctx.body = body
         if endpoint == "chat":
             model = validate_chat(body, requests_cfg)

@@ -16,7 +16,7 @@ from gateway.ledger.metrics import UsageMetrics
 from gateway.logs import RequestLog
 from gateway.pipeline import Pipeline, build_pipeline
 from gateway.providers import provider_class
-from gateway.providers.base import make_session
+from gateway.providers.base import TimeoutQueue, make_session
 from gateway.validate import RequestLimits
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ class Gateway:
         #: Settings read on every request, as plain values (a pydantic attribute read costs
         #: ~400 instructions; settings are frozen).
         self.request_limits = RequestLimits(settings.requests)
+        #: The body-read deadline of every request, on one loop timer.
+        self.body_deadline = TimeoutQueue(settings.requests.body_timeout_s)
         self.include_text = settings.logging.include_text
         self.catalogue = Catalogue(settings.models)
         self.pipeline = Pipeline(build_pipeline(settings, registry))

@@ -359,6 +359,49 @@ def test_invalid_json_is_400(gw: Any) -> None:
     assert_openai_error(post(gw, b"[1, 2]"), 400)
 
 
+@pytest.mark.parametrize("field", ["metadata", "response_format", "tools"])
+def test_a_body_nested_too_deep_to_forward_is_400(gw: Any, field: str) -> None:
+    """orjson parses 1,024 levels but writes only ~254: a body 300 deep was parsed, then every
+    later dumps (the upstream request, the token count, the cache key) failed: a 500."""
+    deep = b"[" * 300 + b"]" * 300
+    body = b'{"model":"demo","messages":[{"role":"user","content":"hi"}],"' + field.encode()
+    r = post(gw, body + b'":{"a":' + deep + b"}}")
+    assert_openai_error(r, 400)
+    assert "nests deeper" in r.json()["error"]["message"]
+    assert gw.upstream_requests() == []
+    # Brackets in strings or a long flat list are no nesting.
+    flat = {"model": "demo", "messages": [{"role": "user", "content": "[[[" * 200}],
+            "metadata": {"k": "{" * 300}, "stop": ["]"] * 4}  # fmt: skip
+    assert post(gw, flat).status_code == 200
+
+
+def test_a_body_that_stops_midway_is_408_within_the_body_timeout() -> None:
+    """The body was read with no deadline: a client sending 9 of its 100 bytes held the
+    connection and an in-flight slot until it left (max_parallel never saw it)."""
+    import socket
+
+    with running_gateway(requests={"body_timeout_s": 0.5}) as g:
+        host, port = g.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                b'{"model":'
+            )
+            start = time.monotonic()
+            head = b""
+            while b"request_timeout" not in head and time.monotonic() - start < 5:
+                piece = s.recv(65536)
+                if not piece:
+                    break
+                head += piece
+            assert time.monotonic() - start < 5
+        assert head.startswith(b"HTTP/1.1 408")
+        assert b'"code":"request_timeout"' in head
+        # A body that arrives in time is served as always.
+        assert post(g, {"model": "demo", "messages": MSG}).status_code == 200
+
+
 def test_non_json_content_type_is_415(gw: Any) -> None:
     r = post(gw, {"model": "demo", "messages": MSG}, **{"content-type": "text/plain"})
     assert_openai_error(r, 415)
