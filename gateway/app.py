@@ -181,8 +181,12 @@ async def readyz(request: Request) -> Response:
 async def metrics_endpoint(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     token = gw.settings.metrics.bearer_token
-    given = request.headers.get("authorization", "")
-    if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if (
+        not token
+        or scheme.lower() != "bearer"  # (the scheme is case-insensitive, RFC 9110)
+        or not hmac.compare_digest(given.strip().encode(), token.encode())
+    ):
         # Not the scrape token: a key (or JWT) whose roles grant the metrics endpoint. With a
         # token set, only an authenticated caller: without an auth plugin, the token alone.
         if token and gw.pipeline.find("auth") is None:

@@ -82,7 +82,11 @@ def answer(head: bytes, token: str) -> bytes:
             name, _, value = line.partition(":")
             if name.strip().lower() == "authorization":
                 given = value.strip()
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        scheme, _, credential = given.partition(" ")
+        # (the scheme is case-insensitive, RFC 9110)
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            credential.strip().encode(), token.encode()
+        ):
             realm = 'www-authenticate: Bearer realm="metrics"\r\n'
             return _error("401 Unauthorized", "invalid credentials", "authentication_error", realm)
     body, ctype = metrics.render()

@@ -270,9 +270,25 @@ _CHAT_CHECKS: dict[str, Callable[[dict[str, Any], RequestLimits], None]] = {
     "response_format": _response_format,
     "user": _typed("user", str),
     "metadata": _typed("metadata", dict),
-    "logit_bias": _typed("logit_bias", dict),
+    "logit_bias": lambda body, cfg: _logit_bias(body),
 }
 _CHAT_CHECKED = frozenset(_CHAT_CHECKS)
+
+
+def _logit_bias(body: dict[str, Any]) -> None:
+    """Token ids (as strings) to a bias from -100 to 100, as OpenAI takes it."""
+    bias = body["logit_bias"]
+    if bias is None:
+        return
+    if not isinstance(bias, dict):
+        raise _bad("'logit_bias' must be an object", "logit_bias")
+    if len(bias) > 1024:
+        raise _bad("'logit_bias' has more than 1024 entries", "logit_bias")
+    for key, value in bias.items():
+        if not key.isascii() or not key.isdigit():
+            raise _bad(f"'logit_bias' keys must be token ids; got {key[:32]!r}", "logit_bias")
+        if type(value) not in (int, float) or not -100 <= value <= 100:
+            raise _bad("'logit_bias' values must be numbers from -100 to 100", "logit_bias")
 
 
 def validate_chat(body: dict[str, Any], cfg: RequestLimits) -> str:
@@ -301,6 +317,9 @@ def validate_chat(body: dict[str, Any], cfg: RequestLimits) -> str:
             raise _bad("'stream_options' must be an object", "stream_options")
         if not stream:
             raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        usage = opts.get("include_usage")
+        if usage is not None and type(usage) is not bool:
+            raise _bad("'stream_options.include_usage' must be a boolean", "stream_options")
     present = _CHAT_CHECKED.intersection(body)
     if len(present) == 1:
         (key,) = present
@@ -321,12 +340,8 @@ def validate_embeddings(body: dict[str, Any], cfg: RequestLimits) -> str:
         and value
         and (
             all(isinstance(v, str) for v in value)
-            or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            or all(
-                isinstance(v, list)
-                and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
-                for v in value
-            )
+            or all(_token_id(v) for v in value)
+            or all(isinstance(v, list) and all(_token_id(t) for t in v) for v in value)
         )
     )
     if not ok:
@@ -340,4 +355,12 @@ def validate_embeddings(body: dict[str, Any], cfg: RequestLimits) -> str:
     if fmt is not None and fmt not in ("float", "base64"):
         raise _bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")
     _int(body, "dimensions", 1, 65536)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _bad("'user' must be a string", "user")
     return model
+
+
+def _token_id(v: Any) -> bool:
+    """A token id: an int from 0 (no tokenizer has 2**31 tokens)."""
+    return type(v) is int and 0 <= v < 2**31

@@ -98,6 +98,9 @@ def test_metrics_on_their_own_port(tmp_path: Path) -> None:
         assert httpx.get(url, headers={"authorization": "Bearer wrong"}).status_code == 401
         r = httpx.get(url, headers={"authorization": "Bearer scrape-token-CANARY"}, timeout=10)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        # The scheme is case-insensitive (RFC 9110); "bearer" was a 401.
+        lower = httpx.get(url, headers={"authorization": "bearer scrape-token-CANARY"}, timeout=10)
+        assert lower.status_code == 200
         # (the process's counters: other tests in this process count too)
         assert (
             'gateway_requests_total{endpoint="chat",model="demo",provider="openai",status="200"} '
@@ -146,3 +149,15 @@ def test_usage_answers_503_while_the_ledger_database_is_down() -> None:
         r = httpx.get(f"{gw.url}/v1/usage", params={"format": "xml"},
                       headers={"authorization": f"Bearer {USER_KEY}"}, timeout=30)  # fmt: skip
         assert r.status_code == 400 and r.json()["error"]["param"] == "format"
+
+
+def test_the_metrics_scrape_token_takes_the_scheme_in_any_case() -> None:
+    with running_gateway(metrics={"bearer_token": "scrape-token-CANARY"}) as gw:
+        for scheme, status in (("Bearer", 200), ("bearer", 200), ("BEARER", 200), ("Basic", 401)):
+            r = gw.http().get(
+                "/metrics", headers={"authorization": f"{scheme} scrape-token-CANARY"}
+            )
+            assert r.status_code == status, scheme
+        assert (
+            gw.http().get("/metrics", headers={"authorization": "Bearer nope"}).status_code == 401
+        )

@@ -158,10 +158,14 @@ def test_embeddings_go_through_the_gateway(gw: Any) -> None:
             g.openai().embeddings.create(model="emb", input=tokens)
             assert g.upstream_requests()[-1]["body"]["input"] == tokens
         g.upstream.clear()
-        for bad in ("", [], [""], ["a", ""], [[]], [[1], []], [True], [[1, True]], [1, "a"], 5):
+        for bad in ("", [], [""], ["a", ""], [[]], [[1], []], [True], [[1, True]], [1, "a"], 5,
+                    [-1, -2], [10**12], [[0, 2**31]]):  # fmt: skip
             r = httpx.post(f"{g.url}/v1/embeddings", json={"model": "emb", "input": bad},
                            timeout=20)  # fmt: skip
             assert_openai_error(r, 400, param="input")
+        r = httpx.post(f"{g.url}/v1/embeddings", json={"model": "emb", "input": "x", "user": 5},
+                       timeout=20)  # fmt: skip
+        assert_openai_error(r, 400, param="user")
         assert g.upstream_requests() == []
 
 
@@ -192,6 +196,12 @@ def test_embeddings_go_through_the_gateway(gw: Any) -> None:
          "messages[0].content"),
         ({"model": "demo", "messages": MSG, "top_p": 3}, "top_p"),
         ({"model": "demo", "messages": MSG, "seed": 2**64}, "seed"),
+        # Went upstream unchecked (a bad-input probe):
+        ({"model": "demo", "messages": MSG, "logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"model": "demo", "messages": MSG, "logit_bias": {"50256": "x"}}, "logit_bias"),
+        ({"model": "demo", "messages": MSG, "logit_bias": {"50256": 101}}, "logit_bias"),
+        ({"model": "demo", "messages": MSG, "stream": True,
+          "stream_options": {"include_usage": "yes"}}, "stream_options"),
         # Replayed tool calls: a function call needs its function, a custom one its custom.
         ({"model": "demo", "messages": [*MSG, {"role": "assistant", "tool_calls": [
             {"id": "c1", "type": "function"}]}]}, "messages[1].tool_calls[0]"),
