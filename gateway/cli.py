@@ -52,16 +52,34 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def graceful_timeout(settings: Settings) -> float:
+    """uvicorn's ``timeout_graceful_shutdown`` for ``server.drain_timeout_s``: uvicorn reads
+    None (and ``int(0.5) or None`` was None) as "wait forever", so 0 is a tiny wait."""
+    return max(settings.server.drain_timeout_s, 0.001)
+
+
 def _start_demo_upstream(settings: Settings) -> subprocess.Popen[bytes] | None:
     demo = settings.demo_upstream
     if not demo.enabled:
         return None
+    import socket
+
+    try:
+        with socket.create_connection((demo.host, demo.port), timeout=0.2):
+            in_use = True
+    except OSError:
+        in_use = False
+    if in_use:
+        # The readiness test below only connects: another process on the port (a gateway left
+        # running, a second `make run`) passed it, and requests went to that process.
+        raise SystemExit(
+            f"configuration error:\n{settings.source}: demo_upstream.port: {demo.host}:"
+            f"{demo.port} is already in use by another process (stop it, or set another port)"
+        )
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.fake_upstream", "--host", demo.host, "--port",
          str(demo.port)],
     )  # fmt: skip
-    import socket
-
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -123,6 +141,18 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
+    taken = {"metrics.port": settings.metrics.port}
+    if settings.demo_upstream.enabled:
+        taken["demo_upstream.port"] = settings.demo_upstream.port
+    for key, other in taken.items():
+        if other == port:
+            # (uvicorn's bare "address already in use" named neither the key nor the file)
+            print(
+                f"configuration error:\n{settings.source}: {key}: {other} is the port the "
+                "gateway itself listens on (server.port or --port); give it another",
+                file=sys.stderr,
+            )
+            return 2
     workers = args.workers or settings.server.workers
     os.environ["GATEWAY_CONFIG"] = config_path
     metrics_dir = None
@@ -145,7 +175,7 @@ def serve(args: argparse.Namespace) -> int:
             access_log=settings.logging.access_log,
             log_level=settings.logging.level,
             log_config=uvicorn_log_config(settings.logging.level),
-            timeout_graceful_shutdown=int(settings.server.drain_timeout_s) or None,
+            timeout_graceful_shutdown=graceful_timeout(settings),  # type: ignore[arg-type]
             server_header=False,
             date_header=False,
         )  # (also applies the log configuration)

@@ -27,8 +27,8 @@ def build_pipeline(settings: Settings, registry: dict[str, Any] | None = None) -
     extra = registry or {}
     plugins: list[Plugin] = []
     for i, entry in enumerate(settings.pipeline):
-        if not entry.enabled:
-            continue
+        # A disabled entry is validated too: its mistakes would otherwise wait for the day
+        # someone enables it.
         if entry.name in extra:
             cls = extra[entry.name]
         elif entry.name in REGISTRY:
@@ -45,7 +45,8 @@ def build_pipeline(settings: Settings, registry: dict[str, Any] | None = None) -
             raise ConfigError(
                 format_validation_error(settings.source, e, ("pipeline", i, "config"))
             ) from None
-        plugins.append(cls(config))
+        if entry.enabled:
+            plugins.append(cls(config))
     names = [p.name for p in plugins]
     for plugin in plugins:
         plugin.check(settings, names)

@@ -105,3 +105,25 @@ def test_replicas_config_fails_check_config_without_its_secrets() -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "OPENAI_API_KEY is not set" in proc.stderr
+
+
+def test_both_images_install_what_the_project_defines_and_run_alike() -> None:
+    """deploy/Dockerfile installed '.[all]', an extra pyproject.toml does not define: pip
+    installs the project without it, so the image lacked torch, Chroma and the classifier and
+    the replicas config (with rag) crashed at startup."""
+    import re
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"])  # fmt: skip
+    for name in ("Containerfile", "deploy/Dockerfile"):
+        text = (ROOT / name).read_text()
+        asked = re.findall(r'pip install[^\n]*"\.\[([a-z,]+)\]"', text)
+        assert asked and all(set(a.split(",")) <= extras for a in asked), (name, asked)
+        assert "||" not in text, name  # no fallback that hides a failed install
+        assert '"torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu' in text, name
+        assert "HEALTHCHECK" in text and "USER 10001" in text, name
+    deployment = yaml.safe_load_all((ROOT / "deploy/k8s/deployment.yaml").read_text())
+    container = next(d for d in deployment if d and d.get("kind") == "Deployment")[
+        "spec"]["template"]["spec"]["containers"][0]  # fmt: skip
+    assert container["command"] == ["gateway", "serve"]  # whichever image it runs

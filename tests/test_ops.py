@@ -134,6 +134,32 @@ def test_a_metrics_port_in_use_stops_the_startup(tmp_path: Path) -> None:
     assert f"startup failed: metrics.port: cannot listen on 127.0.0.1:{port}" in out
 
 
+def test_a_demo_upstream_port_in_use_stops_the_startup(tmp_path: Path) -> None:
+    """The start check only connected to the port: any process listening there (a gateway
+    left running, a second `make run`) passed it, and requests were proxied to it."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = {"models": [MODEL], "demo_upstream": {"enabled": True, "port": port}}
+        code, out = serve(tmp_path, config, "--port", str(free_port()))
+    assert code != 0, out
+    assert f"demo_upstream.port: 127.0.0.1:{port} is already in use" in out
+    assert "Traceback" not in out
+
+
+def test_a_drain_timeout_under_a_second_is_not_wait_forever() -> None:
+    from gateway.cli import graceful_timeout
+    from gateway.config import parse_settings
+
+    def timeout(value: float) -> float:
+        raw = {"models": [MODEL], "server": {"drain_timeout_s": value}}
+        return graceful_timeout(parse_settings(raw, "t.yaml"))
+
+    # int(0.5) or None was None, which uvicorn reads as waiting for ever.
+    assert timeout(0.5) == 0.5 and 0 < timeout(0) < 0.01 and timeout(10) == 10
+
+
 def test_usage_answers_503_while_the_ledger_database_is_down() -> None:
     """An unreachable PostgreSQL was a 500 and two tracebacks per request."""
     down = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
@@ -161,3 +187,12 @@ def test_the_metrics_scrape_token_takes_the_scheme_in_any_case() -> None:
         assert (
             gw.http().get("/metrics", headers={"authorization": "Bearer nope"}).status_code == 401
         )
+
+
+@pytest.mark.parametrize("key", ["metrics", "demo_upstream"])
+def test_a_port_shared_with_the_gateway_is_a_configuration_error(tmp_path: Path, key: str) -> None:
+    port = free_port()
+    section = {"port": port} if key == "metrics" else {"enabled": True, "port": port}
+    code, out = serve(tmp_path, {"models": [MODEL], key: section}, "--port", str(port))
+    assert code == 2, out
+    assert f"config.yaml: {key}.port: {port} is the port the gateway itself listens on" in out

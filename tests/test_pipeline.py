@@ -146,6 +146,33 @@ def test_plugin_config_errors_name_the_key_path() -> None:
            "upstream" in str(exc.value)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("entry", "where"),
+    [
+        ({"name": "ratelimitt", "enabled": False}, "pipeline[0].name: unknown plugin"),
+        ({"name": "limit", "enabled": False, "config": {"rpmm": 5}},
+         "pipeline[0].config: unknown key 'rpmm'"),
+    ],
+)  # fmt: skip
+def test_a_disabled_entry_is_validated_too(entry: dict[str, Any], where: str) -> None:
+    """Its mistakes waited for the day someone enabled it."""
+    settings = parse_settings(
+        {"models": [{"name": "m", "deployments": [{"model": "x", "base_url": "http://h"}]}],
+         "pipeline": [entry]},
+        "conf.yaml",
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as exc:
+        build_pipeline(settings)
+    assert where in str(exc.value)
+    ok = {**entry, "name": "headers", "config": {}}
+    settings = parse_settings(
+        {"models": [{"name": "m", "deployments": [{"model": "x", "base_url": "http://h"}]}],
+         "pipeline": [ok]},
+        "conf.yaml",
+    )  # fmt: skip
+    assert build_pipeline(settings) == []  # disabled: validated, not built
+
+
 def test_headers_plugin_adds_response_and_upstream_headers() -> None:
     pipeline = [{"name": "headers", "config": {"response": {"x-team": "blue"},
                                                 "upstream": {"x-route-tag": "t1"}}}]  # fmt: skip

@@ -124,7 +124,8 @@ def _create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     snippet = yaml.safe_dump([entry], sort_keys=False, default_flow_style=None)
     print(f"API key (shown once, store it now):\n  {key}\n", file=out)
     print("Add to config.yaml under the auth plugin's `keys:`", file=out)
-    print("\n".join("      " + line for line in snippet.splitlines()), file=out)
+    # Indented as the shipped config.yaml's keys are (pipeline > auth > config > keys).
+    print("\n".join("        " + line for line in snippet.splitlines()), file=out)
     return 0
 
 

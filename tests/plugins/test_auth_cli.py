@@ -72,8 +72,16 @@ def test_create_prints_the_key_once_and_a_working_config_entry(
     assert rc == 0, err
     keys = re.findall(r"sk-prod-[A-Za-z0-9]{43}", out)
     assert len(keys) == 1  # the key appears exactly once
-    entry = yaml.safe_load(out.split("`keys:`", 1)[1])[0]
+    snippet = out.split("`keys:`", 1)[1]
+    entry = yaml.safe_load(snippet)[0]
     assert entry["id"] == "alice1" and entry["roles"] == ["user", "admin"]
+    # Pasted as printed under the shipped config.yaml's `keys:` it is valid YAML (it was
+    # indented 6 where the file's keys are at 8).
+    shipped = (Path(__file__).resolve().parents[2] / "config.yaml").read_text()
+    at = shipped.index("      keys:\n") + len("      keys:\n")
+    pasted = yaml.safe_load(shipped[:at] + snippet.lstrip("\n") + shipped[at:])
+    auth = next(p for p in pasted["pipeline"] if p["name"] == "auth")
+    assert [k["id"] for k in auth["config"]["keys"]][:1] == ["alice1"]
     assert entry["prefix"] == keys[0][:12] and entry["expires_at"].startswith("20")
     plugin = AuthPlugin(
         AuthConfig.model_validate({"key_secret": SECRET, "keys": [entry], "roles": ROLES})

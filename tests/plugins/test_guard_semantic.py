@@ -283,3 +283,15 @@ async def test_a_paraphrase_hidden_in_base64_or_hex_is_scored_decoded(
         benign = base64.b64encode(text).decode()
         [v] = await scanner.scan([f"What does this say? {benign}"], secrets=False)
         assert not v.blocked
+
+
+def test_loading_the_classifier_writes_nothing_to_stderr() -> None:
+    """Application logs are JSON lines on stderr: transformers' "Loading weights" progress bar
+    was written there once per worker."""
+    import subprocess
+    import sys
+
+    code = "from plugins.guard.semantic import SemanticDetector; SemanticDetector().load()"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr == ""
