@@ -111,5 +111,8 @@ def test_auth_identity_of_a_record() -> None:
 async def test_headers_plugin_adds_configured_headers() -> None:
     plugin = HeadersPlugin(HeadersConfig.model_validate({"response": {"x-a": "1"}}))
     ctx = make_ctx()
+    # Response headers go on in on_headers, before any plugin may answer (a cache hit).
+    await plugin.on_headers(ctx)
     await plugin.on_request(ctx)
     assert ctx.response_headers == {"x-a": "1"} and ctx.upstream_headers == {}
+    assert plugin.uses("on_headers") and not plugin.uses("on_request")
