@@ -120,6 +120,24 @@ def _plain(m: re.Match[str]) -> str:
     return m.group(0) if c in '"\\\x7f' else m.group(1) + c
 
 
+#: An escape not yet whole at the end of a text: "\\u" and up to three hex digits.
+_OPEN_ESCAPE = re.compile(r"\\u[0-9a-fA-F]{0,3}\Z")
+
+
+def json_cut(text: str, cut: int) -> int:
+    """``cut``, moved back so that ``text[:cut]`` does not end inside an escape of the JSON
+    text: an unpaired backslash or an unfinished ``\\u`` escape goes to the held part, whose
+    escapes are decoded on their own with the next piece (a cut between the two backslashes of
+    an escaped backslash made the next ``u0041`` a "\\u0041" escape: invalid JSON)."""
+    m = _OPEN_ESCAPE.search(text, max(0, cut - 5), cut)
+    if m is not None:
+        cut = m.start()
+    run = 0
+    while run < cut and text[cut - 1 - run] == "\\":
+        run += 1
+    return cut - 1 if run % 2 else cut
+
+
 def plain_escapes(json_text: str) -> str:
     """JSON text (a tool call's arguments) with its escapes of printable ASCII written as the
     characters: the same JSON value, and what the checks must read, since the application
@@ -276,6 +294,8 @@ class OutputGuard:
             return "", pending, []  # all of it is still held: nothing to scan yet
         findings: list[Finding] = []
         cut = len(pending) if final else self._safe_cut(pending)
+        if json_text and not final:
+            cut = json_cut(pending, cut)
         if cut == 0:
             return "", pending, findings
         pending, cut = self._canary_pass(pending, cut, findings)

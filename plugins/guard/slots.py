@@ -19,6 +19,21 @@ DEFINITIONS = "definitions"
 #: scanned for injection, but a secret in one leaves with the request like any other.
 FIELDS = "fields"
 
+#: The pseudo-role of a ``fields`` string that is a URL: its secrets are found (and blocked,
+#: when that is the action) but never redacted in place: a rewritten URL breaks (a signed image
+#: URL names its signer's e-mail, and its signature covers it).
+URLS = "urls"
+
+
+def _field_role(value: str) -> str:
+    return URLS if value.startswith(("https://", "http://")) else FIELDS
+
+
+def _inline_media(value: str) -> bool:
+    """A base64 ``data:`` URL (an inline image, audio or file: often megabytes, no text)."""
+    return value.startswith("data:") and ";base64," in value[:256]
+
+
 # A text slot in the body: (container, key) with container[key] a str, and the message role.
 Slot = tuple[Any, Any, str]
 
@@ -45,10 +60,10 @@ def _text_parts(content: Any, role: str, out: list[Slot]) -> None:
                 # An image's URL (its query string), a file's name, extra keys: sent upstream.
                 for key, v in p.items():
                     if key not in ("type", "text") and isinstance(v, (dict, list)):
-                        _strings(v, FIELDS, out)
+                        _strings(v, FIELDS, out, media=True)
                     elif key not in ("type", "text") and isinstance(v, str):
-                        if not v.startswith("data:"):
-                            out.append((p, key, FIELDS))
+                        if not _inline_media(v):
+                            out.append((p, key, _field_role(v)))
 
 
 def _descriptions(schema: Any, out: list[Slot], depth: int = 0) -> None:
@@ -72,18 +87,20 @@ def _descriptions(schema: Any, out: list[Slot], depth: int = 0) -> None:
                 _descriptions(value, out, depth + 1)
 
 
-def _strings(value: Any, role: str, out: list[Slot], depth: int = 0) -> None:
-    """Every string inside ``value`` (a dict or list), as slots of ``role``. A ``data:`` URL
-    (an inline image or file, often megabytes of base64) is not text anyone reads."""
+def _strings(value: Any, role: str, out: list[Slot], depth: int = 0, media: bool = False) -> None:
+    """Every string inside ``value`` (a dict or list), as slots of ``role`` (URLs as ``urls``
+    when ``role`` is ``fields``). In a content part (``media``), a base64 ``data:`` URL is an
+    inline image or file, not text anyone reads; anywhere else it is scanned like any string
+    (a ``data:`` prefix must not hide a key)."""
     if depth > 32:
         return
     items = value.items() if isinstance(value, dict) else enumerate(value)
     for key, v in items:
         if isinstance(v, str):
-            if not v.startswith("data:"):
-                out.append((value, key, role))
+            if not (media and _inline_media(v)):
+                out.append((value, key, _field_role(v) if role == FIELDS else role))
         elif isinstance(v, (dict, list)):
-            _strings(v, role, out, depth + 1)
+            _strings(v, role, out, depth + 1, media)
 
 
 def request_slots(ctx: RequestContext) -> list[Slot]:
@@ -117,7 +134,13 @@ def request_slots(ctx: RequestContext) -> list[Slot]:
                 fn = call.get("function")
                 if isinstance(fn, dict):
                     _call(fn, role, out)
-                _other_strings(call, ("function",), out)
+                custom = call.get("custom")
+                if isinstance(custom, dict):
+                    # A custom tool's free-text input is the message's text like arguments.
+                    if isinstance(custom.get("input"), str):
+                        out.append((custom, "input", role))
+                    _other_strings(custom, ("input",), out)
+                _other_strings(call, ("function", "custom"), out)
             fn = msg.get("function_call")
             if isinstance(fn, dict):
                 _call(fn, role, out)
@@ -159,7 +182,6 @@ def _other_strings(container: dict[str, Any], skip: Any, out: list[Slot]) -> Non
         if key in skip:
             continue
         if isinstance(v, str):
-            if not v.startswith("data:"):
-                out.append((container, key, FIELDS))
+            out.append((container, key, _field_role(v)))
         elif isinstance(v, (dict, list)):
             _strings(v, FIELDS, out)

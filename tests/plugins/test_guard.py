@@ -359,13 +359,23 @@ async def test_secrets_in_every_field_that_goes_upstream_are_redacted() -> None:
     )  # fmt: skip
     await guard(secrets={"api_key": "redact"}).on_request(ctx)
     sent = json.dumps(ctx.body)
-    assert key not in sent
-    assert sent.count("[REDACTED:api_key]") == 12
+    assert sent.count("[REDACTED:api_key]") == 11
+    # A URL is never rewritten (a signed URL breaks): its key is flagged, or blocked below.
+    assert sent.count(key) == 1 and f"https://x.example/i.png?t={key}" in sent
     assert image in sent  # an inline image is not text: left alone
     assert ctx.body["model"] == "m"
-    # The default action for keys, block, applies there too.
+    # The default action for keys, block, applies there too, a URL included.
     assert await blocked(guard(), chat(user("hi"), metadata={"owner": key}))
+    assert await blocked(guard(), chat(user("hi"), metadata={"src": f"https://x.example/?k={key}"}))
     assert not await blocked(guard(), chat(user("hi"), metadata={"owner": "team-a"}))
+    # A "data:" prefix hides nothing outside a content part's inline media.
+    assert await blocked(guard(), chat(user("hi"), user=f"data:,{key}"))
+    # A signed image URL names its signer's e-mail, which e-mail redaction must not rewrite.
+    signed = "https://storage.googleapis.com/b/i.png?GoogleAccessId=signer@proj.iam.gserviceaccount.com&Signature=abc"
+    ctx = chat({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": signed}}]})  # fmt: skip
+    await guard().on_request(ctx)
+    assert ctx.body["messages"][0]["content"][0]["image_url"]["url"] == signed
 
 
 @pytest.mark.anyio
@@ -583,3 +593,12 @@ async def test_words_spelt_out_letter_by_letter_are_read_as_words(attack: str, r
     assert await blocked(guard(), chat(msg))
     assert fold("r-e-v-e-a-l y-o-u-r") == "reveal your"
     assert not await blocked(guard(), chat(user("The  A P I  docs say  U S E  T L S.")))
+
+
+@pytest.mark.anyio
+async def test_a_replayed_custom_calls_input_is_the_messages_text() -> None:
+    call = {"id": "c1", "type": "custom", "custom": {"name": "run", "input": ATTACK}}
+    msg = {"role": "assistant", "content": None, "tool_calls": [call]}
+    # Scanned for injection as the assistant's text when assistant messages are scanned.
+    assert await blocked(guard(scan_roles=["user", "assistant"]), chat(user("hi"), msg))
+    assert not await blocked(guard(), chat(user("hi"), msg))  # (not by default)

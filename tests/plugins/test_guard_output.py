@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -312,3 +313,24 @@ def test_ordinary_text_near_the_canary_is_not_the_canary() -> None:
         "CANARY 7f3a9d",
     ):
         assert g.check(text) == (text, []), text
+
+
+def test_streamed_call_arguments_stay_valid_json_whatever_the_cuts() -> None:
+    """Escapes are decoded in what is held: a release cut between the two backslashes of an
+    escaped backslash made the held 'u0041' an escape of its own ('\\\\A': invalid JSON)."""
+    from plugins.guard.config import OutputConfig
+    from plugins.guard.output import OutputGuard
+
+    g = OutputGuard(OutputConfig())
+    for args in (
+        json.dumps({"content": "A" * 8190 + "\\u0041" + "B" * 10}),
+        json.dumps({"path": "C:\\\\new\\\\u0073ers " * 600}),
+        json.dumps({"s": "x" * 8189 + "\u00e9\u0041"}, ensure_ascii=True),
+    ):
+        for size in (1, 3, 4, 7):
+            held, out = "", ""
+            for i in range(0, len(args), size):
+                released, held, _ = g.feed(held, args[i : i + size], False, json_text=True)
+                out += released
+            out += g.feed(held, "", True)[0]
+            assert json.loads(out) == json.loads(args), size
