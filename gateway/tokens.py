@@ -147,12 +147,20 @@ def _messages(messages: list[dict[str, Any]], measure: Callable[[str], int]) -> 
             total += _PER_IMAGE * sum(
                 1 for p in content if isinstance(p, dict) and p.get("type") == "image_url"
             )
-        if msg.get("name"):
-            total += 1
-        for call in msg.get("tool_calls") or ():
-            fn = call.get("function") or {}
-            text = f"{fn.get('name', '')}{fn.get('arguments', '')}"
-            total += measure(text)
+        if len(msg) > 2 or "content" not in msg:  # (the usual one is {"role", "content"})
+            if msg.get("name"):
+                total += 1
+            for call in msg.get("tool_calls") or ():
+                # A function call's name and arguments; a custom call's name and input.
+                fn = call.get("function") or call.get("custom") or {}
+                text = f"{fn.get('name', '')}{fn.get('arguments', '')}{fn.get('input', '')}"
+                total += measure(text)
+            legacy = msg.get("function_call")
+            if isinstance(legacy, dict):
+                total += measure(f"{legacy.get('name', '')}{legacy.get('arguments', '')}")
+            refusal = msg.get("refusal")
+            if isinstance(refusal, str) and refusal:
+                total += measure(refusal)
     return total
 
 

@@ -144,3 +144,19 @@ def test_the_bound_tokenizes_nothing(monkeypatch: Any) -> None:
     # 3 to prime the reply, 3 per message, and the text's UTF-8 bytes.
     assert tokens.prompt_tokens_bound(ctx) == 3 + 3 + len(("héllo " * 100).encode())
     assert ctx.prompt_tokens_estimate is None
+
+
+def test_every_text_of_earlier_assistant_turns_is_counted() -> None:
+    """A replayed custom call's input, a legacy function call and a refusal went uncounted: a
+    330,000-character custom input counted as 14 prompt tokens, past every token limit."""
+    big = "a b " * 10_000
+    for msg in (
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c", "type": "custom", "custom": {"name": "x", "input": big}}]},
+        {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                              "function": {"name": "f", "arguments": big}}]},
+        {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": big}},
+        {"role": "assistant", "content": None, "refusal": big},
+    ):  # fmt: skip
+        assert tokens.count_messages([msg], "gpt-4o") > 10_000, msg
+        assert tokens._messages([msg], tokens.utf8_len) >= len(big), msg
