@@ -141,10 +141,19 @@ _PASS_UPSTREAM_RAW = tuple((name, renamed.encode()) for name, renamed in _PASS_U
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
-def client_response_headers(upstream: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+def client_response_headers(
+    upstream: Mapping[str, str], secrets: tuple[str, ...] = ()
+) -> list[tuple[bytes, bytes]]:
+    """The upstream headers passed on: values that look like an id, holding none of the
+    deployment's ``secrets`` (a server may echo the request's credentials into them)."""
     out = []
     for name, renamed in _PASS_UPSTREAM_RAW:
         value = upstream.get(name)
-        if value is not None and _PLAIN_VALUE.fullmatch(value) and "sk-" not in value:
+        if (
+            value is not None
+            and _PLAIN_VALUE.fullmatch(value)
+            and "sk-" not in value
+            and not any(s in value for s in secrets)
+        ):
             out.append((renamed, value.encode()))
     return out

@@ -367,6 +367,10 @@ async def forward(
     if err is not None:
         raise err
     out = orjson.dumps(ctx.response)
+    for secret in resp.secrets:  # (an upstream quoting the request's credentials)
+        raw = secret.encode()
+        if out.find(raw) != -1:
+            out = out.replace(raw, b"[REDACTED]")
     headers = response_headers(ctx, JSON_HEADERS)
     headers.extend(extra)
     headers.append((b"content-length", str(len(out)).encode()))
@@ -377,7 +381,7 @@ async def forward(
 
 def _answer_headers(ctx: RequestContext, resp: UpstreamResponse) -> list[tuple[bytes, bytes]]:
     """The response headers that describe the upstream answer and how it was obtained."""
-    extra = client_response_headers(resp.headers)
+    extra = client_response_headers(resp.headers, resp.secrets)
     extra.append((b"x-gateway-model", ctx.model.encode("latin-1", "replace")))
     if ctx.deployment is not None:
         extra.append((b"x-gateway-provider", ctx.deployment.provider.encode()))

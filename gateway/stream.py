@@ -35,6 +35,7 @@ from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError
 from gateway.metrics import model_label
 from gateway.pipeline import Pipeline, hooked
 from gateway.plugin import CHUNK_HOOKS
+from gateway.providers.base import scrub
 from gateway.tokens import generated_texts
 
 if TYPE_CHECKING:
@@ -122,6 +123,9 @@ class _Relay:
         #: a ``TextChunk`` (else it becomes a dict).
         self.envelope = Envelope() if hooks else None
         self.text_chunks = bool(hooks) and all([h.text_chunks for h in hooks])
+        #: The deployment's credentials (UTF-8): cut out of whatever the upstream sends, should
+        #: it quote the request's (a server echoing headers into an error event).
+        self.secrets: tuple[bytes, ...] = ()
 
     async def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return what to send to the client now."""
@@ -131,6 +135,9 @@ class _Relay:
             self.buffer = buf
             return b""
         complete, self.buffer = buf[: cut + 2], buf[cut + 2 :]
+        for secret in self.secrets:  # (events are whole here: no secret is cut in two)
+            if complete.find(secret) != -1:
+                complete = complete.replace(secret, b"[REDACTED]")
         return await (self._parsed(complete) if self.hooks else self._fast(complete))
 
     async def _fast(self, complete: bytes) -> bytes:
@@ -327,6 +334,7 @@ async def relay_stream(
     hooks = hooked(ran, *CHUNK_HOOKS) if gw.pipeline.has_chunk_hooks else []
     keep_text = gw.include_text
     relay = _Relay(ctx, hooks, client_wants_usage, keep_text)
+    relay.secrets = tuple(s.encode() for s in resp.secrets)
     headers = response_headers(ctx, SSE_HEADERS)
     headers.extend(extra)
     ctx.status = 200
@@ -350,6 +358,7 @@ async def relay_stream(
         ctx.error_type = err.type
         if err.deployment_fault and isinstance(err, (UpstreamError, UpstreamTimeoutError)):
             upstream_failed(ctx, err.type)
+        err.message = scrub(err.message, resp.secrets)  # (an error event may quote the key)
         final = relay.pending + b"data: " + err.body() + b"\n\n"
     except asyncio.CancelledError:
         if not watch.disconnected:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from aiohttp import web
@@ -21,6 +23,23 @@ def tricky_upstream() -> Iterator[tuple[str, list[dict[str, Any]]]]:
 
     async def chat(request: web.Request) -> web.StreamResponse:
         seen.append({"path": request.path, "cookie": request.headers.get("cookie")})
+        if request.headers.get("x-echo-bare"):
+            # The bare key in a request id, and in an error event in the middle of a stream.
+            key = request.headers.get("authorization", "").removeprefix("Bearer ")
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream",
+                                               "x-request-id": key})  # fmt: skip
+            await resp.prepare(request)
+            chunk = {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}],
+            }
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            error = {"error": {"message": f"upstream crashed handling key {key}", "type": "x"}}
+            await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+            return resp
         if request.headers.get("x-echo-auth"):
             # A misbehaving server quoting the request's credentials, in a 400 and a request id.
             auth = request.headers.get("authorization", "")
@@ -105,3 +124,24 @@ def test_userinfo_never_shows_in_what_a_url_is_logged_as() -> None:
         parse_settings({"models": [{"name": "m", "deployments": [dep]}]})
     assert "base_url" in str(info.value)
     assert "CANARY" not in str(info.value) and "Xk9" not in str(info.value)
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_bare_provider_key_echoed_in_a_request_id_or_a_stream_error_stays_home(
+    tricky_upstream: Any, guarded: bool
+) -> None:
+    """The request-id filter looked for 'sk-' only (a Groq 'gsk_' key passed), and a stream's
+    error event went to the client as the upstream wrote it."""
+    url, _ = tricky_upstream
+    key = "gsk_CANARYbareKey0123456789abcdefghij"
+    pipeline = [{"name": "guard", "config": {"semantic": {"enabled": False}}}] if guarded else []
+    with running_gateway(models=[demo_model(url, api_key=key)], pipeline=pipeline) as gw:
+        r = httpx.post(
+            f"{gw.url}/v1/chat/completions",
+            json={"model": "demo", "messages": MSG, "stream": True},
+            headers={"x-echo-bare": "1"},
+            timeout=20,
+        )
+        assert r.status_code == 200
+        assert "x-upstream-request-id" not in r.headers
+        assert key not in r.text and "CANARY" not in str(dict(r.headers))

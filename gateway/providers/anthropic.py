@@ -72,4 +72,6 @@ class AnthropicProvider(Provider):
     async def chat(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:
         payload = to_anthropic(body, body["model"], self.deployment.max_output_tokens)
         resp = await self.post(ctx, "/messages", payload)
-        return AnthropicResponse(resp, body["model"])
+        answer = AnthropicResponse(resp, body["model"])
+        answer.secrets = self.secrets
+        return answer

@@ -40,8 +40,20 @@ if TYPE_CHECKING:
 MAX_ERROR_BODY = 64 * 1024
 
 
+def scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """``text`` with each of ``secrets`` (a deployment's key and header values) cut out."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, "[REDACTED]")
+    return text
+
+
 class UpstreamResponse:
     """An upstream answer whose status was 2xx. Call ``close()`` when done (the core does)."""
+
+    #: The deployment's credentials (``Provider.secrets``): what the upstream's headers and
+    #: error events must not carry to the client.
+    secrets: tuple[str, ...] = ()
 
     def __init__(self, status: int, headers: Mapping[str, str]) -> None:
         self.status = status
@@ -73,10 +85,16 @@ class Provider:
         self.static_headers = {k.lower(): v for k, v in self.auth_headers().items()}
         #: What an upstream's error message must never show the client: the deployment's key
         #: and header values (a misconfigured server may echo the request's headers).
-        self._secrets = sorted(
-            {v for v in (deployment.api_key, *self.static_headers.values()) if v and len(v) >= 8},
-            key=len,
-            reverse=True,
+        self.secrets = tuple(
+            sorted(
+                {
+                    v
+                    for v in (deployment.api_key, *self.static_headers.values())
+                    if v and len(v) >= 8
+                },
+                key=len,
+                reverse=True,
+            )
         )
         #: Per request, aiohttp would parse the URL string (~0.5k instructions) and this would
         #: build a context manager (~0.8k): both are the same every time.
@@ -98,9 +116,7 @@ class Provider:
     def scrubbed(self, err: GatewayError) -> GatewayError:
         """``err`` with the deployment's credentials cut out of its message (errors caused by
         the request pass the upstream's text on to the client)."""
-        for secret in self._secrets:
-            if secret in err.message:
-                err.message = err.message.replace(secret, "[REDACTED]")
+        err.message = scrub(err.message, self.secrets)
         return err
 
     async def post(

@@ -153,7 +153,11 @@ class OpenAIProvider(Provider):
             opts = dict(body.get("stream_options") or {})
             opts["include_usage"] = True
             body["stream_options"] = opts
-        return AiohttpResponse(await self.post(ctx, "/chat/completions", body), self.name)
+        answer = AiohttpResponse(await self.post(ctx, "/chat/completions", body), self.name)
+        answer.secrets = self.secrets
+        return answer
 
     async def embeddings(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:
-        return AiohttpResponse(await self.post(ctx, "/embeddings", body), self.name)
+        answer = AiohttpResponse(await self.post(ctx, "/embeddings", body), self.name)
+        answer.secrets = self.secrets
+        return answer
