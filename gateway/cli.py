@@ -141,7 +141,9 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
-    taken = {"metrics.port": settings.metrics.port}
+    taken: dict[str, int] = {}
+    if settings.metrics.port:  # (0: on the main port, nothing of its own)
+        taken["metrics.port"] = settings.metrics.port
     if settings.demo_upstream.enabled:
         taken["demo_upstream.port"] = settings.demo_upstream.port
     for key, other in taken.items():

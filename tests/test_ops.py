@@ -196,3 +196,27 @@ def test_a_port_shared_with_the_gateway_is_a_configuration_error(tmp_path: Path,
     code, out = serve(tmp_path, {"models": [MODEL], key: section}, "--port", str(port))
     assert code == 2, out
     assert f"config.yaml: {key}.port: {port} is the port the gateway itself listens on" in out
+
+
+def test_port_0_still_serves(tmp_path: Path) -> None:
+    """metrics.port's default 0 (metrics on the main port) was taken for a clash with
+    --port 0 (any free port): the gateway refused to start."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"models": [MODEL]}))
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, env=env, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        seen = ""
+        for line in proc.stdout:
+            seen += line
+            if "Uvicorn running on" in line or "startup complete" in line.lower():
+                break
+        assert proc.poll() is None, seen
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
