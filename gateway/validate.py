@@ -18,10 +18,13 @@ class RequestLimits:
     reads them on every request, and reading a pydantic model's attribute costs ~400
     instructions."""
 
-    __slots__ = ("extra_params", "max_body_bytes", "max_messages", "max_n", "max_tokens")
+    __slots__ = (
+        "body_timeout_s", "extra_params", "max_body_bytes", "max_messages", "max_n", "max_tokens"
+    )  # fmt: skip
 
     def __init__(self, cfg: RequestsConfig) -> None:
         self.max_body_bytes = cfg.max_body_bytes
+        self.body_timeout_s = cfg.body_timeout_s
         self.max_tokens = cfg.max_tokens
         self.max_n = cfg.max_n
         self.max_messages = cfg.max_messages
