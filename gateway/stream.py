@@ -123,18 +123,27 @@ class _Relay:
         #: a ``TextChunk`` (else it becomes a dict).
         self.envelope = Envelope() if hooks else None
         self.text_chunks = bool(hooks) and all([h.text_chunks for h in hooks])
+        #: Whether the plugins' stream end ran (what they held was released).
+        self.ended = False
         #: The deployment's credentials (UTF-8): cut out of whatever the upstream sends, should
         #: it quote the request's (a server echoing headers into an error event).
         self.secrets: tuple[bytes, ...] = ()
 
     async def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return what to send to the client now."""
+        if self.saw_done:
+            return b""  # nothing after [DONE] is part of the answer
         buf = join_reads(self.buffer, data)
         cut = buf.rfind(b"\n\n")
         if cut == -1:
             self.buffer = buf
             return b""
         complete, self.buffer = buf[: cut + 2], buf[cut + 2 :]
+        done = complete.find(_DONE)
+        if done != -1 and done + len(_DONE) != len(complete):
+            # Events after [DONE] in the same read: dropped, as later reads are (an upstream
+            # that went on used to have them spliced into the answer).
+            complete, self.buffer = complete[: done + len(_DONE)], b""
         for secret in self.secrets:  # (events are whole here: no secret is cut in two)
             if complete.find(secret) != -1:
                 complete = complete.replace(secret, b"[REDACTED]")
@@ -271,6 +280,7 @@ class _Relay:
         """The upstream is done: return the last bytes for the client (held chunks, [DONE])."""
         out = await self.feed(b"\n\n") if self.buffer.strip() else b""
         if self.hooks:
+            self.ended = True
             out += self._keep(_events(await Pipeline.run_stream_end(self.hooks, self.ctx)))
         if not self.saw_done:
             self.pending = out
@@ -355,11 +365,23 @@ async def relay_stream(
                 relay.pending = b""
         final = relay.pending + await relay.end()
     except GatewayError as err:
+        tail = b""
+        if (
+            relay.hooks
+            and not relay.ended
+            and isinstance(err, (UpstreamError, UpstreamTimeoutError))
+        ):
+            # The upstream failed after output: what the plugins still hold (the output guard's
+            # last word) goes out checked, before the error event, as at a stream's end.
+            try:
+                tail = relay._keep(_events(await Pipeline.run_stream_end(relay.hooks, ctx)))
+            except GatewayError as refused:  # (the held text ended the answer itself)
+                err = refused
         ctx.error_type = err.type
         if err.deployment_fault and isinstance(err, (UpstreamError, UpstreamTimeoutError)):
             upstream_failed(ctx, err.type)
         err.message = scrub(err.message, resp.secrets)  # (an error event may quote the key)
-        final = relay.pending + b"data: " + err.body() + b"\n\n"
+        final = relay.pending + tail + b"data: " + err.body() + b"\n\n"
     except asyncio.CancelledError:
         if not watch.disconnected:
             raise

@@ -208,3 +208,71 @@ def test_client_leaving_before_the_first_byte_cancels_the_upstream(stream: bool)
         assert stats["last_cancelled_at"] - left_at < 1.0
         assert records[0]["client_disconnected"] is True and records[0]["status"] == 499
         assert "cost_usd" not in records[0] or records[0]["cost_usd"] == 0
+
+
+def test_text_the_output_guard_holds_goes_out_before_an_upstream_failure() -> None:
+    """The guard holds the last word until it is whole; a cut stream used to lose it: the
+    client got 'one two thr' then the error, though the upstream had sent all of it."""
+    guard = {"name": "guard", "config": {"semantic": {"enabled": False}}}
+    fake = {"chunks": 4, "drop_after": 4, "content": "one two three four"}
+    with running_gateway(pipeline=[guard], fake=fake) as gw:
+        with httpx.Client(timeout=10) as client:
+            r = client.post(f"{gw.url}/v1/chat/completions", json=BODY)
+        evs = events(r.text.splitlines())
+        text = "".join(
+            (c.get("delta") or {}).get("content") or ""
+            for e in evs[:-1] if isinstance(e, dict) for c in e.get("choices") or ()
+        )  # fmt: skip
+        assert text == "one two three four"
+        assert isinstance(evs[-1], dict) and evs[-1]["error"]["type"] == "upstream_error"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hooked", [False, True])
+async def test_nothing_after_done_reaches_the_client(hooked: bool) -> None:
+    """An upstream that went on after [DONE] had its text spliced into the answer."""
+    from gateway.context import RequestContext
+    from gateway.stream import _Relay
+    from plugins.guard import GuardConfig, GuardPlugin
+
+    def ev(text: str) -> bytes:
+        chunk = {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+        }
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    hooks = [GuardPlugin(GuardConfig.model_validate({"semantic": {"enabled": False}}))]
+    ctx = RequestContext("r", "chat", "/v1/chat/completions", "POST", {}, [], {}, stream=True)
+    relay = _Relay(ctx, hooks if hooked else [], False)
+    out = await relay.feed(ev("a") + b"data: [DONE]\n\n" + ev("SAME-READ"))
+    out += await relay.feed(ev("LATER") + b"data: [DONE]\n\n")
+    out += await relay.end()
+    assert b"SAME-READ" not in out and b"LATER" not in out
+    assert out.endswith(b"data: [DONE]\n\n") and out.count(b"[DONE]") == 1
+
+
+@pytest.mark.anyio
+async def test_the_read_watch_does_not_blame_the_upstream_for_a_slow_client() -> None:
+    """Reading paused (the gateway's buffer full: the client reads slowly) looked like a
+    stalled upstream: the stream was cut as an upstream timeout and the breaker counted it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from gateway.providers.openai import _ReadWatch
+
+    protocol = SimpleNamespace(_reading_paused=True)
+    errors: list[BaseException] = []
+    content = SimpleNamespace(total_bytes=10, _protocol=protocol, set_exception=errors.append)
+    watch = _ReadWatch(content, 0.2)  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(0.5)
+        assert errors == []  # paused: not the upstream's silence
+        protocol._reading_paused = False
+        await asyncio.sleep(0.5)
+        assert len(errors) == 1  # reading, and nothing for the whole timeout: a stall
+    finally:
+        watch.stop()

@@ -45,7 +45,10 @@ class _ReadWatch:
 
     def _look(self) -> None:
         total = self.content.total_bytes
-        if total != self.seen:
+        protocol = getattr(self.content, "_protocol", None)
+        if total != self.seen or getattr(protocol, "_reading_paused", False):
+            # (Reading paused: the gateway's buffer is full because the client reads slowly.
+            # aiohttp's own timer stops then too: sock_read measures the peer, not the client.)
             self.seen, self.quiet = total, 0
         else:
             self.quiet += 1
