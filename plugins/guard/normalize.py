@@ -18,8 +18,8 @@ import unicodedata
 # Zero-width and invisible format characters, bidi controls, and the Unicode tag block (used to
 # smuggle invisible ASCII, "ASCII smuggling").
 _INVISIBLE = re.compile(
-    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
-    "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e007f]"
+    "[\u00ad\u034f\u061c\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u206f\ufe00-\ufe0f\ufeff\U000e0000-\U000e007f\U000e0100-\U000e01ef]"
 )
 
 # The printable ASCII of the Unicode tag block (U+E0020-U+E007E): invisible, yet some models
@@ -32,11 +32,35 @@ def _untag(m: re.Match[str]) -> str:
     return " " + "".join(chr(ord(c) - 0xE0000) for c in m.group(0)) + " "
 
 
+#: Two or more variation selectors in a row: one byte each (U+FE00-FE0F: 0-15, U+E0100-E01EF:
+#: 16-255), the "emoji smuggling" encoding of hidden text. (One alone is how emoji choose their
+#: presentation, "❤️".)
+_VS_RUN = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef]{2,}")
+
+
+def _unvs(m: re.Match[str]) -> str:
+    data = bytes(
+        ord(c) - 0xFE00 if ord(c) <= 0xFE0F else ord(c) - 0xE0100 + 16 for c in m.group(0)
+    )
+    try:
+        hidden = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return m.group(0)
+    return " " + hidden + " " if hidden.isprintable() else m.group(0)
+
+
+#: Blank-looking letters, as the spaces a reader sees (for the classifier, which reads the text
+#: itself; the matchers' folding maps them the same way).
+_BLANKS = str.maketrans(dict.fromkeys("\u115f\u1160\u3164\uffa0\u2800", " "))
+
+
 def reveal_tags(text: str) -> str:
-    """``text`` with runs of tag characters replaced by the ASCII they encode."""
+    """``text`` with hidden payloads decoded: runs of tag characters as the ASCII they encode,
+    runs of variation selectors as the bytes they encode; blank-looking letters as spaces."""
     if text.isascii():
         return text
-    return _TAG_RUN.sub(_untag, text)
+    text = _TAG_RUN.sub(_untag, text).translate(_BLANKS)
+    return _VS_RUN.sub(_unvs, text) if _VS_RUN.search(text) else text
 
 
 # Lookalikes that NFKC leaves alone: Cyrillic and Greek letters that render like Latin ones, and
@@ -58,6 +82,12 @@ _CONFUSABLES = {
     # Latin extensions and IPA lookalikes
     "ɑ": "a", "ɩ": "i", "ı": "i", "ȷ": "j", "ɪ": "i", "ʏ": "y", "ɴ": "n", "ʀ": "r", "ᴀ": "a",
     "ᴇ": "e", "ᴏ": "o", "ꜱ": "s", "ᴛ": "t", "ᴜ": "u",
+    # Blank-looking letters (Hangul fillers, the braille blank) between words: spaces, as a
+    # reader sees them (deleted, they glued the words into one no rule matches).
+    "\u115f": " ", "\u1160": " ", "\u3164": " ", "\uffa0": " ", "\u2800": " ",
+    # Small capitals that NFKC leaves alone.
+    "ɢ": "g", "ʜ": "h", "ᴅ": "d", "ᴄ": "c", "ʟ": "l", "ᴍ": "m", "ᴘ": "p", "ᴠ": "v", "ᴡ": "w",
+    "ᴋ": "k", "ʙ": "b", "ꜰ": "f", "ᴊ": "j", "ᴢ": "z", "ǫ": "q",
     # Typographic punctuation folded to ASCII so patterns can use plain quotes and dashes.
     "‘": "'", "’": "'", "‚": "'", "“": '"', "”": '"', "„": '"', "–": "-", "—": "-", "−": "-",
 }  # fmt: skip
@@ -144,7 +174,7 @@ def light_reference(text: str) -> str:
         s = text.lower()
     else:
         s = unicodedata.normalize("NFKC", text)
-        s = _INVISIBLE.sub("", _TAG_RUN.sub(_untag, s))
+        s = _INVISIBLE.sub("", _VS_RUN.sub(_unvs, _TAG_RUN.sub(_untag, s)))
         s = s.translate(_CONFUSABLE_TABLE).casefold()
         # Casefolding can produce further lookalikes (e.g. upper-case Greek).
         s = s.translate(_CONFUSABLE_TABLE)
@@ -211,6 +241,8 @@ def _fold_unicode(s: str) -> str:
     astral = _ASTRAL.search(s) is not None
     if astral:
         s = _TAG_RUN.sub(_untag, s)  # before the table drops what separates two runs
+    if _VS_RUN.search(s) is not None:
+        s = _VS_RUN.sub(_unvs, s)  # (hidden bytes: before the table drops the selectors)
     table, changes = _fold_table()
     first = changes.search(s)
     if first is not None:
