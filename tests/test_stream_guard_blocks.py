@@ -624,6 +624,50 @@ async def test_invisible_and_fullwidth_characters_do_not_hide_a_key_or_the_canar
     assert text_of(events) == family
 
 
+@pytest.mark.anyio
+async def test_lookalike_letters_and_more_invisibles_do_not_hide_a_key_or_the_canary() -> None:
+    """The output check folded only zero-width and fullwidth characters: a combining grapheme
+    joiner inside a key, or the canary in mathematical, circled or Cyrillic letters, went out."""
+    math = "".join(
+        chr(0x1D670 + ord(c) - 65) if c.isupper() else chr(0x1D68A + ord(c) - 97)
+        if c.islower() else chr(0x1D7F6 + ord(c) - 48) if c.isdigit() else c
+        for c in CANARY
+    )  # fmt: skip
+    cyrillic = CANARY.replace("C", "\u0421").replace("A", "\u0410")
+    text = f"k {KEY[:6]}\u034f{KEY[6:]} m {math} c {cyrillic} done."
+    g = guard(output={"secrets": "redact", "canary": CANARY, "canary_action": "redact"})
+    for reads in (None, per_event(wire(small(text, 5)))):
+        events, _, _ = await relay(g, wire(small(text, 5)), reads)
+        assert text_of(events) == (
+            "k [REDACTED:api_key] m [REDACTED:canary] c [REDACTED:canary] done."
+        )
+
+
+@pytest.mark.anyio
+async def test_content_parts_and_audio_transcripts_are_checked() -> None:
+    """A non-streamed answer's content as a list of parts, and an audio transcript (streamed
+    or not), went out unread."""
+    c = ctx()
+    c.response = {"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": [{"type": "text", "text": f"key {KEY}"}],
+        "audio": {"id": "a", "data": "", "transcript": f"say {KEY}"}}}]}  # fmt: skip
+    await guard().on_response(c)
+    msg = c.response["choices"][0]["message"]
+    assert msg["content"][0]["text"] == "key [REDACTED:api_key]"
+    assert msg["audio"]["transcript"] == "say [REDACTED:api_key]"
+    data = b"".join(
+        [event({"role": "assistant"})]
+        + [event({"audio": {"transcript": p}}) for p in small(f"the key is {KEY} ok", 6)]
+        + [event({}, finish="stop"), b"data: [DONE]\n\n"]
+    )
+    events, _, _ = await relay(guard(), data, per_event(data))
+    said = "".join(
+        ((ch.get("delta") or {}).get("audio") or {}).get("transcript") or ""
+        for e in events if isinstance(e, dict) for ch in e.get("choices") or ()
+    )  # fmt: skip
+    assert said == "the key is [REDACTED:api_key] ok"
+
+
 async def sent_before_block(g: Plugin, data: bytes) -> bytes:
     """What the client got, event by event, before the guard ended the stream (the relay
     turns the ContentPolicyError into the final error event)."""

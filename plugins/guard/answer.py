@@ -203,6 +203,17 @@ class AnswerGuard:
                         self._act(ctx, findings)
                     if not shadow:
                         delta[field] = released
+            audio = delta.get("audio")
+            if type(audio) is dict and type(audio.get("transcript")) is str and audio["transcript"]:
+                # What the model says aloud is its text too.
+                key = (idx, "audio")
+                released, held[key], findings = self.output.feed(
+                    held.get(key, ""), audio["transcript"], False
+                )
+                if findings:
+                    self._act(ctx, findings)
+                if not shadow:
+                    audio["transcript"] = released
             calls = delta.get("tool_calls")
             if calls:
                 self._tool_calls(ctx, held, idx, calls)
@@ -373,6 +384,11 @@ def _merge(delta: dict[str, Any], part: Any, released: str) -> None:
     tool call's index) into ``delta``."""
     if part == "refusal" or part in REASONING_FIELDS:
         delta[part] = (delta.get(part) or "") + released
+    elif part == "audio":
+        audio = delta.get("audio")
+        if type(audio) is not dict:
+            audio = delta["audio"] = {}
+        audio["transcript"] = (audio.get("transcript") or "") + released
     elif part == "function_call":
         fn = delta.get("function_call")
         if type(fn) is dict:

@@ -39,9 +39,7 @@ _VS_RUN = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef]{2,}")
 
 
 def _unvs(m: re.Match[str]) -> str:
-    data = bytes(
-        ord(c) - 0xFE00 if ord(c) <= 0xFE0F else ord(c) - 0xE0100 + 16 for c in m.group(0)
-    )
+    data = bytes(ord(c) - 0xFE00 if ord(c) <= 0xFE0F else ord(c) - 0xE0100 + 16 for c in m.group(0))
     try:
         hidden = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -92,6 +90,11 @@ _CONFUSABLES = {
     "‘": "'", "’": "'", "‚": "'", "“": '"', "”": '"', "„": '"', "–": "-", "—": "-", "−": "-",
 }  # fmt: skip
 _CONFUSABLE_TABLE = str.maketrans(_CONFUSABLES)
+#: The lookalike letters alone (no spaces or punctuation), keeping case where the letter has
+#: one (Cyrillic capital Es to "C"): for the output guard, whose key patterns are case-sensitive.
+LOOKALIKES = str.maketrans(
+    {k: (v.upper() if k.isupper() else v) for k, v in _CONFUSABLES.items() if v.isalnum()}
+)
 
 # Leetspeak, applied only inside tokens that also contain a letter, so "2024" or "10 GB" stay.
 _LEET_TABLE = str.maketrans(

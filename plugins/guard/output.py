@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from gateway.configbase import Strict
 from gateway.redact import SECRET_TYPES, find_secrets, placeholder
+from plugins.guard.normalize import LOOKALIKES as _LOOKALIKES
 from plugins.guard.scanner import Finding
 
 _NUMERIC_TAIL = re.compile(r"[\d+(][\d \-()]*$")
@@ -147,32 +149,44 @@ def plain_escapes(json_text: str) -> str:
     return _ESCAPE.sub(_plain, json_text)
 
 
-#: What hides a secret or the canary from a matcher while a reader sees it whole: invisible
-#: characters (zero-width, joiners, soft hyphen, BOM, tag characters) and fullwidth letters,
-#: digits, "-", "_" and "@" (a canary written in fullwidth letters).
-_HIDING = re.compile(
-    "[\u00ad\u180e\u200b-\u200f\u2060-\u2064\ufeff\uff0d\uff10-\uff19\uff20-\uff3a"
-    "\uff3f\uff41-\uff5a\U000e0000-\U000e007f]"
+#: Characters that hide a secret or the canary from a matcher while a reader does not see them:
+#: zero-width and format characters, joiners, the soft hyphen, bidi controls, variation
+#: selectors, tag characters.
+_DROP = re.compile(
+    "[\u00ad\u034f\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufe00-\ufe0f"
+    "\ufeff\U000e0000-\U000e007f\U000e0100-\U000e01ef]"
 )
 
 
+@functools.lru_cache(maxsize=8192)
+def _seen_as(c: str) -> str:
+    """What a reader takes the non-ASCII character ``c`` for: nothing (invisible), or its NFKC
+    form with Latin lookalikes folded (fullwidth, mathematical, circled or Cyrillic "C": "C");
+    itself otherwise."""
+    if _DROP.match(c):
+        return ""
+    seen = unicodedata.normalize("NFKC", c)
+    folded = seen.translate(_LOOKALIKES)
+    return folded if folded.isascii() else seen
+
+
 def _visible(text: str) -> tuple[str, list[int]] | None:
-    """``text`` as a reader sees it (hiding characters dropped, fullwidth ones as ASCII), and
-    the index in ``text`` of each of its characters; None when nothing hides (the usual)."""
-    if text.isascii() or _HIDING.search(text) is None:
+    """``text`` as a reader sees it (hiding characters dropped, fullwidth, mathematical,
+    circled and Cyrillic lookalikes as ASCII), and the index in ``text`` of each of its
+    characters; None when nothing changes (ASCII text, the usual, costs one test)."""
+    if text.isascii():
         return None
     out: list[str] = []
     index: list[int] = []
+    changed = False
     for i, c in enumerate(text):
-        o = ord(c)
-        if 0xFF01 <= o <= 0xFF5E:
-            out.append(chr(o - 0xFEE0))
-        elif _HIDING.match(c):
-            continue
-        else:
-            out.append(c)
-        index.append(i)
-    return "".join(out), index
+        seen = c if c.isascii() else _seen_as(c)
+        if seen != c:
+            changed = True
+        for ch in seen:
+            out.append(ch)
+            index.append(i)
+    return ("".join(out), index) if changed else None
 
 
 def _raw(index: list[int] | None, start: int, end: int) -> tuple[int, int]:
@@ -317,6 +331,16 @@ def response_texts(
             for key in ("content", "refusal", "reasoning_content", "reasoning"):
                 if isinstance(msg.get(key), str):
                     out.append((choice, msg, key))
+            parts = msg.get("content")
+            if isinstance(parts, list):  # (content as parts, as some servers answer)
+                out.extend(
+                    (choice, p, "text")
+                    for p in parts
+                    if isinstance(p, dict) and isinstance(p.get("text"), str)
+                )
+            audio = msg.get("audio")
+            if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
+                out.append((choice, audio, "transcript"))
             calls = msg.get("tool_calls")
             fns = [c.get("function") if isinstance(c, dict) else None
                    for c in (calls if isinstance(calls, list) else ())]  # fmt: skip
