@@ -171,12 +171,27 @@ def _fold_leet(s: str, spans: list[tuple[int, int]] | None = None) -> str:
     return "".join(out)
 
 
+#: Combining diacritical marks (U+0300-U+036F): "îgnöré" reads as "ignore" to a person (and
+#: to a model), not to a pattern. Other combining marks (Japanese dakuten, Indic vowel signs)
+#: change the letter, and stay.
+_DIACRITICS = re.compile("[\u0300-\u036f]")
+
+
+def _strip_marks(s: str) -> str:
+    """``s`` without Latin, Greek and Cyrillic diacritics (recomposed, so the rest is as it
+    was)."""
+    d = unicodedata.normalize("NFD", s)
+    if _DIACRITICS.search(d) is None:
+        return s
+    return unicodedata.normalize("NFC", _DIACRITICS.sub("", d))
+
+
 def light_reference(text: str) -> str:
     """:func:`light` step by step, as specified (slow; the tests check :func:`light` against it)."""
     if text.isascii():
         s = text.lower()
     else:
-        s = unicodedata.normalize("NFKC", text)
+        s = _strip_marks(unicodedata.normalize("NFKC", text))
         s = _INVISIBLE.sub("", _VS_RUN.sub(_unvs, _TAG_RUN.sub(_untag, s)))
         s = s.translate(_CONFUSABLE_TABLE).casefold()
         # Casefolding can produce further lookalikes (e.g. upper-case Greek).
@@ -240,7 +255,7 @@ _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 
 def _fold_unicode(s: str) -> str:
     """The Unicode steps of :func:`light_reference`, before the whitespace collapse."""
-    s = unicodedata.normalize("NFKC", s)
+    s = _strip_marks(unicodedata.normalize("NFKC", s))
     astral = _ASTRAL.search(s) is not None
     if astral:
         s = _TAG_RUN.sub(_untag, s)  # before the table drops what separates two runs
