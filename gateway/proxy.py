@@ -20,6 +20,7 @@ import orjson
 
 from gateway import metrics
 from gateway.accounting import account
+from gateway.body import MAX_JSON_DEPTH, check_content_type, check_depth, read_body
 from gateway.context import RequestContext, Usage, usage_from
 from gateway.disconnect import DisconnectWatch
 from gateway.errors import (
@@ -27,10 +28,8 @@ from gateway.errors import (
     InvalidRequestError,
     MethodNotAllowedError,
     ModelNotFoundError,
-    PayloadTooLargeError,
     RequestTimeoutError,
     ServiceUnavailableError,
-    UnsupportedMediaTypeError,
 )
 from gateway.headers import client_response_headers
 from gateway.pipeline import hooked
@@ -125,65 +124,6 @@ async def send_error(send: Any, ctx: RequestContext, err: GatewayError) -> None:
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-#: Deepest nesting of a request body. orjson parses up to 1,024 levels but serialises only
-#: about 254: a deeper body parsed, then failed every later dumps (the upstream request, the
-#: cache key, the token count) as a 500.
-MAX_JSON_DEPTH = 128
-
-
-def check_depth(body: Any) -> None:
-    """Raise a 400 when ``body`` nests deeper than :data:`MAX_JSON_DEPTH`."""
-    level: list[Any] = [body]
-    for _ in range(MAX_JSON_DEPTH):
-        nxt: list[Any] = []
-        for node in level:
-            if type(node) is dict:
-                nxt.extend(v for v in node.values() if type(v) in (dict, list))
-            else:
-                nxt.extend(v for v in node if type(v) in (dict, list))
-        if not nxt:
-            return
-        level = nxt
-    raise InvalidRequestError(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
-
-
-async def read_body(receive: Any, ctx: RequestContext, limit: int) -> bytes:
-    declared = ctx.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise InvalidRequestError("invalid Content-Length header")
-        if int(declared) > limit:
-            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
-    message = await receive()
-    if message["type"] != "http.disconnect" and not message.get("more_body", False):
-        # The whole body in one message (the usual case): no list to join.
-        body: bytes = message.get("body", b"")
-        if len(body) > limit:
-            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
-        return body
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        if message["type"] == "http.disconnect":
-            ctx.client_disconnected = True
-            raise InvalidRequestError("client disconnected while sending the body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-        message = await receive()
-    return b"".join(chunks)
-
-
-def check_content_type(ctx: RequestContext) -> None:
-    ctype = ctx.headers.get("content-type", "")
-    if ctype != "application/json" and ctype.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaTypeError("Content-Type must be application/json")
 
 
 async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: str) -> None:
@@ -367,10 +307,9 @@ async def forward(
     if err is not None:
         raise err
     out = orjson.dumps(ctx.response)
-    for secret in resp.secrets:  # (an upstream quoting the request's credentials)
-        raw = secret.encode()
-        if out.find(raw) != -1:
-            out = out.replace(raw, b"[REDACTED]")
+    for secret in resp.secret_bytes:  # (an upstream quoting the request's credentials)
+        if out.find(secret) != -1:
+            out = out.replace(secret, b"[REDACTED]")
     headers = response_headers(ctx, JSON_HEADERS)
     headers.extend(extra)
     headers.append((b"content-length", str(len(out)).encode()))

@@ -344,7 +344,7 @@ async def relay_stream(
     hooks = hooked(ran, *CHUNK_HOOKS) if gw.pipeline.has_chunk_hooks else []
     keep_text = gw.include_text
     relay = _Relay(ctx, hooks, client_wants_usage, keep_text)
-    relay.secrets = tuple(s.encode() for s in resp.secrets)
+    relay.secrets = resp.secret_bytes
     headers = response_headers(ctx, SSE_HEADERS)
     headers.extend(extra)
     ctx.status = 200

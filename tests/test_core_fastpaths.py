@@ -135,8 +135,8 @@ async def test_the_upstream_client_adds_no_user_agent() -> None:
 
 @pytest.mark.anyio
 async def test_read_body_in_one_message_or_several() -> None:
+    from gateway.body import read_body
     from gateway.errors import PayloadTooLargeError
-    from gateway.proxy import read_body
 
     def receiver(*messages: dict[str, Any]) -> Any:
         it = iter(messages)

@@ -72,6 +72,4 @@ class AnthropicProvider(Provider):
     async def chat(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:
         payload = to_anthropic(body, body["model"], self.deployment.max_output_tokens)
         resp = await self.post(ctx, "/messages", payload)
-        answer = AnthropicResponse(resp, body["model"])
-        answer.secrets = self.secrets
-        return answer
+        return AnthropicResponse(resp, body["model"]).keep_secrets(self)

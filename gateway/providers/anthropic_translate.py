@@ -15,18 +15,17 @@ the plan is tried, and the client gets a 400 only when none can serve it.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 from gateway.errors import (
-    GatewayError,
     InvalidRequestError,
     UnsupportedByDeploymentError,
     UpstreamError,
 )
-from gateway.providers.errors import error_for_status
+from gateway.providers.anthropic_errors import ERROR_STATUS as ERROR_STATUS
+from gateway.providers.anthropic_errors import error_from_body as error_from_body
 
 STOP_REASONS = {
     "end_turn": "stop",
@@ -37,20 +36,6 @@ STOP_REASONS = {
     "refusal": "content_filter",
     # The answer was cut where the context window ended (newer models stop so by default).
     "model_context_window_exceeded": "length",
-}
-
-#: Anthropic error ``type`` → the HTTP status it comes with (stream errors carry no status).
-ERROR_STATUS = {
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "billing_error": 402,
-    "api_error": 500,
-    "timeout_error": 504,
-    "overloaded_error": 529,
 }
 
 #: Image types the Messages API takes (``jpg`` is what many clients write for ``jpeg``).
@@ -374,29 +359,3 @@ def from_anthropic(data: dict[str, Any], model: str, created: int | None = None)
         ],
         "usage": usage_of(data.get("usage")),
     }
-
-
-def error_from_body(
-    obj: Any, headers: Mapping[str, str], status: int | None = None
-) -> GatewayError:
-    """The gateway error for an Anthropic error (``{"type":"error","error":{...}}``).
-
-    529 ``overloaded_error`` means what OpenAI's 503 means: retryable elsewhere.
-    """
-    err = obj.get("error") if isinstance(obj, dict) else None
-    err = err if isinstance(err, dict) else {}
-    if status is None:
-        status = ERROR_STATUS.get(str(err.get("type")), 500)
-    if status == 529:
-        status = 503
-    message = str(err.get("message") or "")[:500]
-    code: str | None = None
-    param: str | None = None
-    if status == 400 and (
-        message.startswith("prompt is too long") or "exceed context limit" in message
-    ):
-        # "prompt is too long: 208310 tokens > 200000 maximum", "input length and `max_tokens`
-        # exceed context limit: ...": what OpenAI calls context_length_exceeded, which
-        # clients test for to trim the history.
-        code, param = "context_length_exceeded", "messages"
-    return error_for_status(status, headers, message, "anthropic", code=code, param=param)

@@ -52,8 +52,14 @@ class UpstreamResponse:
     """An upstream answer whose status was 2xx. Call ``close()`` when done (the core does)."""
 
     #: The deployment's credentials (``Provider.secrets``): what the upstream's headers and
-    #: error events must not carry to the client.
+    #: error events must not carry to the client; and the same in UTF-8, for its bytes.
     secrets: tuple[str, ...] = ()
+    secret_bytes: tuple[bytes, ...] = ()
+
+    def keep_secrets(self, provider: Provider) -> UpstreamResponse:
+        """Take ``provider``'s credentials (the deployment that answered); returns self."""
+        self.secrets, self.secret_bytes = provider.secrets, provider.secret_bytes
+        return self
 
     def __init__(self, status: int, headers: Mapping[str, str]) -> None:
         self.status = status
@@ -96,6 +102,7 @@ class Provider:
                 reverse=True,
             )
         )
+        self.secret_bytes = tuple(s.encode() for s in self.secrets)
         #: Per request, aiohttp would parse the URL string (~0.5k instructions) and this would
         #: build a context manager (~0.8k): both are the same every time.
         self._urls: dict[str, URL] = {}

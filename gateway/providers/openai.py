@@ -156,11 +156,10 @@ class OpenAIProvider(Provider):
             opts = dict(body.get("stream_options") or {})
             opts["include_usage"] = True
             body["stream_options"] = opts
-        answer = AiohttpResponse(await self.post(ctx, "/chat/completions", body), self.name)
-        answer.secrets = self.secrets
-        return answer
+        resp = await self.post(ctx, "/chat/completions", body)
+        return AiohttpResponse(resp, self.name).keep_secrets(self)
 
     async def embeddings(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:
-        answer = AiohttpResponse(await self.post(ctx, "/embeddings", body), self.name)
-        answer.secrets = self.secrets
-        return answer
+        return AiohttpResponse(await self.post(ctx, "/embeddings", body), self.name).keep_secrets(
+            self
+        )

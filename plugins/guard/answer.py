@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from gateway.envelope import TextChunk
 from gateway.errors import ContentPolicyError
+from plugins.guard.logprobs import queued, release_logprobs
 from plugins.guard.output import OutputGuard, response_texts
 from plugins.guard.scanner import Finding, Verdict, record_metrics
 
@@ -167,13 +168,22 @@ class AnswerGuard:
                     )
                     if findings:
                         self._act(ctx, findings)
-                    if not shadow and (isinstance(logprobs, dict) or self._queued(ctx, idx)):
+                    if not shadow and (
+                        isinstance(logprobs, dict) or queued(ctx.scratch_for(self.name), idx)
+                    ):
                         # (A chunk without logprobs of its own, the finish chunk say, still
                         # releases text that queued entries spell.)
                         if not isinstance(logprobs, dict):
                             logprobs = choice["logprobs"] = {"content": None, "refusal": None}
                         consumed = before + len(content or "") - len(held[idx])
-                        self._logprobs(ctx, idx, "content", logprobs, consumed, bool(findings))
+                        release_logprobs(
+                            ctx.scratch_for(self.name),
+                            idx,
+                            "content",
+                            logprobs,
+                            consumed,
+                            bool(findings),
+                        )
                 if not shadow:
                     if content is not None or released:
                         delta["content"] = released
@@ -191,7 +201,14 @@ class AnswerGuard:
                     delta["refusal"] = released
                     if isinstance(logprobs, dict):
                         consumed = before + len(refusal) - len(held[key])
-                        self._logprobs(ctx, idx, "refusal", logprobs, consumed, bool(findings))
+                        release_logprobs(
+                            ctx.scratch_for(self.name),
+                            idx,
+                            "refusal",
+                            logprobs,
+                            consumed,
+                            bool(findings),
+                        )
             for field in REASONING_FIELDS:
                 reasoning = delta.get(field)
                 if type(reasoning) is str and reasoning:
@@ -233,45 +250,6 @@ class AnswerGuard:
             if final or shadow or len(delta) > ("content" in delta) or logprobs:
                 keep = True
         return keep
-
-    def _queued(self, ctx: RequestContext, idx: Any) -> bool:
-        """Whether logprobs entries of a choice's text wait for the text they spell."""
-        state = ctx.scratch_for(self.name).get("logprobs")
-        return bool(state and state.get((idx, "content")))
-
-    def _logprobs(
-        self,
-        ctx: RequestContext,
-        idx: Any,
-        field: str,
-        logprobs: dict[str, Any],
-        consumed: int,
-        found: bool,
-    ) -> None:
-        """Keep a choice's ``logprobs`` in step with its held text: each entry's ``token`` is
-        a piece of the text, so an entry goes out only once the text it covers has been
-        released (``consumed``: characters of the upstream's text released so far in this
-        step), and never where that text held a finding (it would carry the secret out)."""
-        entries = logprobs.get(field)
-        state = ctx.scratch_for(self.name).setdefault("logprobs", {})
-        queue: list[Any] = state.setdefault((idx, field), [])
-        if type(entries) is list:
-            queue.extend(entries)
-        elif not queue:
-            return
-        out: list[Any] = []
-        total = state.get((idx, field, "released"), 0) + consumed
-        covered = state.get((idx, field, "covered"), 0)
-        while queue:
-            token = queue[0].get("token") if type(queue[0]) is dict else None
-            size = len(token) if type(token) is str else 0
-            if covered + size > total:
-                break
-            covered += size
-            out.append(queue.pop(0))
-        state[(idx, field, "released")] = total
-        state[(idx, field, "covered")] = covered
-        logprobs[field] = [] if found else out
 
     def _tool_calls(self, ctx: RequestContext, held: dict[Any, str], idx: Any, calls: Any) -> None:
         """The argument fragments of a choice's tool calls go through the output guard like

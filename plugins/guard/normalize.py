@@ -15,50 +15,17 @@ import functools
 import re
 import unicodedata
 
+from plugins.guard.hidden import TAG_RUN as _TAG_RUN
+from plugins.guard.hidden import VS_RUN as _VS_RUN
+from plugins.guard.hidden import untag as _untag
+from plugins.guard.hidden import unvs as _unvs
+
 # Zero-width and invisible format characters, bidi controls, and the Unicode tag block (used to
 # smuggle invisible ASCII, "ASCII smuggling").
 _INVISIBLE = re.compile(
     "[\u00ad\u034f\u061c\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
     "\u2060-\u206f\ufe00-\ufe0f\ufeff\U000e0000-\U000e007f\U000e0100-\U000e01ef]"
 )
-
-# The printable ASCII of the Unicode tag block (U+E0020-U+E007E): invisible, yet some models
-# read it as the ASCII it shadows ("ASCII smuggling"). Decoded, not dropped, so the matchers see
-# the hidden text; spaces around it keep it from gluing onto the visible words.
-_TAG_RUN = re.compile("[\U000e0020-\U000e007e]+")
-
-
-def _untag(m: re.Match[str]) -> str:
-    return " " + "".join(chr(ord(c) - 0xE0000) for c in m.group(0)) + " "
-
-
-#: Two or more variation selectors in a row: one byte each (U+FE00-FE0F: 0-15, U+E0100-E01EF:
-#: 16-255), the "emoji smuggling" encoding of hidden text. (One alone is how emoji choose their
-#: presentation, "❤️".)
-_VS_RUN = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef]{2,}")
-
-
-def _unvs(m: re.Match[str]) -> str:
-    data = bytes(ord(c) - 0xFE00 if ord(c) <= 0xFE0F else ord(c) - 0xE0100 + 16 for c in m.group(0))
-    try:
-        hidden = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return m.group(0)
-    return " " + hidden + " " if hidden.isprintable() else m.group(0)
-
-
-#: Blank-looking letters, as the spaces a reader sees (for the classifier, which reads the text
-#: itself; the matchers' folding maps them the same way).
-_BLANKS = str.maketrans(dict.fromkeys("\u115f\u1160\u3164\uffa0\u2800", " "))
-
-
-def reveal_tags(text: str) -> str:
-    """``text`` with hidden payloads decoded: runs of tag characters as the ASCII they encode,
-    runs of variation selectors as the bytes they encode; blank-looking letters as spaces."""
-    if text.isascii():
-        return text
-    text = _TAG_RUN.sub(_untag, text).translate(_BLANKS)
-    return _VS_RUN.sub(_unvs, text) if _VS_RUN.search(text) else text
 
 
 # Lookalikes that NFKC leaves alone: Cyrillic and Greek letters that render like Latin ones, and

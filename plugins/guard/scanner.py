@@ -19,10 +19,10 @@ from prometheus_client import Counter
 from gateway.digest import text_digest
 from gateway.redact import find_secrets
 from plugins.guard.decode import ROT13_ALWAYS_BELOW, ascii_clues, decoded_variants, rot13_windows
+from plugins.guard.hidden import reveal_tags
 from plugins.guard.normalize import (
     deobfuscate_spans,
     light,
-    reveal_tags,
     spelt_words,
     variants,
 )

@@ -10,15 +10,13 @@ spend.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
 from prometheus_client import Counter
 
@@ -36,6 +34,7 @@ from .headers import (
     retry_after_headers,
 )
 from .prices import HoldPrices
+from .retry import SettlementQueue
 from .store_base import Decision, Reservation, Store, period_end
 from .store_memory import MemoryStore
 from .store_redis import RedisStore, StoreUnavailable
@@ -51,21 +50,12 @@ STORE_ERRORS = Counter(
     "Limit operations that could not use the shared store (Redis down or slow), by operation.",
     ["op"],
 )
-SETTLE_RETRIES = Counter(
-    "gateway_limit_settlement_retries_total",
-    "Settlements that failed on the store and were retried in the background, by outcome: "
-    "applied (the whole settlement), released (the concurrency slot and budget holds only, "
-    "also of an admission that timed out), dropped.",
-    ["outcome"],
-)
 REJECTIONS = Counter(
     "gateway_limit_rejections_total",
     "Requests refused by the limit plugin, by limit kind and rule scope.",
     ["kind", "scope"],
 )
 
-#: Settlements waiting for the store to come back; past this the oldest is dropped.
-_MAX_PENDING = 10_000
 
 #: Distinct (caller, model) plans kept; past this the cache starts again (callers come from
 #: keys, JWT claims or client addresses, so the number is not bounded by configuration).
@@ -76,10 +66,6 @@ _MAX_PLANS = 4096
 #: per request in flight, until its answer settles the reservation.
 BOUND_SHARE = 0.01
 
-#: How a pending settlement is retried: ``settle`` whole (it never reached Redis), ``release``
-#: the slot and holds only (it may have been applied), ``abandon`` an admission that timed out
-#: (release, and mark the slot so that Redis, if it has not run the admission yet, never will).
-Mode = Literal["settle", "release", "abandon"]
 
 _KIND_TEXT = {
     "rpm": "requests per minute (RPM)",
@@ -105,12 +91,10 @@ class LimitPlugin(Plugin):
         self._default_max_tokens = config.default_max_tokens
         self._slot_ttl = config.parallel_slot_ttl_s
         self._new_slot_ids()
-        #: Settlements the store did not take (Redis down): (reservation, time, used tokens,
-        #: cost, how to retry it, give-up time).
-        self._pending: deque[tuple[Reservation, float, int, float, Mode, float]] = deque()
+        #: Settlements the store did not take (Redis down), retried in the background.
+        self.retries = SettlementQueue(self)
         #: What budget holds price a request at (the catalogue and routing rules: startup).
         self.prices = HoldPrices()
-        self._retry_task: asyncio.Task[None] | None = None
 
     def _new_slot_ids(self) -> None:
         """Concurrency slot ids: ``<request id>.<process prefix><counter>``. The request id may
@@ -146,17 +130,7 @@ class LimitPlugin(Plugin):
             )
 
     async def shutdown(self) -> None:
-        task, self._retry_task = self._retry_task, None
-        if task is not None:
-            task.cancel()  # and wait for it: two loops over the queue would both pop its head
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._pending:  # one last try, so that a restart loses as little as it can
-            try:
-                async with asyncio.timeout(2.0):
-                    await self._retry_pending()
-            except TimeoutError:
-                pass
+        await self.retries.close()
         await self.store.close()
 
     def reservation_tokens(self, ctx: RequestContext, bound_below: float = 0.0) -> int:
@@ -301,7 +275,7 @@ class LimitPlugin(Plugin):
             taken = store.reservation(
                 plan, now=now, slot_id=slot_id, tokens=tokens, reserve_usd=reserve_usd
             )
-            self._defer(taken, now, 0, 0.0, "abandon")
+            self.retries.defer(taken, now, 0, 0.0, "abandon")
         if self.config.on_store_error == "fail_open" and (plan.budget or plan.tpm):
             res = store.reservation(plan, now=now, slot_id=slot_id, tokens=0)
             res.parallel_keys = []
@@ -360,57 +334,7 @@ class LimitPlugin(Plugin):
             await asyncio.shield(settle)
         except StoreUnavailable as e:
             self._store_error("settle", e)
-            self._defer(res, now, used, cost, "release" if e.sent else "settle")
-
-    def _defer(self, res: Reservation, now: float, used: int, cost: float, mode: Mode) -> None:
-        """Retry a settlement the store did not take, in the background, until the slot would
-        have expired anyway. A settlement that never reached Redis is retried whole; one that
-        may have been applied (a timeout) only frees its concurrency slot, which is safe to
-        repeat, so its tokens and cost are never counted twice. Without this, a Redis blip held
-        each slot it caught for ``parallel_slot_ttl_s`` (15 minutes by default). An admission
-        that timed out (``abandon``) is released the same way."""
-        if mode == "release" and not res.parallel_keys and not res.budget_keys:
-            return  # nothing that is safe to repeat
-        if len(self._pending) >= _MAX_PENDING:
-            self._pending.popleft()
-            SETTLE_RETRIES.labels("dropped").inc()
-        self._pending.append((res, now, used, cost, mode, time.monotonic() + self._slot_ttl))
-        if self._retry_task is None or self._retry_task.done():
-            self._retry_task = asyncio.get_running_loop().create_task(self._retry_loop())
-
-    async def _retry_loop(self) -> None:
-        pause = max(self.config.retry_store_after_s, 0.1)
-        while self._pending:
-            await asyncio.sleep(pause)
-            await self._retry_pending()
-
-    async def _retry_pending(self) -> None:
-        """Retry the pending settlements, oldest first, until the store fails again."""
-        store = self.store
-        if not isinstance(store, RedisStore):
-            self._pending.clear()
-            return
-        while self._pending:
-            res, now, used, cost, mode, give_up = self._pending[0]
-            if time.monotonic() > give_up:  # its slot has expired meanwhile
-                self._pending.popleft()
-                SETTLE_RETRIES.labels("dropped").inc()
-                continue
-            try:
-                if mode == "settle":
-                    await store.settle(res, now=now, used_tokens=used, cost_usd=cost)
-                elif mode == "release":
-                    await store.release(res)
-                else:
-                    await store.release(res, abandon_ttl=self._slot_ttl)
-            except StoreUnavailable as e:
-                if mode == "settle" and e.sent:  # this try may have been applied: only free
-                    self._pending[0] = (res, now, used, cost, "release", give_up)  # the slot
-                    if not res.parallel_keys and not res.budget_keys:
-                        self._pending.popleft()
-                return
-            self._pending.popleft()
-            SETTLE_RETRIES.labels("applied" if mode == "settle" else "released").inc()
+            self.retries.defer(res, now, used, cost, "release" if e.sent else "settle")
 
     def _denial(self, decision: Decision) -> RateLimitError:
         c = decision.denied
