@@ -23,7 +23,7 @@ from plugins.guard.output import OutputGuard
 from plugins.guard.rules import RuleSet
 from plugins.guard.scanner import Finding, Scanner, Verdict, record_metrics
 from plugins.guard.schema import InputLimits, check_input
-from plugins.guard.slots import URLS, USER_ONLY, Slot, request_slots
+from plugins.guard.slots import URLS, USER_ONLY, Decoded, Slot, request_slots
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -126,13 +126,16 @@ class GuardPlugin(AnswerGuard, Plugin):
                 hits = find_secrets(container[key], self.secret_types)
                 if not hits:  # the usual case
                     continue
+                decoded = type(container) is Decoded
                 for h in hits:
                     action = actions[h.type]
                     if action == "redact" and role == URLS:
                         action = "flag"  # a rewritten URL breaks (its signature covers it)
+                    elif action == "redact" and decoded:
+                        action = "block"  # token ids go upstream as sent: nothing to redact
                     findings.append(Finding("secrets", h.type, action, h.type))
                 todo = [h for h in hits if actions[h.type] == "redact"]
-                if todo and role != URLS:
+                if todo and role != URLS and not decoded:
                     redactions.append((slot, todo))
         verdict = Verdict(findings) if findings else None
         self._report(ctx, verdict, "input", t0)

@@ -103,6 +103,29 @@ def _strings(value: Any, role: str, out: list[Slot], depth: int = 0, media: bool
             _strings(v, role, out, depth + 1, media)
 
 
+class Decoded(dict[str, str]):
+    """The text of token ids a client sent (embedding inputs as token arrays), as a slot's
+    container: scanned like the text, but nothing can be redacted in it (the ids go upstream
+    as they came), so a redact action blocks instead."""
+
+
+def _token_texts(ctx: RequestContext, value: list[Any]) -> list[Slot]:
+    """Embedding inputs given as token ids (one array, or arrays), decoded with the
+    deployment's tokenizer: a secret or an instruction sent as tokens is still one."""
+    from gateway.tokens import encoding_for_model
+
+    arrays = [value] if isinstance(value[0], int) else value
+    enc = encoding_for_model(ctx.deployment.model if ctx.deployment else ctx.model)
+    out: list[Slot] = []
+    for ids in arrays:
+        try:
+            text = enc.decode_bytes(ids).decode("utf-8", "replace")
+        except (KeyError, ValueError, TypeError):  # ids past the vocabulary: no text to read
+            continue
+        out.append((Decoded(text=text), "text", "user"))
+    return out
+
+
 def request_slots(ctx: RequestContext) -> list[Slot]:
     """Every string of the request the model reads, with the role it counts as: messages'
     text, names and tool-call arguments, tool and response-format definitions, predicted
@@ -115,6 +138,8 @@ def request_slots(ctx: RequestContext) -> list[Slot]:
             out.append((body, "input", "user"))
         elif isinstance(value, list):
             out.extend((value, i, "user") for i, v in enumerate(value) if isinstance(v, str))
+            if value and not isinstance(value[0], str):
+                out.extend(_token_texts(ctx, value))
         return out
     for msg in body.get("messages") or ():
         role = msg.get("role", "")

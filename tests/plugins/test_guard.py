@@ -386,6 +386,23 @@ async def test_embeddings_input_scanned_and_redacted() -> None:
     assert await blocked(guard(), chat(endpoint="embeddings", input=ATTACK))
 
 
+@pytest.mark.anyio
+async def test_embedding_inputs_sent_as_token_ids_are_read() -> None:
+    """The same key or instruction sent as token ids (the gateway has the tokenizer) was a 200:
+    only string inputs were scanned."""
+    from gateway.tokens import encoding_for_model
+
+    enc = encoding_for_model("m")
+    key = SECRETS["api_key"][0]
+    for text in (f"my key is {key}", ATTACK, "write to bob@example.com"):
+        ids = enc.encode_ordinary(text)
+        for value in (ids, [ids, enc.encode_ordinary("hello")]):
+            # (e-mail's action is redact, which token ids cannot take: blocked)
+            assert await blocked(guard(), chat(endpoint="embeddings", input=value)), text
+    assert not await blocked(guard(), chat(endpoint="embeddings", input=enc.encode_ordinary("hi")))
+    assert not await blocked(guard(), chat(endpoint="embeddings", input=[10**9, 5]))
+
+
 # --- modes and roles ---------------------------------------------------------------------------
 
 
