@@ -871,3 +871,24 @@ async def test_estimated_usage_counts_tool_calls_streamed_and_not() -> None:
                                                    "tool_calls": [call]}}]}  # fmt: skip
     plain = estimate_usage(c, answer)
     assert plain.estimated and plain.completion_tokens == streamed.completion_tokens
+
+
+@pytest.mark.anyio
+async def test_the_canary_as_a_tool_calls_name_ends_the_answer() -> None:
+    """Only a call's arguments were read: the canary (or a key) as the name of the function
+    went out, streamed or not. A name cannot be redacted, so it blocks."""
+    call = {"index": 0, "id": "c1", "type": "function",
+            "function": {"name": CANARY, "arguments": ""}}  # fmt: skip
+    data = b"".join(
+        [event({"role": "assistant", "tool_calls": [call]}),
+         event({}, finish="tool_calls"), b"data: [DONE]\n\n"]
+    )  # fmt: skip
+    g = guard(output={"canary": CANARY, "canary_action": "redact"})
+    sent = await sent_before_block(g, data)
+    assert CANARY not in sent.decode()
+    c = ctx()
+    c.response = {"choices": [{"index": 0, "message": {"role": "assistant", "content": None,
+        "tool_calls": [{"id": "c1", "type": "function",
+                        "function": {"name": CANARY, "arguments": "{}"}}]}}]}  # fmt: skip
+    with pytest.raises(ContentPolicyError):
+        await g.on_response(c)

@@ -19,7 +19,7 @@ from gateway.plugin import CHUNK_HOOKS, Plugin, StartupError
 from gateway.redact import find_secrets, redact
 from plugins.guard.answer import AnswerGuard
 from plugins.guard.config import GuardConfig
-from plugins.guard.output import OutputGuard
+from plugins.guard.output import OutputGuard, hides_characters, seen_text
 from plugins.guard.rules import RuleSet
 from plugins.guard.scanner import Finding, Scanner, Verdict, record_metrics
 from plugins.guard.schema import InputLimits, check_input
@@ -123,16 +123,24 @@ class GuardPlugin(AnswerGuard, Plugin):
             actions = self.secret_actions
             for slot in slots:
                 container, key, role = slot
-                hits = find_secrets(container[key], self.secret_types)
+                text = container[key]
+                hits = find_secrets(text, self.secret_types)
+                decoded = type(container) is Decoded
+                if not hits and ((key == "arguments" and "\\" in text) or hides_characters(text)):
+                    # Hidden from the patterns, not from the model: JSON escapes in call
+                    # arguments, invisible characters. Found in the text as a reader sees it,
+                    # which cannot be redacted in place: blocked. (C-speed tests first: a long
+                    # prompt in another script is not read character by character.)
+                    hits = find_secrets(seen_text(text), self.secret_types)
+                    decoded = bool(hits)
                 if not hits:  # the usual case
                     continue
-                decoded = type(container) is Decoded
                 for h in hits:
                     action = actions[h.type]
                     if action == "redact" and role == URLS:
                         action = "flag"  # a rewritten URL breaks (its signature covers it)
                     elif action == "redact" and decoded:
-                        action = "block"  # token ids go upstream as sent: nothing to redact
+                        action = "block"  # (token ids, a hidden key: nothing to redact in place)
                     findings.append(Finding("secrets", h.type, action, h.type))
                 todo = [h for h in hits if actions[h.type] == "redact"]
                 if todo and role != URLS and not decoded:

@@ -8,6 +8,7 @@ and released apart, and a choice's ``logprobs`` go out with the text they spell.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from gateway.envelope import TextChunk
@@ -256,6 +257,11 @@ class AnswerGuard:
         its text, each call on its own (held under ``(choice, call index)``)."""
         for call in calls if type(calls) is list else ():
             fn = call.get("function") if type(call) is dict else None
+            if type(fn) is dict and type(name := fn.get("name")) is str and name:
+                # A call's name comes whole, and cannot be redacted: a finding blocks.
+                _, found = self.output.check(name)
+                if found:
+                    self._act(ctx, [replace(f, action="block") for f in found])
             if type(fn) is not dict or type(args := fn.get("arguments")) is not str or not args:
                 continue
             key = (idx, call.get("index", 0))
@@ -354,6 +360,16 @@ class AnswerGuard:
                     if isinstance(choice.get("logprobs"), dict):
                         # Its tokens spell out what was redacted.
                         choice["logprobs"] = None
+            for option in ctx.response.get("choices") or ():
+                said = option.get("message") if isinstance(option, dict) else None
+                calls = said.get("tool_calls") if isinstance(said, dict) else None
+                for call in calls if isinstance(calls, list) else ():
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    name = fn.get("name") if isinstance(fn, dict) else None
+                    if isinstance(name, str) and name:
+                        # A call's name cannot be redacted: a finding blocks.
+                        _, found = self.output.check(name)
+                        self._act(ctx, [replace(f, action="block") for f in found])
         self._log_output(ctx)
 
 

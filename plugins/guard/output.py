@@ -189,6 +189,18 @@ def _visible(text: str) -> tuple[str, list[int]] | None:
     return ("".join(out), index) if changed else None
 
 
+def hides_characters(text: str) -> bool:
+    """Whether ``text`` holds a character a reader does not see (one regex sweep)."""
+    return not text.isascii() and _DROP.search(text) is not None
+
+
+def seen_text(text: str) -> str:
+    """``text`` as a reader (or a model decoding JSON) takes it: escapes of printable ASCII
+    decoded, invisible characters dropped, lookalikes folded."""
+    vis = _visible(plain_escapes(text))
+    return vis[0] if vis is not None else plain_escapes(text)
+
+
 def _raw(index: list[int] | None, start: int, end: int) -> tuple[int, int]:
     """A span of the visible text as the span of the text it was read from."""
     if index is None:
