@@ -197,8 +197,9 @@ def hides_characters(text: str) -> bool:
 def seen_text(text: str) -> str:
     """``text`` as a reader (or a model decoding JSON) takes it: escapes of printable ASCII
     decoded, invisible characters dropped, lookalikes folded."""
-    vis = _visible(plain_escapes(text))
-    return vis[0] if vis is not None else plain_escapes(text)
+    plain = plain_escapes(text)
+    vis = _visible(plain)
+    return vis[0] if vis is not None else plain
 
 
 def _raw(index: list[int] | None, start: int, end: int) -> tuple[int, int]:

@@ -58,12 +58,7 @@ def _text_parts(content: Any, role: str, out: list[Slot]) -> None:
                 out.append((p, "text", role))
             if len(p) > 2 or p.get("type") != "text":
                 # An image's URL (its query string), a file's name, extra keys: sent upstream.
-                for key, v in p.items():
-                    if key not in ("type", "text") and isinstance(v, (dict, list)):
-                        _strings(v, FIELDS, out, media=True)
-                    elif key not in ("type", "text") and isinstance(v, str):
-                        if not _inline_media(v):
-                            out.append((p, key, _field_role(v)))
+                _other_strings(p, ("type", "text"), out, media=True)
 
 
 def _descriptions(schema: Any, out: list[Slot], depth: int = 0) -> None:
@@ -96,11 +91,18 @@ def _strings(value: Any, role: str, out: list[Slot], depth: int = 0, media: bool
         return
     items = value.items() if isinstance(value, dict) else enumerate(value)
     for key, v in items:
-        if isinstance(v, str):
-            if not (media and _inline_media(v)):
-                out.append((value, key, _field_role(v) if role == FIELDS else role))
-        elif isinstance(v, (dict, list)):
-            _strings(v, role, out, depth + 1, media)
+        _slot(value, key, v, role, out, depth + 1, media)
+
+
+def _slot(
+    container: Any, key: Any, v: Any, role: str, out: list[Slot], depth: int, media: bool
+) -> None:
+    """``container[key]`` (``v``) as a slot when a string, or the strings inside it."""
+    if isinstance(v, str):
+        if not (media and _inline_media(v)):
+            out.append((container, key, _field_role(v) if role == FIELDS else role))
+    elif isinstance(v, (dict, list)):
+        _strings(v, role, out, depth, media)
 
 
 class Decoded(dict[str, str]):
@@ -201,12 +203,11 @@ def _call(fn: dict[str, Any], role: str, out: list[Slot]) -> None:
         _other_strings(fn, (), out)
 
 
-def _other_strings(container: dict[str, Any], skip: Any, out: list[Slot]) -> None:
-    """The strings of ``container`` outside the keys in ``skip``, as ``fields`` slots."""
+def _other_strings(
+    container: dict[str, Any], skip: Any, out: list[Slot], media: bool = False
+) -> None:
+    """The strings of ``container`` outside the keys in ``skip``, as ``fields`` slots (inline
+    media skipped in a content part: ``media``, as in :func:`_strings`)."""
     for key, v in container.items():
-        if key in skip:
-            continue
-        if isinstance(v, str):
-            out.append((container, key, _field_role(v)))
-        elif isinstance(v, (dict, list)):
-            _strings(v, FIELDS, out)
+        if key not in skip:
+            _slot(container, key, v, FIELDS, out, 0, media)
