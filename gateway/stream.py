@@ -36,6 +36,7 @@ from gateway.metrics import model_label
 from gateway.pipeline import Pipeline, hooked
 from gateway.plugin import CHUNK_HOOKS
 from gateway.providers.base import scrub
+from gateway.sse import DONE, ERROR_KEY, as_events, error_event, event_data, usage_at
 from gateway.tokens import generated_texts
 
 if TYPE_CHECKING:
@@ -51,40 +52,6 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-_DONE = b"data: [DONE]\n\n"
-#: Searched with ``bytes.find``: ``x in some_bytes`` first tries ``x`` as an integer and
-#: formats (then discards) a TypeError, several times the cost of the search itself.
-_USAGE_KEY = b'"usage":'
-
-
-def _usage_at(data: bytes, start: int = 0) -> int:
-    """Where the first ``"usage":{`` or ``"usage": {`` at or after ``start`` is, or -1 (one
-    pass over the bytes: ``"usage":null`` chunks are skipped here)."""
-    at = data.find(_USAGE_KEY, start)
-    while at != -1:
-        after = at + len(_USAGE_KEY)
-        if data[after : after + 1] == b"{" or data[after : after + 2] == b" {":
-            return at
-        at = data.find(_USAGE_KEY, after)
-    return -1
-
-
-def _payload(event: bytes) -> bytes | None:
-    """The data of one SSE event (several ``data:`` lines are joined per the SSE spec)."""
-    if event.startswith(b"data:") and event.find(b"\n") == -1:  # the usual one-line event
-        return event[5:].lstrip(b" ")
-    data = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-    if not data:
-        return None
-    return b"\n".join(data)
-
-
-def _events(chunks: list[Any]) -> bytes:
-    """Chunks (dicts, or text in an envelope) as SSE events."""
-    if not chunks:
-        return b""
-    payloads = [c.payload() if type(c) is TextChunk else orjson.dumps(c) for c in chunks]
-    return b"data: " + b"\n\ndata: ".join(payloads) + b"\n\n"
 
 
 def upstream_failed(ctx: RequestContext, error_type: str) -> None:
@@ -128,6 +95,9 @@ class _Relay:
         #: The deployment's credentials (UTF-8): cut out of whatever the upstream sends, should
         #: it quote the request's (a server echoing headers into an error event).
         self.secrets: tuple[bytes, ...] = ()
+        #: The upstream's error event, once one ended the answer (it goes out last, after what
+        #: the plugins still hold, and without ``[DONE]``).
+        self.failed: bytes | None = None
 
     async def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return what to send to the client now."""
@@ -139,23 +109,39 @@ class _Relay:
             self.buffer = buf
             return b""
         complete, self.buffer = buf[: cut + 2], buf[cut + 2 :]
-        done = complete.find(_DONE)
-        if done != -1 and done + len(_DONE) != len(complete):
+        done = complete.find(DONE)
+        if done != -1 and done + len(DONE) != len(complete):
             # Events after [DONE] in the same read: dropped, as later reads are (an upstream
             # that went on used to have them spliced into the answer).
-            complete, self.buffer = complete[: done + len(_DONE)], b""
+            complete, self.buffer = complete[: done + len(DONE)], b""
         for secret in self.secrets:  # (events are whole here: no secret is cut in two)
             if complete.find(secret) != -1:
                 complete = complete.replace(secret, b"[REDACTED]")
         return await (self._parsed(complete) if self.hooks else self._fast(complete))
 
+    def _fail(self, event: bytes) -> None:
+        """The upstream ended the answer with an error event: the request failed, whatever came
+        before (the log says so, the breaker counts it, nothing caches it), and nothing after
+        the event is relayed."""
+        self.failed = event
+        self.saw_done = True
+        self.buffer = b""
+        self.ctx.error_type = "upstream_error"
+        upstream_failed(self.ctx, "upstream_error")
+
     async def _fast(self, complete: bytes) -> bytes:
-        if complete.endswith(_DONE):
+        if complete.endswith(DONE):
             self.saw_done = True
-            complete = complete[: -len(_DONE)]
+            complete = complete[: -len(DONE)]
+        if complete.find(ERROR_KEY) != -1:
+            found = error_event(complete)
+            if found is not None:
+                start, end, _ = found
+                self._fail(complete[start:end])
+                complete = complete[:start]
         if self.keep_text:
             self.kept.append(complete)
-        at = _usage_at(complete)
+        at = usage_at(complete)
         if at == -1:
             if self.usage is None and not self.keep_text:
                 self.kept.append(complete)
@@ -170,13 +156,13 @@ class _Relay:
             if self._take_usage(complete[start : end - 2]):
                 out.append(complete[done:start])
                 done = end
-            at = _usage_at(complete, end)
+            at = usage_at(complete, end)
         out.append(complete[done:])
         return b"".join(out)
 
     def _take_usage(self, event: bytes) -> bool:
         """Record the usage in ``event``; True if the event should be dropped."""
-        payload = _payload(event)
+        payload = event_data(event)
         try:
             obj = orjson.loads(payload) if payload else None
         except orjson.JSONDecodeError:
@@ -196,9 +182,9 @@ class _Relay:
         return not obj.get("choices") and not self.client_wants_usage
 
     async def _parsed(self, complete: bytes) -> bytes:
-        if complete.endswith(_DONE):
+        if complete.endswith(DONE):
             self.saw_done = True
-            complete = complete[: -len(_DONE)]
+            complete = complete[: -len(DONE)]
         if self.usage is None:
             self.generated.append(complete)
         assert self.envelope is not None
@@ -206,7 +192,9 @@ class _Relay:
             # One text event per read (a model generating tokens): no lists to build.
             chunk = self.envelope.single(complete)
             if chunk is not None:
-                return self._keep(_events(await Pipeline.run_chunks(self.hooks, self.ctx, [chunk])))
+                return self._keep(
+                    as_events(await Pipeline.run_chunks(self.hooks, self.ctx, [chunk]))
+                )
         objs = self.envelope.parse(complete)
         if objs is None:
             objs = self._objects(complete)
@@ -238,27 +226,26 @@ class _Relay:
                 continue
             # Not a chunk: what the hooks returned so far goes first, to keep the order.
             if run:
-                out.append(_events(await Pipeline.run_chunks(self.hooks, self.ctx, run)))
+                out.append(as_events(await Pipeline.run_chunks(self.hooks, self.ctx, run)))
                 run = []
             if "error" in obj:
-                # The upstream ended the answer with an error (vLLM does): the request failed,
-                # whatever came before, so the log says so and nothing caches it.
-                self.ctx.error_type = "upstream_error"
-                upstream_failed(self.ctx, "upstream_error")
-                out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
-            elif isinstance(obj.get("usage"), dict):
+                # The upstream ended the answer with an error (vLLM does): it goes out at the
+                # end, after what the plugins hold (end()); the rest of the block is dropped.
+                self._fail(b"data: " + orjson.dumps(obj) + b"\n\n")
+                break
+            if isinstance(obj.get("usage"), dict):
                 self._usage_of(obj)
                 if self.client_wants_usage:
                     out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
         if run:
-            out.append(_events(await Pipeline.run_chunks(self.hooks, self.ctx, run)))
+            out.append(as_events(await Pipeline.run_chunks(self.hooks, self.ctx, run)))
         return self._keep(out[0] if len(out) == 1 else b"".join(out))
 
     def _objects(self, complete: bytes) -> list[Any]:
         """The parsed payloads of ``complete``, event by event (any SSE framing)."""
         objs: list[Any] = []
         for event in complete.split(b"\n\n"):
-            payload = _payload(event) if event else None
+            payload = event_data(event) if event else None
             if payload is None:
                 continue
             if payload == b"[DONE]":
@@ -277,15 +264,22 @@ class _Relay:
         return data
 
     async def end(self) -> bytes:
-        """The upstream is done: return the last bytes for the client (held chunks, [DONE])."""
+        """The upstream is done: return the last bytes for the client (held chunks, [DONE], or
+        the upstream's error event that ended the answer)."""
+        if self.failed is not None:
+            out = b""
+            if self.hooks:
+                self.ended = True
+                out = self._keep(as_events(await Pipeline.run_stream_end(self.hooks, self.ctx)))
+            return out + self.failed
         out = await self.feed(b"\n\n") if self.buffer.strip() else b""
         if self.hooks:
             self.ended = True
-            out += self._keep(_events(await Pipeline.run_stream_end(self.hooks, self.ctx)))
+            out += self._keep(as_events(await Pipeline.run_stream_end(self.hooks, self.ctx)))
         if not self.saw_done:
             self.pending = out
             raise UpstreamError("the upstream stream ended before it was complete")
-        return out + _DONE
+        return out + DONE
 
     def completion_text(self, generated: bool = False) -> str:
         """The text the client received, parsed back from the kept events (to log it).
@@ -296,7 +290,7 @@ class _Relay:
         parts: list[str] = []
         for block in blocks:
             for event in block.split(b"\n\n"):
-                payload = _payload(event)
+                payload = event_data(event)
                 if not payload or payload == b"[DONE]":
                     continue
                 try:
@@ -349,6 +343,9 @@ async def relay_stream(
     headers.extend(extra)
     ctx.status = 200
     final = b""
+    #: Whether an error now comes from the upstream's stream (a provider's error event, a cut,
+    #: a stall), not from the plugins (the output guard ending the answer).
+    reading = False
     try:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         relay.pending = await relay.feed(first)
@@ -358,27 +355,35 @@ async def relay_stream(
         if not relay.saw_done and relay.pending:
             await send({"type": "http.response.body", "body": relay.pending, "more_body": True})
             relay.pending = b""
-        async for data in it:
-            relay.pending += await relay.feed(data)
-            if relay.pending and not relay.saw_done:
-                await send({"type": "http.response.body", "body": relay.pending, "more_body": True})
-                relay.pending = b""
+        reading = relay.failed is None  # (an error event in the first read ended it)
+        if reading:
+            async for data in it:
+                reading = False
+                relay.pending += await relay.feed(data)
+                if relay.failed is not None:
+                    break  # (the upstream's error event ended the answer)
+                if relay.pending and not relay.saw_done:
+                    await send(
+                        {"type": "http.response.body", "body": relay.pending, "more_body": True}
+                    )
+                    relay.pending = b""
+                reading = True
+            reading = False
         final = relay.pending + await relay.end()
     except GatewayError as err:
         tail = b""
-        if (
-            relay.hooks
-            and not relay.ended
-            and isinstance(err, (UpstreamError, UpstreamTimeoutError))
-        ):
+        upstream = reading or isinstance(err, (UpstreamError, UpstreamTimeoutError))
+        if relay.hooks and not relay.ended and upstream:
             # The upstream failed after output: what the plugins still hold (the output guard's
             # last word) goes out checked, before the error event, as at a stream's end.
             try:
-                tail = relay._keep(_events(await Pipeline.run_stream_end(relay.hooks, ctx)))
+                tail = relay._keep(as_events(await Pipeline.run_stream_end(relay.hooks, ctx)))
             except GatewayError as refused:  # (the held text ended the answer itself)
                 err = refused
         ctx.error_type = err.type
-        if err.deployment_fault and isinstance(err, (UpstreamError, UpstreamTimeoutError)):
+        if upstream and err.deployment_fault and err.status >= 429:
+            # (A provider's error event counts when it speaks of the deployment: overloaded,
+            # rate limited, failing; not an error about the request itself.)
             upstream_failed(ctx, err.type)
         err.message = scrub(err.message, resp.secrets)  # (an error event may quote the key)
         final = relay.pending + tail + b"data: " + err.body() + b"\n\n"

@@ -499,8 +499,38 @@ async def test_an_upstream_error_event_marks_the_request_failed() -> None:
     for reads in (None, per_event(data)):
         events, _, c = await relay(guard(), data, reads)
         assert c.error_type == "upstream_error"
-        assert any(isinstance(e, dict) and "error" in e for e in events)
+        assert c.upstream_failed  # (the route plugin's breaker counts it)
+        # The error ends the answer: after the text the guard held back ("partial " is one
+        # unfinished word when it arrives), and without [DONE], so SDKs raise with the text.
+        assert events[-1] == {"error": {"message": "engine died", "type": "server_error"}}
+        assert text_of(events[:-1]) == "partial ", reads
+        assert "[DONE]" not in events
     _, _, c = await relay(guard(), wire(["fine"]))
+    assert c.error_type is None
+
+
+@pytest.mark.anyio
+async def test_an_upstream_error_event_ends_a_stream_without_chunk_hooks() -> None:
+    # The fast relay (no plugin reads the chunks) passes events as bytes: it must still notice
+    # the error event, count the failure, and end the answer there (no [DONE] after it).
+    error = b'data: {"error": {"message": "engine died", "type": "server_error"}}\n\n'
+    data = event({"content": "partial "}) + error + event({"content": "late"}) + b"data: [DONE]\n\n"
+    for reads in (None, per_event(data)):
+        c = ctx()
+        r = _Relay(c, [], False)
+        out = b""
+        pos = 0
+        for size in reads or [len(data)]:
+            out += await r.feed(data[pos : pos + size])
+            pos += size
+        out += await r.end()
+        assert out == event({"content": "partial "}) + error, reads
+        assert c.error_type == "upstream_error" and c.upstream_failed
+    # An "error" that is not the event's own key (a finish reason, text) is no error event.
+    data = event({"content": 'say "error" '}) + b"data: [DONE]\n\n"
+    c = ctx()
+    r = _Relay(c, [], False)
+    assert await r.feed(data) + await r.end() == data
     assert c.error_type is None
 
 
