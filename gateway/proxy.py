@@ -33,6 +33,7 @@ from gateway.errors import (
 )
 from gateway.headers import client_response_headers
 from gateway.pipeline import hooked
+from gateway.redact import find_secrets, redact
 from gateway.stream import relay_stream
 from gateway.upstream import open_upstream
 from gateway.validate import validate_chat, validate_embeddings
@@ -50,9 +51,20 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 def new_request_id(given: str | None) -> str:
-    if given and _REQUEST_ID.match(given):
+    """The client's ``X-Request-ID`` when it is a plain id (one that looks like a key is not
+    written to the log: a new one is made), else a new one."""
+    if given and _REQUEST_ID.match(given) and not find_secrets(given):
         return given
     return os.urandom(12).hex()
+
+
+def logged_model(name: str) -> str:
+    """A model name the catalogue does not know, as the log, ledger and traces keep it: the
+    client's text, cut to 100 characters, with anything shaped like a secret redacted (a key
+    pasted into the wrong field)."""
+    name = name[:100]
+    hits = find_secrets(name)
+    return redact(name, hits) if hits else name
 
 
 #: Lower-cased header names by their raw bytes: the same few names arrive on every request.
@@ -168,6 +180,7 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
         ctx.model = model
         entry = gw.catalogue.get(model)
         if entry is None or entry.kind != endpoint:
+            ctx.model = logged_model(model)
             raise ModelNotFoundError(
                 f"The model '{model[:100]}' does not exist or you do not have access to it.",
                 param="model",
@@ -187,6 +200,8 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
             responded = await forward(gw, ctx, ran, scope, receive, send)
     except GatewayError as err:
         ctx.status, ctx.error_type = err.status, err.type
+        if not ctx.model and type(asked := ctx.body.get("model")) is str:
+            ctx.model = logged_model(asked)  # (a request refused before it was validated)
         if not responded:
             responded = True
             await send_error(send, ctx, err)

@@ -398,6 +398,7 @@ async def relay_stream(
         ctx.finished = time.perf_counter()
         ctx.usage = relay.final_usage()
         if keep_text:
-            ctx.completion_text = relay.completion_text()
+            # (A key the upstream spelt over several events is whole again in the text.)
+            ctx.completion_text = scrub(relay.completion_text(), resp.secrets)
     if not ctx.client_disconnected:
         await send({"type": "http.response.body", "body": final, "more_body": False})

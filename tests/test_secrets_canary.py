@@ -67,3 +67,72 @@ def test_no_key_or_token_appears_in_logs_metrics_or_errors(tmp_path: Path) -> No
             assert secret not in request_log, secret
             for body in bodies:
                 assert secret not in body, secret
+
+
+def test_a_provider_key_in_the_answer_stays_out_of_the_log(tmp_path: Path) -> None:
+    """An upstream that echoes the credentials it received into its answer: the client got
+    ``[REDACTED]``, but the logged completion text kept the key (plain answers were scrubbed
+    only on the way out; a streamed key spelt over many events is whole again in the text)."""
+    import orjson
+
+    from tests.helpers import build_config, running_gateway
+
+    log_file = tmp_path / "requests.jsonl"
+    key = "vllm-CANARY-778899"  # (a local server's key: no secret detector knows its shape)
+    echo = f"your header was Bearer {key} ok"
+
+    def config(url: str) -> dict[str, object]:
+        logging = {"request_log": str(log_file), "include_text": True}
+        return build_config(url, models=[demo_model(url, api_key=key)], logging=logging)
+
+    with running_gateway(config, fake={"content": echo, "chunks": 20}) as gw:
+        http = gw.http()
+        chat = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+        plain = http.post("/v1/chat/completions", json=chat)
+        assert plain.status_code == 200
+        content = plain.json()["choices"][0]["message"]["content"]
+        assert content.startswith("your header was ") and "[REDACTED]" in content
+        streamed = http.post("/v1/chat/completions", json={**chat, "stream": True})
+        assert streamed.status_code == 200
+    lines = [orjson.loads(line) for line in log_file.read_text().splitlines()]
+    assert len(lines) == 2
+    for line in lines:
+        assert "completion_text" in line, line
+        assert key not in orjson.dumps(line).decode(), line
+
+
+def test_key_shaped_model_names_and_request_ids_are_not_logged(tmp_path: Path) -> None:
+    """A key pasted into ``model`` (a 404, or a 400 before validation ended) or sent as
+    ``X-Request-ID`` was written to the log as is; the requested model of a refused request
+    was lost (``null``)."""
+    import orjson
+
+    from tests.helpers import running_gateway
+
+    key = "sk-proj-" + "Q7vN2xL9pR4tK8mW3zY6bC1dF5gH0jS" + "T"
+    log_file = tmp_path / "requests.jsonl"
+    with running_gateway(logging={"request_log": str(log_file)}) as gw:
+        http = gw.http()
+        msgs = [{"role": "user", "content": "hi"}]
+        assert http.post("/v1/chat/completions", json={"model": key, "messages": msgs}
+                         ).status_code == 404  # fmt: skip
+        bad = {"model": key, "messages": msgs, "max_tokens": "many"}
+        assert http.post("/v1/chat/completions", json=bad).status_code == 400
+        bad = {"model": "demo", "messages": msgs, "max_tokens": "many"}
+        assert http.post("/v1/chat/completions", json=bad).status_code == 400
+        r = http.post("/v1/chat/completions", json={"model": "demo", "messages": msgs},
+                      headers={"x-request-id": key})  # fmt: skip
+        assert r.status_code == 200 and r.headers["x-request-id"] != key
+        ok = http.post("/v1/chat/completions", json={"model": "demo", "messages": msgs},
+                       headers={"x-request-id": "trace-42.a"})  # fmt: skip
+        assert ok.headers["x-request-id"] == "trace-42.a"
+    text = log_file.read_text()
+    assert key not in text and key[8:30] not in text
+    lines = [orjson.loads(line) for line in text.splitlines()]
+    assert [line["model"] for line in lines] == [
+        "[REDACTED:api_key]",
+        "[REDACTED:api_key]",
+        "demo",
+        "demo",
+        "demo",
+    ]

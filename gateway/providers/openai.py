@@ -100,6 +100,9 @@ class AiohttpResponse(UpstreamResponse):
     async def json(self) -> dict[str, Any]:
         with self._errors:
             raw = await self._resp.read()
+        for secret in self.secret_bytes:  # (an upstream quoting the request's credentials:
+            if raw.find(secret) != -1:  # out before anything, the log included, reads it)
+                raw = raw.replace(secret, b"[REDACTED]")
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
