@@ -30,6 +30,9 @@ x-fake-error-code   error_code ("")         ``code`` of an injected error's body
                                             the Anthropic fake, which has no codes, answers
                                             ``context_length_exceeded`` in Anthropic's words)
 x-fake-error-param  error_param ("")        ``param`` of an injected error's body
+x-fake-annotations  annotations ("")        the message's ``annotations`` (a JSON list, e.g. a
+                                            ``url_citation``); a stream sends them in one delta
+                                            before the finish chunk
 ==================  ======================  ====================================================
 
 Content is ``"Echo: " + the first 200 characters of the last user message``. Usage counts are

@@ -94,6 +94,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             }
         ],
     }
+    if b.annotations:
+        out["choices"][0]["message"]["annotations"] = orjson.loads(b.annotations)
     if not b.no_usage:
         out["usage"] = usage
     data = orjson.dumps(out)
@@ -130,6 +132,8 @@ async def _stream(
     for i in range(n):
         piece = content[i * length // n : (i + 1) * length // n]
         events.append(head + b'{"content":' + orjson.dumps(piece) + b"}" + tail)
+    if b.annotations:  # (as OpenAI streams citations: whole, in a delta of their own)
+        events.append(head + b'{"annotations":' + b.annotations.encode() + b"}" + tail)
     events.append(head + b'{},"logprobs":null,"finish_reason":"stop"}]}\n\n')
     if usage is not None and not b.no_usage:
         events.append(envelope + b'[],"usage":' + orjson.dumps(usage) + b"}\n\n")

@@ -30,6 +30,7 @@ class Behaviour:
     content: str | None = None
     error_code: str = ""
     error_param: str = ""
+    annotations: str = ""
 
     def merged(self, overrides: Mapping[str, Any]) -> Behaviour:
         return dataclasses.replace(self, **overrides) if overrides else self
@@ -63,6 +64,13 @@ def _coerce(name: str, value: Any) -> Any:
         if out_f < 0:
             raise ValueError(f"{name} must not be negative")
         return out_f
+    if name == "annotations" and value:
+        try:
+            ok = isinstance(orjson.loads(value), list)
+        except orjson.JSONDecodeError:
+            ok = False
+        if not ok:
+            raise ValueError("annotations must be a JSON list")
     return str(value)
 
 

@@ -19,6 +19,7 @@ from gateway.plugin import CHUNK_HOOKS, Plugin, StartupError
 from gateway.redact import find_secrets, redact
 from plugins.guard.answer import AnswerGuard
 from plugins.guard.config import GuardConfig
+from plugins.guard.logprobs import Alternatives
 from plugins.guard.output import OutputGuard, hides_characters, seen_text
 from plugins.guard.rules import RuleSet
 from plugins.guard.scanner import Finding, Scanner, Verdict, record_metrics
@@ -62,6 +63,7 @@ class GuardPlugin(AnswerGuard, Plugin):
         #: ``startup`` adds the semantic model.
         self.scanner = self._make_scanner(None)
         self.output = OutputGuard(cfg.output)
+        self.alternatives = Alternatives(o.secret_types, o.canary)
 
     def _make_scanner(self, semantic: Any) -> Scanner:
         cfg = self.config

@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from gateway.envelope import TextChunk
 from gateway.errors import ContentPolicyError
-from plugins.guard.logprobs import queued, release_logprobs
+from plugins.guard.annotations import check_annotations
+from plugins.guard.delta import REASONING_FIELDS
+from plugins.guard.delta import merge as _merge
+from plugins.guard.logprobs import (
+    Alternatives,
+    flush_logprobs,
+    queued,
+    release_logprobs,
+    screen_answer,
+)
 from plugins.guard.output import OutputGuard, response_texts
 from plugins.guard.scanner import Finding, Verdict, record_metrics
 
@@ -23,10 +32,6 @@ if TYPE_CHECKING:
 
 BLOCKED_RESPONSE = "The response was stopped by the gateway's content policy."
 
-#: A choice's reasoning, as OpenAI-compatible servers send it (vLLM, DeepSeek, OpenRouter,
-#: Groq): the model's text like its answer, and it often quotes the system prompt.
-REASONING_FIELDS = ("reasoning_content", "reasoning")
-
 
 class AnswerGuard:
     """The response hooks of the guard plugin (set up by its ``__init__``)."""
@@ -35,6 +40,7 @@ class AnswerGuard:
     config: GuardConfig
     shadow: bool
     output: OutputGuard
+    alternatives: Alternatives
     _output_enabled: bool
 
     def _act(self, ctx: RequestContext, findings: list[Finding]) -> None:
@@ -184,6 +190,7 @@ class AnswerGuard:
                             logprobs,
                             consumed,
                             bool(findings),
+                            self.alternatives,
                         )
                 if not shadow:
                     if content is not None or released:
@@ -209,6 +216,7 @@ class AnswerGuard:
                             logprobs,
                             consumed,
                             bool(findings),
+                            self.alternatives,
                         )
             for field in REASONING_FIELDS:
                 reasoning = delta.get(field)
@@ -232,6 +240,12 @@ class AnswerGuard:
                     self._act(ctx, findings)
                 if not shadow:
                     audio["transcript"] = released
+            notes = delta.get("annotations")
+            if type(notes) is list and notes:
+                # (Cited URLs and titles arrive whole: checked at once, never held.)
+                kept, findings = check_annotations(self.output, notes, not shadow)
+                self._act(ctx, findings)
+                delta["annotations"] = kept
             calls = delta.get("tool_calls")
             if calls:
                 self._tool_calls(ctx, held, idx, calls)
@@ -286,20 +300,8 @@ class AnswerGuard:
                 found.add(key[1])
             if released and not self.shadow:
                 _merge(delta, key[1], released)
-        state = ctx.scratch_for(self.name).get("logprobs")
-        if state and not self.shadow:
-            for field in ("content", "refusal"):
-                rest = state.get((idx, field))
-                if rest and field in found:
-                    # Entries of the text just flushed, which held a finding: never its tokens.
-                    rest.clear()
-                elif rest:
-                    logprobs = choice.get("logprobs")
-                    if not isinstance(logprobs, dict):
-                        logprobs = choice["logprobs"] = {"content": None, "refusal": None}
-                    entries = logprobs.get(field)
-                    logprobs[field] = [*(entries if type(entries) is list else ()), *rest]
-                    rest.clear()
+        if not self.shadow:
+            flush_logprobs(ctx.scratch_for(self.name), idx, choice, found, self.alternatives)
 
     def _flush(self, ctx: RequestContext, held: dict[Any, str], key: Any) -> tuple[str, bool]:
         """Release everything held under ``key`` (a choice's text, refusal, reasoning or call
@@ -362,6 +364,13 @@ class AnswerGuard:
                         choice["logprobs"] = None
             for option in ctx.response.get("choices") or ():
                 said = option.get("message") if isinstance(option, dict) else None
+                notes = said.get("annotations") if isinstance(said, dict) else None
+                if isinstance(notes, list) and notes:
+                    kept, found = check_annotations(self.output, notes, not self.shadow)
+                    self._act(ctx, found)
+                    said["annotations"] = kept  # type: ignore[index]
+                if not self.shadow and isinstance(option, dict):
+                    screen_answer(option, self.alternatives)
                 calls = said.get("tool_calls") if isinstance(said, dict) else None
                 for call in calls if isinstance(calls, list) else ():
                     fn = call.get("function") if isinstance(call, dict) else None
@@ -371,28 +380,3 @@ class AnswerGuard:
                         _, found = self.output.check(name)
                         self._act(ctx, [replace(f, action="block") for f in found])
         self._log_output(ctx)
-
-
-def _merge(delta: dict[str, Any], part: Any, released: str) -> None:
-    """Put text released for ``part`` of a choice (``"refusal"``, ``"function_call"`` or a
-    tool call's index) into ``delta``."""
-    if part == "refusal" or part in REASONING_FIELDS:
-        delta[part] = (delta.get(part) or "") + released
-    elif part == "audio":
-        audio = delta.get("audio")
-        if type(audio) is not dict:
-            audio = delta["audio"] = {}
-        audio["transcript"] = (audio.get("transcript") or "") + released
-    elif part == "function_call":
-        fn = delta.get("function_call")
-        if type(fn) is dict:
-            fn["arguments"] = (fn.get("arguments") or "") + released
-        else:
-            delta["function_call"] = {"arguments": released}
-    else:
-        flushed = {"index": part, "function": {"arguments": released}}
-        tool_calls = delta.get("tool_calls")
-        if type(tool_calls) is list:
-            tool_calls.append(flushed)
-        else:
-            delta["tool_calls"] = [flushed]

@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from gateway.configbase import Strict
 from gateway.redact import SECRET_TYPES, find_secrets, placeholder
+from plugins.guard.bidi import strip_bidi
 from plugins.guard.normalize import LOOKALIKES as _LOOKALIKES
 from plugins.guard.scanner import Finding
 
@@ -254,7 +255,9 @@ class OutputGuard:
             plain = plain_escapes(text)
             if plain != text:
                 checked, findings = self.check(plain)
-                return (checked if findings else text), findings
+                return (checked if findings or checked != plain else text), findings
+        # Bidi controls go: the client then displays the order read here (plugins.guard.bidi).
+        text = strip_bidi(text)
         text, cut = self._canary_pass(text, len(text), findings)
         return self._redact(text, cut, findings)[0], findings
 
@@ -317,6 +320,7 @@ class OutputGuard:
         pending = held + text
         if json_text:
             pending = plain_escapes(pending)
+        pending = strip_bidi(pending)
         if not final and len(pending) <= self.window:
             return "", pending, []  # all of it is still held: nothing to scan yet
         findings: list[Finding] = []
