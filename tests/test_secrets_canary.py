@@ -136,3 +136,40 @@ def test_key_shaped_model_names_and_request_ids_are_not_logged(tmp_path: Path) -
         "demo",
         "demo",
     ]
+
+
+def test_the_output_guard_finds_a_provider_key_spelt_over_many_events() -> None:
+    """One event is scrubbed by the relay, but a key the upstream spells over several events
+    passed whole to the client; with the output guard it is held and redacted like any secret
+    (whatever its shape: a local server's key matches no detector)."""
+    from tests.helpers import build_config, running_gateway
+
+    key = "vllm-CANARY-778899"
+    echo = f"your header was Bearer {key} ok"
+    guard = {"name": "guard", "config": {"semantic": {"enabled": False}}}
+
+    def config(url: str) -> dict[str, object]:
+        return build_config(url, models=[demo_model(url, api_key=key)], pipeline=[guard])
+
+    with running_gateway(config, fake={"content": echo, "chunks": 20}) as gw:
+        client = gw.openai()
+        msgs = [{"role": "user", "content": "hi"}]
+        text = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(model="demo", messages=msgs, stream=True)
+            if c.choices
+        )
+        assert key not in text and "CANARY-778899" not in text, text
+        assert text == "your header was Bearer [REDACTED:credential] ok"
+        plain = client.chat.completions.create(model="demo", messages=msgs)
+        assert key not in (plain.choices[0].message.content or "")
+
+
+def test_credentials_pattern_keeps_the_shortest_covering_strings() -> None:
+    from plugins.guard.output import OutputConfig, OutputGuard
+
+    g = OutputGuard(OutputConfig())
+    g.set_credentials(["Bearer abcdefgh12345", "abcdefgh12345", "short", "other-key-999"])
+    text, findings = g.check("a abcdefgh12345 b other-key-999 c short")
+    assert text == "a [REDACTED:credential] b [REDACTED:credential] c short"
+    assert [f.rule for f in findings] == ["credential", "credential"]

@@ -79,6 +79,9 @@ class GuardPlugin(AnswerGuard, Plugin):
         )
 
     async def startup(self, gateway: Gateway) -> None:
+        # The deployments' keys, found in answers whatever their shape (see OutputGuard).
+        providers = getattr(gateway, "providers", None) or {}  # (tests start it bare)
+        self.output.set_credentials(s for p in providers.values() for s in p.secrets)
         sem = self.config.semantic
         if not sem.enabled:
             return

@@ -14,12 +14,13 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from gateway.configbase import Strict
-from gateway.redact import SECRET_TYPES, find_secrets, placeholder
+from gateway.redact import SECRET_TYPES, SecretHit, find_secrets, placeholder
 from plugins.guard.bidi import strip_bidi
 from plugins.guard.normalize import LOOKALIKES as _LOOKALIKES
 from plugins.guard.scanner import Finding
@@ -212,12 +213,32 @@ def _raw(index: list[int] | None, start: int, end: int) -> tuple[int, int]:
     return index[start], index[end - 1] + 1 if end > start else index[start]
 
 
+def _merged(hits: list[SecretHit], more: list[SecretHit]) -> list[SecretHit]:
+    """Two lists of hits as one, in order, without overlaps (the earlier start wins)."""
+    out: list[SecretHit] = []
+    for h in sorted(hits + more, key=lambda h: (h.start, -h.end)):
+        if not out or h.start >= out[-1].end:
+            out.append(h)
+    return out
+
+
 class OutputGuard:
     def __init__(self, cfg: OutputConfig) -> None:
         self.cfg = cfg
         self.types = frozenset(cfg.secret_types)
         self._canary, _ = canary_pattern(cfg.canary)
         self.window = cfg.hold_window()
+        #: The deployments' own credentials (``set_credentials``), as one pattern.
+        self._credentials: re.Pattern[str] | None = None
+
+    def set_credentials(self, secrets: Iterable[str]) -> None:
+        """Also find these strings (the deployments' keys) in answers, whatever their shape:
+        an upstream that quotes the credentials it was sent must not hand them to clients,
+        also when it spells them over several stream events (one event is scrubbed by the
+        relay). A string holding another one is covered by it ("Bearer <key>")."""
+        found = sorted({s for s in secrets if len(s) >= 8}, key=len)
+        kept = [s for i, s in enumerate(found) if not any(t in s for t in found[:i])]
+        self._credentials = re.compile("|".join(re.escape(s) for s in kept)) if kept else None
 
     # --- one complete text (non-streamed answers, or a released span) ---------------------------
 
@@ -265,7 +286,12 @@ class OutputGuard:
         """Handle secrets ending before ``cut``; a secret straddling it moves ``cut`` back."""
         vis = _visible(text)
         index = None if vis is None else vis[1]
-        hits = find_secrets(text if vis is None else vis[0], self.types)
+        seen = text if vis is None else vis[0]
+        hits = find_secrets(seen, self.types)
+        if self._credentials is not None:
+            own = [SecretHit("credential", *m.span()) for m in self._credentials.finditer(seen)]
+            if own:
+                hits = _merged(hits, own)
         out: list[str] = []
         pos = 0
         for h in hits:
