@@ -30,6 +30,9 @@ x-fake-error-code   error_code ("")         ``code`` of an injected error's body
                                             the Anthropic fake, which has no codes, answers
                                             ``context_length_exceeded`` in Anthropic's words)
 x-fake-error-param  error_param ("")        ``param`` of an injected error's body
+x-fake-usage        usage ("")              a JSON object merged into the answer's ``usage``
+                                            (a null value removes a key), e.g.
+                                            ``{"prompt_tokens_details": {"cached_tokens": 9}}``
 ==================  ======================  ====================================================
 
 Content is ``"Echo: " + the first 200 characters of the last user message``. Usage counts are
