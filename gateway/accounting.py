@@ -124,6 +124,8 @@ def account(gw: Gateway, ctx: RequestContext) -> None:
             series.metrics.record(total, observed, overhead, None, 0)
         if ctx.client_disconnected:
             metrics.DISCONNECTS.inc()
+        if ctx.error_type and ctx.stream and ctx.status == 200:
+            metrics.FAILED_STREAMS.labels(ctx.endpoint, series.model_name or "unknown").inc()
         record: dict[str, Any] = {
             "ts": fast_round(time.time(), 3),
             "request_id": ctx.request_id,

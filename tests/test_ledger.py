@@ -153,6 +153,26 @@ def test_summary_totals_rates_and_percentiles(tmp_path: Path) -> None:
     assert len(s["series"]) == 1 and s["series"][0]["requests"] == 101
 
 
+def test_failed_streams_are_errors_and_a_client_leaving_is_not(tmp_path: Path) -> None:
+    """A stream fails after its 200 went out: ``error_type`` says so, and it counts as an error
+    (and not in the latency percentiles). A client that left (499 before the answer, or a
+    stream it abandoned) is no error of the gateway's."""
+    b = sqlite_backend(tmp_path)
+    insert(b, [
+        record(request_id="ok", stream=True, ms_total=1.0),
+        record(request_id="cut", stream=True, error_type="upstream_error", ms_total=500.0),
+        record(request_id="stall", stream=True, error_type="timeout", ms_total=600.0),
+        record(request_id="left", stream=True, client_disconnected=True, ms_total=2.0),
+        record(request_id="gone", status=499, client_disconnected=True, ms_total=3.0),
+        record(request_id="bad", status=502, error_type="upstream_error", ms_total=4.0),
+    ])  # fmt: skip
+    t = query.summary(b, Filter(T0, T0 + DAY), 3600)["totals"]
+    assert t["requests"] == 6 and t["errors"] == 3
+    assert t["error_rate"] == pytest.approx(0.5)
+    assert query.usage_by_day_model(b, Filter(T0, T0 + DAY))[0]["errors"] == 3
+    assert query.summary(b, Filter(T0, T0 + DAY), 3600)["latency_ms"]["p99"] == 2.0
+
+
 def test_percentile_nearest_rank() -> None:
     assert query.percentile([], 50) is None
     assert query.percentile([5.0], 99) == 5.0

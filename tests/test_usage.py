@@ -138,6 +138,33 @@ def test_summary_and_errors(tmp_path: Path) -> None:
         assert old.status_code == 200 and old.json()["data"] == []
 
 
+def _metric(gw: Any, sample: str) -> float:
+    for line in get(gw, "/metrics", ADMIN_KEY).text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_stream_that_fails_midway_is_an_error(tmp_path: Path) -> None:
+    """Its status is 200 (the answer had begun), its ``error_type`` says it failed: the usage
+    API and the dashboard count it in ``errors``; the metrics count it by its status (200), and
+    in ``gateway_failed_streams_total``."""
+    failed = 'gateway_failed_streams_total{endpoint="chat",model="demo"}'
+    ok = 'gateway_requests_total{endpoint="chat",model="demo",provider="openai",status="200"}'
+    with ledger_gateway(tmp_path) as gw:
+        before = _metric(gw, failed), _metric(gw, ok)
+        chat(gw, USER_KEY, 1)
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "stream": True},
+                       headers={"authorization": f"Bearer {USER_KEY}", "x-fake-drop-after": "2"},
+                       timeout=20)  # fmt: skip
+        assert r.status_code == 200 and '"error"' in r.text
+        day = get(gw, "/v1/usage", USER_KEY).json()["data"][0]
+        assert (day["requests"], day["errors"], day["error_rate"]) == (2, 1, 0.5)
+        totals = get(gw, "/admin/usage/summary", ADMIN_KEY).json()["totals"]
+        assert totals["errors"] == 1
+        assert (_metric(gw, failed) - before[0], _metric(gw, ok) - before[1]) == (1, 2)
+
+
 def test_ledger_off_and_no_auth(tmp_path: Path) -> None:
     with running_gateway(pipeline=[{"name": "auth", "config": auth_config()}]) as gw:
         r = get(gw, "/v1/usage", USER_KEY)

@@ -31,13 +31,19 @@ _TYPES = {
     "ms_ttft": "DOUBLE PRECISION",
 }  # fmt: skip
 
+#: A request that failed: an error status, or an error after a 200 began (a stream the upstream
+#: cut, stalled or ended with an error event, an answer the output guard stopped, a shutdown
+#: cutting it: ``error_type`` set). A client that went away is no error of the gateway's: 499,
+#: and a stream it left (200, ``client_disconnected``, no ``error_type``), are not counted.
+FAILED = "((status >= 400 AND status <> 499) OR error_type IS NOT NULL)"
+
 #: The sums every grouped query returns, in this order.
 AGGREGATES = (
     "count(*)",
     "coalesce(sum(prompt_tokens), 0)",
     "coalesce(sum(completion_tokens), 0)",
     "coalesce(sum(cost_usd), 0)",
-    "coalesce(sum(CASE WHEN status >= 400 THEN 1 ELSE 0 END), 0)",
+    f"coalesce(sum(CASE WHEN {FAILED} THEN 1 ELSE 0 END), 0)",
     "coalesce(sum(blocked), 0)",
     "coalesce(sum(limited), 0)",
 )
@@ -178,7 +184,7 @@ class Backend:
         where, params = self._where(flt)
         sql = (
             f"SELECT model, ms_total, ms_ttft FROM {self.table} WHERE {where} AND status < 400 "
-            f"ORDER BY ts DESC LIMIT {int(limit)}"
+            f"AND error_type IS NULL ORDER BY ts DESC LIMIT {int(limit)}"
         )
         return [(r[0], float(r[1]), None if r[2] is None else float(r[2]))
                 for r in self.query(sql, params)]  # fmt: skip
