@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from gateway.usage import days_ago
 from tests.helpers import running_gateway
@@ -163,6 +164,36 @@ def test_a_stream_that_fails_midway_is_an_error(tmp_path: Path) -> None:
         totals = get(gw, "/admin/usage/summary", ADMIN_KEY).json()["totals"]
         assert totals["errors"] == 1
         assert (_metric(gw, failed) - before[0], _metric(gw, ok) - before[1]) == (1, 2)
+
+
+def test_truncated_answers_say_so_and_the_export_pages_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.ledger import backend
+
+    with ledger_gateway(tmp_path) as gw:
+        chat(gw, USER_KEY, 3)
+        monkeypatch.setattr(backend, "ROW_LIMIT", 2)
+        first = get(gw, "/admin/usage/export", ADMIN_KEY)
+        assert first.headers["x-truncated"] == "true"
+        cursor = first.headers["x-next-after"]
+        rest = get(gw, "/admin/usage/export", ADMIN_KEY, after=cursor)
+        assert rest.status_code == 200 and "x-truncated" not in rest.headers
+        ids = [r["request_id"] for r in csv.DictReader(io.StringIO(first.text + rest.text))
+               if r["request_id"] != "request_id"]  # fmt: skip
+        assert len(ids) == 3 and len(set(ids)) == 3
+        for bad in ("x", "1e400:ab", "nan:ab", "1:a-b", "\uff11\uff17:ab"):
+            r = get(gw, "/admin/usage/export", ADMIN_KEY, after=bad)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "after", bad
+        assert get(gw, "/v1/usage", USER_KEY).json()["truncated"] is False
+        monkeypatch.setattr(backend, "GROUP_LIMIT", 0)
+        assert get(gw, "/v1/usage", USER_KEY).json()["truncated"] is True
+        assert get(gw, "/v1/usage", USER_KEY, format="csv").headers["x-truncated"] == "true"
+        assert get(gw, "/admin/usage/summary", ADMIN_KEY).json()["truncated"] is True
+        monkeypatch.setattr(backend, "GROUP_LIMIT", 100)
+        hourly = get(gw, "/admin/usage/summary", ADMIN_KEY, bucket="hour")  # 30 days: 721 hours
+        assert hourly.status_code == 400 and hourly.json()["error"]["param"] == "bucket"
+        assert get(gw, "/admin/usage/summary", ADMIN_KEY, bucket="day").json()["truncated"] is False
 
 
 def test_ledger_off_and_no_auth(tmp_path: Path) -> None:
