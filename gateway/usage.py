@@ -79,6 +79,8 @@ _LAST_TIME = datetime(9000, 1, 1, tzinfo=UTC).timestamp()
 
 def _parse_time(value: str, param: str) -> float:
     try:
+        if not value.isascii():  # (str.isdigit and float take other scripts' digits)
+            raise ValueError(value)
         if value.isdigit():
             ts = float(value)
         else:
@@ -111,9 +113,15 @@ def _filter(request: Request, identity: Identity, admin: bool) -> Filter:
         end = _parse_time(q["end"], "end")
         if len(q["end"]) == 10 and not q["end"].isdigit():  # YYYY-MM-DD: through that day
             end += _DAY
-    start = end - _DEFAULT_DAYS * _DAY
     if q.get("start"):
         start = _parse_time(q["start"], "start")
+    else:
+        start = end - _DEFAULT_DAYS * _DAY
+        if start < 0:
+            raise InvalidRequestError(
+                f"the default start ({_DEFAULT_DAYS} days before end) is before 1970: give start",
+                param="start",
+            )
     if start >= end:
         raise InvalidRequestError("start must be before end", param="start")
     if end - start > _MAX_DAYS * _DAY:

@@ -196,6 +196,20 @@ def test_truncated_answers_say_so_and_the_export_pages_on(
         assert get(gw, "/admin/usage/summary", ADMIN_KEY, bucket="day").json()["truncated"] is False
 
 
+def test_times_in_other_scripts_digits_are_refused(tmp_path: Path) -> None:
+    with ledger_gateway(tmp_path) as gw:
+        for times, param in [
+            ({"end": "\uff12\uff10\uff12\uff16"}, "end"),  # fullwidth: was second 2026
+            ({"start": "\u0661\u0667" + "\u0660" * 8, "end": "2026-01-01"}, "start"),
+            ({"end": "2026-01-0\uff11"}, "end"),
+            ({"end": "2026"}, "start"),  # epoch second 2026: 30 days before it is before 1970
+        ]:
+            r = get(gw, "/v1/usage", USER_KEY, **times)
+            assert r.status_code == 400, (times, r.text)
+            assert r.json()["error"]["param"] == param, times
+        assert get(gw, "/v1/usage", USER_KEY, start="0", end="2026").status_code == 200
+
+
 def test_ledger_off_and_no_auth(tmp_path: Path) -> None:
     with running_gateway(pipeline=[{"name": "auth", "config": auth_config()}]) as gw:
         r = get(gw, "/v1/usage", USER_KEY)
