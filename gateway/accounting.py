@@ -58,8 +58,8 @@ class _Series:
     here ~40)."""
 
     __slots__ = (
-        "deployment", "entry", "input_per_mtok", "metrics", "model_name", "model_used",
-        "output_per_mtok", "provider", "used",
+        "cache_write_per_mtok", "cached_per_mtok", "deployment", "entry", "input_per_mtok",
+        "metrics", "model_name", "model_used", "output_per_mtok", "provider", "used",
     )  # fmt: skip
 
     def __init__(
@@ -80,6 +80,8 @@ class _Series:
         price = used.price if used is not None else None
         self.input_per_mtok = price.input_per_mtok if price is not None else 0.0
         self.output_per_mtok = price.output_per_mtok if price is not None else 0.0
+        self.cached_per_mtok = price.cached_rate if price is not None else 0.0
+        self.cache_write_per_mtok = price.cache_write_rate if price is not None else 0.0
 
 
 #: By (endpoint, id of the entry, id of the deployment used, status). The labels come from
@@ -122,6 +124,8 @@ def account(gw: Gateway, ctx: RequestContext) -> None:
             series.metrics.record(total, observed, overhead, None, 0)
         if ctx.client_disconnected:
             metrics.DISCONNECTS.inc()
+        if ctx.error_type and ctx.stream and ctx.status == 200:
+            metrics.FAILED_STREAMS.labels(ctx.endpoint, series.model_name or "unknown").inc()
         record: dict[str, Any] = {
             "ts": fast_round(time.time(), 3),
             "request_id": ctx.request_id,
@@ -150,18 +154,22 @@ def account(gw: Gateway, ctx: RequestContext) -> None:
         if usage is not None:
             record["prompt_tokens"] = usage.prompt_tokens
             record["completion_tokens"] = usage.completion_tokens
+            cached, write = usage.cached_tokens, usage.cache_write_tokens
+            if cached or write:
+                record["cached_tokens"] = cached
+                record["cache_write_tokens"] = write
             if usage.estimated:
                 record["tokens_estimated"] = True
             if used is not None:  # Price.cost, with the prices read once
                 per_mtok = (
-                    usage.prompt_tokens * series.input_per_mtok
+                    (usage.prompt_tokens - cached - write) * series.input_per_mtok
+                    + cached * series.cached_per_mtok
+                    + write * series.cache_write_per_mtok
                     + usage.completion_tokens * series.output_per_mtok
                 )
                 record["cost_usd"] = fast_round(per_mtok / 1e6, 8)
             elif ctx.deployment is not None:  # answered without an upstream call (a cache hit)
-                record["cost_usd"] = fast_round(
-                    ctx.deployment.price.cost(usage.prompt_tokens, usage.completion_tokens), 8
-                )
+                record["cost_usd"] = fast_round(ctx.deployment.price.cost_of(usage), 8)
         if ctx.client_disconnected:
             record["client_disconnected"] = True
         attempt_log = ctx.attempt_log

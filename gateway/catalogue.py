@@ -2,23 +2,65 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
 from gateway.configbase import Strict
 
+if TYPE_CHECKING:
+    from gateway.context import Usage
+
 
 class Price(Strict):
-    """USD per million tokens."""
+    """USD per million tokens. ``input_per_mtok`` prices every input token the provider's
+    prompt cache played no part in; cached prompts are priced apart when configured (left
+    out, they cost the input price: nothing changes for a table that does not set them)."""
 
     input_per_mtok: float = Field(0.0, ge=0)
     output_per_mtok: float = Field(0.0, ge=0)
+    #: Input tokens read from the prompt cache (OpenAI ``cached_tokens``: 0.1-0.5x the input
+    #: price by model; Anthropic ``cache_read_input_tokens``: 0.1x). Unset: the input price.
+    cached_input_per_mtok: float | None = Field(None, ge=0)
+    #: Input tokens written to the prompt cache (Anthropic ``cache_creation_input_tokens``:
+    #: 1.25x the input price for the 5-minute cache, 2x for the hour). Unset: the input price.
+    cache_write_per_mtok: float | None = Field(None, ge=0)
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        per_mtok = prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok
+    @property
+    def cached_rate(self) -> float:
+        rate = self.cached_input_per_mtok
+        return self.input_per_mtok if rate is None else rate
+
+    @property
+    def cache_write_rate(self) -> float:
+        rate = self.cache_write_per_mtok
+        return self.input_per_mtok if rate is None else rate
+
+    @property
+    def max_input_rate(self) -> float:
+        """The highest price an input token may cost (what a worst-case estimate charges)."""
+        return max(self.input_per_mtok, self.cached_rate, self.cache_write_rate)
+
+    def cost(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+        cache_write_tokens: int = 0,
+    ) -> float:  # fmt: skip
+        """USD for a request; ``prompt_tokens`` includes the cached and cache-write ones."""
+        fresh = prompt_tokens - cached_tokens - cache_write_tokens
+        per_mtok = (
+            fresh * self.input_per_mtok
+            + cached_tokens * self.cached_rate
+            + cache_write_tokens * self.cache_write_rate
+            + completion_tokens * self.output_per_mtok
+        )
         return per_mtok / 1e6
+
+    def cost_of(self, usage: Usage) -> float:
+        return self.cost(
+            usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+            usage.cache_write_tokens,
+        )  # fmt: skip
 
 
 Capability = Literal["tools", "vision", "json", "streaming", "embeddings"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from gateway.catalogue import Deployment, ModelEntry
 
 
@@ -26,27 +28,97 @@ class Identity:
 
 @dataclass(slots=True)
 class Usage:
+    #: Every input token, cached ones included (OpenAI's ``prompt_tokens``).
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    #: True when counted by the gateway (tiktoken) because the upstream sent no usage.
+    #: True when a count is the gateway's (tiktoken): the upstream sent no usage, or a count in
+    #: it was not a whole number of tokens.
     estimated: bool = False
+    #: Of ``prompt_tokens``, those read from the provider's prompt cache (OpenAI's
+    #: ``prompt_tokens_details.cached_tokens``, Anthropic's ``cache_read_input_tokens``) and
+    #: those written to it (Anthropic's ``cache_creation_input_tokens``); priced apart.
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
 
-def usage_from(data: dict[str, Any]) -> Usage | None:
-    """The ``usage`` of an OpenAI answer or stream event, if it has one. Negative counts (a
-    broken or hostile upstream) count as 0: they would credit budgets and token limits."""
+#: Larger counts are no real usage (a broken or hostile upstream); they would also overflow
+#: the ledger's sums.
+MAX_TOKENS = 10**12
+
+
+def token_count(value: Any) -> int | None:
+    """``value`` as a token count: a whole, non-negative number (``2000.0`` is 2000), else None
+    (booleans, strings, fractions, negatives, NaN and infinities are no count)."""
+    if type(value) is int:
+        return value if 0 <= value <= MAX_TOKENS else None
+    if type(value) is float and value.is_integer() and 0 <= value <= MAX_TOKENS:
+        return int(value)
+    return None
+
+
+class ReportedUsage(NamedTuple):
+    """An upstream's usage as reported: a count that was missing or invalid is None."""
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cached_tokens: int
+    cache_write_tokens: int
+
+    @property
+    def complete(self) -> bool:
+        return self.prompt_tokens is not None and self.completion_tokens is not None
+
+    def usage(self, estimate: Callable[[], Usage] | None = None) -> Usage:
+        """The usage, counts that were missing or invalid taken from ``estimate()`` (called
+        only then) and marked estimated: never a silent 0."""
+        prompt, completion = self.prompt_tokens, self.completion_tokens
+        estimated = False
+        if prompt is None or completion is None:
+            guess = estimate() if estimate is not None else Usage()
+            estimated = True
+            if prompt is None:
+                prompt = guess.prompt_tokens
+            if completion is None:
+                completion = guess.completion_tokens
+        # The cache's share cannot exceed the prompt it is part of.
+        cached = min(self.cached_tokens, prompt)
+        write = min(self.cache_write_tokens, prompt - cached)
+        return Usage(prompt, completion, estimated, cached, write)
+
+
+#: No usage reported: every count is the gateway's estimate.
+UNREPORTED = ReportedUsage(None, None, 0, 0)
+
+
+def reported_usage(data: dict[str, Any]) -> ReportedUsage | None:
+    """The ``usage`` of an OpenAI answer or stream event as the upstream reported it, if it has
+    one with at least one valid count. A count that is no whole non-negative number (a broken
+    or hostile upstream) is None: a negative one would credit budgets and token limits, and 0
+    would make the request free."""
     usage = data.get("usage")
     if not isinstance(usage, dict):
         return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens", 0)
-    if not isinstance(prompt, int):
+    prompt = token_count(usage.get("prompt_tokens"))
+    completion = token_count(usage.get("completion_tokens"))
+    if prompt is None and completion is None:
         return None
-    return Usage(max(0, prompt), max(0, completion) if isinstance(completion, int) else 0)
+    details = usage.get("prompt_tokens_details")
+    cached = write = 0
+    if isinstance(details, dict):
+        cached = token_count(details.get("cached_tokens")) or 0
+        write = token_count(details.get("cache_write_tokens")) or 0
+    return ReportedUsage(prompt, completion, cached, write)
+
+
+def usage_from(data: dict[str, Any], estimate: Callable[[], Usage] | None = None) -> Usage | None:
+    """The ``usage`` of an OpenAI answer or stream event, if it has one (see
+    :func:`reported_usage`); a missing or invalid count comes from ``estimate()``."""
+    reported = reported_usage(data)
+    return reported.usage(estimate) if reported is not None else None
 
 
 @dataclass(slots=True, init=False)

@@ -30,6 +30,7 @@ from gateway.fake_upstream.state import (
     read_json,
     serve_stream,
     stall,
+    usage_with,
 )
 
 _ERROR_TYPES = {
@@ -165,7 +166,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         "content": blocks,
         "stop_reason": stop,
         "stop_sequence": None,
-        "usage": {"input_tokens": prompt_words, "output_tokens": out_words},
+        "usage": usage_with({"input_tokens": prompt_words, "output_tokens": out_words}, b),
     }
     if body.get("stream"):
         return await _stream(request, b, msg)
@@ -177,7 +178,8 @@ async def _stream(request: web.Request, b: Behaviour, msg: dict[str, Any]) -> we
         headers={"content-type": "text/event-stream", "cache-control": "no-cache"}
     )
     start = {**msg, "content": [], "stop_reason": None}
-    start["usage"] = {"input_tokens": msg["usage"]["input_tokens"], "output_tokens": 1}
+    # As Anthropic: message_start has the input counts, message_delta the output's.
+    start["usage"] = {**msg["usage"], "output_tokens": 1}
     delay = b.delay_ms / 1000
 
     async def produce() -> bool:
@@ -223,7 +225,7 @@ async def _stream(request: web.Request, b: Behaviour, msg: dict[str, Any]) -> we
         await resp.write(_sse("message_delta", {
             "type": "message_delta",
             "delta": {"stop_reason": msg["stop_reason"], "stop_sequence": None},
-            "usage": {"output_tokens": msg["usage"]["output_tokens"]},
+            "usage": {"output_tokens": msg["usage"].get("output_tokens")},
         }))  # fmt: skip
         await resp.write(_sse("message_stop", {"type": "message_stop"}))
         return True

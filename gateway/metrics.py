@@ -235,6 +235,12 @@ UPSTREAM_ERRORS = _counter(
 DISCONNECTS = _counter(
     "gateway_client_disconnects_total", "Clients that went away before the answer ended."
 )
+FAILED_STREAMS = _counter(
+    "gateway_failed_streams_total",
+    "Streams that failed after their 200 went out (gateway_requests_total counts them as 200), "
+    "by endpoint and public model.",
+    ["endpoint", "model"],
+)
 
 #: In worker processes a ``livesum`` gauge updated per request; in one process, read from the
 #: gateways registered with :func:`track_in_flight` when scraped.

@@ -313,7 +313,7 @@ async def forward(
     ctx.finished = time.perf_counter()
     ctx.response = data
     ctx.status = 200
-    ctx.usage = usage_from(data) or estimate_usage(ctx, data)
+    ctx.usage = usage_from(data, lambda: estimate_usage(ctx, data)) or estimate_usage(ctx, data)
     try:
         err = await finish_response_phase(ran, ctx)
     except asyncio.CancelledError:
@@ -346,11 +346,9 @@ def _answer_headers(ctx: RequestContext, resp: UpstreamResponse) -> list[tuple[b
 def estimate_usage(ctx: RequestContext, data: dict[str, Any]) -> Usage:
     from gateway import tokens
 
-    model = ctx.deployment.model if ctx.deployment else ctx.model
     texts: list[str] = []
     for choice in data.get("choices") or ():
         msg = choice.get("message") if isinstance(choice, dict) else None
         if isinstance(msg, dict):
             texts.extend(tokens.generated_texts(msg))
-    text = "".join(texts)
-    return Usage(tokens.prompt_tokens(ctx), tokens.count_text(text, model), estimated=True)
+    return tokens.estimated_usage(ctx, "".join(texts))

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway import metrics
-from gateway.context import Usage, usage_from
+from gateway.context import UNREPORTED, ReportedUsage, Usage, reported_usage
 from gateway.disconnect import DisconnectWatch
 from gateway.envelope import Envelope, TextChunk, join_reads
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError
@@ -77,6 +77,7 @@ class _Relay:
         #: Bytes produced but not sent yet (held after [DONE] to coalesce the last write).
         self.pending = b""
         self.usage: Usage | None = None
+        self.reported: ReportedUsage | None = None  # the last usage event
         self.saw_done = False
         #: Forwarded events kept until the upstream's usage shows up (then dropped), so the
         #: completion can still be counted if it never does (all of them with ``keep_text``).
@@ -139,12 +140,10 @@ class _Relay:
                 start, end, _ = found
                 self._fail(complete[start:end])
                 complete = complete[:start]
-        if self.keep_text:
+        if self.keep_text or self.usage is None:
             self.kept.append(complete)
         at = usage_at(complete)
         if at == -1:
-            if self.usage is None and not self.keep_text:
-                self.kept.append(complete)
             return complete
         # Only the events carrying usage are parsed; the bytes around them pass as they came.
         out: list[bytes] = []
@@ -173,12 +172,14 @@ class _Relay:
 
     def _usage_of(self, obj: dict[str, Any]) -> bool:
         """Record the usage in the parsed event ``obj``; True if the event should be dropped."""
-        usage = usage_from(obj)
-        if usage is not None:
-            self.usage = usage
-            self.generated.clear()
-            if not self.keep_text:
-                self.kept.clear()
+        reported = reported_usage(obj)
+        if reported is not None:
+            self.reported = reported  # (a count missing: the text stays, for an estimate)
+            if reported.complete:
+                self.usage = reported.usage()
+                self.generated.clear()
+                if not self.keep_text:
+                    self.kept.clear()
         return not obj.get("choices") and not self.client_wants_usage
 
     async def _parsed(self, complete: bytes) -> bytes:
@@ -310,14 +311,10 @@ class _Relay:
     def final_usage(self) -> Usage:
         if self.usage is not None:
             return self.usage
-        from gateway import tokens
+        from gateway.tokens import estimated_usage
 
-        model = self.ctx.deployment.model if self.ctx.deployment else self.ctx.model
-        return Usage(
-            tokens.prompt_tokens(self.ctx),
-            tokens.count_text(self.completion_text(generated=True), model),
-            estimated=True,
-        )
+        reported = self.reported or UNREPORTED  # a count missing: the gateway's estimate
+        return reported.usage(lambda: estimated_usage(self.ctx, self.completion_text(True)))
 
 
 async def relay_stream(

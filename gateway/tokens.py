@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from gateway.context import Usage
 from gateway.digest import text_digest
 
 _BLOB = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
@@ -216,3 +217,9 @@ def prompt_tokens(ctx: Any) -> int:
                 n += count_text(orjson.dumps(tools).decode(), model)
             ctx.prompt_tokens_estimate = n
     return ctx.prompt_tokens_estimate
+
+
+def estimated_usage(ctx: Any, completion_text: str) -> Usage:
+    """The usage as the gateway counts it: the prompt sent, ``completion_text`` generated."""
+    model = ctx.deployment.model if ctx.deployment else ctx.model
+    return Usage(prompt_tokens(ctx), count_text(completion_text, model), estimated=True)

@@ -4,7 +4,8 @@
   admins may pass ``tenant`` / ``user`` to see anyone's. ``?format=csv`` exports it.
 - ``GET /admin/usage/summary``: totals, time series, top tenants / users / models, error and
   block rates, latency percentiles (admin).
-- ``GET /admin/usage/export``: the raw rows as CSV (admin).
+- ``GET /admin/usage/export``: the raw rows as CSV, in pages (``after``: the cursor in the
+  previous page's ``x-next-after`` header) (admin).
 - ``GET /admin/dashboard``: the cost dashboard page, drawing ``/admin/usage/summary`` (admin).
 
 Every route authenticates through the pipeline's auth plugin (for ``/admin/*`` the plugin
@@ -78,6 +79,8 @@ _LAST_TIME = datetime(9000, 1, 1, tzinfo=UTC).timestamp()
 
 def _parse_time(value: str, param: str) -> float:
     try:
+        if not value.isascii():  # (str.isdigit and float take other scripts' digits)
+            raise ValueError(value)
         if value.isdigit():
             ts = float(value)
         else:
@@ -110,9 +113,15 @@ def _filter(request: Request, identity: Identity, admin: bool) -> Filter:
         end = _parse_time(q["end"], "end")
         if len(q["end"]) == 10 and not q["end"].isdigit():  # YYYY-MM-DD: through that day
             end += _DAY
-    start = end - _DEFAULT_DAYS * _DAY
     if q.get("start"):
         start = _parse_time(q["start"], "start")
+    else:
+        start = end - _DEFAULT_DAYS * _DAY
+        if start < 0:
+            raise InvalidRequestError(
+                f"the default start ({_DEFAULT_DAYS} days before end) is before 1970: give start",
+                param="start",
+            )
     if start >= end:
         raise InvalidRequestError("start must be before end", param="start")
     if end - start > _MAX_DAYS * _DAY:
@@ -138,7 +147,9 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def _csv(header: tuple[str, ...], rows: list[Any], filename: str) -> Response:
+def _csv(
+    header: tuple[str, ...], rows: list[Any], filename: str, extra: dict[str, str] | None = None
+) -> Response:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -147,7 +158,11 @@ def _csv(header: tuple[str, ...], rows: list[Any], filename: str) -> Response:
     return Response(
         buf.getvalue(),
         media_type="text/csv; charset=utf-8",
-        headers={**NO_STORE, "content-disposition": f'attachment; filename="{filename}"'},
+        headers={
+            **NO_STORE,
+            "content-disposition": f'attachment; filename="{filename}"',
+            **(extra or {}),
+        },
     )
 
 
@@ -171,8 +186,10 @@ async def usage(request: Request) -> Response:
         return error_response(err)
     if fmt == "csv":
         rows = [[item[f] for f in _USAGE_FIELDS] for item in data]
-        return _csv(_USAGE_FIELDS, rows, "usage.csv")
-    return private_json({"object": "list", **_window(flt), "data": data})
+        return _csv(_USAGE_FIELDS, rows, "usage.csv", _TRUNCATED if data.truncated else None)
+    return private_json(
+        {"object": "list", **_window(flt), "truncated": data.truncated, "data": list(data)}
+    )
 
 
 async def summary(request: Request) -> Response:
@@ -180,12 +197,13 @@ async def summary(request: Request) -> Response:
         gw, identity, admin = await _identify(request, "admin")
         ledger = _ledger(gw)
         flt = _filter(request, identity, admin)
-        bucket = request.query_params.get("bucket") or (
-            "hour" if flt.end - flt.start <= 3 * _DAY else "day"
-        )
+        asked = request.query_params.get("bucket")
+        bucket = asked or ("hour" if flt.end - flt.start <= 3 * _DAY else "day")
         if bucket not in ("hour", "day"):
             raise InvalidRequestError("bucket must be hour or day", param="bucket")
-        data = await ledger.summary(flt, 3600 if bucket == "hour" else _DAY)
+        # An hourly series asked for that one answer cannot hold is refused, not cut.
+        hourly = bucket == "hour"
+        data = await ledger.summary(flt, 3600 if hourly else _DAY, strict=hourly and bool(asked))
     except GatewayError as err:
         return error_response(err)
     return private_json({**_window(flt), "bucket": bucket, "generated_at": time.time(), **data})
@@ -196,10 +214,34 @@ async def export(request: Request) -> Response:
         gw, identity, admin = await _identify(request, "admin")
         ledger = _ledger(gw)
         flt = _filter(request, identity, admin)
-        rows = await ledger.rows(flt)
+        after = _cursor(request.query_params.get("after"))
+        rows, more = await ledger.rows(flt, after)
     except GatewayError as err:
         return error_response(err)
-    return _csv(COLUMNS, rows, "usage-requests.csv")
+    # Pages of ROW_LIMIT rows, oldest first; past one, the headers give the next page's cursor.
+    extra = {**_TRUNCATED, "x-next-after": f"{more[0]!r}:{more[1]}"} if more else None
+    return _csv(COLUMNS, rows, "usage-requests.csv", extra)
+
+
+_TRUNCATED = {"x-truncated": "true"}
+
+
+def _cursor(value: str | None) -> tuple[float, str] | None:
+    """An export cursor (``x-next-after``: ``<ts>:<row id>``), checked."""
+    if not value:
+        return None
+    ts, _, row_id = value.partition(":")
+    try:
+        if not value.isascii() or len(value) > 128 or (row_id and not row_id.isalnum()):
+            raise ValueError(value)
+        at = float(ts)
+        if not 0 <= at < _LAST_TIME:  # (NaN too)
+            raise ValueError(value)
+    except ValueError:
+        raise InvalidRequestError(
+            "after must be the x-next-after header of the previous page", param="after"
+        ) from None
+    return at, row_id
 
 
 @cache

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from gateway.config import ConfigError, LedgerConfig, parse_settings
+from gateway.errors import InvalidRequestError
 from gateway.ledger import Filter, Ledger, make_backend, query
 from gateway.ledger import metrics as lm
 from gateway.ledger.backend import Backend
@@ -131,7 +132,7 @@ def test_sqlite_grouped_sums_and_filters(tmp_path: Path) -> None:
     hours = b.grouped(everything, ("bucket",), bucket_s=3600)
     assert [h["bucket"] for h in hours] == [T0, T0 + DAY]
     assert b.count() == 4
-    assert [r[0] for r in b.rows(everything)] == ["r1", "r2", "r3", "r4"]
+    assert [r[0] for r in b.rows(everything)[0]] == ["r1", "r2", "r3", "r4"]
 
 
 def test_summary_totals_rates_and_percentiles(tmp_path: Path) -> None:
@@ -151,6 +152,75 @@ def test_summary_totals_rates_and_percentiles(tmp_path: Path) -> None:
     costs = [u["cost_usd"] for u in s["by_user"]]
     assert costs == sorted(costs, reverse=True)
     assert len(s["series"]) == 1 and s["series"][0]["requests"] == 101
+
+
+def test_failed_streams_are_errors_and_a_client_leaving_is_not(tmp_path: Path) -> None:
+    """A stream fails after its 200 went out: ``error_type`` says so, and it counts as an error
+    (and not in the latency percentiles). A client that left (499 before the answer, or a
+    stream it abandoned) is no error of the gateway's."""
+    b = sqlite_backend(tmp_path)
+    insert(b, [
+        record(request_id="ok", stream=True, ms_total=1.0),
+        record(request_id="cut", stream=True, error_type="upstream_error", ms_total=500.0),
+        record(request_id="stall", stream=True, error_type="timeout", ms_total=600.0),
+        record(request_id="left", stream=True, client_disconnected=True, ms_total=2.0),
+        record(request_id="gone", status=499, client_disconnected=True, ms_total=3.0),
+        record(request_id="bad", status=502, error_type="upstream_error", ms_total=4.0),
+    ])  # fmt: skip
+    t = query.summary(b, Filter(T0, T0 + DAY), 3600)["totals"]
+    assert t["requests"] == 6 and t["errors"] == 3
+    assert t["error_rate"] == pytest.approx(0.5)
+    assert query.usage_by_day_model(b, Filter(T0, T0 + DAY))[0]["errors"] == 3
+    assert query.summary(b, Filter(T0, T0 + DAY), 3600)["latency_ms"]["p99"] == 2.0
+
+
+def test_grouped_answers_past_the_limit_say_so_and_keep_the_latest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.ledger import backend
+
+    b = sqlite_backend(tmp_path)
+    insert(b, [record(request_id=f"d{i}", ts=T0 + i * DAY + 5, model_name=m)
+               for i in range(5) for m in ("demo", "big")])  # fmt: skip
+    flt = Filter(T0, T0 + 5 * DAY)
+    whole = query.usage_by_day_model(b, flt)
+    assert len(whole) == 10 and not whole.truncated
+    monkeypatch.setattr(backend, "GROUP_LIMIT", 3)
+    cut = query.usage_by_day_model(b, flt)
+    assert cut.truncated
+    assert [(x["day"], x["model"]) for x in cut] == [
+        ("2026-01-04", "demo"), ("2026-01-05", "big"), ("2026-01-05", "demo")]  # fmt: skip
+    s = query.summary(b, flt, DAY)
+    assert s["truncated"] and [x["bucket"] for x in s["series"]] == [
+        T0 + i * DAY for i in (2, 3, 4)
+    ]
+    assert s["series_by_model"][-1]["bucket"] == T0 + 4 * DAY
+    # An explicit hourly series that one answer cannot hold is refused, not cut.
+    with pytest.raises(InvalidRequestError, match="bucket=day or a shorter range"):
+        query.summary(b, flt, 3600, refuse_over_limit=True)
+    monkeypatch.setattr(backend, "GROUP_LIMIT", 10)
+    assert not query.summary(b, flt, DAY)["truncated"]
+
+
+def test_rows_page_through_everything_with_a_cursor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.ledger import backend
+
+    b = sqlite_backend(tmp_path)
+    # Two rows share a time: the cursor still tells them apart (by row id).
+    insert(b, [record(request_id=f"p{i}", ts=T0 + min(i, 3)) for i in range(6)])
+    monkeypatch.setattr(backend, "ROW_LIMIT", 2)
+    seen: list[str] = []
+    after = None
+    for _ in range(5):
+        rows, after = b.rows(Filter(T0, T0 + DAY), after)
+        seen += [r[0] for r in rows]
+        assert len(rows) <= 2
+        if after is None:
+            break
+    assert sorted(seen) == [f"p{i}" for i in range(6)] and len(seen) == 6
+    assert seen[:3] == ["p0", "p1", "p2"]
 
 
 def test_percentile_nearest_rank() -> None:

@@ -214,6 +214,45 @@ def test_postgres_retried_batch_is_not_counted_twice(prefix: str) -> None:
     assert backend.count() == 3
 
 
+def test_postgres_errors_truncation_and_export_pages(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SQL both backends share, on PostgreSQL: a failed stream is an error and a client
+    leaving is not; a grouped answer past the limit says so and keeps the latest groups; the
+    export's cursor pages through rows that share a time."""
+    from gateway.ledger import backend as backend_module
+    from gateway.ledger import query
+
+    backend = PostgresBackend(URL, prefix)
+    t0 = 1_767_225_600.0
+    rows = [row_from(record(request_id=f"r{i}", ts=t0 + min(i, 3) + (i // 4) * DAY))
+            for i in range(6)]  # fmt: skip
+    rows += [
+        row_from(record(request_id="cut", ts=t0 + 9, stream=True, error_type="upstream_error")),
+        row_from(record(request_id="left", ts=t0 + 9, status=499, client_disconnected=True)),
+    ]
+    conn = backend.connect()
+    try:
+        backend.create_schema(conn)
+        backend.insert(conn, rows)
+    finally:
+        conn.close()
+    flt = Filter(t0, t0 + 2 * DAY)
+    assert backend.grouped(flt, ())[0]["errors"] == 1
+    monkeypatch.setattr(backend_module, "GROUP_LIMIT", 1)
+    days = query.usage_by_day_model(backend, flt)
+    assert days.truncated and [d["day"] for d in days] == ["2026-01-02"]
+    monkeypatch.setattr(backend_module, "ROW_LIMIT", 3)
+    seen: list[str] = []
+    after = None
+    for _ in range(5):
+        page, after = backend.rows(flt, after)
+        seen += [r[0] for r in page]
+        if after is None:
+            break
+    assert sorted(seen) == sorted(["cut", "left", *(f"r{i}" for i in range(6))])
+
+
 def test_postgres_schema_check_does_not_wait_behind_an_open_write(prefix: str) -> None:
     """A session that died mid-insert behind a cut network keeps its lock until TCP keepalive
     ends it (hours). Reconnecting must not wait for it: the indexes already there are not

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from gateway.usage import days_ago
 from tests.helpers import running_gateway
@@ -136,6 +137,77 @@ def test_summary_and_errors(tmp_path: Path) -> None:
         # a date range in the past holds nothing
         old = get(gw, "/v1/usage", USER_KEY, start="2025-01-01", end="2025-01-31")
         assert old.status_code == 200 and old.json()["data"] == []
+
+
+def _metric(gw: Any, sample: str) -> float:
+    for line in get(gw, "/metrics", ADMIN_KEY).text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_stream_that_fails_midway_is_an_error(tmp_path: Path) -> None:
+    """Its status is 200 (the answer had begun), its ``error_type`` says it failed: the usage
+    API and the dashboard count it in ``errors``; the metrics count it by its status (200), and
+    in ``gateway_failed_streams_total``."""
+    failed = 'gateway_failed_streams_total{endpoint="chat",model="demo"}'
+    ok = 'gateway_requests_total{endpoint="chat",model="demo",provider="openai",status="200"}'
+    with ledger_gateway(tmp_path) as gw:
+        before = _metric(gw, failed), _metric(gw, ok)
+        chat(gw, USER_KEY, 1)
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "stream": True},
+                       headers={"authorization": f"Bearer {USER_KEY}", "x-fake-drop-after": "2"},
+                       timeout=20)  # fmt: skip
+        assert r.status_code == 200 and '"error"' in r.text
+        day = get(gw, "/v1/usage", USER_KEY).json()["data"][0]
+        assert (day["requests"], day["errors"], day["error_rate"]) == (2, 1, 0.5)
+        totals = get(gw, "/admin/usage/summary", ADMIN_KEY).json()["totals"]
+        assert totals["errors"] == 1
+        assert (_metric(gw, failed) - before[0], _metric(gw, ok) - before[1]) == (1, 2)
+
+
+def test_truncated_answers_say_so_and_the_export_pages_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.ledger import backend
+
+    with ledger_gateway(tmp_path) as gw:
+        chat(gw, USER_KEY, 3)
+        monkeypatch.setattr(backend, "ROW_LIMIT", 2)
+        first = get(gw, "/admin/usage/export", ADMIN_KEY)
+        assert first.headers["x-truncated"] == "true"
+        cursor = first.headers["x-next-after"]
+        rest = get(gw, "/admin/usage/export", ADMIN_KEY, after=cursor)
+        assert rest.status_code == 200 and "x-truncated" not in rest.headers
+        ids = [r["request_id"] for r in csv.DictReader(io.StringIO(first.text + rest.text))
+               if r["request_id"] != "request_id"]  # fmt: skip
+        assert len(ids) == 3 and len(set(ids)) == 3
+        for bad in ("x", "1e400:ab", "nan:ab", "1:a-b", "\uff11\uff17:ab"):
+            r = get(gw, "/admin/usage/export", ADMIN_KEY, after=bad)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "after", bad
+        assert get(gw, "/v1/usage", USER_KEY).json()["truncated"] is False
+        monkeypatch.setattr(backend, "GROUP_LIMIT", 0)
+        assert get(gw, "/v1/usage", USER_KEY).json()["truncated"] is True
+        assert get(gw, "/v1/usage", USER_KEY, format="csv").headers["x-truncated"] == "true"
+        assert get(gw, "/admin/usage/summary", ADMIN_KEY).json()["truncated"] is True
+        monkeypatch.setattr(backend, "GROUP_LIMIT", 100)
+        hourly = get(gw, "/admin/usage/summary", ADMIN_KEY, bucket="hour")  # 30 days: 721 hours
+        assert hourly.status_code == 400 and hourly.json()["error"]["param"] == "bucket"
+        assert get(gw, "/admin/usage/summary", ADMIN_KEY, bucket="day").json()["truncated"] is False
+
+
+def test_times_in_other_scripts_digits_are_refused(tmp_path: Path) -> None:
+    with ledger_gateway(tmp_path) as gw:
+        for times, param in [
+            ({"end": "\uff12\uff10\uff12\uff16"}, "end"),  # fullwidth: was second 2026
+            ({"start": "\u0661\u0667" + "\u0660" * 8, "end": "2026-01-01"}, "start"),
+            ({"end": "2026-01-0\uff11"}, "end"),
+            ({"end": "2026"}, "start"),  # epoch second 2026: 30 days before it is before 1970
+        ]:
+            r = get(gw, "/v1/usage", USER_KEY, **times)
+            assert r.status_code == 400, (times, r.text)
+            assert r.json()["error"]["param"] == param, times
+        assert get(gw, "/v1/usage", USER_KEY, start="0", end="2026").status_code == 200
 
 
 def test_ledger_off_and_no_auth(tmp_path: Path) -> None:

@@ -33,6 +33,9 @@ x-fake-error-param  error_param ("")        ``param`` of an injected error's bod
 x-fake-annotations  annotations ("")        the message's ``annotations`` (a JSON list, e.g. a
                                             ``url_citation``); a stream sends them in one delta
                                             before the finish chunk
+x-fake-usage        usage ("")              a JSON object merged into the answer's ``usage``
+                                            (a null value removes a key), e.g.
+                                            ``{"prompt_tokens_details": {"cached_tokens": 9}}``
 ==================  ======================  ====================================================
 
 Content is ``"Echo: " + the first 200 characters of the last user message``. Usage counts are

@@ -22,6 +22,7 @@ from gateway.fake_upstream.state import (
     read_json,
     serve_stream,
     stall,
+    usage_with,
 )
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
@@ -67,11 +68,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     content, prompt_tokens = reply_text(body.get("messages"))
     if b.content is not None:
         content = b.content
-    usage = {
+    usage = usage_with({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": _words(content),
         "total_tokens": prompt_tokens + _words(content),
-    }
+    }, b)  # fmt: skip
     cid, created = state.next_id("chatcmpl"), int(time.time())
     request_id = request.headers.get("x-request-id") or state.next_id("req")
     if body.get("stream"):
@@ -118,7 +119,7 @@ async def _stream(
     created: int,
     model: str,
     content: str,
-    usage: dict[str, int] | None,
+    usage: dict[str, Any] | None,
     request_id: str,
 ) -> web.StreamResponse:
     # Every chunk shares this envelope; only the delta differs, so pre-encode the two halves.

@@ -31,6 +31,8 @@ class Behaviour:
     error_code: str = ""
     error_param: str = ""
     annotations: str = ""
+    #: A JSON object merged into the answer's ``usage`` (a null value removes the key).
+    usage: str = ""
 
     def merged(self, overrides: Mapping[str, Any]) -> Behaviour:
         return dataclasses.replace(self, **overrides) if overrides else self
@@ -71,7 +73,22 @@ def _coerce(name: str, value: Any) -> Any:
             ok = False
         if not ok:
             raise ValueError("annotations must be a JSON list")
+    if name == "usage":
+        try:
+            parsed = orjson.loads(value) if value else {}
+        except orjson.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("usage must be a JSON object")
     return str(value)
+
+
+def usage_with(usage: dict[str, Any], b: Behaviour) -> dict[str, Any]:
+    """``usage`` with the behaviour's ``usage`` object merged in (a null value removes)."""
+    if not b.usage:
+        return usage
+    out = {**usage, **orjson.loads(b.usage)}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def check_overrides(overrides: Mapping[str, Any], where: str) -> dict[str, Any]:

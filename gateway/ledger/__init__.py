@@ -14,9 +14,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import ServiceUnavailableError
+from gateway.errors import GatewayError, ServiceUnavailableError
 from gateway.ledger import query
-from gateway.ledger.backend import Backend, Filter
+from gateway.ledger.backend import Backend, Filter, Groups
 from gateway.ledger.postgres import PostgresBackend
 from gateway.ledger.row import COLUMNS, row_from
 from gateway.ledger.sqlite import SqliteBackend
@@ -88,14 +88,17 @@ class Ledger:
             return True
         return await asyncio.to_thread(self.writer.wait_settled, wait_s)
 
-    async def usage(self, flt: Filter) -> list[dict[str, Any]]:
+    async def usage(self, flt: Filter) -> Groups:
         return await self._read(query.usage_by_day_model, self.backend, flt)  # type: ignore[no-any-return]
 
-    async def summary(self, flt: Filter, bucket_s: int) -> dict[str, Any]:
-        return await self._read(query.summary, self.backend, flt, bucket_s)  # type: ignore[no-any-return]
+    async def summary(self, flt: Filter, bucket_s: int, strict: bool = False) -> dict[str, Any]:
+        """``strict``: refuse (400) a range with more points than one answer holds."""
+        return await self._read(query.summary, self.backend, flt, bucket_s, 20, strict)  # type: ignore[no-any-return]
 
-    async def rows(self, flt: Filter) -> list[tuple[Any, ...]]:
-        return await self._read(self.backend.rows, flt)  # type: ignore[no-any-return]
+    async def rows(
+        self, flt: Filter, after: tuple[float, str] | None = None
+    ) -> tuple[list[tuple[Any, ...]], tuple[float, str] | None]:
+        return await self._read(self.backend.rows, flt, after)  # type: ignore[no-any-return]
 
     async def _read(self, fn: Any, *args: Any) -> Any:
         """Run a read query in a thread; a database that does not answer is a 503 with
@@ -103,6 +106,8 @@ class Ledger:
         await self.settle()
         try:
             return await asyncio.to_thread(fn, *args)
+        except GatewayError:
+            raise  # the request's own mistake (a 400), not the database's
         except Exception as e:
             log.warning(
                 "ledger read failed",

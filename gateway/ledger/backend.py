@@ -31,19 +31,38 @@ _TYPES = {
     "ms_ttft": "DOUBLE PRECISION",
 }  # fmt: skip
 
+#: A request that failed: an error status, or an error after a 200 began (a stream the upstream
+#: cut, stalled or ended with an error event, an answer the output guard stopped, a shutdown
+#: cutting it: ``error_type`` set). A client that went away is no error of the gateway's: 499,
+#: and a stream it left (200, ``client_disconnected``, no ``error_type``), are not counted.
+FAILED = "((status >= 400 AND status <> 499) OR error_type IS NOT NULL)"
+
 #: The sums every grouped query returns, in this order.
 AGGREGATES = (
     "count(*)",
     "coalesce(sum(prompt_tokens), 0)",
     "coalesce(sum(completion_tokens), 0)",
     "coalesce(sum(cost_usd), 0)",
-    "coalesce(sum(CASE WHEN status >= 400 THEN 1 ELSE 0 END), 0)",
+    f"coalesce(sum(CASE WHEN {FAILED} THEN 1 ELSE 0 END), 0)",
     "coalesce(sum(blocked), 0)",
     "coalesce(sum(limited), 0)",
 )
 AGGREGATE_NAMES = (
     "requests", "prompt_tokens", "completion_tokens", "cost_usd", "errors", "blocked", "limited",
 )  # fmt: skip
+
+#: The most groups one grouped query returns, and the most rows one export page holds (module
+#: constants, read at each call: tests lower them). Past them an answer says it is truncated.
+GROUP_LIMIT = 10_000
+ROW_LIMIT = 100_000
+_TS = COLUMNS.index("ts")
+
+
+class Groups(list[dict[str, Any]]):
+    """A grouped query's answer; ``truncated``: there were more groups than the limit."""
+
+    truncated = False
+
 
 #: Columns a query may group by (never a client-supplied string).
 GROUPS = {"day": "day", "model": "model", "tenant": "tenant", "user": "user_id",
@@ -148,10 +167,14 @@ class Backend:
 
     def grouped(
         self, flt: Filter, keys: tuple[str, ...], *, bucket_s: int = 0, order_by_cost: bool = False,
-        limit: int = 10_000,
-    ) -> list[dict[str, Any]]:  # fmt: skip
+        limit: int | None = None,
+    ) -> Groups:  # fmt: skip
         """Sums per group. ``keys`` are names from ``GROUPS`` (plus ``bucket`` when
-        ``bucket_s`` is set: the start of the time bucket, epoch seconds)."""
+        ``bucket_s`` is set: the start of the time bucket, epoch seconds), in ascending order,
+        or by cost (highest first). Past ``limit`` (default ``GROUP_LIMIT``) groups the answer
+        is ``truncated``: it keeps the costliest, or else the latest (the newest days and
+        buckets), never silently the oldest."""
+        limit = GROUP_LIMIT if limit is None else limit
         exprs: list[str] = []
         for key in keys:
             exprs.append(self.bucket_expr(bucket_s) if key == "bucket" else GROUPS[key])
@@ -159,13 +182,21 @@ class Backend:
         select = ", ".join([*exprs, *AGGREGATES])
         sql = f"SELECT {select} FROM {self.table} WHERE {where}"
         if exprs:
-            positions = ", ".join(str(i + 1) for i in range(len(exprs)))
-            sql += f" GROUP BY {positions}"
-            order = f"{len(exprs) + 4} DESC" if order_by_cost else positions
-            sql += f" ORDER BY {order}"
-        sql += f" LIMIT {int(limit)}"
-        out = []
-        for row in self.query(sql, params):
+            positions = [str(i + 1) for i in range(len(exprs))]
+            sql += f" GROUP BY {', '.join(positions)}"
+            # Descending, reversed below: a cut keeps the latest groups.
+            order = (
+                [f"{len(exprs) + 4} DESC"] if order_by_cost else [f"{p} DESC" for p in positions]
+            )
+            sql += f" ORDER BY {', '.join(order)}"
+        sql += f" LIMIT {int(limit) + 1}"
+        rows = self.query(sql, params)
+        out = Groups()
+        out.truncated = len(rows) > limit
+        rows = rows[:limit]
+        if exprs and not order_by_cost:
+            rows.reverse()
+        for row in rows:
             item = dict(zip(keys, row[: len(keys)], strict=True))
             sums = row[len(keys) :]
             for name, value in zip(AGGREGATE_NAMES, sums, strict=True):
@@ -178,16 +209,33 @@ class Backend:
         where, params = self._where(flt)
         sql = (
             f"SELECT model, ms_total, ms_ttft FROM {self.table} WHERE {where} AND status < 400 "
-            f"ORDER BY ts DESC LIMIT {int(limit)}"
+            f"AND error_type IS NULL ORDER BY ts DESC LIMIT {int(limit)}"
         )
         return [(r[0], float(r[1]), None if r[2] is None else float(r[2]))
                 for r in self.query(sql, params)]  # fmt: skip
 
-    def rows(self, flt: Filter, limit: int = 100_000) -> list[tuple[Any, ...]]:
+    def rows(
+        self, flt: Filter, after: tuple[float, str] | None = None, limit: int | None = None
+    ) -> tuple[list[tuple[Any, ...]], tuple[float, str] | None]:
+        """One page of rows (``COLUMNS``), oldest first, after the cursor ``after`` (the
+        ``(ts, row_id)`` of the last row of the previous page); and the cursor of this page's
+        last row when more rows follow (else None). Pages hold ``limit`` (default
+        ``ROW_LIMIT``) rows."""
+        limit = ROW_LIMIT if limit is None else limit
         where, params = self._where(flt)
+        if after is not None:
+            m = self.marker
+            # (Rows from before row_id existed have none: '' sorts them first at their ts.)
+            where += f" AND (ts > {m} OR (ts = {m} AND coalesce(row_id, '') > {m}))"
+            params += [after[0], after[0], after[1]]
         cols = ", ".join(COLUMNS)
-        sql = f"SELECT {cols} FROM {self.table} WHERE {where} ORDER BY ts LIMIT {int(limit)}"
-        return self.query(sql, params)
+        sql = (f"SELECT {cols}, coalesce(row_id, '') FROM {self.table} WHERE {where} "
+               f"ORDER BY ts, coalesce(row_id, '') LIMIT {int(limit) + 1}")  # fmt: skip
+        rows = self.query(sql, params)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        cursor = (float(rows[-1][_TS]), str(rows[-1][-1])) if more and rows else None
+        return [r[:-1] for r in rows], cursor
 
     def count(self) -> int:
         return int(self.query(f"SELECT count(*) FROM {self.table}", [])[0][0])

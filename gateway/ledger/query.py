@@ -6,7 +6,9 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from gateway.ledger.backend import Backend, Filter
+from gateway.errors import InvalidRequestError
+from gateway.ledger import backend as _backend
+from gateway.ledger.backend import Backend, Filter, Groups
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -26,16 +28,39 @@ def _rates(item: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
-def usage_by_day_model(backend: Backend, flt: Filter) -> list[dict[str, Any]]:
-    """``GET /v1/usage``: one entry per (day, model)."""
-    return [_rates(r) for r in backend.grouped(flt, ("day", "model"))]
+def usage_by_day_model(backend: Backend, flt: Filter) -> Groups:
+    """``GET /v1/usage``: one entry per (day, model); ``truncated`` past ``GROUP_LIMIT`` (the
+    latest days kept)."""
+    groups = backend.grouped(flt, ("day", "model"))
+    out = Groups(_rates(r) for r in groups)
+    out.truncated = groups.truncated
+    return out
 
 
-def summary(backend: Backend, flt: Filter, bucket_s: int, top: int = 20) -> dict[str, Any]:
-    """``GET /admin/usage/summary``: everything the dashboard draws."""
+def bucket_count(flt: Filter, bucket_s: int) -> int:
+    """How many time buckets of ``bucket_s`` seconds the range touches."""
+    return int((flt.end - 1e-6) // bucket_s - flt.start // bucket_s) + 1
+
+
+def summary(
+    backend: Backend, flt: Filter, bucket_s: int, top: int = 20, refuse_over_limit: bool = False
+) -> dict[str, Any]:
+    """``GET /admin/usage/summary``: everything the dashboard draws. ``truncated``: a part had
+    more groups than ``GROUP_LIMIT`` (the series keep their latest buckets). With
+    ``refuse_over_limit`` (an explicit ``bucket=hour``) a range whose buckets times models
+    would pass the limit is refused instead (400)."""
+    by_model = backend.grouped(flt, ("model",), order_by_cost=True)
+    points = bucket_count(flt, bucket_s) * max(1, len(by_model))
+    if refuse_over_limit and points > _backend.GROUP_LIMIT:
+        raise InvalidRequestError(
+            f"bucket=hour over this range needs {points} points (hours x models), more than the "
+            f"{_backend.GROUP_LIMIT} one answer holds: use bucket=day or a shorter range",
+            param="bucket",
+        )
     totals = backend.grouped(flt, ())
     total = _rates(totals[0]) if totals else {}
-    series = [_rates(r) for r in backend.grouped(flt, ("bucket",), bucket_s=bucket_s)]
+    series_groups = backend.grouped(flt, ("bucket",), bucket_s=bucket_s)
+    series = [_rates(r) for r in series_groups]
     by_model_time = backend.grouped(flt, ("bucket", "model"), bucket_s=bucket_s)
     lat = backend.latencies(flt)
     per_model: dict[str, list[float]] = defaultdict(list)
@@ -46,6 +71,7 @@ def summary(backend: Backend, flt: Filter, bucket_s: int, top: int = 20) -> dict
             ttft.append(first)
     all_ms = [ms for _, ms, _ in lat]
     return {
+        "truncated": series_groups.truncated or by_model_time.truncated or by_model.truncated,
         "totals": total,
         "series": series,
         "series_by_model": [
@@ -58,7 +84,7 @@ def summary(backend: Backend, flt: Filter, bucket_s: int, top: int = 20) -> dict
             }
             for r in by_model_time
         ],
-        "by_model": [_rates(r) for r in backend.grouped(flt, ("model",), order_by_cost=True)],
+        "by_model": [_rates(r) for r in by_model],
         "by_tenant": [
             _rates(r) for r in backend.grouped(flt, ("tenant",), order_by_cost=True, limit=top)
         ],

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from gateway.context import token_count
 from gateway.errors import (
     InvalidRequestError,
     UnsupportedByDeploymentError,
@@ -299,21 +300,26 @@ def to_anthropic(body: dict[str, Any], model: str, max_output_tokens: int) -> di
 
 
 def usage_of(usage: dict[str, Any] | None) -> dict[str, Any]:
-    u = usage or {}
-    prompt = sum(
-        int(u.get(k) or 0)
-        for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-    )
-    completion = int(u.get("output_tokens") or 0)
-    out: dict[str, Any] = {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-    cached = int(u.get("cache_read_input_tokens") or 0)
-    if cached:
-        # Where OpenAI reports its cache hits, so clients see them (they are in prompt_tokens).
-        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    """Anthropic's usage in OpenAI's shape: ``prompt_tokens`` counts every input token, those
+    read from the prompt cache (``cached_tokens``, as OpenAI reports its cache hits) and those
+    written to it (``cache_write_tokens``: OpenAI has no such count) included. A count that is
+    missing or no whole number is left out, for the gateway to estimate, never taken as 0."""
+    u = usage if isinstance(usage, dict) else {}
+    read = token_count(u.get("cache_read_input_tokens")) or 0
+    write = token_count(u.get("cache_creation_input_tokens")) or 0
+    fresh = token_count(u.get("input_tokens"))
+    completion = token_count(u.get("output_tokens"))
+    out: dict[str, Any] = {}
+    if fresh is not None:
+        out["prompt_tokens"] = fresh + read + write
+    if completion is not None:
+        out["completion_tokens"] = completion
+    if fresh is not None and completion is not None:
+        out["total_tokens"] = out["prompt_tokens"] + completion
+    if read or write:
+        details = out["prompt_tokens_details"] = {"cached_tokens": read}
+        if write:
+            details["cache_write_tokens"] = write
     return out
 
 

@@ -321,7 +321,7 @@ class LimitPlugin(Plugin):
             if dep is None and ctx.model_entry is not None:
                 dep = ctx.model_entry.deployments[0]
             if dep is not None:
-                cost = dep.price.cost(usage.prompt_tokens, usage.completion_tokens)
+                cost = dep.price.cost_of(usage)
         memory = self.store
         if type(memory) is MemoryStore:
             # Never suspends, so no cancellation can interrupt it: no task for a shield.

@@ -12,8 +12,9 @@ _MAX_ENTRIES = 4096
 
 
 class HoldPrices:
-    """Per model entry, the highest input and output prices among the deployments a request
-    for it may end up on (``may_serve``), remembered by the entry's id."""
+    """Per model entry, the highest input (plain, cached or cache-write) and output prices
+    among the deployments a request for it may end up on (``may_serve``), remembered by the
+    entry's id."""
 
     def __init__(self, catalogue: Catalogue | None = None, rules: Any = ()) -> None:
         self.catalogue = catalogue
@@ -32,7 +33,8 @@ class HoldPrices:
             deps = self.may_serve(entry)
             prices = self._memo[id(entry)] = (
                 entry,
-                max([d.price.input_per_mtok for d in deps], default=0.0),
+                # A prompt may be all cache writes (priced above plain input): the highest.
+                max([d.price.max_input_rate for d in deps], default=0.0),
                 max([d.price.output_per_mtok for d in deps], default=0.0),
             )
         return (prompt * prices[1] + cap * prices[2]) / 1e6

@@ -432,3 +432,41 @@ def test_cache_reads_are_reported_where_openai_reports_them() -> None:
     usage = usage_of({"input_tokens": 10, "cache_read_input_tokens": 2000, "output_tokens": 5})
     assert usage["prompt_tokens"] == 2010
     assert usage["prompt_tokens_details"] == {"cached_tokens": 2000}
+
+
+def test_cache_writes_are_counted_and_reported_apart() -> None:
+    """Cache writes are input tokens too (``prompt_tokens``), billed at their own price: the
+    OpenAI usage carries them in ``prompt_tokens_details.cache_write_tokens``."""
+    usage = usage_of({"input_tokens": 10, "cache_creation_input_tokens": 300,
+                      "cache_read_input_tokens": 2000, "output_tokens": 5})  # fmt: skip
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (
+        2310, 5, 2315)  # fmt: skip
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 2000, "cache_write_tokens": 300}
+    assert usage_of({"input_tokens": 10, "cache_creation_input_tokens": 300, "output_tokens": 5})[
+        "prompt_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 300}  # fmt: skip
+
+
+def test_invalid_counts_are_left_out_for_an_estimate_never_taken_as_zero() -> None:
+    assert usage_of({"input_tokens": 10.0, "output_tokens": 5.0}) == {
+        "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}  # fmt: skip
+    assert usage_of({"input_tokens": 10, "output_tokens": True}) == {"prompt_tokens": 10}
+    assert usage_of({"input_tokens": "10", "output_tokens": 5}) == {"completion_tokens": 5}
+    assert usage_of({"input_tokens": -3, "output_tokens": 2.5}) == {}
+    assert usage_of(None) == {}
+
+
+def test_streamed_cache_counts_reach_the_usage_chunk() -> None:
+    t = StreamTranslator("claude-up", CREATED)
+    start = {"type": "message_start", "message": {"id": "msg_1", "usage": {
+        "input_tokens": 10, "cache_read_input_tokens": 800, "cache_creation_input_tokens": 90,
+        "output_tokens": 1}}}  # fmt: skip
+    delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+             "usage": {"output_tokens": 7}}  # fmt: skip
+    out = t.feed(_sse(start, delta, {"type": "message_stop"}))
+    usage = json.loads(out.split(b"\n\n")[-3][6:])["usage"]
+    assert usage == {
+        "prompt_tokens": 900,
+        "completion_tokens": 7,
+        "total_tokens": 907,
+        "prompt_tokens_details": {"cached_tokens": 800, "cache_write_tokens": 90},
+    }
