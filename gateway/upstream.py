@@ -72,14 +72,7 @@ async def open_upstream(
             if ctx.deadline is None:
                 resp, start = await attempt(gw, ctx, provider, body)
             else:
-                # The request's deadline bounds each attempt too, not only the start of the next.
-                try:
-                    with upstream_timeout(max(0.0, ctx.deadline - started)):
-                        resp, start = await attempt(gw, ctx, provider, body)
-                except TimeoutError:
-                    raise DeadlineExceededError(
-                        "the request deadline passed before the upstream answered", retryable=True
-                    ) from None
+                resp, start = await _within_deadline(gw, ctx, provider, body, started)
         except GatewayError as err:
             elapsed = time.perf_counter() - started
             last = err
@@ -106,6 +99,35 @@ async def open_upstream(
     if last is not None:
         raise last
     raise ServiceUnavailableError("no deployment is available for this model")
+
+
+async def _within_deadline(
+    gw: Gateway, ctx: RequestContext, provider: Provider, body: dict[str, Any], started: float
+) -> tuple[UpstreamResponse, Start]:
+    """One attempt under the request's deadline. An attempt with another candidate after it
+    waits for its answer to begin at most half the time left (the first-byte timeout may cut
+    it sooner), so the fallback still has time: a deployment that hangs is abandoned even when
+    ``deadline_s`` is no longer than ``first_byte_timeout_s``, and that cut is its failure.
+    The last candidate gets all the time left; a deadline cut counts against it when it had
+    at least a quarter of the request's time (else the request ran out on earlier attempts)."""
+    assert ctx.deadline is not None and ctx.upstream_started is not None
+    left = max(0.0, ctx.deadline - started)
+    share = left / 2 if ctx.candidates else left
+    try:
+        with upstream_timeout(share):
+            return await attempt(gw, ctx, provider, body)
+    except TimeoutError:
+        if share < left:
+            raise UpstreamTimeoutError(
+                f"the upstream sent nothing within this attempt's share of the request deadline"
+                f" ({share:.3g} s)",
+                retryable=True,
+            ) from None
+        err = DeadlineExceededError(
+            "the request deadline passed before the upstream answered", retryable=True
+        )
+        err.deployment_fault = left >= (ctx.deadline - ctx.upstream_started) / 4
+        raise err from None
 
 
 async def attempt(

@@ -374,10 +374,14 @@ def test_deadline_bounds_the_whole_request(stream: bool) -> None:
         elapsed = time.perf_counter() - started
         assert exc.value.status_code == 504
         assert 0.7 < elapsed < 2.0
-        assert models_called(gw) == ["large-up"]  # no attempt starts after the deadline
-        # The request's time ran out, not the deployment's first-byte timeout: not its fault.
+        # Each attempt with another after it gets half the time left (0.4 s, then 0.2 s): a
+        # cut there is its deployment's failure; the last one started with under a quarter of
+        # the request's time, so the deadline cutting it is not its fault.
+        assert models_called(gw) == ["large-up", "claude-up", "local-up"]
         health = gw.gateway.pipeline.find("route").health()["deployments"]
-        assert health["smart-large"]["consecutive_failures"] == 0
+        assert health["smart-large"]["consecutive_failures"] == 1
+        assert health["claude-a"]["consecutive_failures"] == 1
+        assert health["local-a"]["consecutive_failures"] == 0
 
 
 def test_fallbacks_and_rules_never_take_a_caller_to_a_model_its_roles_do_not_grant() -> None:
