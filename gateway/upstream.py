@@ -12,6 +12,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from gateway import metrics
 from gateway.accounting import fast_round
 from gateway.context import RequestContext
@@ -23,7 +25,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.pipeline import hooked
-from gateway.providers.base import TimeoutQueue, upstream_timeout
+from gateway.providers.base import TimeoutQueue, scrub, upstream_timeout
 from gateway.validate import EXTENSION_FIELDS
 
 if TYPE_CHECKING:
@@ -145,18 +147,32 @@ async def attempt(
         resp.close()
 
 
+#: How much of a stream's opening (comments, a role-only chunk) is held at most while waiting
+#: for its answer to begin; past it the relay takes the stream as it is.
+MAX_OPENING = 64 * 1024
+
+
 async def first_bytes(
     resp: UpstreamResponse, deadlines: TimeoutQueue
 ) -> tuple[bytes, AsyncIterator[bytes]]:
-    """Wait (at most the first-byte timeout) for the stream's first bytes; returns them and the
-    iterator to go on."""
+    """Wait (at most the first-byte timeout) for the stream's answer to begin; returns the bytes
+    so far and the iterator to go on.
+
+    SSE comments (keep-alives) and an opening chunk with only the role (OpenAI-compatible
+    servers send it before the model has produced anything) do not begin the answer: they are
+    held, as the Anthropic provider holds ``message_start``'s role chunk, so an error event
+    (vLLM sends one with status 200), a timeout or a dropped connection before the first real
+    event is still this deployment's retryable failure, with nothing sent to the client."""
     it = aiter(resp.iter_bytes())
+    held = b""
     try:
         with deadlines.start():
             while True:
                 data = await anext(it)
                 if data:
-                    return data, it
+                    held = held + data if held else data
+                    if begun(held, resp.secrets):
+                        return held, it
     except StopAsyncIteration:
         pass
     except TimeoutError:
@@ -169,3 +185,62 @@ async def first_bytes(
         raise
     resp.close()
     raise UpstreamError("the upstream closed the stream before sending anything", retryable=True)
+
+
+def begun(buf: bytes, secrets: tuple[str, ...] = ()) -> bool:
+    """Whether ``buf``, a stream's opening, holds a complete event that begins the answer (or
+    is too long to hold). Raises the retryable ``UpstreamError`` for an error event."""
+    if len(buf) > MAX_OPENING:
+        return True
+    at = 0
+    maybe_role: list[bytes] = []  # events with a role: parsed only if nothing after decides
+    while (cut := buf.find(b"\n\n", at)) != -1:
+        start, at = at, cut + 2
+        if not buf.startswith(b"data:", start) and buf.find(b"\ndata:", start, cut) == -1:
+            continue  # a comment (": keepalive") or an event without data
+        if buf.find(b'"error"', start, cut) != -1:
+            obj = _data(buf[start:cut])
+            if isinstance(obj, dict) and obj.get("error"):
+                raise _error_event(obj["error"], secrets)
+            return True
+        if buf.find(b'"role"', start, cut) == -1:
+            return True  # (the usual content chunk, after the role chunk: nothing to parse)
+        maybe_role.append(buf[start:cut])
+    for event in maybe_role:
+        obj = _data(event)
+        if not isinstance(obj, dict) or not _role_only(obj):
+            return True
+    return False
+
+
+def _data(event: bytes) -> Any:
+    """The parsed data of one SSE event (None when it is not JSON: ``[DONE]``, or malformed,
+    which the relay judges)."""
+    lines = [ln[5:].lstrip(b" ") for ln in event.split(b"\n") if ln.startswith(b"data:")]
+    try:
+        return orjson.loads(lines[0] if len(lines) == 1 else b"\n".join(lines))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _role_only(chunk: dict[str, Any]) -> bool:
+    """A chunk whose choices carry nothing but the role (``{"role": "assistant", "content":
+    ""}``): no text, tool call, refusal or finish reason yet."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or not choices or isinstance(chunk.get("usage"), dict):
+        return False
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict) or choice.get("finish_reason"):
+            return False
+        if any(value for key, value in delta.items() if key != "role"):
+            return False
+    return True
+
+
+def _error_event(error: Any, secrets: tuple[str, ...]) -> UpstreamError:
+    message = error.get("message") if isinstance(error, dict) else error
+    text = scrub(str(message or "")[:500], secrets)
+    return UpstreamError(
+        f"the upstream stream began with an error: {text}".rstrip(": "), retryable=True
+    )

@@ -145,3 +145,31 @@ def test_a_bare_provider_key_echoed_in_a_request_id_or_a_stream_error_stays_home
         assert r.status_code == 200
         assert "x-upstream-request-id" not in r.headers
         assert key not in r.text and "CANARY" not in str(dict(r.headers))
+
+
+def test_a_streams_opening_is_held_until_its_answer_begins() -> None:
+    """Comments and a role-only chunk do not begin an answer; an error event before it is the
+    deployment's retryable failure, its message without the deployment's key."""
+    from gateway.errors import UpstreamError
+    from gateway.upstream import begun
+
+    role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+    role += b'"logprobs":null,"finish_reason":null}]}\n\n'
+    text = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n'
+    assert not begun(b": keepalive\n\n")
+    assert not begun(b": keepalive\n\n" + role)
+    assert not begun(role + text[:20])  # the content event is not complete yet
+    assert begun(role + text)
+    assert begun(text)
+    assert begun(role + b"data: [DONE]\n\n")
+    ends = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    assert begun(role + ends)  # an empty answer is an answer
+    vllm = b'data: {"error": {"message": "overloaded; key sk-secret-0123456789", "code": 503}}\n\n'
+    for opening in (vllm, role + vllm, b": ping\n\n" + vllm):
+        with pytest.raises(UpstreamError) as info:
+            begun(opening, ("sk-secret-0123456789",))
+        assert info.value.retryable
+        assert (
+            info.value.message
+            == "the upstream stream began with an error: overloaded; key [REDACTED]"
+        )

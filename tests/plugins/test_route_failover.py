@@ -87,3 +87,56 @@ def test_the_only_deployment_hanging_through_the_deadline_counts_against_it() ->
 
 def metrics_text(gw: Any) -> str:
     return httpx.get(f"{gw.url}/metrics").text
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        {"error_event_after": 0},  # a role chunk, then an error event (vLLM's shape)
+        {"drop_after": 0},  # a role chunk, then the connection drops
+        {"stall_after": 0},  # a role chunk, then nothing
+        {"keepalive_ms": 50, "hang_ms": 5000},  # keep-alive comments, then nothing
+    ],
+)
+def test_a_stream_failing_before_its_first_content_fails_over(behaviour: dict[str, Any]) -> None:
+    """Nothing but a role chunk or comments reached the gateway: nothing reached the client,
+    so the fallback answers (first-byte timeout 0.5 s) and the primary is blamed."""
+    with running_gateway(
+        one_deployment_then_fallback({"deadline_s": 10}),
+        registry={"tier": TierFromHeader},
+        fake={"behaviours": {"large-up": behaviour}},
+    ) as gw:
+        errors = upstream_errors(gw, "smart-large")
+        started = time.perf_counter()
+        resp = gw.openai().chat.completions.with_raw_response.create(
+            model="smart", messages=MSG, stream=True
+        )
+        chunks = list(resp.parse())
+        assert time.perf_counter() - started < 3
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+            "Echo: hello there"
+        )
+        assert resp.headers["x-gateway-deployment"] == "claude-a"
+        assert models_called(gw) == ["large-up", "claude-up"]
+        assert _health(gw, "smart-large")["consecutive_failures"] == 1
+        assert upstream_errors(gw, "smart-large") == errors + 1
+
+
+def test_an_error_event_first_on_the_only_deployment_is_a_502_not_a_stream() -> None:
+    def build(url: str) -> dict[str, Any]:
+        cfg = one_deployment_then_fallback()(url)
+        cfg["models"][0]["fallbacks"] = []
+        return cfg
+
+    with running_gateway(
+        build,
+        registry={"tier": TierFromHeader},
+        fake={"behaviours": {"large-up": {"error_event_after": 0}}},
+    ) as gw:
+        body = {"model": "smart", "messages": MSG, "stream": True}
+        with gw.http() as http:
+            r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 502
+        assert r.json()["error"]["message"] == (
+            "the upstream stream began with an error: injected stream error for model large-up"
+        )
