@@ -320,7 +320,9 @@ def usage_of(usage: dict[str, Any] | None) -> dict[str, Any]:
 def from_anthropic(data: dict[str, Any], model: str, created: int | None = None) -> dict[str, Any]:
     """A ``chat.completion`` for a Messages API answer; ``model`` is the name the client used."""
     if data.get("type") != "message" or not isinstance(data.get("content"), list):
-        raise UpstreamError("the anthropic upstream sent an unexpected body")
+        # (a proxy in front answering 200 with an error body, say): as the OpenAI provider's
+        # unexpected body, that deployment's failure; nothing was sent yet, so the next is tried
+        raise UpstreamError("the anthropic upstream sent an unexpected body", retryable=True)
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for block in data["content"]:
