@@ -216,6 +216,12 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
     return out
 
 
+def max_tokens(asked: int, max_output_tokens: int) -> int:
+    """The Messages API's ``max_tokens`` (it needs one): the client's, capped by the
+    deployment's ``max_output_tokens``, which is also the default."""
+    return min(asked, max_output_tokens) if asked else max_output_tokens
+
+
 def to_anthropic(body: dict[str, Any], model: str, max_output_tokens: int) -> dict[str, Any]:
     """The Messages API body for an OpenAI chat request (``body`` is not modified)."""
     if (body.get("n") or 1) > 1:
@@ -269,7 +275,7 @@ def to_anthropic(body: dict[str, Any], model: str, max_output_tokens: int) -> di
     asked = body.get("max_completion_tokens") or body.get("max_tokens")
     out: dict[str, Any] = {
         "model": model,
-        "max_tokens": min(int(asked), max_output_tokens) if asked else max_output_tokens,
+        "max_tokens": max_tokens(int(asked or 0), max_output_tokens),
         "messages": messages,
     }
     if system:

@@ -114,6 +114,12 @@ class Provider:
         """The provider's credentials and the deployment's headers (called once, at startup)."""
         return {}
 
+    @staticmethod
+    def output_tokens(deployment: Deployment, asked: int) -> int:
+        """The answer length this provider asks the deployment for when the client asked
+        ``asked`` (0: none given): what must fit its context window beside the prompt."""
+        return asked
+
     def error_for(self, status: int, headers: Mapping[str, str], raw: bytes) -> GatewayError:
         """The error for an upstream status >= 300 (providers with their own error shape
         override this)."""
