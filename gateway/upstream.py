@@ -21,6 +21,7 @@ from gateway.errors import (
     DeadlineExceededError,
     GatewayError,
     ServiceUnavailableError,
+    UnsupportedByDeploymentError,
     UpstreamError,
     UpstreamTimeoutError,
 )
@@ -78,11 +79,18 @@ async def open_upstream(
         except GatewayError as err:
             elapsed = time.perf_counter() - started
             last = err
-            ctx.attempt_log.append(
-                {"deployment": dep_id, "provider": dep.provider, "status": err.status,
-                 "error": err.type, "ms": fast_round(elapsed * 1000, 2)}
-            )  # fmt: skip
-            metrics.UPSTREAM_ERRORS.labels(dep_id, err.type).inc()
+            entry = {"deployment": dep_id, "provider": dep.provider, "status": err.status,
+                     "error": err.type, "ms": fast_round(elapsed * 1000, 2)}  # fmt: skip
+            if isinstance(err, UnsupportedByDeploymentError):
+                # The provider cannot express the request: nothing was sent, so it is no
+                # attempt (x-gateway-attempts, the log's attempts), only a skipped entry.
+                ctx.attempts -= 1
+                entry["skipped"] = True
+            ctx.attempt_log.append(entry)
+            if err.retryable and err.deployment_fault:
+                # The deployment's failures, as its breaker counts them: not the request's
+                # own (400, 413, 422), nor a skip, nor a deadline that ran out elsewhere.
+                metrics.UPSTREAM_ERRORS.labels(dep_id, err.type).inc()
             for plugin in hooks:
                 await plugin.on_attempt(ctx, dep, err, elapsed)
             if not err.retryable:

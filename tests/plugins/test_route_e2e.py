@@ -265,9 +265,11 @@ def test_all_failing_gives_last_error_and_request_errors_are_not_retried() -> No
         fake={"behaviours": {"large-up": {"status": 400}}},
     ) as gw:
         client = gw.openai()
+        errors = upstream_errors(gw, "smart-large")
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="smart", messages=MSG)
         assert models_called(gw) == ["large-up"]  # a 400 is the request's fault: no failover
+        assert upstream_errors(gw, "smart-large") == errors  # and no error of the deployment
 
 
 def test_failure_after_first_chunk_is_an_sse_error_without_switching() -> None:
@@ -495,9 +497,12 @@ def test_a_deployment_that_cannot_express_the_request_passes_it_on() -> None:
         return cfg
 
     with running_gateway(three_providers, registry={"tier": TierFromHeader}) as gw:
+        errors = upstream_errors(gw, "claude-a")
         r = gw.openai().chat.completions.with_raw_response.create(model="claude", messages=MSG, n=2)
         assert r.headers["x-gateway-deployment"] == "local-a"
-        assert r.headers["x-gateway-attempts"] == "2"
+        # Skipped, not attempted: nothing was sent to claude-a, and nothing failed there.
+        assert r.headers["x-gateway-attempts"] == "1"
+        assert upstream_errors(gw, "claude-a") == errors
         assert models_called(gw) == ["local-up"]  # the translation failed before sending
         health = gw.gateway.pipeline.find("route").health()["deployments"]
         assert health["claude-a"]["state"] == "closed"
