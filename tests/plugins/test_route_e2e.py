@@ -313,6 +313,7 @@ def test_breaker_opens_skips_primary_and_recovers_after_cooldown() -> None:
         assert route_plugin.health()["deployments"]["smart-large"]["state"] == "open"
         gw.upstream.runner.app[STATE].behaviours["large-up"] = {}  # the primary heals
         time.sleep(0.6)
+        assert metric(gw, "smart-large") == 2.0  # scraped before anything asked the breaker
         assert route_plugin.health()["deployments"]["smart-large"]["state"] == "half_open"
         r = client.chat.completions.with_raw_response.create(model="smart", messages=MSG)
         assert r.headers["x-gateway-deployment"] == "smart-large"  # the probe

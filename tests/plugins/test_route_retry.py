@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -52,3 +53,22 @@ async def test_a_short_retry_after_is_waited_until_the_breaker_lets_the_retry_th
     assert ids(c) == ["big"]
     assert p.breakers.state("big") == HALF_OPEN  # the retry is the probe, held by this request
     assert c.scratch_for("route")["claims"] == ["big"]
+
+
+@pytest.mark.anyio
+async def test_the_circuit_gauge_turns_half_open_when_the_cool_down_ends() -> None:
+    """Without anything asking the breaker (no request, no /readyz) the scraped gauge says
+    half-open once the cool-down has passed, not open."""
+    from prometheus_client import REGISTRY
+
+    from plugins.route.breaker import Breakers
+
+    def gauge() -> float | None:
+        return REGISTRY.get_sample_value("gateway_circuit_state", {"deployment": "gauge-dep"})
+
+    breakers = Breakers(1, 0.05)
+    breakers.add("gauge-dep")
+    breakers.failure("gauge-dep")
+    assert gauge() == 1.0
+    await asyncio.sleep(0.15)
+    assert gauge() == 2.0
