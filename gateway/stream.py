@@ -35,7 +35,7 @@ from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError
 from gateway.metrics import model_label
 from gateway.pipeline import Pipeline, hooked
 from gateway.plugin import CHUNK_HOOKS
-from gateway.providers.base import scrub
+from gateway.providers.base import scrub, scrub_bytes
 from gateway.tokens import generated_texts
 
 if TYPE_CHECKING:
@@ -128,6 +128,7 @@ class _Relay:
         #: The deployment's credentials (UTF-8): cut out of whatever the upstream sends, should
         #: it quote the request's (a server echoing headers into an error event).
         self.secrets: tuple[bytes, ...] = ()
+        self.marks: tuple[bytes, ...] = ()  # (their leading bytes: providers.base.marks)
 
     async def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return what to send to the client now."""
@@ -144,9 +145,9 @@ class _Relay:
             # Events after [DONE] in the same read: dropped, as later reads are (an upstream
             # that went on used to have them spliced into the answer).
             complete, self.buffer = complete[: done + len(_DONE)], b""
-        for secret in self.secrets:  # (events are whole here: no secret is cut in two)
-            if complete.find(secret) != -1:
-                complete = complete.replace(secret, b"[REDACTED]")
+        for mark in self.marks:  # (events are whole here: no secret is cut in two)
+            if complete.find(mark) != -1:
+                complete = scrub_bytes(complete, self.secrets)  # (then no mark is left)
         return await (self._parsed(complete) if self.hooks else self._fast(complete))
 
     async def _fast(self, complete: bytes) -> bytes:
@@ -344,7 +345,7 @@ async def relay_stream(
     hooks = hooked(ran, *CHUNK_HOOKS) if gw.pipeline.has_chunk_hooks else []
     keep_text = gw.include_text
     relay = _Relay(ctx, hooks, client_wants_usage, keep_text)
-    relay.secrets = resp.secret_bytes
+    relay.secrets, relay.marks = resp.secret_bytes, resp.mark_bytes
     headers = response_headers(ctx, SSE_HEADERS)
     headers.extend(extra)
     ctx.status = 200

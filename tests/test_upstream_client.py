@@ -40,6 +40,23 @@ def tricky_upstream() -> Iterator[tuple[str, list[dict[str, Any]]]]:
             error = {"error": {"message": f"upstream crashed handling key {key}", "type": "x"}}
             await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
             return resp
+        partial = request.headers.get("x-echo-partial")
+        if partial:
+            # The key cut short and masked ("gsk_CANARYpartKe****"), as some servers quote it.
+            key = request.headers.get("authorization", "").removeprefix("Bearer ")
+            cut = key[:16] + "****"
+            if partial == "400":
+                return web.json_response(
+                    {"error": {"message": f"invalid model for key {cut}", "type": "invalid"}},
+                    status=400, headers={"x-request-id": cut.removesuffix("****")},
+                )  # fmt: skip
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            hi = {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+            await resp.write(b"data: " + json.dumps(hi).encode() + b"\n\n")
+            error = {"error": {"message": f"engine died serving key {cut}", "type": "x"}}
+            await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+            return resp
         if request.headers.get("x-echo-auth"):
             # A misbehaving server quoting the request's credentials, in a 400 and a request id.
             auth = request.headers.get("authorization", "")
@@ -173,3 +190,37 @@ def test_a_streams_opening_is_held_until_its_answer_begins() -> None:
             info.value.message
             == "the upstream stream began with an error: overloaded; key [REDACTED]"
         )
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_provider_key_quoted_cut_short_and_masked_stays_home(
+    tricky_upstream: Any, guarded: bool
+) -> None:
+    """Sixteen leading characters of the key and a mask: cut out of a 400's message, a request
+    id and a stream's error event, as the whole key is."""
+    url, _ = tricky_upstream
+    key = "gsk_CANARYpartKey0123456789abcdef"
+    pipeline = [{"name": "guard", "config": {"semantic": {"enabled": False}}}] if guarded else []
+    with running_gateway(models=[demo_model(url, api_key=key)], pipeline=pipeline) as gw:
+        body = {"model": "demo", "messages": MSG}
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=body,
+                       headers={"x-echo-partial": "400"}, timeout=20)  # fmt: skip
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == "invalid model for key [REDACTED]****"
+        assert "CANARY" not in str(dict(r.headers))
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json={**body, "stream": True},
+                       headers={"x-echo-partial": "stream"}, timeout=20)  # fmt: skip
+        assert r.status_code == 200
+        assert "engine died serving key [REDACTED]****" in r.text
+        assert "CANARY" not in r.text
+
+
+def test_scrub_cuts_runs_of_a_keys_leading_characters() -> None:
+    from gateway.providers.base import scrub, scrub_bytes
+
+    key = "sk-CANARY-route-1234567890"
+    assert scrub("key sk-CANARY-route-12**** bad", (key,)) == "key [REDACTED]**** bad"
+    assert scrub(f"a {key} b {key[:12]}", (key,)) == "a [REDACTED] b [REDACTED]"
+    assert scrub(f"only {key[:11]}", (key,)) == f"only {key[:11]}"  # too short to tell
+    assert scrub("short12345 and short1234", ("short12345",)) == "[REDACTED] and short1234"
+    assert scrub_bytes(b"x sk-CANARY-route-1x", (key.encode(),)) == b"x [REDACTED]x"
