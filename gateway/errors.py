@@ -184,6 +184,7 @@ class UpstreamTimeoutError(GatewayError):
 
 class DeadlineExceededError(UpstreamTimeoutError):
     """The request's deadline (the route plugin's ``deadline_s``) ran out during an attempt:
-    the request's time budget, not a fault of the deployment that was cut short."""
+    the request's time budget, not a fault of the deployment that was cut short, unless that
+    attempt had most of the request's time (``gateway.upstream`` sets ``deployment_fault``)."""
 
     deployment_fault = False

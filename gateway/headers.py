@@ -145,7 +145,8 @@ def client_response_headers(
     upstream: Mapping[str, str], secrets: tuple[str, ...] = ()
 ) -> list[tuple[bytes, bytes]]:
     """The upstream headers passed on: values that look like an id, holding none of the
-    deployment's ``secrets`` (a server may echo the request's credentials into them)."""
+    deployment's ``secrets`` (a server may echo the request's credentials into them; given
+    as their leading characters, ``providers.base.marks``, a key cut short counts too)."""
     out = []
     for name, renamed in _PASS_UPSTREAM_RAW:
         value = upstream.get(name)

@@ -33,6 +33,7 @@ from gateway.errors import (
 )
 from gateway.headers import client_response_headers
 from gateway.pipeline import hooked
+from gateway.providers.base import scrub_bytes
 from gateway.redact import find_secrets, redact
 from gateway.stream import relay_stream
 from gateway.upstream import open_upstream
@@ -322,9 +323,10 @@ async def forward(
     if err is not None:
         raise err
     out = orjson.dumps(ctx.response)
-    for secret in resp.secret_bytes:  # (an upstream quoting the request's credentials)
-        if out.find(secret) != -1:
-            out = out.replace(secret, b"[REDACTED]")
+    for mark in resp.mark_bytes:  # (an upstream quoting the request's credentials)
+        if out.find(mark) != -1:
+            out = scrub_bytes(out, resp.secret_bytes)
+            break
     headers = response_headers(ctx, JSON_HEADERS)
     headers.extend(extra)
     headers.append((b"content-length", str(len(out)).encode()))
@@ -335,7 +337,7 @@ async def forward(
 
 def _answer_headers(ctx: RequestContext, resp: UpstreamResponse) -> list[tuple[bytes, bytes]]:
     """The response headers that describe the upstream answer and how it was obtained."""
-    extra = client_response_headers(resp.headers, resp.secrets)
+    extra = client_response_headers(resp.headers, resp.secret_marks)
     extra.append((b"x-gateway-model", ctx.model.encode("latin-1", "replace")))
     if ctx.deployment is not None:
         extra.append((b"x-gateway-provider", ctx.deployment.provider.encode()))

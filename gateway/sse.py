@@ -4,11 +4,15 @@ as events."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway import metrics
 from gateway.envelope import TextChunk
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
 
 DONE = b"data: [DONE]\n\n"
 #: Searched with ``bytes.find``: ``x in some_bytes`` first tries ``x`` as an integer and
@@ -69,3 +73,19 @@ def as_events(chunks: list[Any]) -> bytes:
         return b""
     payloads = [c.payload() if type(c) is TextChunk else orjson.dumps(c) for c in chunks]
     return b"data: " + b"\n\ndata: ".join(payloads) + b"\n\n"
+
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def upstream_failed(ctx: RequestContext, error_type: str) -> None:
+    """The deployment failed after it began answering (the stream cut, stalled, or ended by an
+    error event): counted like a failed attempt, in the metrics and (the route plugin reads
+    ``ctx.upstream_failed``) by its circuit breaker."""
+    ctx.upstream_failed = True
+    if ctx.deployment is not None:
+        metrics.UPSTREAM_ERRORS.labels(ctx.deployment.id, error_type).inc()

@@ -35,8 +35,17 @@ from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError
 from gateway.metrics import model_label
 from gateway.pipeline import Pipeline, hooked
 from gateway.plugin import CHUNK_HOOKS
-from gateway.providers.base import scrub
-from gateway.sse import DONE, ERROR_KEY, as_events, error_event, event_data, usage_at
+from gateway.providers.base import scrub, scrub_bytes
+from gateway.sse import (
+    DONE,
+    ERROR_KEY,
+    SSE_HEADERS,
+    as_events,
+    error_event,
+    event_data,
+    upstream_failed,
+    usage_at,
+)
 from gateway.tokens import generated_texts
 
 if TYPE_CHECKING:
@@ -46,21 +55,6 @@ if TYPE_CHECKING:
     from gateway.plugin import Plugin
     from gateway.providers.base import UpstreamResponse
     from gateway.state import Gateway
-
-SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
-
-
-def upstream_failed(ctx: RequestContext, error_type: str) -> None:
-    """The deployment failed after it began answering (the stream cut, stalled, or ended by an
-    error event): counted like a failed attempt, in the metrics and (the route plugin reads
-    ``ctx.upstream_failed``) by its circuit breaker."""
-    ctx.upstream_failed = True
-    if ctx.deployment is not None:
-        metrics.UPSTREAM_ERRORS.labels(ctx.deployment.id, error_type).inc()
 
 
 class _Relay:
@@ -99,6 +93,7 @@ class _Relay:
         #: The upstream's error event, once one ended the answer (it goes out last, after what
         #: the plugins still hold, and without ``[DONE]``).
         self.failed: bytes | None = None
+        self.marks: tuple[bytes, ...] = ()  # (their leading bytes: providers.base.marks)
 
     async def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return what to send to the client now."""
@@ -115,9 +110,9 @@ class _Relay:
             # Events after [DONE] in the same read: dropped, as later reads are (an upstream
             # that went on used to have them spliced into the answer).
             complete, self.buffer = complete[: done + len(DONE)], b""
-        for secret in self.secrets:  # (events are whole here: no secret is cut in two)
-            if complete.find(secret) != -1:
-                complete = complete.replace(secret, b"[REDACTED]")
+        for mark in self.marks:  # (events are whole here: no secret is cut in two)
+            if complete.find(mark) != -1:
+                complete = scrub_bytes(complete, self.secrets)  # (then no mark is left)
         return await (self._parsed(complete) if self.hooks else self._fast(complete))
 
     def _fail(self, event: bytes) -> None:
@@ -335,7 +330,7 @@ async def relay_stream(
     hooks = hooked(ran, *CHUNK_HOOKS) if gw.pipeline.has_chunk_hooks else []
     keep_text = gw.include_text
     relay = _Relay(ctx, hooks, client_wants_usage, keep_text)
-    relay.secrets = resp.secret_bytes
+    relay.secrets, relay.marks = resp.secret_bytes, resp.mark_bytes
     headers = response_headers(ctx, SSE_HEADERS)
     headers.extend(extra)
     ctx.status = 200

@@ -155,6 +155,9 @@ class Tracing:
         last = len(ctx.attempt_log) - 1
         for i, attempt in enumerate(ctx.attempt_log):
             end = t + attempt["ms"] / 1000
+            if attempt.get("skipped"):  # (nothing was sent: no client span)
+                t = end
+                continue
             if i == last and attempt["error"] is None:
                 end = max(end, finished)  # the body (stream) is part of the attempt
             dep_model = self.models.get(attempt["deployment"], "")

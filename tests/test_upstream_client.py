@@ -40,6 +40,23 @@ def tricky_upstream() -> Iterator[tuple[str, list[dict[str, Any]]]]:
             error = {"error": {"message": f"upstream crashed handling key {key}", "type": "x"}}
             await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
             return resp
+        partial = request.headers.get("x-echo-partial")
+        if partial:
+            # The key cut short and masked ("gsk_CANARYpartKe****"), as some servers quote it.
+            key = request.headers.get("authorization", "").removeprefix("Bearer ")
+            cut = key[:16] + "****"
+            if partial == "400":
+                return web.json_response(
+                    {"error": {"message": f"invalid model for key {cut}", "type": "invalid"}},
+                    status=400, headers={"x-request-id": cut.removesuffix("****")},
+                )  # fmt: skip
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            hi = {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+            await resp.write(b"data: " + json.dumps(hi).encode() + b"\n\n")
+            error = {"error": {"message": f"engine died serving key {cut}", "type": "x"}}
+            await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+            return resp
         if request.headers.get("x-echo-auth"):
             # A misbehaving server quoting the request's credentials, in a 400 and a request id.
             auth = request.headers.get("authorization", "")
@@ -145,3 +162,65 @@ def test_a_bare_provider_key_echoed_in_a_request_id_or_a_stream_error_stays_home
         assert r.status_code == 200
         assert "x-upstream-request-id" not in r.headers
         assert key not in r.text and "CANARY" not in str(dict(r.headers))
+
+
+def test_a_streams_opening_is_held_until_its_answer_begins() -> None:
+    """Comments and a role-only chunk do not begin an answer; an error event before it is the
+    deployment's retryable failure, its message without the deployment's key."""
+    from gateway.errors import UpstreamError
+    from gateway.upstream import begun
+
+    role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+    role += b'"logprobs":null,"finish_reason":null}]}\n\n'
+    text = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n'
+    assert not begun(b": keepalive\n\n")
+    assert not begun(b": keepalive\n\n" + role)
+    assert not begun(role + text[:20])  # the content event is not complete yet
+    assert begun(role + text)
+    assert begun(text)
+    assert begun(role + b"data: [DONE]\n\n")
+    ends = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    assert begun(role + ends)  # an empty answer is an answer
+    vllm = b'data: {"error": {"message": "overloaded; key sk-secret-0123456789", "code": 503}}\n\n'
+    for opening in (vllm, role + vllm, b": ping\n\n" + vllm):
+        with pytest.raises(UpstreamError) as info:
+            begun(opening, ("sk-secret-0123456789",))
+        assert info.value.retryable
+        assert (
+            info.value.message
+            == "the upstream stream began with an error: overloaded; key [REDACTED]"
+        )
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_provider_key_quoted_cut_short_and_masked_stays_home(
+    tricky_upstream: Any, guarded: bool
+) -> None:
+    """Sixteen leading characters of the key and a mask: cut out of a 400's message, a request
+    id and a stream's error event, as the whole key is."""
+    url, _ = tricky_upstream
+    key = "gsk_CANARYpartKey0123456789abcdef"
+    pipeline = [{"name": "guard", "config": {"semantic": {"enabled": False}}}] if guarded else []
+    with running_gateway(models=[demo_model(url, api_key=key)], pipeline=pipeline) as gw:
+        body = {"model": "demo", "messages": MSG}
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=body,
+                       headers={"x-echo-partial": "400"}, timeout=20)  # fmt: skip
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == "invalid model for key [REDACTED]****"
+        assert "CANARY" not in str(dict(r.headers))
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json={**body, "stream": True},
+                       headers={"x-echo-partial": "stream"}, timeout=20)  # fmt: skip
+        assert r.status_code == 200
+        assert "engine died serving key [REDACTED]****" in r.text
+        assert "CANARY" not in r.text
+
+
+def test_scrub_cuts_runs_of_a_keys_leading_characters() -> None:
+    from gateway.providers.base import scrub, scrub_bytes
+
+    key = "sk-CANARY-route-1234567890"
+    assert scrub("key sk-CANARY-route-12**** bad", (key,)) == "key [REDACTED]**** bad"
+    assert scrub(f"a {key} b {key[:12]}", (key,)) == "a [REDACTED] b [REDACTED]"
+    assert scrub(f"only {key[:11]}", (key,)) == f"only {key[:11]}"  # too short to tell
+    assert scrub("short12345 and short1234", ("short12345",)) == "[REDACTED] and short1234"
+    assert scrub_bytes(b"x sk-CANARY-route-1x", (key.encode(),)) == b"x [REDACTED]x"

@@ -18,6 +18,7 @@ from gateway.fake_upstream.state import (
     counts_cancel,
     cut,
     drop,
+    keepalive,
     prelude,
     read_json,
     serve_stream,
@@ -60,7 +61,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return bad
     assert body is not None
     model = str(body.get("model", ""))
-    b, early = await prelude(request, model)
+    b, early = await prelude(request, model, stream=body.get("stream") is True)
     if early is not None:
         return early
     assert b is not None
@@ -148,8 +149,13 @@ async def _stream(
     )
     delay = b.delay_ms / 1000
 
+    error = b'data: {"error":{"message":"injected stream error for model ' + model.encode()
+    error += b'","type":"server_error","param":null,"code":"internal_error"}}\n\n'
+
     async def produce() -> bool:
-        if not delay and b.drop_after < 0 and b.stall_after < 0:
+        if b.keepalive_ms:
+            await keepalive(resp, b)
+        if not delay and b.drop_after < 0 and b.stall_after < 0 and b.error_event_after < 0:
             # A burst anyway: one write instead of ~24 keeps the fake cheap as a bench target.
             await resp.write(b"".join(events))
             return True
@@ -158,6 +164,9 @@ async def _stream(
                 return drop(request)
             if b.stall_after >= 0 and i == b.stall_after + 1:
                 await stall()
+            if b.error_event_after >= 0 and i == b.error_event_after + 1:
+                await resp.write(error + b"data: [DONE]\n\n")  # (as vLLM ends it)
+                return True
             if delay and 1 <= i <= n:
                 await asyncio.sleep(delay)
             await resp.write(event)

@@ -33,6 +33,8 @@ class Behaviour:
     annotations: str = ""
     #: A JSON object merged into the answer's ``usage`` (a null value removes the key).
     usage: str = ""
+    error_event_after: int = -1
+    keepalive_ms: float = 0.0
 
     def merged(self, overrides: Mapping[str, Any]) -> Behaviour:
         return dataclasses.replace(self, **overrides) if overrides else self
@@ -207,13 +209,16 @@ async def read_json(request: web.Request) -> tuple[dict[str, Any] | None, web.Re
     return body, None
 
 
-async def prelude(request: web.Request, model: str) -> tuple[Behaviour | None, web.Response | None]:
-    """Resolve behaviour, hang, and inject an error: the part every endpoint shares."""
+async def prelude(
+    request: web.Request, model: str, stream: bool = False
+) -> tuple[Behaviour | None, web.Response | None]:
+    """Resolve behaviour, hang, and inject an error: the part every endpoint shares. (A stream
+    with ``keepalive_ms`` hangs after its headers, sending comments: see ``keepalive``.)"""
     try:
         b = behaviour_for(request, model)
     except HeaderError as e:
         return None, error_response(400, str(e))
-    if b.hang_ms:
+    if b.hang_ms and not (stream and b.keepalive_ms):
         await asyncio.sleep(b.hang_ms / 1000)
     if b.status >= 300:
         request.app[STATE].stats["errors_injected"] += 1
@@ -255,6 +260,18 @@ async def stall() -> None:
     """``x-fake-stall-after`` reached: send nothing more, keeping the connection open, until the
     client goes away (the stream's task is then cancelled)."""
     await asyncio.Event().wait()
+
+
+async def keepalive(resp: web.StreamResponse, b: Behaviour) -> None:
+    """``x-fake-keepalive-ms``: the headers went out; ``hang_ms`` passes before the first event,
+    with an SSE comment every ``keepalive_ms`` meanwhile (a server holding the line open)."""
+    end = time.monotonic() + b.hang_ms / 1000
+    while True:
+        await resp.write(b": keepalive\n\n")
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(left, b.keepalive_ms / 1000))
 
 
 def drop(request: web.Request) -> bool:

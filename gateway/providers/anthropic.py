@@ -15,13 +15,19 @@ import orjson
 
 from gateway.errors import GatewayError, UpstreamError
 from gateway.providers.anthropic_stream import StreamTranslator
-from gateway.providers.anthropic_translate import error_from_body, from_anthropic, to_anthropic
+from gateway.providers.anthropic_translate import (
+    error_from_body,
+    from_anthropic,
+    max_tokens,
+    to_anthropic,
+)
 from gateway.providers.base import Provider, UpstreamResponse
 from gateway.providers.openai import AiohttpResponse
 
 if TYPE_CHECKING:
     import aiohttp
 
+    from gateway.catalogue import Deployment
     from gateway.context import RequestContext
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -61,6 +67,10 @@ class AnthropicProvider(Provider):
         if self.deployment.api_key:
             headers["x-api-key"] = self.deployment.api_key
         return headers
+
+    @staticmethod
+    def output_tokens(deployment: Deployment, asked: int) -> int:
+        return max_tokens(asked, deployment.max_output_tokens)
 
     def error_for(self, status: int, headers: Mapping[str, str], raw: bytes) -> GatewayError:
         try:

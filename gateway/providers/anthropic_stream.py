@@ -61,8 +61,9 @@ class StreamTranslator:
             try:
                 obj = orjson.loads(payload)
             except orjson.JSONDecodeError:
-                raise UpstreamError(
-                    "the anthropic upstream sent a malformed stream event"
+                raise UpstreamError(  # (retryable while nothing went out)
+                    "the anthropic upstream sent a malformed stream event",
+                    retryable=not self.started and not out,
                 ) from None
             if isinstance(obj, dict):
                 try:

@@ -217,6 +217,12 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
     return out
 
 
+def max_tokens(asked: int, max_output_tokens: int) -> int:
+    """The Messages API's ``max_tokens`` (it needs one): the client's, capped by the
+    deployment's ``max_output_tokens``, which is also the default."""
+    return min(asked, max_output_tokens) if asked else max_output_tokens
+
+
 def to_anthropic(body: dict[str, Any], model: str, max_output_tokens: int) -> dict[str, Any]:
     """The Messages API body for an OpenAI chat request (``body`` is not modified)."""
     if (body.get("n") or 1) > 1:
@@ -270,7 +276,7 @@ def to_anthropic(body: dict[str, Any], model: str, max_output_tokens: int) -> di
     asked = body.get("max_completion_tokens") or body.get("max_tokens")
     out: dict[str, Any] = {
         "model": model,
-        "max_tokens": min(int(asked), max_output_tokens) if asked else max_output_tokens,
+        "max_tokens": max_tokens(int(asked or 0), max_output_tokens),
         "messages": messages,
     }
     if system:
@@ -326,7 +332,9 @@ def usage_of(usage: dict[str, Any] | None) -> dict[str, Any]:
 def from_anthropic(data: dict[str, Any], model: str, created: int | None = None) -> dict[str, Any]:
     """A ``chat.completion`` for a Messages API answer; ``model`` is the name the client used."""
     if data.get("type") != "message" or not isinstance(data.get("content"), list):
-        raise UpstreamError("the anthropic upstream sent an unexpected body")
+        # (a proxy in front answering 200 with an error body, say): as the OpenAI provider's
+        # unexpected body, that deployment's failure; nothing was sent yet, so the next is tried
+        raise UpstreamError("the anthropic upstream sent an unexpected body", retryable=True)
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for block in data["content"]:

@@ -40,12 +40,48 @@ if TYPE_CHECKING:
 MAX_ERROR_BODY = 64 * 1024
 
 
+#: A run of at least this many leading characters of a secret is cut out like the whole of it
+#: (an upstream quoting a key cut short or masked: ``sk-proj-abcd1234****``); a secret this
+#: short or shorter only whole. Searching for this much costs what searching the whole did.
+SCRUB_PREFIX = 12
+
+
+def marks(secrets: tuple[str, ...]) -> tuple[str, ...]:
+    """What to search for, cheaply, before scrubbing: each secret's leading characters."""
+    return tuple(dict.fromkeys(s[:SCRUB_PREFIX] for s in secrets))
+
+
 def scrub(text: str, secrets: tuple[str, ...]) -> str:
-    """``text`` with each of ``secrets`` (a deployment's key and header values) cut out."""
+    """``text`` with each of ``secrets`` (a deployment's key and header values) cut out, and
+    any run of their first ``SCRUB_PREFIX`` or more characters."""
     for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, "[REDACTED]")
+        if text.find(secret[:SCRUB_PREFIX]) != -1:
+            text = _cut(text, secret, "[REDACTED]")
     return text
+
+
+def scrub_bytes(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
+    """``scrub`` for UTF-8 bytes (``secrets``: the secrets' UTF-8)."""
+    for secret in secrets:
+        if data.find(secret[:SCRUB_PREFIX]) != -1:
+            data = _cut(data, secret, b"[REDACTED]")
+    return data
+
+
+def _cut(text: Any, secret: Any, redacted: Any) -> Any:
+    head = secret[:SCRUB_PREFIX]
+    out: list[Any] = []
+    done = 0
+    at = text.find(head)
+    while at != -1:
+        end, n = at + len(head), len(head)
+        while n < len(secret) and text[end : end + 1] == secret[n : n + 1]:
+            end, n = end + 1, n + 1
+        out += (text[done:at], redacted)
+        done = end
+        at = text.find(head, end)
+    out.append(text[done:])
+    return text[:0].join(out)
 
 
 class UpstreamResponse:
@@ -55,10 +91,14 @@ class UpstreamResponse:
     #: error events must not carry to the client; and the same in UTF-8, for its bytes.
     secrets: tuple[str, ...] = ()
     secret_bytes: tuple[bytes, ...] = ()
+    #: Their leading characters (``marks``), searched for first, in text and in UTF-8.
+    secret_marks: tuple[str, ...] = ()
+    mark_bytes: tuple[bytes, ...] = ()
 
     def keep_secrets(self, provider: Provider) -> UpstreamResponse:
         """Take ``provider``'s credentials (the deployment that answered); returns self."""
         self.secrets, self.secret_bytes = provider.secrets, provider.secret_bytes
+        self.secret_marks, self.mark_bytes = provider.secret_marks, provider.mark_bytes
         return self
 
     def __init__(self, status: int, headers: Mapping[str, str]) -> None:
@@ -103,6 +143,8 @@ class Provider:
             )
         )
         self.secret_bytes = tuple(s.encode() for s in self.secrets)
+        self.secret_marks = marks(self.secrets)
+        self.mark_bytes = tuple(m.encode() for m in self.secret_marks)
         #: Per request, aiohttp would parse the URL string (~0.5k instructions) and this would
         #: build a context manager (~0.8k): both are the same every time.
         self._urls: dict[str, URL] = {}
@@ -113,6 +155,12 @@ class Provider:
     def auth_headers(self) -> dict[str, str]:
         """The provider's credentials and the deployment's headers (called once, at startup)."""
         return {}
+
+    @staticmethod
+    def output_tokens(deployment: Deployment, asked: int) -> int:
+        """The answer length this provider asks the deployment for when the client asked
+        ``asked`` (0: none given): what must fit its context window beside the prompt."""
+        return asked
 
     def error_for(self, status: int, headers: Mapping[str, str], raw: bytes) -> GatewayError:
         """The error for an upstream status >= 300 (providers with their own error shape

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, NamedTuple
 
 import orjson
@@ -19,13 +22,34 @@ from gateway.errors import (
 
 
 def retry_after(headers: Mapping[str, str]) -> str | None:
+    """The upstream's wait as whole seconds (what ``Retry-After`` carries to the client):
+    ``Retry-After`` in seconds (a decimal rounded up) or as an HTTP date, else OpenAI's
+    ``retry-after-ms``; never negative (a date already past is 0). None: none given."""
     value = headers.get("retry-after")
-    if value is None:
-        ms = headers.get("retry-after-ms")
-        if ms and ms.replace(".", "", 1).isdigit():
-            return str(max(1, round(float(ms) / 1000)))
+    if value is not None:
+        seconds = _seconds(value.strip())
+        if seconds is None:
+            seconds = _date_seconds(value)
+    else:
+        ms = _seconds(headers.get("retry-after-ms") or "")
+        seconds = None if ms is None else ms / 1000
+    return None if seconds is None else str(max(0, math.ceil(seconds)))
+
+
+def _seconds(value: str) -> float | None:
+    if not value.replace(".", "", 1).isdigit():  # (digits and one point: no sign, no "nan")
         return None
-    return value if value.isdigit() else None
+    return float(value)
+
+
+def _date_seconds(value: str) -> float | None:
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # (an HTTP date is GMT; "-0000" parses without a zone)
+        when = when.replace(tzinfo=UTC)
+    return (when - datetime.now(UTC)).total_seconds()
 
 
 #: What an upstream's error ``code`` or ``param`` may be to reach the client: an identifier or

@@ -293,6 +293,12 @@ class RoutePlugin(Plugin):
         if ctx.candidates:
             self.balancer.start(ctx.candidates[0].id)
             scratch["busy"] = ctx.candidates[0].id
+        elif "retry-after" in error.headers:
+            # This error goes to the client: its Retry-After is no sooner than this gateway
+            # will try the deployment again (its breaker may be open for longer than asked).
+            wait = math.ceil(self.breakers.retry_in(deployment.id))
+            if wait > _seconds(error.headers["retry-after"], math.inf):
+                error.headers["retry-after"] = str(wait)
 
     def _claim_next(self, ctx: RequestContext, scratch: dict[str, Any], skip_busy: bool) -> None:
         """Claim the probe of the next candidate if it is half-open, and only of that one: a
@@ -315,16 +321,21 @@ class RoutePlugin(Plugin):
     async def _wait_retry_after(
         self, ctx: RequestContext, scratch: dict[str, Any], dep: Deployment, seconds: float
     ) -> bool:
-        """Nothing else to try: wait out a short Retry-After once, within the deadline."""
-        if not 0 < seconds <= self.config.max_retry_wait_s or scratch.get("waited"):
+        """Nothing else to try: wait out a short Retry-After once, within the deadline. The
+        wait is until the deployment's breaker lets a try through (the failure may have opened
+        it for longer than the upstream asked: then no wait)."""
+        if seconds <= 0 or scratch.get("waited"):
             return False
-        if ctx.deadline is not None and time.perf_counter() + seconds >= ctx.deadline:
+        wait = max(seconds, self.breakers.retry_in(dep.id))
+        if wait > self.config.max_retry_wait_s:
+            return False
+        if ctx.deadline is not None and time.perf_counter() + wait >= ctx.deadline:
             return False
         if not self.budget.withdraw():
             ctx.log["retry_budget_exhausted"] = True
             return False
         scratch["waited"] = True
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(wait + 0.001)  # (a timer may fire a hair early: then still open)
         return True
 
     def _end_busy(self, scratch: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ deployment; the others skip it until the probe's outcome is known.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ class _Circuit:
     #: Clock value when an open breaker turns half-open.
     reopen_at: float = 0.0
     probing: bool = False
+    #: Turns the gauge half-open when the cool-down ends (see ``Breakers._wake``).
+    timer: asyncio.TimerHandle | None = None
 
 
 class Breakers:
@@ -111,6 +114,27 @@ class Breakers:
     def _open(self, dep_id: str, c: _Circuit, seconds: float) -> None:
         c.reopen_at = self.clock() + seconds
         self._set(dep_id, c, OPEN)
+        self._wake(dep_id, c, seconds)
+
+    def _wake(self, dep_id: str, c: _Circuit, seconds: float) -> None:
+        """Look at the breaker again when its cool-down ends: the state (and the gauge) only
+        changes when looked at, and a scrape must not read "open" until some request or
+        ``/readyz`` asks. A timer, not a scrape-time collector: with worker processes each
+        one's gauge file must be current, whichever worker answers the scrape."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (no loop: a unit test driving the breakers by hand)
+            return
+        if c.timer is not None:
+            c.timer.cancel()
+        # (a timer may fire a hair before the clock reaches reopen_at: a little later, then)
+        c.timer = loop.call_later(seconds + 0.001, self._due, dep_id)
+
+    def _due(self, dep_id: str) -> None:
+        c = self.circuits[dep_id]
+        c.timer = None
+        if self.state(dep_id) == OPEN:  # (not due by this breaker's clock yet)
+            self._wake(dep_id, c, max(self.retry_in(dep_id), 0.001))
 
     def health(self) -> dict[str, dict[str, object]]:
         out: dict[str, dict[str, object]] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -83,13 +84,29 @@ def prompt_tokens(ctx: RequestContext) -> int:
     return tokens.prompt_tokens(ctx)
 
 
+#: Each provider's ``output_tokens`` by its name (looked up once).
+_OUTPUT_TOKENS: dict[str, Callable[[Deployment, int], int]] = {}
+
+
+def output_tokens(dep: Deployment, asked: int) -> int:
+    """The answer length ``dep``'s provider will ask for (Anthropic's API needs one: without
+    the client's, it sends the deployment's ``max_output_tokens``)."""
+    fn = _OUTPUT_TOKENS.get(dep.provider)
+    if fn is None:
+        from gateway.providers import provider_class
+
+        fn = _OUTPUT_TOKENS[dep.provider] = provider_class(dep.provider).output_tokens
+    return fn(dep, asked)
+
+
 def fits(ctx: RequestContext, needs: Needs, dep: Deployment) -> bool:
-    """Whether prompt + requested output fit the deployment's context window; counts tokens
-    only when the cheap bound says it might not."""
+    """Whether prompt + the output the provider will ask for fit the deployment's context
+    window; counts tokens only when the cheap bound says it might not."""
     window = dep.context_window
-    if needs.prompt_bound + needs.output_tokens <= window:
+    out = output_tokens(dep, needs.output_tokens)
+    if needs.prompt_bound + out <= window:
         return True
-    return prompt_tokens(ctx) + needs.output_tokens <= window
+    return prompt_tokens(ctx) + out <= window
 
 
 def matches(rule: Rule, ctx: RequestContext, needs: Needs) -> bool:

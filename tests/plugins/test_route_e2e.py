@@ -265,9 +265,11 @@ def test_all_failing_gives_last_error_and_request_errors_are_not_retried() -> No
         fake={"behaviours": {"large-up": {"status": 400}}},
     ) as gw:
         client = gw.openai()
+        errors = upstream_errors(gw, "smart-large")
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="smart", messages=MSG)
         assert models_called(gw) == ["large-up"]  # a 400 is the request's fault: no failover
+        assert upstream_errors(gw, "smart-large") == errors  # and no error of the deployment
 
 
 def test_failure_after_first_chunk_is_an_sse_error_without_switching() -> None:
@@ -311,6 +313,7 @@ def test_breaker_opens_skips_primary_and_recovers_after_cooldown() -> None:
         assert route_plugin.health()["deployments"]["smart-large"]["state"] == "open"
         gw.upstream.runner.app[STATE].behaviours["large-up"] = {}  # the primary heals
         time.sleep(0.6)
+        assert metric(gw, "smart-large") == 2.0  # scraped before anything asked the breaker
         assert route_plugin.health()["deployments"]["smart-large"]["state"] == "half_open"
         r = client.chat.completions.with_raw_response.create(model="smart", messages=MSG)
         assert r.headers["x-gateway-deployment"] == "smart-large"  # the probe
@@ -374,10 +377,14 @@ def test_deadline_bounds_the_whole_request(stream: bool) -> None:
         elapsed = time.perf_counter() - started
         assert exc.value.status_code == 504
         assert 0.7 < elapsed < 2.0
-        assert models_called(gw) == ["large-up"]  # no attempt starts after the deadline
-        # The request's time ran out, not the deployment's first-byte timeout: not its fault.
+        # Each attempt with another after it gets half the time left (0.4 s, then 0.2 s): a
+        # cut there is its deployment's failure; the last one started with under a quarter of
+        # the request's time, so the deadline cutting it is not its fault.
+        assert models_called(gw) == ["large-up", "claude-up", "local-up"]
         health = gw.gateway.pipeline.find("route").health()["deployments"]
-        assert health["smart-large"]["consecutive_failures"] == 0
+        assert health["smart-large"]["consecutive_failures"] == 1
+        assert health["claude-a"]["consecutive_failures"] == 1
+        assert health["local-a"]["consecutive_failures"] == 0
 
 
 def test_fallbacks_and_rules_never_take_a_caller_to_a_model_its_roles_do_not_grant() -> None:
@@ -491,9 +498,12 @@ def test_a_deployment_that_cannot_express_the_request_passes_it_on() -> None:
         return cfg
 
     with running_gateway(three_providers, registry={"tier": TierFromHeader}) as gw:
+        errors = upstream_errors(gw, "claude-a")
         r = gw.openai().chat.completions.with_raw_response.create(model="claude", messages=MSG, n=2)
         assert r.headers["x-gateway-deployment"] == "local-a"
-        assert r.headers["x-gateway-attempts"] == "2"
+        # Skipped, not attempted: nothing was sent to claude-a, and nothing failed there.
+        assert r.headers["x-gateway-attempts"] == "1"
+        assert upstream_errors(gw, "claude-a") == errors
         assert models_called(gw) == ["local-up"]  # the translation failed before sending
         health = gw.gateway.pipeline.find("route").health()["deployments"]
         assert health["claude-a"]["state"] == "closed"

@@ -230,10 +230,20 @@ def test_stream_error_event_is_retryable_only_before_output() -> None:
 
 
 def test_malformed_stream_and_body_are_upstream_errors() -> None:
-    with pytest.raises(UpstreamError):
+    """Before any output they are the deployment's failure, retryable elsewhere (a 200 whose
+    body is an error, from a proxy in front, say); once output went out, no longer."""
+    with pytest.raises(UpstreamError) as first:
         StreamTranslator("m").feed(b"data: {nope\n\n")
-    with pytest.raises(UpstreamError):
-        from_anthropic({"type": "error"}, "m")
+    assert first.value.retryable
+    for body in ({"type": "error"}, {"type": "error", "error": {"type": "overloaded_error"}}):
+        with pytest.raises(UpstreamError) as plain:
+            from_anthropic(body, "m")
+        assert plain.value.retryable
+    t = StreamTranslator("m")
+    t.feed((DATA / "stream_tools.sse").read_bytes().split(b"event: content_block_stop")[0])
+    with pytest.raises(UpstreamError) as later:
+        t.feed(b"data: {nope\n\n")
+    assert not later.value.retryable
 
 
 def test_requests_real_claude_models_would_refuse_are_made_acceptable() -> None:

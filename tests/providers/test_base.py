@@ -111,3 +111,23 @@ async def test_upstream_errors_maps_transport_failures_and_passes_the_rest() -> 
     with pytest.raises(ValueError):
         with upstream_errors("openai"):
             raise ValueError("a bug, not the upstream")
+
+
+def test_retry_after_in_seconds_decimals_dates_and_milliseconds() -> None:
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    from gateway.providers.errors import error_for_status, retry_after
+
+    assert retry_after({"retry-after": "7"}) == "7"
+    assert retry_after({"retry-after": "1.5"}) == "2"  # rounded up: never earlier than asked
+    assert retry_after({"retry-after": "0.2"}) == "1"
+    soon = datetime.now(UTC) + timedelta(seconds=30)
+    assert 29 <= int(retry_after({"retry-after": format_datetime(soon, usegmt=True)}) or 0) <= 31
+    assert retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == "0"  # past: now
+    assert retry_after({"retry-after-ms": "1500"}) == "2"
+    assert retry_after({"retry-after": "-3"}) is None
+    assert retry_after({"retry-after": "soon"}) is None
+    assert retry_after({}) is None
+    err = error_for_status(503, {"retry-after": "2.5"}, "", "openai")
+    assert err.headers == {"retry-after": "3"}
