@@ -114,15 +114,18 @@ async def open_upstream(
 async def _within_deadline(
     gw: Gateway, ctx: RequestContext, provider: Provider, body: dict[str, Any], started: float
 ) -> tuple[UpstreamResponse, Start]:
-    """One attempt under the request's deadline. An attempt with another candidate after it
-    waits for its answer to begin at most half the time left (the first-byte timeout may cut
-    it sooner), so the fallback still has time: a deployment that hangs is abandoned even when
-    ``deadline_s`` is no longer than ``first_byte_timeout_s``, and that cut is its failure.
-    The last candidate gets all the time left; a deadline cut counts against it when it had
-    at least a quarter of the request's time (else the request ran out on earlier attempts)."""
+    """One attempt under the request's deadline. A streamed attempt with another candidate
+    after it waits for its answer to begin at most half the time left (the first-byte timeout
+    may cut it sooner), so the fallback still has time: a deployment that hangs is abandoned
+    even when ``deadline_s`` is no longer than ``first_byte_timeout_s``, and that cut is its
+    failure. A plain answer's first byte comes when the whole answer is written, so it gets
+    all the time left (a long answer is not cut for a fallback that would take as long), as
+    does the last candidate; a deadline cut counts against the deployment when it had at least
+    a quarter of the request's time (else the request ran out on earlier attempts), so a
+    deployment that hangs opens its breaker and later requests go to the fallback."""
     assert ctx.deadline is not None and ctx.upstream_started is not None
     left = max(0.0, ctx.deadline - started)
-    share = left / 2 if ctx.candidates else left
+    share = left / 2 if ctx.candidates and ctx.stream else left
     try:
         with upstream_timeout(share):
             return await attempt(gw, ctx, provider, body)

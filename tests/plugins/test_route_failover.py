@@ -40,8 +40,10 @@ def _short_deadline(deadline_s: float, first_byte_s: float = 10):  # type: ignor
 def test_a_hang_is_abandoned_when_the_deadline_is_shorter_than_the_first_byte_timeout(
     stream: bool,
 ) -> None:
-    """The primary hangs; deadline 1.6 s, first-byte timeout 10 s: the primary gets half the
-    time, then the fallback answers, and the cut counts against the primary."""
+    """The primary hangs; deadline 1.6 s, first-byte timeout 10 s. Streamed, the primary gets
+    half the time, then the fallback answers; plain (whose first byte comes with the whole
+    answer, so a long answer must not be cut for a fallback), the deadline ends it with a 504.
+    Either way the cut counts against the primary, so its breaker opens in time."""
     with running_gateway(
         _short_deadline(1.6),
         registry={"tier": TierFromHeader},
@@ -56,8 +58,13 @@ def test_a_hang_is_abandoned_when_the_deadline_is_shorter_than_the_first_byte_ti
             )
             text = "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)
         else:
-            resp = client.chat.completions.with_raw_response.create(model="smart", messages=MSG)
-            text = resp.parse().choices[0].message.content
+            with pytest.raises(openai.APIStatusError) as exc:
+                client.chat.completions.create(model="smart", messages=MSG)
+            assert exc.value.status_code == 504
+            assert 1.5 < time.perf_counter() - started < 3
+            assert _health(gw, "smart-large")["consecutive_failures"] == 1
+            assert upstream_errors(gw, "smart-large") == errors + 1
+            return
         assert 0.7 < time.perf_counter() - started < 1.5
         assert text == "Echo: hello there"
         assert resp.headers["x-gateway-deployment"] == "claude-a"
