@@ -44,10 +44,14 @@ HARD_NEGATIVE_GLOB = "guard_hard_negatives*.jsonl"
 #: Benign requests framed in attack words (a story about "BYPASS", "keep the salary figures out",
 #: security education, product copy), written 26 Nov; training on them did not pay (see
 #: docs/guard_eval.md), so they measure the shipped model instead.
+#: Long documents (1,200-1,700 characters) with a sentence put in their middle, past the
+#: classifier's head-and-tail window: 20 benign ones that say "ignore", "instructions" or
+#: "system", and 20 paraphrased injections (written 27 Nov for Scanner.middle_spans).
 HELD_OUT = (
     "guard_short_benign_holdout.jsonl",
     "guard_everyday_benign_holdout.jsonl",
     "guard_framing_benign_holdout.jsonl",
+    "guard_middle_holdout.jsonl",
 )
 #: Left out of training by scripts/train_guard.py (research-only licence).
 EXCLUDED_ORIGINS = {"wildguard_judgecomp"}
@@ -178,18 +182,29 @@ def main(argv: list[str] | None = None) -> int:
     detector.load()
     rules = rules_checker()
 
+    from plugins.guard.config import SemanticConfig
     from plugins.guard.decode import DECODERS
-    from plugins.guard.scanner import DECODED_THRESHOLD, Scanner
+    from plugins.guard.scanner import DECODED_THRESHOLD, MIDDLE_THRESHOLD, Scanner
 
     # The plugin also scores the payloads a prompt hides in base64, hex or %-escapes that read
-    # as prose (Scanner._decoded_prose): the highest score counts.
-    decoding = Scanner(None, decoders=tuple(DECODERS), semantic=detector)
+    # as prose (Scanner._decoded_prose), and the spans of a long prompt's middle that its one
+    # window leaves out and that hold injection words (Scanner.middle_spans), each counted from
+    # its own floor: the highest score counts.
+    extra = Scanner(
+        None,
+        decoders=tuple(DECODERS),
+        semantic=detector,
+        middle_windows=SemanticConfig().middle_windows,
+    )
 
     def semantic(text: str) -> bool:
         if detector.is_attack(detector.score([text])[0]):
             return True
         floor = max(detector.threshold, DECODED_THRESHOLD)
-        return any(detector.score([d])[0] >= floor for d in decoding._decoded_prose(text))
+        if any(detector.score([d])[0] >= floor for d in extra._decoded_prose(text)):
+            return True
+        floor = max(detector.threshold, MIDDLE_THRESHOLD)
+        return any(detector.score([m])[0] >= floor for m in extra.middle_spans(text))
 
     layers: dict[str, Callable[[str], bool]] = {"semantic": semantic}
     if rules is not None:

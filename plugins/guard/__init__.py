@@ -76,6 +76,7 @@ class GuardPlugin(AnswerGuard, Plugin):
             semantic_threshold=cfg.semantic.threshold,
             semantic_action=cfg.semantic.action,
             secret_actions=self.secret_actions,
+            middle_windows=cfg.semantic.middle_windows,
         )
 
     async def startup(self, gateway: Gateway) -> None:

@@ -129,6 +129,28 @@ class Encoder:
             out.append((piece_text, wrap(ids[-body:] if i == max_windows - 1 else ids[:body])))
         return out
 
+    def joined_gap(self, text: str, window_tokens: int) -> tuple[int, int] | None:
+        """The characters ``[a, b)`` of ``text`` that the joined window of :meth:`window_slices`
+        leaves out (between its head and tail pieces), or None when it holds the whole text.
+        Tokenizes the same slices that method does."""
+        tok = self._tokenizer
+        body = window_tokens - 2
+        half = body // 2
+
+        def offsets(s: str) -> list[tuple[int, int]]:
+            # The Rust tokenizer itself: the same pieces, without transformers' per-call work.
+            return list(tok.backend_tokenizer.encode(s, add_special_tokens=False).offsets)
+
+        if len(text) <= CHARS_PER_TOKEN * body:
+            spans = offsets(text)
+            if len(spans) <= body:
+                return None
+            return spans[half - 1][1], spans[len(spans) - (body - half)][0]
+        head = offsets(text[: CHARS_PER_TOKEN * half])[:half]
+        tail_at = len(text) - CHARS_PER_TOKEN * (body - half)
+        tail = offsets(text[tail_at:])[-(body - half) :]
+        return (head[-1][1] if head else 0), (tail_at + tail[0][0] if tail else len(text))
+
     def _hidden(self, ids: Any) -> Any:
         """BERT's forward pass for one unpadded window, written out with the model's own
         modules and in its order of operations (the outputs are bit-identical to

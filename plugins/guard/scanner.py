@@ -20,6 +20,7 @@ from gateway.digest import text_digest
 from gateway.redact import find_secrets
 from plugins.guard.decode import ROT13_ALWAYS_BELOW, ascii_clues, decoded_variants, rot13_windows
 from plugins.guard.hidden import reveal_tags
+from plugins.guard.middle import middle_segments
 from plugins.guard.normalize import (
     deobfuscate_spans,
     light,
@@ -115,6 +116,13 @@ MAX_DECODED_SCORED = 2
 #: The least score a decoded payload counts with (the threshold, if higher): a decoded text is
 #: further from what the classifier learnt from ("lorem ipsum dolor sit amet" scores 0.79).
 DECODED_THRESHOLD = 0.9
+#: The most spans of a long text's middle the classifier may score besides the text (see
+#: :mod:`plugins.guard.middle`; ``semantic.middle_windows`` in the config, 0 by default): each
+#: is one forward pass more.
+MAX_MIDDLE_SCORED = 8
+#: The least score such a span counts with (the threshold, if higher): a sentence out of its
+#: document, scored alone, reads more like a prompt than the document did.
+MIDDLE_THRESHOLD = 0.98
 
 
 class Scanner:
@@ -129,6 +137,7 @@ class Scanner:
         semantic_threshold: float = 0.5,
         semantic_action: str = "block",
         secret_actions: dict[str, str] | None = None,
+        middle_windows: int = 0,
     ) -> None:
         self.rules = rules
         self.rules_action = rules_action
@@ -138,6 +147,7 @@ class Scanner:
         self.semantic = semantic
         self.semantic_threshold = semantic_threshold
         self.semantic_action = semantic_action
+        self.middle_windows = middle_windows
         self.secret_actions = secret_actions or {}
         # One thread for the model: inference is CPU-bound and the model is not shared safely
         # across threads; queueing here keeps the event loop free.
@@ -274,17 +284,21 @@ class Scanner:
                 if (classify is None or classify[i]) and (exhaustive or not v.blocked)
             ]
             batch: list[str] = []
-            owner: list[tuple[int, bool]] = []  # each batch text's owner, and if it is decoded
+            owner: list[tuple[int, float]] = []  # each batch text's owner, and its floor
+            decoded = max(self.semantic_threshold, DECODED_THRESHOLD)
+            middle = max(self.semantic_threshold, MIDDLE_THRESHOLD)
             for i in todo:
                 batch.append(texts[i])
-                owner.append((i, False))
+                owner.append((i, 0.0))
                 for t in self._decoded_prose(texts[i]):
                     batch.append(t)
-                    owner.append((i, True))
+                    owner.append((i, decoded))
+                for t in self.middle_spans(texts[i]):
+                    batch.append(t)
+                    owner.append((i, middle))
             best: dict[int, float] = {}
-            floor = max(self.semantic_threshold, DECODED_THRESHOLD)
-            for (i, decoded), s in zip(owner, await self.semantic_scores(batch), strict=True):
-                if not decoded or s >= floor:
+            for (i, floor), s in zip(owner, await self.semantic_scores(batch), strict=True):
+                if s >= floor:
                     best[i] = max(best.get(i, 0.0), s)
             for i in todo:
                 verdicts[i].findings.extend(self._semantic_findings(best[i]))
@@ -305,6 +319,14 @@ class Scanner:
                 if len(out) == MAX_DECODED_SCORED:
                     break
         return out
+
+    def middle_spans(self, text: str) -> list[str]:
+        """Spans of a long text's middle, which the classifier's one window leaves out, that
+        hold the words injections are written with: a paraphrase there was read by the rules
+        alone. At most ``middle_windows``, each one forward pass more."""
+        if self.semantic is None:
+            return []
+        return middle_segments(text, self.middle_windows, self.semantic.unseen)
 
     async def findings(
         self,

@@ -217,5 +217,12 @@ class SemanticDetector:
         )  # a text is as suspicious as its worst window
         return [float(p) for p in 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))]
 
+    def unseen(self, text: str) -> tuple[int, int] | None:
+        """The characters ``[a, b)`` of ``text`` its window leaves out, or None when it holds
+        the whole text (or the model's windows are not the joined kind)."""
+        if self._encoder is None:
+            raise SemanticModelError("guard semantic model: unseen() called before load()")
+        return self._encoder.joined_gap(text, self.window_tokens) if self.joined else None
+
     def is_attack(self, score: float) -> bool:
         return score >= self.threshold
