@@ -20,6 +20,7 @@ from gateway.digest import text_digest
 from gateway.redact import find_secrets
 from plugins.guard.decode import ROT13_ALWAYS_BELOW, ascii_clues, decoded_variants, rot13_windows
 from plugins.guard.hidden import reveal_tags
+from plugins.guard.markup import unmasked_segments
 from plugins.guard.normalize import (
     deobfuscate_spans,
     light,
@@ -157,9 +158,11 @@ class Scanner:
         """Rules over the text's normalised forms and its decoded segments.
 
         Forms: the light form (:func:`light`); the deobfuscated one (leetspeak, spaced letters)
-        only around what deobfuscation changed, since elsewhere it is the light form; each
-        decoded base64/hex/%-escaped segment, both ways; and the rot13 of the light form. A
-        rule that fired is not tried again on later forms."""
+        only around what deobfuscation changed, since elsewhere it is the light form; the parts
+        of the text that markup and escapes change (HTML references, tags and comments, JSON
+        escapes, quoted-printable), decoded, both ways; each decoded base64/hex/%-escaped
+        segment, both ways; and the rot13 of the light form. A rule that fired is not tried
+        again on later forms."""
         rules = self.rules
         if rules is None or not len(rules) or not text:
             return []
@@ -174,17 +177,13 @@ class Scanner:
             rot13_windows_ = []
         else:
             fired = rules.fired(lit)
-        # Most prompts are ASCII with nothing to deobfuscate or decode: cheap exact tests first.
-        deobfuscate, decode = ascii_clues(text, lit) if text.isascii() else (True, True)
-        if deobfuscate:
-            full, changed = deobfuscate_spans(lit)
-            if changed:
-                fired |= rules.fired(full, fired, _windows(changed))
-                # Words spelt out letter by letter, two spaces apart: the light form lost the
-                # gaps between them ("ignoreallprevious"), this form keeps them.
-                spelt = spelt_words(text) if "  " in text else None
-                if spelt is not None:
-                    fired |= rules.fired(spelt, fired)
+        decode = self._fired_deobfuscated(text, lit, fired)
+        # Markup and escapes (HTML references and tags, JSON escapes, quoted-printable): the
+        # text as it reads, in the same forms, around each place they change it.
+        for unmasked in unmasked_segments(text):
+            ulit = light(unmasked)
+            fired |= rules.fired(ulit, fired)
+            self._fired_deobfuscated(unmasked, ulit, fired)
         if kinds and decode:
             for decoded in dict.fromkeys(decoded_variants(text, kinds)):
                 for form in variants(decoded):
@@ -197,6 +196,25 @@ class Scanner:
             Finding("rules", rules.rules[i].category, self.rules_action, rules.rules[i].id)
             for i in sorted(fired)
         ]
+
+    def _fired_deobfuscated(self, text: str, lit: str, fired: set[int]) -> bool:
+        """Adds to ``fired`` the rules matching the deobfuscated form of ``lit``
+        (``light(text)``) around what deobfuscation changed; returns whether ``text`` may hold
+        encoded segments (see :func:`ascii_clues`)."""
+        rules = self.rules
+        assert rules is not None
+        # Most prompts are ASCII with nothing to deobfuscate or decode: cheap exact tests first.
+        deobfuscate, decode = ascii_clues(text, lit) if text.isascii() else (True, True)
+        if deobfuscate:
+            full, changed = deobfuscate_spans(lit)
+            if changed:
+                fired |= rules.fired(full, fired, _windows(changed))
+                # Words spelt out letter by letter, two spaces apart: the light form lost the
+                # gaps between them ("ignoreallprevious"), this form keeps them.
+                spelt = spelt_words(text) if "  " in text else None
+                if spelt is not None:
+                    fired |= rules.fired(spelt, fired)
+        return decode
 
     def secret_findings(self, text: str) -> list[Finding]:
         if not self.secret_actions:
