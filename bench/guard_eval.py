@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     from plugins.guard.decode import DECODERS
     from plugins.guard.scanner import DECODED_THRESHOLD, Scanner
 
-    # The plugin also scores the payloads a prompt hides in base64, hex or %-escapes that read
-    # as prose (Scanner._decoded_prose): the highest score counts.
+    # The plugin also scores the prompt with its markup and escapes decoded, and the payloads it
+    # hides in base64, hex or %-escapes that read as prose (Scanner._decoded_prose): the highest
+    # score counts.
     decoding = Scanner(None, decoders=tuple(DECODERS), semantic=detector)
 
     def semantic(text: str) -> bool:

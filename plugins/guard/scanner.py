@@ -20,7 +20,7 @@ from gateway.digest import text_digest
 from gateway.redact import find_secrets
 from plugins.guard.decode import ROT13_ALWAYS_BELOW, ascii_clues, decoded_variants, rot13_windows
 from plugins.guard.hidden import reveal_tags
-from plugins.guard.markup import unmasked_segments
+from plugins.guard.markup import unmask, unmasked_segments
 from plugins.guard.normalize import (
     deobfuscate_spans,
     light,
@@ -111,10 +111,13 @@ def record_metrics(verdict: Verdict, shadow: bool) -> None:
         VERDICTS.labels(f.category, f"shadow_{f.action}" if shadow else f.action, f.layer).inc()
 
 
-#: Decoded payloads of one text the classifier scores, besides the text itself.
+#: Decoded payloads of one text the classifier scores, besides the text itself (and the text
+#: with its markup decoded).
 MAX_DECODED_SCORED = 2
-#: The least score a decoded payload counts with (the threshold, if higher): a decoded text is
+#: The least score a decoded form counts with (the threshold, if higher): a decoded text is
 #: further from what the classifier learnt from ("lorem ipsum dolor sit amet" scores 0.79).
+#: The same for the text with its markup decoded, so that no benign prompt the classifier
+#: passed before is blocked for its entities or tags (its raw score still counts as ever).
 DECODED_THRESHOLD = 0.9
 
 
@@ -309,18 +312,23 @@ class Scanner:
         return verdicts
 
     def _decoded_prose(self, text: str) -> list[str]:
-        """The payloads hidden in ``text`` (base64, hex, %-escapes) that read as prose, for the
-        classifier: encoding a paraphrase the rules do not know used to be enough to get it
-        past both layers. At most :data:`MAX_DECODED_SCORED`, each one forward pass more."""
+        """Decoded forms of ``text`` for the classifier: the text with its markup and escapes
+        decoded (:func:`unmask`), when it has any, then the payloads it hides (base64, hex,
+        %-escapes) that read as prose, at most :data:`MAX_DECODED_SCORED` of them. Encoding a
+        paraphrase the rules do not know used to be enough to get it past both layers. Each is
+        one forward pass more."""
+        unmasked = unmask(text)
+        out = [] if unmasked is None else [unmasked]
         kinds = self._decoders_but_rot13
         if not kinds or (text.isascii() and not ascii_clues(text, light(text))[1]):
-            return []
-        out = []
+            return out
+        payloads = 0
         for d in dict.fromkeys(decoded_variants(text, kinds)):
             letters = sum(c.isalpha() or c.isspace() for c in d)
             if len(d) >= 16 and letters >= 0.85 * len(d) and " " in d.strip():
                 out.append(d)
-                if len(out) == MAX_DECODED_SCORED:
+                payloads += 1
+                if payloads == MAX_DECODED_SCORED:
                     break
         return out
 

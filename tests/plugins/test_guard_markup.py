@@ -1,7 +1,7 @@
 """Markup and escapes (plugins/guard/markup.py): an instruction written with HTML character
 references, JSON escapes, quoted-printable or tags inside words is read as the words it spells,
-by the rules (every scanned role, RAG chunks); benign HTML, JSON, e-mail and code stay
-benign."""
+by the rules (every scanned role, RAG chunks) and the classifier; benign HTML, JSON, e-mail
+and code stay benign."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from plugins.guard.markup import unmask, unmasked_segments
 from plugins.guard.normalize import fold
 
-from .test_guard import blocked, chat, guard, user
+from .test_guard import FakeDetector, blocked, chat, guard, user
 
 #: The red team's spellings (27 Nov) of an instruction no rule read before.
 ENCODED = [
@@ -119,6 +119,26 @@ async def test_benign_html_json_mail_and_code_tool_results_pass(content: str) ->
     assert unmask(content) is not None  # each does go through the decoders
     assert not await blocked(guard(), chat(user("summarise this"), tool(content)))
     assert not await blocked(guard(), chat(user(content)))
+
+
+@pytest.mark.anyio
+async def test_the_classifier_reads_the_decoded_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A paraphrase no rule knows, entity-encoded: the classifier scored the raw text only."""
+    import plugins.guard.semantic as semantic
+
+    class Fake(FakeDetector):
+        scored: list[str] = []
+
+    monkeypatch.setattr(semantic, "SemanticDetector", Fake)
+    g = guard(semantic={"enabled": True, "roles": ["user", "tool"]})
+    await g.startup(None)  # type: ignore[arg-type]
+    try:
+        assert await blocked(g, chat(user("a &#x73;neaky request")))
+        assert "a sneaky request" in Fake.scored
+        assert await blocked(g, chat(user("hi"), tool("sn<i></i>eaky")))
+        assert not await blocked(g, chat(user("a &quot;plain&quot; request")))
+    finally:
+        await g.shutdown()
 
 
 def test_decoding_stays_linear_on_crafted_markup() -> None:
