@@ -79,7 +79,9 @@ def _quoted_printable(text: str) -> str:
 
 
 def _tag(m: re.Match[str]) -> str:
-    return " " if m.group(2).lower() in _BLOCK else ""
+    # A line break, not a space: "</li><li>" as two spaces would send every page through the
+    # scanner's spelt-out-words pass, which looks for words two spaces apart.
+    return "\n" if m.group(2).lower() in _BLOCK else ""
 
 
 def _uncomment(text: str) -> str:

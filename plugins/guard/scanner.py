@@ -18,7 +18,13 @@ from prometheus_client import Counter
 
 from gateway.digest import text_digest
 from gateway.redact import find_secrets
-from plugins.guard.decode import ROT13_ALWAYS_BELOW, ascii_clues, decoded_variants, rot13_windows
+from plugins.guard.decode import (
+    ROT13_ALWAYS_BELOW,
+    ascii_clues,
+    decoded_variants,
+    may_deobfuscate,
+    rot13_windows,
+)
 from plugins.guard.hidden import reveal_tags
 from plugins.guard.markup import unmask, unmasked_segments
 from plugins.guard.normalize import (
@@ -180,13 +186,19 @@ class Scanner:
             rot13_windows_ = []
         else:
             fired = rules.fired(lit)
-        decode = self._fired_deobfuscated(text, lit, fired)
+        # Most prompts are ASCII with nothing to deobfuscate or decode: cheap exact tests first.
+        deobfuscate, decode = ascii_clues(text, lit) if text.isascii() else (True, True)
+        if deobfuscate:
+            self._fired_deobfuscated(text, lit, fired)
         # Markup and escapes (HTML references and tags, JSON escapes, quoted-printable): the
         # text as it reads, in the same forms, around each place they change it.
         for unmasked in unmasked_segments(text):
             ulit = light(unmasked)
             fired |= rules.fired(ulit, fired)
-            self._fired_deobfuscated(unmasked, ulit, fired)
+            if may_deobfuscate(ulit):
+                # (Not spelt out: the raw text's pass reads those, tags and all, and that
+                # pass over a whole page cost more than the rest of the decoded form's.)
+                self._fired_deobfuscated(unmasked, ulit, fired, spelt=False)
         if kinds and decode:
             for decoded in dict.fromkeys(decoded_variants(text, kinds)):
                 for form in variants(decoded):
@@ -200,24 +212,20 @@ class Scanner:
             for i in sorted(fired)
         ]
 
-    def _fired_deobfuscated(self, text: str, lit: str, fired: set[int]) -> bool:
+    def _fired_deobfuscated(self, text: str, lit: str, fired: set[int], spelt: bool = True) -> None:
         """Adds to ``fired`` the rules matching the deobfuscated form of ``lit``
-        (``light(text)``) around what deobfuscation changed; returns whether ``text`` may hold
-        encoded segments (see :func:`ascii_clues`)."""
+        (``light(text)``) around what deobfuscation changed, and (``spelt``) the form of
+        words spelt out letter by letter."""
         rules = self.rules
         assert rules is not None
-        # Most prompts are ASCII with nothing to deobfuscate or decode: cheap exact tests first.
-        deobfuscate, decode = ascii_clues(text, lit) if text.isascii() else (True, True)
-        if deobfuscate:
-            full, changed = deobfuscate_spans(lit)
-            if changed:
-                fired |= rules.fired(full, fired, _windows(changed))
-                # Words spelt out letter by letter, two spaces apart: the light form lost the
-                # gaps between them ("ignoreallprevious"), this form keeps them.
-                spelt = spelt_words(text) if "  " in text else None
-                if spelt is not None:
-                    fired |= rules.fired(spelt, fired)
-        return decode
+        full, changed = deobfuscate_spans(lit)
+        if changed:
+            fired |= rules.fired(full, fired, _windows(changed))
+            # Words spelt out letter by letter, two spaces apart: the light form lost the
+            # gaps between them ("ignoreallprevious"), this form keeps them.
+            words = spelt_words(text) if spelt and "  " in text else None
+            if words is not None:
+                fired |= rules.fired(words, fired)
 
     def secret_findings(self, text: str) -> list[Finding]:
         if not self.secret_actions:
