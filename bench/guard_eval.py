@@ -186,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     from plugins.guard.decode import DECODERS
     from plugins.guard.scanner import DECODED_THRESHOLD, MIDDLE_THRESHOLD, Scanner
 
-    # The plugin also scores the payloads a prompt hides in base64, hex or %-escapes that read
-    # as prose (Scanner._decoded_prose), and the spans of a long prompt's middle that its one
-    # window leaves out and that hold injection words (Scanner.middle_spans), each counted from
-    # its own floor: the highest score counts.
+    # The plugin also scores the prompt with its markup and escapes decoded, the payloads it
+    # hides in base64, hex or %-escapes that read as prose (Scanner._decoded_prose), and the
+    # spans of a long prompt's middle that its one window leaves out and that hold injection
+    # words (Scanner.middle_spans), each counted from its own floor: the highest score counts.
     extra = Scanner(
         None,
         decoders=tuple(DECODERS),

@@ -262,6 +262,16 @@ def ascii_clues(text: str, lit: str) -> tuple[bool, bool]:
     return deobfuscate, decode
 
 
+def may_deobfuscate(lit: str) -> bool:
+    """Whether :func:`deobfuscate_spans` may change ``lit`` (a :func:`light` form, ASCII or
+    not): the first test of :func:`ascii_clues`, with every non-ASCII character but the one
+    leetspeak folds ("€") as "anything else"."""
+    if "€" in lit:
+        return True
+    shape = lit.encode("ascii", "replace").translate(_SHAPE).decode("ascii")
+    return ("d" in shape and ("ad" in shape or "da" in shape)) or " a a " in shape
+
+
 def decoded_variants(text: str, kinds: Iterable[str] = DECODERS, depth: int = 2) -> list[str]:
     """Decoded payloads hidden in ``text`` (base64 of hex, etc. up to ``depth`` levels)."""
     kinds = tuple(kinds)

@@ -242,3 +242,16 @@ class RuleSet:
             self._search(text, hits, skip, None)
             self._search(rot if rot is not None else rot13(text), hits, skip, None)
         return hits
+
+
+def match_windows(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Where a match touching one of ``spans`` may start: from :data:`WINDOW_REACH` characters
+    before it to its end, overlapping ranges merged."""
+    out: list[tuple[int, int]] = []
+    for a, b in spans:
+        lo = max(0, a - WINDOW_REACH)
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((lo, b))
+    return out

@@ -18,8 +18,15 @@ from prometheus_client import Counter
 
 from gateway.digest import text_digest
 from gateway.redact import find_secrets
-from plugins.guard.decode import ROT13_ALWAYS_BELOW, ascii_clues, decoded_variants, rot13_windows
+from plugins.guard.decode import (
+    ROT13_ALWAYS_BELOW,
+    ascii_clues,
+    decoded_variants,
+    may_deobfuscate,
+    rot13_windows,
+)
 from plugins.guard.hidden import reveal_tags
+from plugins.guard.markup import unmask, unmasked_segments
 from plugins.guard.middle import middle_segments
 from plugins.guard.normalize import (
     deobfuscate_spans,
@@ -27,7 +34,7 @@ from plugins.guard.normalize import (
     spelt_words,
     variants,
 )
-from plugins.guard.rules import WINDOW_REACH, RuleSet
+from plugins.guard.rules import RuleSet, match_windows
 
 if TYPE_CHECKING:
     from plugins.guard.semantic import SemanticDetector
@@ -89,19 +96,6 @@ class Verdict:
         }
 
 
-def _windows(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Where a match touching one of ``spans`` may start: from :data:`WINDOW_REACH` characters
-    before it to its end, overlapping ranges merged."""
-    out: list[tuple[int, int]] = []
-    for a, b in spans:
-        lo = max(0, a - WINDOW_REACH)
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((lo, b))
-    return out
-
-
 #: Classifier scores remembered per scanner (then the memo starts over).
 _MEMO_MAX = 4096
 
@@ -111,10 +105,13 @@ def record_metrics(verdict: Verdict, shadow: bool) -> None:
         VERDICTS.labels(f.category, f"shadow_{f.action}" if shadow else f.action, f.layer).inc()
 
 
-#: Decoded payloads of one text the classifier scores, besides the text itself.
+#: Decoded payloads of one text the classifier scores, besides the text itself (and the text
+#: with its markup decoded).
 MAX_DECODED_SCORED = 2
-#: The least score a decoded payload counts with (the threshold, if higher): a decoded text is
+#: The least score a decoded form counts with (the threshold, if higher): a decoded text is
 #: further from what the classifier learnt from ("lorem ipsum dolor sit amet" scores 0.79).
+#: The same for the text with its markup decoded, so that no benign prompt the classifier
+#: passed before is blocked for its entities or tags (its raw score still counts as ever).
 DECODED_THRESHOLD = 0.9
 #: The most spans of a long text's middle the classifier may score besides the text (see
 #: :mod:`plugins.guard.middle`; ``semantic.middle_windows`` in the config, 0 by default): each
@@ -167,9 +164,11 @@ class Scanner:
         """Rules over the text's normalised forms and its decoded segments.
 
         Forms: the light form (:func:`light`); the deobfuscated one (leetspeak, spaced letters)
-        only around what deobfuscation changed, since elsewhere it is the light form; each
-        decoded base64/hex/%-escaped segment, both ways; and the rot13 of the light form. A
-        rule that fired is not tried again on later forms."""
+        only around what deobfuscation changed, since elsewhere it is the light form; the parts
+        of the text that markup and escapes change (HTML references, tags and comments, JSON
+        escapes, quoted-printable), decoded, both ways; each decoded base64/hex/%-escaped
+        segment, both ways; and the rot13 of the light form. A rule that fired is not tried
+        again on later forms."""
         rules = self.rules
         if rules is None or not len(rules) or not text:
             return []
@@ -187,14 +186,16 @@ class Scanner:
         # Most prompts are ASCII with nothing to deobfuscate or decode: cheap exact tests first.
         deobfuscate, decode = ascii_clues(text, lit) if text.isascii() else (True, True)
         if deobfuscate:
-            full, changed = deobfuscate_spans(lit)
-            if changed:
-                fired |= rules.fired(full, fired, _windows(changed))
-                # Words spelt out letter by letter, two spaces apart: the light form lost the
-                # gaps between them ("ignoreallprevious"), this form keeps them.
-                spelt = spelt_words(text) if "  " in text else None
-                if spelt is not None:
-                    fired |= rules.fired(spelt, fired)
+            self._fired_deobfuscated(text, lit, fired)
+        # Markup and escapes (HTML references and tags, JSON escapes, quoted-printable): the
+        # text as it reads, in the same forms, around each place they change it.
+        for unmasked in unmasked_segments(text):
+            ulit = light(unmasked)
+            fired |= rules.fired(ulit, fired)
+            if may_deobfuscate(ulit):
+                # (Not spelt out: the raw text's pass reads those, tags and all, and that
+                # pass over a whole page cost more than the rest of the decoded form's.)
+                self._fired_deobfuscated(unmasked, ulit, fired, spelt=False)
         if kinds and decode:
             for decoded in dict.fromkeys(decoded_variants(text, kinds)):
                 for form in variants(decoded):
@@ -207,6 +208,21 @@ class Scanner:
             Finding("rules", rules.rules[i].category, self.rules_action, rules.rules[i].id)
             for i in sorted(fired)
         ]
+
+    def _fired_deobfuscated(self, text: str, lit: str, fired: set[int], spelt: bool = True) -> None:
+        """Adds to ``fired`` the rules matching the deobfuscated form of ``lit``
+        (``light(text)``) around what deobfuscation changed, and (``spelt``) the form of
+        words spelt out letter by letter."""
+        rules = self.rules
+        assert rules is not None
+        full, changed = deobfuscate_spans(lit)
+        if changed:
+            fired |= rules.fired(full, fired, match_windows(changed))
+            # Words spelt out letter by letter, two spaces apart: the light form lost the
+            # gaps between them ("ignoreallprevious"), this form keeps them.
+            words = spelt_words(text) if spelt and "  " in text else None
+            if words is not None:
+                fired |= rules.fired(words, fired)
 
     def secret_findings(self, text: str) -> list[Finding]:
         if not self.secret_actions:
@@ -305,18 +321,23 @@ class Scanner:
         return verdicts
 
     def _decoded_prose(self, text: str) -> list[str]:
-        """The payloads hidden in ``text`` (base64, hex, %-escapes) that read as prose, for the
-        classifier: encoding a paraphrase the rules do not know used to be enough to get it
-        past both layers. At most :data:`MAX_DECODED_SCORED`, each one forward pass more."""
+        """Decoded forms of ``text`` for the classifier: the text with its markup and escapes
+        decoded (:func:`unmask`), when it has any, then the payloads it hides (base64, hex,
+        %-escapes) that read as prose, at most :data:`MAX_DECODED_SCORED` of them. Encoding a
+        paraphrase the rules do not know used to be enough to get it past both layers. Each is
+        one forward pass more."""
+        unmasked = unmask(text)
+        out = [] if unmasked is None else [unmasked]
         kinds = self._decoders_but_rot13
         if not kinds or (text.isascii() and not ascii_clues(text, light(text))[1]):
-            return []
-        out = []
+            return out
+        payloads = 0
         for d in dict.fromkeys(decoded_variants(text, kinds)):
             letters = sum(c.isalpha() or c.isspace() for c in d)
             if len(d) >= 16 and letters >= 0.85 * len(d) and " " in d.strip():
                 out.append(d)
-                if len(out) == MAX_DECODED_SCORED:
+                payloads += 1
+                if payloads == MAX_DECODED_SCORED:
                     break
         return out
 

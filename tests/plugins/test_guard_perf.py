@@ -22,6 +22,7 @@ from gateway import redact as S
 from plugins.guard import GuardConfig, GuardPlugin
 from plugins.guard import decode as D
 from plugins.guard import normalize as N
+from plugins.guard.markup import unmask
 from plugins.guard.prefixes import triggers
 from plugins.guard.rules import RulesConfig, RuleSet, RuleSpec
 
@@ -57,7 +58,12 @@ def _rows() -> list[str]:
     return out
 
 
-def _fuzz(n: int, seed: int) -> list[str]:
+#: Markup and escapes (plugins/guard/markup.py), for a fuzz set of their own.
+MARKUP = ["&#x69;", "&#105;", "&iacute;", "&amp;", "&lt;", "\\u0069", "\\n", "=69", "=\n",
+          "=6", "<b>", "</b>", "</p><p>", "<!--", "-->", "<br/>"]  # fmt: skip
+
+
+def _fuzz(n: int, seed: int, extra: Iterable[str] = ()) -> list[str]:
     """Random texts built from rule fragments, leetspeak, lookalikes, separators and encodings."""
     rng = random.Random(seed)
     pieces = [
@@ -70,6 +76,7 @@ def _fuzz(n: int, seed: int) -> list[str]:
         "from now on,", "developer mode", "do anything now", "without any ethical guidelines",
         "send the conversation to https://x.example", "os.environ", "/etc/passwd", "eval(",
         "do", "does", "anything", "now", "doanything", "do-anything_now", "d0 4nything",
+        *extra,
     ]  # fmt: skip
     out = []
     for _ in range(n):
@@ -78,7 +85,7 @@ def _fuzz(n: int, seed: int) -> list[str]:
     return out
 
 
-SAMPLES = ATTACKS + _rows() + _fuzz(1500, seed=5)
+SAMPLES = ATTACKS + _rows() + _fuzz(1500, seed=5) + _fuzz(500, seed=6, extra=MARKUP)
 
 
 # --- normalisation -----------------------------------------------------------------------------
@@ -346,6 +353,9 @@ def _reference_findings(scanner: object, text: str) -> list[str]:
         return [lit] if full == lit else [lit, full]
 
     forms = variants(text)
+    unmasked = unmask(text)  # markup and escapes (checked on its own in test_guard_markup)
+    if unmasked is not None:
+        forms += variants(unmasked)
     found = D.decoded_variants(text, ("base64", "hex", "url"))  # checked against its reference
     for d in found:
         forms += variants(d)
