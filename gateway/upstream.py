@@ -203,6 +203,8 @@ def begun(buf: bytes, secrets: tuple[str, ...] = ()) -> bool:
     is too long to hold). Raises the retryable ``UpstreamError`` for an error event."""
     if len(buf) > MAX_OPENING:
         return True
+    if buf.find(b"\r") != -1:  # (CRLF framing, as the SSE spec allows)
+        buf = buf.replace(b"\r\n", b"\n")
     at = 0
     maybe_role: list[bytes] = []  # events with a role: parsed only if nothing after decides
     while (cut := buf.find(b"\n\n", at)) != -1:

@@ -70,11 +70,25 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _crlf(request: web.Request) -> web.StreamResponse:
+    # A healthy stream framed with CRLF line endings (allowed by the SSE spec).
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    events = [{"id": "c1", "object": "chat.completion.chunk", "choices": [role]}]
+    events += [json.loads(_chunk(t)[6:]) for t in ("Hello ", "there")]
+    for obj in events:
+        await resp.write(b"data: " + json.dumps(obj).encode() + b"\r\n\r\n")
+    await resp.write(b"data: [DONE]\r\n\r\n")
+    return resp
+
+
 @contextlib.contextmanager
 def failing_upstream() -> Iterator[str]:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", _vllm)
     app.router.add_post("/v1/messages", _messages)
+    app.router.add_post("/crlf/v1/chat/completions", _crlf)
     thread = LoopThread()
 
     async def start() -> tuple[web.AppRunner, int]:
@@ -123,6 +137,12 @@ def _config(url: str, pipeline: list[dict[str, Any]]) -> dict[str, Any]:
         "pipeline": pipeline,
         "logging": {"request_log": "none"},
     }
+
+
+def _with_crlf(config: dict[str, Any], url: str) -> dict[str, Any]:
+    dep = {"id": "crlf-1", "provider": "openai", "model": "m", "base_url": f"{url}/crlf/v1"}
+    config["models"].append({"name": "crlf", "deployments": [dep]})
+    return config
 
 
 def _events(text: str) -> list[Any]:
@@ -184,3 +204,14 @@ def test_error_events_open_the_circuit_breaker() -> None:
         # refused before it reaches the upstream.
         assert r.status_code == 503, r.text
         assert r.json()["error"]["type"]
+
+
+@pytest.mark.parametrize("pipeline", [[], [GUARD]], ids=["fast relay", "output guard"])
+def test_a_crlf_framed_stream_is_relayed(pipeline: list[dict[str, Any]]) -> None:
+    """The check that a stream has begun (before anything goes to the client) read only LF
+    framing: a short CRLF-framed stream failed as if the upstream had sent nothing."""
+    with failing_upstream() as url, running_gateway(_with_crlf(_config(url, pipeline), url)) as gw:
+        chunks = gw.openai().chat.completions.create(**{**BODY, "model": "crlf"})
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+            "Hello there"
+        )

@@ -181,6 +181,11 @@ def test_a_streams_opening_is_held_until_its_answer_begins() -> None:
     assert begun(role + b"data: [DONE]\n\n")
     ends = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
     assert begun(role + ends)  # an empty answer is an answer
+    # CRLF framing, as the SSE spec allows: the same events (it used to find none, and a
+    # short CRLF stream failed as "closed before sending anything").
+    crlf = (role + text).replace(b"\n", b"\r\n")
+    assert begun(crlf)
+    assert not begun(b": keepalive\r\n\r\n" + role.replace(b"\n", b"\r\n"))
     vllm = b'data: {"error": {"message": "overloaded; key sk-secret-0123456789", "code": 503}}\n\n'
     for opening in (vllm, role + vllm, b": ping\n\n" + vllm):
         with pytest.raises(UpstreamError) as info:
