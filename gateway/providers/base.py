@@ -46,6 +46,14 @@ MAX_ERROR_BODY = 64 * 1024
 SCRUB_PREFIX = 12
 
 
+#: Request headers a deployment may send whose values are no credential (versions, feature
+#: flags, an app's name and URL for OpenRouter): not scrubbed from what the upstream answers.
+PUBLIC_HEADERS = frozenset(
+    {"anthropic-version", "anthropic-beta", "api-version", "http-referer", "referer", "x-title",
+     "user-agent", "content-type", "accept"}
+)  # fmt: skip
+
+
 def marks(secrets: tuple[str, ...]) -> tuple[str, ...]:
     """What to search for, cheaply, before scrubbing: each secret's leading characters."""
     return tuple(dict.fromkeys(s[:SCRUB_PREFIX] for s in secrets))
@@ -130,14 +138,13 @@ class Provider:
         #: The deployment's credentials and headers: fixed at startup, so built once.
         self.static_headers = {k.lower(): v for k, v in self.auth_headers().items()}
         #: What an upstream's error message must never show the client: the deployment's key
-        #: and header values (a misconfigured server may echo the request's headers).
+        #: and header values (a misconfigured server may echo the request's headers), but for
+        #: headers that carry no credential (``anthropic-version: 2023-06-01`` made every
+        #: answer quoting that date come out redacted).
+        values = [v for k, v in self.static_headers.items() if k not in PUBLIC_HEADERS]
         self.secrets = tuple(
             sorted(
-                {
-                    v
-                    for v in (deployment.api_key, *self.static_headers.values())
-                    if v and len(v) >= 8
-                },
+                {v for v in (deployment.api_key, *values) if v and len(v) >= 8},
                 key=len,
                 reverse=True,
             )

@@ -230,3 +230,31 @@ def test_what_anthropic_cannot_express_is_served_by_the_fallback(extra: dict[str
         assert [q["body"]["model"] for q in gw.upstream_requests()] == ["gpt-up"]
         sent = gw.upstream_requests()[-1]["body"]
         assert {k: sent[k] for k in extra} == extra
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_quoting_the_api_version_date_is_not_redacted(stream: bool) -> None:
+    """``anthropic-version: 2023-06-01`` was scrubbed as if it were a credential: every answer
+    mentioning that date came out with ``[REDACTED]`` in it. The key itself still is."""
+    content = "Released on 2023-06-01; the key sk-ant-CANARY-123 stays home."
+
+    def config(url: str) -> dict[str, Any]:
+        # (The output guard finds the key spelt over many events; the relay alone only when
+        # one event holds it whole.)
+        guard = {"name": "guard", "config": {"semantic": {"enabled": False}}}
+        return {**claude_config(url), "pipeline": [guard]}
+
+    with running_gateway(config, fake={"content": content}) as gw:
+        msgs = [{"role": "user", "content": "when?"}]
+        client = gw.openai()
+        if stream:
+            text = "".join(
+                c.choices[0].delta.content or ""
+                for c in client.chat.completions.create(model="claude", messages=msgs, stream=True)
+                if c.choices
+            )
+        else:
+            text = client.chat.completions.create(model="claude", messages=msgs).choices[0]
+            text = text.message.content or ""
+        assert text.startswith("Released on 2023-06-01; the key [REDACTED")
+        assert "CANARY" not in text and text.endswith("] stays home.")
