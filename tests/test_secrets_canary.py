@@ -173,3 +173,30 @@ def test_credentials_pattern_keeps_the_shortest_covering_strings() -> None:
     text, findings = g.check("a abcdefgh12345 b other-key-999 c short")
     assert text == "a [REDACTED:credential] b [REDACTED:credential] c short"
     assert [f.rule for f in findings] == ["credential", "credential"]
+
+
+def test_only_credentials_are_scrubbed_from_answers() -> None:
+    """Every deployment header value of 8+ characters, and a local server's placeholder key,
+    counted as a secret: "production", "assistants=v2" or "anything" came out of ordinary
+    answers as [REDACTED]. Now only credential headers' values and the key, when they look
+    like secrets."""
+    from gateway.providers.base import looks_secret
+    from tests.helpers import build_config, running_gateway
+
+    assert not looks_secret("anything") and not looks_secret("lm-studio")
+    assert not looks_secret("2023-06-01") and not looks_secret("production")
+    assert looks_secret("Bearer sk-proj-Q7vN2xL9pR4t") and looks_secret("Q7vN2xL9")
+    azure = "Q7vN2xL9pR4tK8mW"
+    headers = {"X-Environment": "production", "OpenAI-Beta": "assistants=v2", "api-key": azure}
+    content = f"Deploy to production with assistants=v2; anything else? {azure}"
+
+    def config(url: str) -> dict[str, object]:
+        model = demo_model(url, api_key="anything", headers=headers)
+        return build_config(url, models=[model])
+
+    with running_gateway(config, fake={"content": content}) as gw:
+        msgs = [{"role": "user", "content": "hi"}]
+        text = gw.openai().chat.completions.create(model="demo", messages=msgs)
+        assert text.choices[0].message.content == (
+            "Deploy to production with assistants=v2; anything else? [REDACTED]"
+        )

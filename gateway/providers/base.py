@@ -13,6 +13,7 @@ the route plugin can fail over before the first byte reaches the client.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -46,12 +47,26 @@ MAX_ERROR_BODY = 64 * 1024
 SCRUB_PREFIX = 12
 
 
-#: Request headers a deployment may send whose values are no credential (versions, feature
-#: flags, an app's name and URL for OpenRouter): not scrubbed from what the upstream answers.
-PUBLIC_HEADERS = frozenset(
-    {"anthropic-version", "anthropic-beta", "api-version", "http-referer", "referer", "x-title",
-     "user-agent", "content-type", "accept"}
-)  # fmt: skip
+#: Header names whose values are credentials (``Authorization``, Azure's ``api-key``,
+#: ``x-api-key``, ``x-goog-api-key``, tokens, cookies, signatures).
+_CREDENTIAL_HEADER = re.compile(r"auth|key|token|secret|cookie|sign|pass|session", re.IGNORECASE)
+
+
+def looks_secret(value: str) -> bool:
+    """Whether ``value`` looks like a credential rather than a word an answer may contain: 16+
+    characters, or 8+ mixing at least two of lower case, upper case and digits, without spaces
+    (a ``Bearer <key>`` value is judged by its key)."""
+    value = value.removeprefix("Bearer ").removeprefix("bearer ")
+    if len(value) < 8 or " " in value:
+        return False
+    if len(value) >= 16:
+        return True
+    classes = (
+        any(c.islower() for c in value)
+        + any(c.isupper() for c in value)
+        + any(c.isdigit() for c in value)
+    )
+    return classes >= 2
 
 
 def marks(secrets: tuple[str, ...]) -> tuple[str, ...]:
@@ -138,13 +153,15 @@ class Provider:
         #: The deployment's credentials and headers: fixed at startup, so built once.
         self.static_headers = {k.lower(): v for k, v in self.auth_headers().items()}
         #: What an upstream's error message must never show the client: the deployment's key
-        #: and header values (a misconfigured server may echo the request's headers), but for
-        #: headers that carry no credential (``anthropic-version: 2023-06-01`` made every
-        #: answer quoting that date come out redacted).
-        values = [v for k, v in self.static_headers.items() if k not in PUBLIC_HEADERS]
+        #: and the values of its credential headers (a misconfigured server may echo the
+        #: request's headers), when they look like secrets. Not every header value
+        #: (``anthropic-version: 2023-06-01``, ``X-Environment: production``) nor a local
+        #: server's placeholder key (``anything``, ``lm-studio``): those cut ordinary words out
+        #: of every answer.
+        values = [v for k, v in self.static_headers.items() if _CREDENTIAL_HEADER.search(k)]
         self.secrets = tuple(
             sorted(
-                {v for v in (deployment.api_key, *values) if v and len(v) >= 8},
+                {v for v in (deployment.api_key, *values) if v and looks_secret(v)},
                 key=len,
                 reverse=True,
             )
