@@ -178,12 +178,17 @@ async def first_bytes(
     held = b""
     try:
         with deadlines.start():
-            while True:
-                data = await anext(it)
-                if data:
-                    held = held + data if held else data
-                    if begun(held, resp.secrets):
-                        return held, it
+            while not held:
+                held = await anext(it)
+        # Bytes came: the upstream is alive. Until its answer begins (keep-alive comments, as
+        # OpenRouter sends while a reasoning model thinks; a role-only chunk), each read is
+        # bounded by the read timeout, as in the rest of the stream: a live upstream is waited
+        # for, one that stalls fails over.
+        while not begun(held, resp.secrets):
+            data = await anext(it)
+            if data:
+                held += data
+        return held, it
     except StopAsyncIteration:
         pass
     except TimeoutError:

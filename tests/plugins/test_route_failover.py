@@ -101,17 +101,20 @@ def metrics_text(gw: Any) -> str:
     [
         {"error_event_after": 0},  # a role chunk, then an error event (vLLM's shape)
         {"drop_after": 0},  # a role chunk, then the connection drops
-        {"stall_after": 0},  # a role chunk, then nothing
-        {"keepalive_ms": 50, "hang_ms": 5000},  # keep-alive comments, then nothing
+        {"stall_after": 0},  # a role chunk, then nothing (past the read timeout)
     ],
 )
 def test_a_stream_failing_before_its_first_content_fails_over(behaviour: dict[str, Any]) -> None:
-    """Nothing but a role chunk or comments reached the gateway: nothing reached the client,
-    so the fallback answers (first-byte timeout 0.5 s) and the primary is blamed."""
+    """Nothing but a role chunk reached the gateway: nothing reached the client, so the
+    fallback answers and the primary is blamed."""
+
+    def build(url: str) -> dict[str, Any]:
+        cfg = one_deployment_then_fallback({"deadline_s": 10})(url)
+        cfg["upstream"]["read_timeout_s"] = 0.5
+        return cfg
+
     with running_gateway(
-        one_deployment_then_fallback({"deadline_s": 10}),
-        registry={"tier": TierFromHeader},
-        fake={"behaviours": {"large-up": behaviour}},
+        build, registry={"tier": TierFromHeader}, fake={"behaviours": {"large-up": behaviour}}
     ) as gw:
         errors = upstream_errors(gw, "smart-large")
         started = time.perf_counter()
@@ -127,6 +130,33 @@ def test_a_stream_failing_before_its_first_content_fails_over(behaviour: dict[st
         assert models_called(gw) == ["large-up", "claude-up"]
         assert _health(gw, "smart-large")["consecutive_failures"] == 1
         assert upstream_errors(gw, "smart-large") == errors + 1
+
+
+def test_keep_alive_comments_keep_a_thinking_upstream_alive() -> None:
+    """Comments (OpenRouter sends them while a reasoning model thinks) are held from the client
+    but show the upstream is alive: past the first-byte timeout (0.5 s), each read is bounded
+    by the read timeout (1 s), so the primary's answer after 1.5 s of comments is waited for,
+    not cut as if the upstream had sent nothing."""
+
+    def build(url: str) -> dict[str, Any]:
+        cfg = one_deployment_then_fallback({"deadline_s": 10})(url)
+        cfg["upstream"]["read_timeout_s"] = 1
+        return cfg
+
+    behaviour = {"keepalive_ms": 100, "hang_ms": 1500}
+    with running_gateway(
+        build, registry={"tier": TierFromHeader}, fake={"behaviours": {"large-up": behaviour}}
+    ) as gw:
+        resp = gw.openai().chat.completions.with_raw_response.create(
+            model="smart", messages=MSG, stream=True
+        )
+        chunks = list(resp.parse())
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+            "Echo: hello there"
+        )
+        assert resp.headers["x-gateway-deployment"] == "smart-large"
+        assert models_called(gw) == ["large-up"]
+        assert _health(gw, "smart-large")["consecutive_failures"] == 0
 
 
 def test_an_error_event_first_on_the_only_deployment_is_a_502_not_a_stream() -> None:
