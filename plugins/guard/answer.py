@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from gateway.envelope import TextChunk
 from gateway.errors import ContentPolicyError
 from plugins.guard.annotations import check_annotations
-from plugins.guard.delta import REASONING_FIELDS
+from plugins.guard.delta import REASONING_FIELDS, response_texts
 from plugins.guard.delta import merge as _merge
 from plugins.guard.logprobs import (
     Alternatives,
@@ -23,7 +23,7 @@ from plugins.guard.logprobs import (
     release_logprobs,
     screen_answer,
 )
-from plugins.guard.output import OutputGuard, response_texts
+from plugins.guard.output import OutputGuard
 from plugins.guard.scanner import Finding, Verdict, record_metrics
 
 if TYPE_CHECKING:

@@ -1,5 +1,6 @@
-"""Text the output guard releases late (at a choice's ``finish_reason`` or the stream's end),
-put back into a delta where the SDK expects each part."""
+"""Where the model's text is in an answer: the texts of a whole answer for the output guard
+(:func:`response_texts`), and text it releases late (at a choice's ``finish_reason`` or the
+stream's end) put back into a delta where the SDK expects each part (:func:`merge`)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,36 @@ def merge(delta: dict[str, Any], part: Any, released: str) -> None:
             tool_calls.append(flushed)
         else:
             delta["tool_calls"] = [flushed]
+
+
+def response_texts(
+    response: dict[str, Any],
+) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
+    """(choice, container, key) of each text in a non-streamed chat answer: content, refusal,
+    reasoning (``reasoning_content`` / ``reasoning``, as OpenAI-compatible servers send it) and
+    the arguments of its tool calls and legacy function call (a secret the model writes
+    into a call leaves too)."""
+    out = []
+    for choice in response.get("choices") or ():
+        msg = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(msg, dict):
+            for key in ("content", "refusal", "reasoning_content", "reasoning"):
+                if isinstance(msg.get(key), str):
+                    out.append((choice, msg, key))
+            parts = msg.get("content")
+            if isinstance(parts, list):  # (content as parts, as some servers answer)
+                out.extend(
+                    (choice, p, "text")
+                    for p in parts
+                    if isinstance(p, dict) and isinstance(p.get("text"), str)
+                )
+            audio = msg.get("audio")
+            if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
+                out.append((choice, audio, "transcript"))
+            calls = msg.get("tool_calls")
+            fns = [c.get("function") if isinstance(c, dict) else None
+                   for c in (calls if isinstance(calls, list) else ())]  # fmt: skip
+            for fn in [*fns, msg.get("function_call")]:
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    out.append((choice, fn, "arguments"))
+    return out

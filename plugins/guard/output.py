@@ -15,7 +15,7 @@ import functools
 import re
 import unicodedata
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -27,6 +27,11 @@ from plugins.guard.scanner import Finding
 
 _NUMERIC_TAIL = re.compile(r"[\d+(][\d \-()]*$")
 _KEY_BEGIN = "-----BEGIN"
+#: Characters after which the held-back text may be cut besides " " and "\n": other white
+#: space, and letters of scripts without spaces between words that no secret pattern holds and
+#: the lookalike folding leaves alone (CJK punctuation, kana, ideographs, Hangul, Thai letters;
+#: not Thai digits, which ``\d`` matches, nor fullwidth forms, which fold to ASCII).
+_BREAK = re.compile("[\\s\u0e01-\u0e4f\u3001-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 _KEY_END = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----")
 
 
@@ -228,6 +233,9 @@ class OutputGuard:
         self.types = frozenset(cfg.secret_types)
         self._canary, _ = canary_pattern(cfg.canary)
         self.window = cfg.hold_window()
+        #: Whether :data:`_BREAK`'s letters may end a held word (not when the canary has
+        #: letters of those scripts itself).
+        self._breaks = _BREAK.search(cfg.canary or "") is None
         #: The deployments' own credentials (``set_credentials``), as one pattern.
         self._credentials: re.Pattern[str] | None = None
 
@@ -323,7 +331,13 @@ class OutputGuard:
         if cut <= 0:
             return 0
         if not text[cut - 1].isspace() and (cut == n or not text[cut].isspace()):
-            ws = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+            ws = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut), text.rfind("\t", 0, cut))
+            if self._breaks and not text.isascii():
+                # Scripts written without spaces (Chinese, Japanese, Thai) and other white
+                # space: a cut after one of their characters splits no secret or canary, so
+                # such an answer streams as it comes, not all at once at its end.
+                for brk in _BREAK.finditer(text, ws + 1, cut):
+                    ws = brk.start()
             if ws >= 0:
                 cut = ws + 1
             elif n < self.cfg.max_hold_chars:
@@ -358,36 +372,3 @@ class OutputGuard:
         pending, cut = self._canary_pass(pending, cut, findings)
         pending, cut = self._redact(pending, cut, findings)
         return pending[:cut], pending[cut:], findings
-
-
-def response_texts(
-    response: dict[str, Any],
-) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
-    """(choice, container, key) of each text in a non-streamed chat answer: content, refusal,
-    reasoning (``reasoning_content`` / ``reasoning``, as OpenAI-compatible servers send it) and
-    the arguments of its tool calls and legacy function call (a secret the model writes
-    into a call leaves too)."""
-    out = []
-    for choice in response.get("choices") or ():
-        msg = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(msg, dict):
-            for key in ("content", "refusal", "reasoning_content", "reasoning"):
-                if isinstance(msg.get(key), str):
-                    out.append((choice, msg, key))
-            parts = msg.get("content")
-            if isinstance(parts, list):  # (content as parts, as some servers answer)
-                out.extend(
-                    (choice, p, "text")
-                    for p in parts
-                    if isinstance(p, dict) and isinstance(p.get("text"), str)
-                )
-            audio = msg.get("audio")
-            if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
-                out.append((choice, audio, "transcript"))
-            calls = msg.get("tool_calls")
-            fns = [c.get("function") if isinstance(c, dict) else None
-                   for c in (calls if isinstance(calls, list) else ())]  # fmt: skip
-            for fn in [*fns, msg.get("function_call")]:
-                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                    out.append((choice, fn, "arguments"))
-    return out

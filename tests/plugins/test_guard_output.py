@@ -201,7 +201,8 @@ SECRETS = [
     "jane.doe+x@example.co.uk", "DE89 3704 0044 0532 0130 00", "GB82 WEST 1234 5698 7654 32",
     "+1 (555) 123-4567", "+44 20 7946 0958", "Canary Token 7f3a", "cAnArY tOkEn 7F3A",
 ]  # fmt: skip
-FILLER = ["the", "key", "is", "card:", "(", ")", "\n", "call", "IBAN", "x-", "42", "+", "-", "ok."]
+FILLER = ["the", "key", "is", "card:", "(", ")", "\n", "call", "IBAN", "x-", "42", "+", "-", "ok.",
+          "密钥是", "。", "カード", "번호", "รหัส", "\t", "\u3000", "๔๒"]  # fmt: skip
 
 
 def streamed(g: OutputGuard, pieces: list[str]) -> str:
@@ -277,6 +278,27 @@ def test_default_window_releases_each_word_as_the_next_begins() -> None:
     # A number still runs on; an unfinished key block is still held.
     assert g.feed("", "card 4111 1111 ", False)[:2] == ("card ", "4111 1111 ")
     assert g.feed("", "x -----BEGIN RSA PRIVATE KEY-----\nMII ", False)[0] == "x "
+
+
+def test_text_without_spaces_streams_as_it_comes() -> None:
+    """Chinese, Japanese or Thai text has no spaces to cut at: the whole answer was held until
+    its end (max_hold_chars is 8192). A cut after a letter of those scripts splits no secret,
+    so it streams; a key glued between such letters is still held and redacted whole."""
+    g = OutputGuard(OutputConfig())
+    released, held, _ = g.feed("", "你好\uff0c这是一个测试。我们继", False)
+    assert (released, held) == ("你好\uff0c这是一个测试。我们继", "")
+    assert g.feed("", "ありがとうござい", False)[0] == "ありがとうござい"
+    assert g.feed("", "tab\tsepar", False)[:2] == ("tab\t", "separ")
+    text = f"密钥是{KEY}很重要。"
+    for cut in range(1, len(text)):
+        out = streamed(g, [text[:cut], text[cut:]])
+        assert KEY not in out and KEY[:12] not in out, cut
+        assert out == "密钥是[REDACTED:api_key]很重要。"
+    # Thai digits are digits (\d): a number in them is not cut inside.
+    assert g.feed("", "โทร ๐๘๑", False)[:2] == ("โทร ", "๐๘๑")
+    # A canary written in those scripts keeps them from ending a held word.
+    g = OutputGuard(OutputConfig(canary="秘密口令"))
+    assert g.feed("", "秘密", False)[0] == ""
 
 
 @pytest.mark.parametrize(
