@@ -33,7 +33,7 @@ from gateway.errors import (
 )
 from gateway.headers import client_response_headers
 from gateway.pipeline import hooked
-from gateway.providers.base import scrub_bytes
+from gateway.providers.secrets import scrub_bytes
 from gateway.redact import find_secrets, redact
 from gateway.stream import relay_stream
 from gateway.upstream import open_upstream

@@ -35,7 +35,7 @@ from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError
 from gateway.metrics import model_label
 from gateway.pipeline import Pipeline, hooked
 from gateway.plugin import CHUNK_HOOKS
-from gateway.providers.base import scrub, scrub_bytes
+from gateway.providers.secrets import scrub, scrub_bytes
 from gateway.sse import (
     DONE,
     ERROR_KEY,

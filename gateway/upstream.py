@@ -26,7 +26,9 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.pipeline import hooked
-from gateway.providers.base import TimeoutQueue, scrub, upstream_timeout
+from gateway.providers.base import TimeoutQueue, upstream_timeout
+from gateway.providers.secrets import scrub
+from gateway.sse import event_data
 from gateway.validate import EXTENSION_FIELDS
 
 if TYPE_CHECKING:
@@ -234,9 +236,9 @@ def begun(buf: bytes, secrets: tuple[str, ...] = ()) -> bool:
 def _data(event: bytes) -> Any:
     """The parsed data of one SSE event (None when it is not JSON: ``[DONE]``, or malformed,
     which the relay judges)."""
-    lines = [ln[5:].lstrip(b" ") for ln in event.split(b"\n") if ln.startswith(b"data:")]
+    data = event_data(event)
     try:
-        return orjson.loads(lines[0] if len(lines) == 1 else b"\n".join(lines))
+        return orjson.loads(data) if data else None
     except orjson.JSONDecodeError:
         return None
 

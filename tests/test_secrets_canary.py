@@ -180,7 +180,7 @@ def test_only_credentials_are_scrubbed_from_answers() -> None:
     counted as a secret: "production", "assistants=v2" or "anything" came out of ordinary
     answers as [REDACTED]. Now only credential headers' values and the key, when they look
     like secrets."""
-    from gateway.providers.base import looks_secret
+    from gateway.providers.secrets import looks_secret
     from tests.helpers import build_config, running_gateway
 
     assert not looks_secret("anything") and not looks_secret("lm-studio")

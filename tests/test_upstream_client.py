@@ -221,7 +221,7 @@ def test_a_provider_key_quoted_cut_short_and_masked_stays_home(
 
 
 def test_scrub_cuts_runs_of_a_keys_leading_characters() -> None:
-    from gateway.providers.base import scrub, scrub_bytes
+    from gateway.providers.secrets import scrub, scrub_bytes
 
     key = "sk-CANARY-route-1234567890"
     assert scrub("key sk-CANARY-route-12**** bad", (key,)) == "key [REDACTED]**** bad"

@@ -13,7 +13,6 @@ the route plugin can fail over before the first byte reaches the client.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,6 +31,7 @@ from gateway.errors import (
 )
 from gateway.headers import upstream_request_headers
 from gateway.providers.errors import error_for_status, upstream_error
+from gateway.providers.secrets import CREDENTIAL_HEADER, looks_secret, marks, scrub
 
 if TYPE_CHECKING:
     from gateway.catalogue import Deployment
@@ -39,72 +39,6 @@ if TYPE_CHECKING:
     from gateway.context import RequestContext
 
 MAX_ERROR_BODY = 64 * 1024
-
-
-#: A run of at least this many leading characters of a secret is cut out like the whole of it
-#: (an upstream quoting a key cut short or masked: ``sk-proj-abcd1234****``); a secret this
-#: short or shorter only whole. Searching for this much costs what searching the whole did.
-SCRUB_PREFIX = 12
-
-
-#: Header names whose values are credentials (``Authorization``, Azure's ``api-key``,
-#: ``x-api-key``, ``x-goog-api-key``, tokens, cookies, signatures).
-_CREDENTIAL_HEADER = re.compile(r"auth|key|token|secret|cookie|sign|pass|session", re.IGNORECASE)
-
-
-def looks_secret(value: str) -> bool:
-    """Whether ``value`` looks like a credential rather than a word an answer may contain: 16+
-    characters, or 8+ mixing at least two of lower case, upper case and digits, without spaces
-    (a ``Bearer <key>`` value is judged by its key)."""
-    value = value.removeprefix("Bearer ").removeprefix("bearer ")
-    if len(value) < 8 or " " in value:
-        return False
-    if len(value) >= 16:
-        return True
-    classes = (
-        any(c.islower() for c in value)
-        + any(c.isupper() for c in value)
-        + any(c.isdigit() for c in value)
-    )
-    return classes >= 2
-
-
-def marks(secrets: tuple[str, ...]) -> tuple[str, ...]:
-    """What to search for, cheaply, before scrubbing: each secret's leading characters."""
-    return tuple(dict.fromkeys(s[:SCRUB_PREFIX] for s in secrets))
-
-
-def scrub(text: str, secrets: tuple[str, ...]) -> str:
-    """``text`` with each of ``secrets`` (a deployment's key and header values) cut out, and
-    any run of their first ``SCRUB_PREFIX`` or more characters."""
-    for secret in secrets:
-        if text.find(secret[:SCRUB_PREFIX]) != -1:
-            text = _cut(text, secret, "[REDACTED]")
-    return text
-
-
-def scrub_bytes(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
-    """``scrub`` for UTF-8 bytes (``secrets``: the secrets' UTF-8)."""
-    for secret in secrets:
-        if data.find(secret[:SCRUB_PREFIX]) != -1:
-            data = _cut(data, secret, b"[REDACTED]")
-    return data
-
-
-def _cut(text: Any, secret: Any, redacted: Any) -> Any:
-    head = secret[:SCRUB_PREFIX]
-    out: list[Any] = []
-    done = 0
-    at = text.find(head)
-    while at != -1:
-        end, n = at + len(head), len(head)
-        while n < len(secret) and text[end : end + 1] == secret[n : n + 1]:
-            end, n = end + 1, n + 1
-        out += (text[done:at], redacted)
-        done = end
-        at = text.find(head, end)
-    out.append(text[done:])
-    return text[:0].join(out)
 
 
 class UpstreamResponse:
@@ -158,7 +92,7 @@ class Provider:
         #: (``anthropic-version: 2023-06-01``, ``X-Environment: production``) nor a local
         #: server's placeholder key (``anything``, ``lm-studio``): those cut ordinary words out
         #: of every answer.
-        values = [v for k, v in self.static_headers.items() if _CREDENTIAL_HEADER.search(k)]
+        values = [v for k, v in self.static_headers.items() if CREDENTIAL_HEADER.search(k)]
         self.secrets = tuple(
             sorted(
                 {v for v in (deployment.api_key, *values) if v and looks_secret(v)},
