@@ -44,9 +44,9 @@ def error_event(complete: bytes) -> tuple[int, int, dict[str, Any]] | None:
     while at != -1:
         start = complete.rfind(b"\n\n", 0, at)
         start = 0 if start == -1 else start + 2
-        end = complete.find(b"\n\n", at)
+        end = complete.find(b"\n\n", at)  # (``complete`` ends with an event's "\n\n")
         end = len(complete) if end == -1 else end + 2
-        payload = event_data(complete[start : end - 2] if end >= 2 else complete[start:])
+        payload = event_data(complete[start : end - 2])
         try:
             obj = orjson.loads(payload) if payload else None
         except orjson.JSONDecodeError:

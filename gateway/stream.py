@@ -38,7 +38,6 @@ from gateway.plugin import CHUNK_HOOKS
 from gateway.providers.secrets import scrub, scrub_bytes
 from gateway.sse import (
     DONE,
-    ERROR_KEY,
     SSE_HEADERS,
     as_events,
     error_event,
@@ -129,12 +128,11 @@ class _Relay:
         if complete.endswith(DONE):
             self.saw_done = True
             complete = complete[: -len(DONE)]
-        if complete.find(ERROR_KEY) != -1:
-            found = error_event(complete)
-            if found is not None:
-                start, end, _ = found
-                self._fail(complete[start:end])
-                complete = complete[:start]
+        found = error_event(complete)
+        if found is not None:
+            start, end, _ = found
+            self._fail(complete[start:end])
+            complete = complete[:start]
         if self.keep_text or self.usage is None:
             self.kept.append(complete)
         at = usage_at(complete)

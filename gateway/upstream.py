@@ -28,7 +28,7 @@ from gateway.errors import (
 from gateway.pipeline import hooked
 from gateway.providers.base import TimeoutQueue, upstream_timeout
 from gateway.providers.secrets import scrub
-from gateway.sse import event_data
+from gateway.sse import ERROR_KEY, event_data
 from gateway.validate import EXTENSION_FIELDS
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ def begun(buf: bytes, secrets: tuple[str, ...] = ()) -> bool:
         start, at = at, cut + 2
         if not buf.startswith(b"data:", start) and buf.find(b"\ndata:", start, cut) == -1:
             continue  # a comment (": keepalive") or an event without data
-        if buf.find(b'"error"', start, cut) != -1:
+        if buf.find(ERROR_KEY, start, cut) != -1:
             obj = _data(buf[start:cut])
             if isinstance(obj, dict) and obj.get("error"):
                 raise _error_event(obj["error"], secrets)

@@ -73,6 +73,16 @@ def three_providers(
     }  # fmt: skip
 
 
+def ask_smart(client: Any, stream: bool) -> tuple[Any, str]:
+    """``smart`` asked for the test message, streamed or not: the raw response and its text."""
+    resp = client.chat.completions.with_raw_response.create(
+        model="smart", messages=MSG, stream=stream
+    )
+    if stream:
+        return resp, "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)
+    return resp, resp.parse().choices[0].message.content
+
+
 def models_called(gw: Any) -> list[str]:
     return [r["body"]["model"] for r in gw.upstream_requests()]
 
@@ -169,14 +179,7 @@ def test_failover_to_fallback_model(behaviour: dict[str, Any], stream: bool) -> 
     ) as gw:
         client = gw.openai()
         started = time.perf_counter()
-        if stream:
-            resp = client.chat.completions.with_raw_response.create(
-                model="smart", messages=MSG, stream=True
-            )
-            text = "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)
-        else:
-            resp = client.chat.completions.with_raw_response.create(model="smart", messages=MSG)
-            text = resp.parse().choices[0].message.content
+        resp, text = ask_smart(client, stream)
         assert time.perf_counter() - started < 3
         assert text == "Echo: hello there"
         assert resp.headers["x-gateway-deployment"] == "claude-a"

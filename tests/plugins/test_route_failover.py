@@ -15,6 +15,7 @@ from tests.helpers import running_gateway
 from tests.plugins.test_route_e2e import (
     MSG,
     TierFromHeader,
+    ask_smart,
     models_called,
     one_deployment_then_fallback,
     upstream_errors,
@@ -53,10 +54,7 @@ def test_a_hang_is_abandoned_when_the_deadline_is_shorter_than_the_first_byte_ti
         started = time.perf_counter()
         client = gw.openai()
         if stream:
-            resp = client.chat.completions.with_raw_response.create(
-                model="smart", messages=MSG, stream=True
-            )
-            text = "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)
+            resp, text = ask_smart(client, stream)
         else:
             with pytest.raises(openai.APIStatusError) as exc:
                 client.chat.completions.create(model="smart", messages=MSG)
@@ -118,14 +116,9 @@ def test_a_stream_failing_before_its_first_content_fails_over(behaviour: dict[st
     ) as gw:
         errors = upstream_errors(gw, "smart-large")
         started = time.perf_counter()
-        resp = gw.openai().chat.completions.with_raw_response.create(
-            model="smart", messages=MSG, stream=True
-        )
-        chunks = list(resp.parse())
+        resp, text = ask_smart(gw.openai(), stream=True)
         assert time.perf_counter() - started < 3
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
-            "Echo: hello there"
-        )
+        assert text == "Echo: hello there"
         assert resp.headers["x-gateway-deployment"] == "claude-a"
         assert models_called(gw) == ["large-up", "claude-up"]
         assert _health(gw, "smart-large")["consecutive_failures"] == 1
@@ -147,13 +140,8 @@ def test_keep_alive_comments_keep_a_thinking_upstream_alive() -> None:
     with running_gateway(
         build, registry={"tier": TierFromHeader}, fake={"behaviours": {"large-up": behaviour}}
     ) as gw:
-        resp = gw.openai().chat.completions.with_raw_response.create(
-            model="smart", messages=MSG, stream=True
-        )
-        chunks = list(resp.parse())
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
-            "Echo: hello there"
-        )
+        resp, text = ask_smart(gw.openai(), stream=True)
+        assert text == "Echo: hello there"
         assert resp.headers["x-gateway-deployment"] == "smart-large"
         assert models_called(gw) == ["large-up"]
         assert _health(gw, "smart-large")["consecutive_failures"] == 0
