@@ -14,17 +14,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from gateway.envelope import TextChunk
 from gateway.errors import ContentPolicyError
 from plugins.guard.annotations import check_annotations
-from plugins.guard.delta import REASONING_FIELDS, response_texts
+from plugins.guard.delta import REASONING_FIELDS
 from plugins.guard.delta import merge as _merge
-from plugins.guard.logprobs import (
-    Alternatives,
-    flush_logprobs,
-    queued,
-    release_logprobs,
-    screen_answer,
-)
+from plugins.guard.logprobs import Alternatives, flush_logprobs, queued, release_logprobs
 from plugins.guard.output import OutputGuard
 from plugins.guard.scanner import Finding, Verdict, record_metrics
+from plugins.guard.whole import check_whole_answer
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -82,7 +77,11 @@ class AnswerGuard:
         shadow = self.shadow
         if len(chunks) == 1 and type(one := chunks[0]) is TextChunk:
             # One text event per read (a model generating tokens): no run to collect.
-            return chunks if self._feed_run(ctx, held, one.index, one.text, one) else []
+            early = self._thought_ends(ctx, held, one.index)
+            go = self._feed_run(ctx, held, one.index, one.text, one)
+            if early is None:
+                return chunks if go else []
+            return [early, one] if go else [early]
         out: list[Any] = []
         texts: dict[Any, list[str]] = {}  # choice index -> text of the current run
         last: dict[Any, Any] = {}  # choice index -> the run's last chunk
@@ -104,12 +103,16 @@ class AnswerGuard:
                     if texts:
                         self._release(ctx, held, texts, last, out)
                         texts, last = {}, {}
+                    if held and type(choices) is list:
+                        self._answers_begin(ctx, held, choices, out)
                     if self._chunk(ctx, held, chunk):
                         out.append(chunk)
                     continue
                 idx, text = choice.get("index", 0), content
             parts = texts.get(idx)
             if parts is None:
+                if (early := self._thought_ends(ctx, held, idx)) is not None:
+                    out.append(early)
                 texts[idx] = [text]
             else:
                 parts.append(text)
@@ -119,6 +122,39 @@ class AnswerGuard:
         if texts:
             self._release(ctx, held, texts, last, out)
         return out
+
+    def _thought_ends(self, ctx: RequestContext, held: dict[Any, str], idx: Any) -> Any:
+        """A choice's answer begins: what is still held of its reasoning goes out first, as a
+        chunk of its own (None if nothing is). Else the reasoning's last words, held in case
+        they begin a secret, went out after the answer's first ones, at ``finish_reason``."""
+        if len(held) == (idx in held):
+            return None  # (only the answer's own text held: the usual case)
+        delta: dict[str, Any] = {}
+        for field in REASONING_FIELDS:
+            if held.get((idx, field)):
+                released, _ = self._flush(ctx, held, (idx, field))
+                if released:
+                    delta[field] = released
+        if not delta or self.shadow:
+            return None
+        chunk = self._template(ctx.scratch_for(self.name).get("first"))
+        chunk["choices"] = [{"index": idx, "delta": delta, "finish_reason": None}]
+        return chunk
+
+    def _answers_begin(
+        self, ctx: RequestContext, held: dict[Any, str], choices: list[Any], out: list[Any]
+    ) -> None:
+        """:meth:`_thought_ends` for each choice of a chunk that begins its answer (text, a
+        refusal or tool calls) and adds no reasoning of its own."""
+        for choice in choices:
+            delta = choice.get("delta") if type(choice) is dict else None
+            if (
+                type(delta) is dict
+                and (delta.get("content") or delta.get("refusal") or delta.get("tool_calls"))
+                and not any(delta.get(f) for f in REASONING_FIELDS)
+                and (early := self._thought_ends(ctx, held, choice.get("index", 0))) is not None
+            ):
+                out.append(early)
 
     def _release(
         self,
@@ -354,29 +390,8 @@ class AnswerGuard:
         # Streams were handled block by block; this only logs. Non-streamed answers are checked
         # here, before the body is sent.
         if ctx.response is not None and ctx.endpoint == "chat" and self._output_enabled:
-            for choice, msg, key in response_texts(ctx.response):
-                text, findings = self.output.check(msg[key], json_text=key == "arguments")
-                self._act(ctx, findings)
-                if not self.shadow and text != msg[key]:
-                    msg[key] = text
-                    if isinstance(choice.get("logprobs"), dict):
-                        # Its tokens spell out what was redacted.
-                        choice["logprobs"] = None
-            for option in ctx.response.get("choices") or ():
-                said = option.get("message") if isinstance(option, dict) else None
-                notes = said.get("annotations") if isinstance(said, dict) else None
-                if isinstance(notes, list) and notes:
-                    kept, found = check_annotations(self.output, notes, not self.shadow)
-                    self._act(ctx, found)
-                    said["annotations"] = kept  # type: ignore[index]
-                if not self.shadow and isinstance(option, dict):
-                    screen_answer(option, self.alternatives)
-                calls = said.get("tool_calls") if isinstance(said, dict) else None
-                for call in calls if isinstance(calls, list) else ():
-                    fn = call.get("function") if isinstance(call, dict) else None
-                    name = fn.get("name") if isinstance(fn, dict) else None
-                    if isinstance(name, str) and name:
-                        # A call's name cannot be redacted: a finding blocks.
-                        _, found = self.output.check(name)
-                        self._act(ctx, [replace(f, action="block") for f in found])
+            check_whole_answer(
+                ctx.response, self.output, self.alternatives, self.shadow,
+                lambda found: self._act(ctx, found),
+            )  # fmt: skip
         self._log_output(ctx)
