@@ -58,8 +58,9 @@ class _Series:
     here ~40)."""
 
     __slots__ = (
-        "cache_write_per_mtok", "cached_per_mtok", "deployment", "entry", "input_per_mtok",
-        "metrics", "model_name", "model_used", "output_per_mtok", "provider", "used",
+        "cache_write_1h_per_mtok", "cache_write_per_mtok", "cached_per_mtok", "deployment",
+        "entry", "input_per_mtok", "metrics", "model_name", "model_used", "output_per_mtok",
+        "provider", "used",
     )  # fmt: skip
 
     def __init__(
@@ -82,6 +83,7 @@ class _Series:
         self.output_per_mtok = price.output_per_mtok if price is not None else 0.0
         self.cached_per_mtok = price.cached_rate if price is not None else 0.0
         self.cache_write_per_mtok = price.cache_write_rate if price is not None else 0.0
+        self.cache_write_1h_per_mtok = price.cache_write_1h_rate if price is not None else 0.0
 
 
 #: By (endpoint, id of the entry, id of the deployment used, status). The labels come from
@@ -158,13 +160,16 @@ def account(gw: Gateway, ctx: RequestContext) -> None:
             if cached or write:
                 record["cached_tokens"] = cached
                 record["cache_write_tokens"] = write
+                if usage.cache_write_1h_tokens:
+                    record["cache_write_1h_tokens"] = usage.cache_write_1h_tokens
             if usage.estimated:
                 record["tokens_estimated"] = True
             if used is not None:  # Price.cost, with the prices read once
                 per_mtok = (
                     (usage.prompt_tokens - cached - write) * series.input_per_mtok
                     + cached * series.cached_per_mtok
-                    + write * series.cache_write_per_mtok
+                    + (write - usage.cache_write_1h_tokens) * series.cache_write_per_mtok
+                    + usage.cache_write_1h_tokens * series.cache_write_1h_per_mtok
                     + usage.completion_tokens * series.output_per_mtok
                 )
                 record["cost_usd"] = fast_round(per_mtok / 1e6, 8)

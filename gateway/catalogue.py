@@ -26,6 +26,9 @@ class Price(Strict):
     #: Input tokens written to the prompt cache (Anthropic ``cache_creation_input_tokens``:
     #: 1.25x the input price for the 5-minute cache, 2x for the hour). Unset: the input price.
     cache_write_per_mtok: float | None = Field(None, ge=0)
+    #: Those of them written to Anthropic's one-hour cache (``cache_creation``'s
+    #: ``ephemeral_1h_input_tokens``: 2x the input price). Unset: ``cache_write_per_mtok``.
+    cache_write_1h_per_mtok: float | None = Field(None, ge=0)
 
     @property
     def cached_rate(self) -> float:
@@ -38,20 +41,29 @@ class Price(Strict):
         return self.input_per_mtok if rate is None else rate
 
     @property
+    def cache_write_1h_rate(self) -> float:
+        rate = self.cache_write_1h_per_mtok
+        return self.cache_write_rate if rate is None else rate
+
+    @property
     def max_input_rate(self) -> float:
         """The highest price an input token may cost (what a worst-case estimate charges)."""
-        return max(self.input_per_mtok, self.cached_rate, self.cache_write_rate)
+        return max(
+            self.input_per_mtok, self.cached_rate, self.cache_write_rate, self.cache_write_1h_rate
+        )
 
     def cost(
         self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
-        cache_write_tokens: int = 0,
+        cache_write_tokens: int = 0, cache_write_1h_tokens: int = 0,
     ) -> float:  # fmt: skip
-        """USD for a request; ``prompt_tokens`` includes the cached and cache-write ones."""
+        """USD for a request; ``prompt_tokens`` includes the cached and cache-write ones,
+        ``cache_write_tokens`` the one-hour cache's."""
         fresh = prompt_tokens - cached_tokens - cache_write_tokens
         per_mtok = (
             fresh * self.input_per_mtok
             + cached_tokens * self.cached_rate
-            + cache_write_tokens * self.cache_write_rate
+            + (cache_write_tokens - cache_write_1h_tokens) * self.cache_write_rate
+            + cache_write_1h_tokens * self.cache_write_1h_rate
             + completion_tokens * self.output_per_mtok
         )
         return per_mtok / 1e6
@@ -59,7 +71,7 @@ class Price(Strict):
     def cost_of(self, usage: Usage) -> float:
         return self.cost(
             usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
-            usage.cache_write_tokens,
+            usage.cache_write_tokens, usage.cache_write_1h_tokens,
         )  # fmt: skip
 
 

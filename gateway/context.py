@@ -39,6 +39,8 @@ class Usage:
     #: those written to it (Anthropic's ``cache_creation_input_tokens``); priced apart.
     cached_tokens: int = 0
     cache_write_tokens: int = 0
+    #: Of ``cache_write_tokens``, those written to Anthropic's one-hour cache (priced higher).
+    cache_write_1h_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -67,6 +69,7 @@ class ReportedUsage(NamedTuple):
     completion_tokens: int | None
     cached_tokens: int
     cache_write_tokens: int
+    cache_write_1h_tokens: int = 0
 
     @property
     def complete(self) -> bool:
@@ -87,7 +90,8 @@ class ReportedUsage(NamedTuple):
         # The cache's share cannot exceed the prompt it is part of.
         cached = min(self.cached_tokens, prompt)
         write = min(self.cache_write_tokens, prompt - cached)
-        return Usage(prompt, completion, estimated, cached, write)
+        write_1h = min(self.cache_write_1h_tokens, write)
+        return Usage(prompt, completion, estimated, cached, write, write_1h)
 
 
 #: No usage reported: every count is the gateway's estimate.
@@ -107,11 +111,13 @@ def reported_usage(data: dict[str, Any]) -> ReportedUsage | None:
     if prompt is None and completion is None:
         return None
     details = usage.get("prompt_tokens_details")
-    cached = write = 0
+    cached = write = write_1h = 0
     if isinstance(details, dict):
         cached = token_count(details.get("cached_tokens")) or 0
         write = token_count(details.get("cache_write_tokens")) or 0
-    return ReportedUsage(prompt, completion, cached, write)
+        if write:
+            write_1h = token_count(details.get("cache_write_1h_tokens")) or 0
+    return ReportedUsage(prompt, completion, cached, write, write_1h)
 
 
 def usage_from(data: dict[str, Any], estimate: Callable[[], Usage] | None = None) -> Usage | None:

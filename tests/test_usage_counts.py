@@ -14,7 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.catalogue import Price
-from gateway.context import RequestContext, Usage, usage_from
+from gateway.context import RequestContext, Usage, reported_usage, usage_from
+from gateway.providers.anthropic_translate import usage_of
 from gateway.stream import _Relay
 from tests.helpers import build_config, running_gateway
 from tests.test_observability_e2e import delta, scrape
@@ -208,3 +209,51 @@ def test_a_malformed_upstream_count_is_estimated_not_zero(tmp_path: Path, stream
     for line in (boolean, negative):
         assert line["prompt_tokens"] == 1000 and line["tokens_estimated"] is True
         assert line["completion_tokens"] >= 1  # counted from the answer "Echo: hi"
+
+
+def test_one_hour_cache_writes_are_priced_at_their_own_rate(tmp_path: Path) -> None:
+    """Anthropic bills writes to its one-hour cache at 2x the input price, the five-minute
+    ones at 1.25x; both came as ``cache_creation_input_tokens`` and were all priced at the
+    five-minute rate (an hour's writes undercounted by 37.5%)."""
+    price = PRICE | {"cache_write_1h_per_mtok": 2.0}
+    usage = {"input_tokens": 100, "cache_read_input_tokens": 500,
+             "cache_creation_input_tokens": 400, "output_tokens": 100,
+             "cache_creation": {"ephemeral_5m_input_tokens": 100,
+                                "ephemeral_1h_input_tokens": 300}}  # fmt: skip
+    # $ per million: 100 x 1 + 500 x 0.1 + 100 x 1.25 + 300 x 2 + 100 x 2
+    cost = 1075e-6
+
+    def config(url: str) -> dict[str, Any]:
+        cfg = _config(tmp_path)(url)
+        cfg["models"][1]["deployments"][0]["price"] = price
+        return cfg
+
+    with running_gateway(config) as gw:
+        before = scrape(gw.url)
+        seen = [_chat(gw, "claude", s, usage) for s in (False, True)]
+        after = scrape(gw.url)
+    for got in seen:
+        assert got["prompt_tokens"] == 1000
+        assert got["prompt_tokens_details"] == {"cached_tokens": 500, "cache_write_tokens": 400,
+                                                "cache_write_1h_tokens": 300}  # fmt: skip
+    lines = [json.loads(x) for x in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert [x["cost_usd"] for x in lines] == pytest.approx([cost, cost])
+    assert [x["cache_write_1h_tokens"] for x in lines] == [300, 300]
+    assert delta(before, after, "gateway_cost_usd_total") == pytest.approx(2 * cost)
+
+
+def test_one_hour_cache_price_defaults_and_bounds() -> None:
+    # Unset, the hour's writes cost what the other writes cost (as before it existed).
+    assert Price(input_per_mtok=1.0, cache_write_per_mtok=1.25).cost(1000, 0, 0, 400, 300) == (
+        pytest.approx(600 * 1.0 / 1e6 + 400 * 1.25 / 1e6))  # fmt: skip
+    priced = Price(input_per_mtok=1.0, cache_write_per_mtok=1.25, cache_write_1h_per_mtok=2.0)
+    assert priced.max_input_rate == 2.0  # a budget's worst case counts the dearest token
+    # A reported hour share larger than the writes is cut to them.
+    details = {"cached_tokens": 0, "cache_write_tokens": 100, "cache_write_1h_tokens": 900}
+    got = reported_usage({"usage": {"prompt_tokens": 1000, "completion_tokens": 1,
+                                    "prompt_tokens_details": details}})  # fmt: skip
+    assert got is not None and got.usage().cache_write_1h_tokens == 100
+    assert usage_of({"input_tokens": 1, "cache_creation_input_tokens": 10, "output_tokens": 1,
+                     "cache_creation": {"ephemeral_1h_input_tokens": 50}})[
+        "prompt_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 10,
+                                     "cache_write_1h_tokens": 10}  # fmt: skip

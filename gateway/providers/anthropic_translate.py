@@ -308,8 +308,9 @@ def to_anthropic(body: dict[str, Any], model: str, max_output_tokens: int) -> di
 def usage_of(usage: dict[str, Any] | None) -> dict[str, Any]:
     """Anthropic's usage in OpenAI's shape: ``prompt_tokens`` counts every input token, those
     read from the prompt cache (``cached_tokens``, as OpenAI reports its cache hits) and those
-    written to it (``cache_write_tokens``: OpenAI has no such count) included. A count that is
-    missing or no whole number is left out, for the gateway to estimate, never taken as 0."""
+    written to it (``cache_write_tokens``: OpenAI has no such count; ``cache_write_1h_tokens``
+    those of them in the one-hour cache, priced higher) included. A count that is missing or
+    no whole number is left out, for the gateway to estimate, never taken as 0."""
     u = usage if isinstance(usage, dict) else {}
     read = token_count(u.get("cache_read_input_tokens")) or 0
     write = token_count(u.get("cache_creation_input_tokens")) or 0
@@ -326,6 +327,10 @@ def usage_of(usage: dict[str, Any] | None) -> dict[str, Any]:
         details = out["prompt_tokens_details"] = {"cached_tokens": read}
         if write:
             details["cache_write_tokens"] = write
+            ttl = u.get("cache_creation")
+            hour = token_count(ttl.get("ephemeral_1h_input_tokens")) if type(ttl) is dict else 0
+            if hour:
+                details["cache_write_1h_tokens"] = min(hour, write)
     return out
 
 
