@@ -131,6 +131,8 @@ async def send_error(send: Any, ctx: RequestContext, err: GatewayError) -> None:
     ctx.status = err.status
     ctx.error_type = err.type
     headers = response_headers(ctx, JSON_HEADERS)
+    if ctx.attempts:  # (every deployment tried failed: how many were, for the operator)
+        headers.append((b"x-gateway-attempts", str(ctx.attempts).encode()))
     for name, value in err.headers.items():
         headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
     body = err.body()

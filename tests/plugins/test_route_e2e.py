@@ -261,6 +261,21 @@ def test_every_provider_in_the_chain_fails_but_the_local_server() -> None:
         assert not any(k.lower() == "authorization" for k, _ in local["headers"])
 
 
+def test_an_error_after_failed_attempts_says_how_many_were_made() -> None:
+    """A client that got a 5xx after every deployment failed could not tell one try from
+    three: errors carried no ``x-gateway-attempts``. Refusals before any attempt still don't."""
+    with running_gateway(
+        one_deployment_then_fallback(),
+        registry={"tier": TierFromHeader},
+        fake={"behaviours": {m: {"status": 500} for m in ("large-up", "claude-up", "local-up")}},
+    ) as gw:
+        r = gw.http().post("/v1/chat/completions", json={"model": "smart", "messages": MSG})
+        assert r.status_code >= 500 and r.json()["error"]["type"]
+        assert r.headers["x-gateway-attempts"] == "3"
+        r = gw.http().post("/v1/chat/completions", json={"model": "nope", "messages": MSG})
+        assert r.status_code == 404 and "x-gateway-attempts" not in r.headers
+
+
 def test_all_failing_gives_last_error_and_request_errors_are_not_retried() -> None:
     with running_gateway(
         one_deployment_then_fallback(),
