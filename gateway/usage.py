@@ -50,7 +50,7 @@ _MAX_DAYS = 400
 _CSV_DANGEROUS = ("=", "+", "-", "@", "\t", "\r")
 _USAGE_FIELDS = (
     "day", "model", "requests", "prompt_tokens", "completion_tokens", "cost_usd", "errors",
-    "blocked", "limited", "error_rate", "block_rate",
+    "blocked", "limited", "error_rate", "block_rate", "cached_tokens", "cache_write_tokens",
 )  # fmt: skip
 
 

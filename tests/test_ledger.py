@@ -106,6 +106,33 @@ def test_table_from_before_row_id_is_migrated_and_keeps_its_rows(tmp_path: Path)
     assert got["old"] is None and len(got["new"]) == 32
 
 
+def test_cache_token_columns_are_added_to_an_older_table_and_summed(tmp_path: Path) -> None:
+    """The ledger kept each request's cost (cached tokens priced apart) but not how many of
+    its prompt tokens the provider's cache served or wrote: the usage API could not show
+    what caching saved. A table made before those columns gets them (old rows: NULL, summed
+    as 0)."""
+    old = COLUMNS[: COLUMNS.index("cached_tokens")]
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute(f"CREATE TABLE t_usage ({', '.join(old)})")
+    conn.execute(f"INSERT INTO t_usage VALUES ({', '.join('?' * len(old))})",
+                 row_from(record(request_id="old"))[: len(old)])  # fmt: skip
+    conn.commit()
+    conn.close()
+    b = SqliteBackend(f"sqlite:///{path}", "t_")
+    conn = b.connect()
+    b.create_schema(conn)
+    conn.close()
+    insert(b, [record(request_id="a", prompt_tokens=1000, cached_tokens=900),
+               record(request_id="b", prompt_tokens=1000, cached_tokens=600,
+                      cache_write_tokens=400)])  # fmt: skip
+    (total,) = b.grouped(Filter(T0, T0 + DAY), ())
+    assert total["requests"] == 3 and total["prompt_tokens"] == 2010
+    assert (total["cached_tokens"], total["cache_write_tokens"]) == (1500, 400)
+    page, _ = b.rows(Filter(T0, T0 + DAY))
+    assert [as_dict(r)["cached_tokens"] for r in page] == [None, 900, 600]
+
+
 def test_sqlite_grouped_sums_and_filters(tmp_path: Path) -> None:
     b = sqlite_backend(tmp_path)
     assert (tmp_path / "sub" / "usage.db").exists()  # parent directory created

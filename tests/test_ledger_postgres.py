@@ -129,6 +129,7 @@ async def test_postgres_ledger_writes_and_groups(prefix: str) -> None:
         ledgers[i % 2].observe(None, record(  # type: ignore[arg-type]
             request_id=f"p{i}", ts=now, user="alice" if i < 20 else "bob",
             model_name="demo" if i % 3 else "big", cost_usd=0.01, prompt_tokens=7,
+            cached_tokens=5, cache_write_tokens=1,
         ))  # fmt: skip
     for ledger in ledgers:
         await ledger.close()
@@ -138,6 +139,7 @@ async def test_postgres_ledger_writes_and_groups(prefix: str) -> None:
     by_model = {r["model"]: r for r in backend.grouped(flt, ("model",))}
     assert by_model["big"]["requests"] == 10 and by_model["demo"]["requests"] == 20
     assert by_model["demo"]["prompt_tokens"] == 140
+    assert (by_model["demo"]["cached_tokens"], by_model["demo"]["cache_write_tokens"]) == (100, 20)
     alice = backend.grouped(Filter(now - DAY, now + DAY, user="alice"), ())[0]
     assert alice["requests"] == 20 and alice["cost_usd"] == pytest.approx(0.2)
     buckets = backend.grouped(flt, ("bucket",), bucket_s=3600)

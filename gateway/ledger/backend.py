@@ -28,7 +28,7 @@ _TYPES = {
     "client_disconnected": "INTEGER", "attempts": "INTEGER", "prompt_tokens": "BIGINT",
     "completion_tokens": "BIGINT", "tokens_estimated": "INTEGER", "cost_usd": "DOUBLE PRECISION",
     "ms_total": "DOUBLE PRECISION", "ms_upstream": "DOUBLE PRECISION",
-    "ms_ttft": "DOUBLE PRECISION",
+    "ms_ttft": "DOUBLE PRECISION", "cached_tokens": "BIGINT", "cache_write_tokens": "BIGINT",
 }  # fmt: skip
 
 #: A request that failed: an error status, or an error after a 200 began (a stream the upstream
@@ -46,9 +46,12 @@ AGGREGATES = (
     f"coalesce(sum(CASE WHEN {FAILED} THEN 1 ELSE 0 END), 0)",
     "coalesce(sum(blocked), 0)",
     "coalesce(sum(limited), 0)",
+    "coalesce(sum(cached_tokens), 0)",
+    "coalesce(sum(cache_write_tokens), 0)",
 )
 AGGREGATE_NAMES = (
     "requests", "prompt_tokens", "completion_tokens", "cost_usd", "errors", "blocked", "limited",
+    "cached_tokens", "cache_write_tokens",
 )  # fmt: skip
 
 #: The most groups one grouped query returns, and the most rows one export page holds (module

@@ -11,7 +11,8 @@ COLUMNS: tuple[str, ...] = (
     "request_id", "ts", "day", "user_id", "tenant", "key_id", "endpoint", "model",
     "model_requested", "deployment", "provider", "status", "error_type", "blocked", "limited",
     "stream", "client_disconnected", "attempts", "prompt_tokens", "completion_tokens",
-    "tokens_estimated", "cost_usd", "ms_total", "ms_upstream", "ms_ttft",
+    "tokens_estimated", "cost_usd", "ms_total", "ms_upstream", "ms_ttft", "cached_tokens",
+    "cache_write_tokens",
 )  # fmt: skip
 
 #: What the table stores: the columns above plus ``row_id``, a random id made when the row is
@@ -56,6 +57,8 @@ def row_from(record: dict[str, Any]) -> Row:
         float(record.get("ms_total") or 0.0),
         float(record.get("ms_upstream") or 0.0),
         record.get("ms_ttft"),
+        int(record.get("cached_tokens") or 0),
+        int(record.get("cache_write_tokens") or 0),
         uuid.uuid4().hex,
     )
 
