@@ -18,8 +18,8 @@ ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]  # fmt: skip
-KPIS = ("requests", "cost", "tokens", "prompt-tokens", "completion-tokens", "errors", "blocked",
-        "p50", "p90", "p99")  # fmt: skip
+KPIS = ("requests", "cost", "tokens", "prompt-tokens", "completion-tokens", "cached-tokens",
+        "errors", "blocked", "p50", "p90", "p99")  # fmt: skip
 
 
 def read_dashboard(url: str, key: str) -> dict[str, Any]:
@@ -44,6 +44,7 @@ def read_dashboard(url: str, key: str) -> dict[str, Any]:
             page.wait_for_selector("body[data-loaded]", timeout=15_000)
             out["loaded"] = page.get_attribute("body", "data-loaded")
             out["status_text"] = page.text_content("#status")
+            out["status_class"] = page.get_attribute("#status", "class")
             out["kpi"] = {k: page.get_attribute(f"#kpi-{k}", "data-value") for k in KPIS}
             out["kpi_text"] = {k: page.text_content(f"#kpi-{k}") for k in KPIS}
             out["svg"] = page.locator("svg.chart").count()
@@ -114,6 +115,36 @@ def test_dashboard_shows_ledger_figures_and_draws_charts(tmp_path: Path) -> None
     assert shown["globex_requests"] == "2"  # the tenant filter re-queries
     # a non-admin gets the 403 answer, not the page
     assert refused["status"] == 403 and "loaded" not in refused
+    assert "partial" not in shown["status_text"] and shown["status_class"] != "partial"
+    assert shown["kpi"]["cached-tokens"] == "0"
+
+
+def test_dashboard_says_when_the_ledger_had_more_than_one_view_holds(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """``/admin/usage/summary`` says ``truncated`` when a grouped part passed the group limit
+    (the series keep their latest buckets); the page drew the partial figures as if whole."""
+    from gateway.ledger import backend
+
+    def config(url: str) -> dict[str, Any]:
+        cfg = build_config(url, pipeline=[{"name": "auth", "config": auth_config()}],
+                           ledger={"url": f"sqlite:///{tmp_path}/usage.db"})  # fmt: skip
+        cfg["models"].append(big_model(url))
+        return cfg
+
+    with running_gateway(config) as gw:
+        chat(gw, USER_KEY, 1)
+        chat(gw, BOB_KEY, 1)
+        r = httpx.post(
+            f"{gw.url}/v1/chat/completions", timeout=20,
+            headers={"authorization": f"Bearer {USER_KEY}"},
+            json={"model": "gpt-big", "messages": [{"role": "user", "content": "hi"}]},
+        )  # fmt: skip
+        assert r.status_code == 200
+        monkeypatch.setattr(backend, "GROUP_LIMIT", 1)  # two models: one group too many
+        shown = read_dashboard(gw.url, ADMIN_KEY)
+    assert shown["loaded"] == "true" and shown["errors"] == []
+    assert shown["status_class"] == "partial" and "partial" in shown["status_text"]
 
 
 def test_grafana_dashboard_uses_only_exported_metrics() -> None:
