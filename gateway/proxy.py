@@ -153,7 +153,9 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
         if gw.pipeline.header_hooks:
             await gw.pipeline.run_headers(ctx)
         if ctx.method != "POST":
-            raise MethodNotAllowedError(f"method {ctx.method} not allowed; use POST")
+            raise MethodNotAllowedError(
+                f"method {ctx.method} not allowed; use POST", headers={"allow": "POST"}
+            )
         if ctx.headers.get("content-type") != "application/json":  # else check_content_type passes
             check_content_type(ctx)
         requests_cfg = gw.request_limits
