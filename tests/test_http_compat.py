@@ -86,3 +86,23 @@ def test_a_plain_body_labelled_compressed_is_still_served(gw: Any) -> None:
     # As before compressed bodies were decoded: clients that set the header on a plain body.
     for coding in ("gzip", "br", "identity", "gzip, identity"):
         assert post(gw, BODY, **{"content-encoding": coding}).status_code == 200
+
+
+def test_a_legacy_function_result_may_have_null_content(gw: Any) -> None:
+    # The API reference and the SDK's ChatCompletionFunctionMessageParam: "string or null".
+    messages = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+        {"role": "function", "name": "f", "content": None},
+    ]
+    functions = [{"name": "f", "parameters": {"type": "object", "properties": {}}}]
+    r = gw.openai().chat.completions.create(model="demo", messages=messages, functions=functions)
+    assert r.choices[0].message.content == "Echo: hello"
+    assert gw.upstream_requests()[-1]["body"]["messages"][2] == messages[2]
+    # The other roles still need their content.
+    for role in ("user", "system", "developer", "tool"):
+        msg: dict[str, Any] = {"role": role, "content": None}
+        if role == "tool":
+            msg["tool_call_id"] = "call_1"
+        assert_openai_error(post(gw, {"model": "demo", "messages": [msg]}), 400,
+                            param="messages[0].content")  # fmt: skip
