@@ -204,7 +204,13 @@ async def metrics_endpoint(request: Request) -> Response:
 async def http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return error_response(MethodNotAllowedError(f"method {request.method} not allowed"))
+        # (Starlette's exception carries the route's Allow header, which RFC 9110 requires.)
+        allow = (exc.headers or {}).get("Allow")
+        return error_response(
+            MethodNotAllowedError(
+                f"method {request.method} not allowed", headers={"allow": allow} if allow else None
+            )
+        )
     if exc.status_code == 404:
         return error_response(NotFoundError(f"no route for {request.url.path[:200]}"))
     err = GatewayError(str(exc.detail))

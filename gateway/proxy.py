@@ -20,7 +20,13 @@ import orjson
 
 from gateway import metrics
 from gateway.accounting import account
-from gateway.body import MAX_JSON_DEPTH, check_content_type, check_depth, read_body
+from gateway.body import (
+    MAX_JSON_DEPTH,
+    check_content_type,
+    check_depth,
+    decode_body,
+    read_body,
+)
 from gateway.context import RequestContext, Usage, usage_from
 from gateway.disconnect import DisconnectWatch
 from gateway.errors import (
@@ -155,7 +161,9 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
         if gw.pipeline.header_hooks:
             await gw.pipeline.run_headers(ctx)
         if ctx.method != "POST":
-            raise MethodNotAllowedError(f"method {ctx.method} not allowed; use POST")
+            raise MethodNotAllowedError(
+                f"method {ctx.method} not allowed; use POST", headers={"allow": "POST"}
+            )
         if ctx.headers.get("content-type") != "application/json":  # else check_content_type passes
             check_content_type(ctx)
         requests_cfg = gw.request_limits
@@ -166,6 +174,8 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
             raise RequestTimeoutError(
                 f"the request body did not arrive within {gw.body_deadline.delay:g} s"
             ) from None
+        if "content-encoding" in ctx.headers:
+            raw = decode_body(ctx, raw, requests_cfg.max_body_bytes)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:

@@ -162,11 +162,10 @@ def _check_message(where: str, msg: dict[str, Any], role: Any, content: Any) -> 
     if not isinstance(role, str) or role not in ROLES:
         raise _bad(f"'{where}.role' must be one of {', '.join(sorted(ROLES))}", f"{where}.role")
     if content is None:
-        if role not in ("assistant", "function") or not (
-            msg.get("tool_calls") or msg.get("function_call")
-        ):
-            if role != "assistant":
-                raise _bad(f"'{where}.content' is required", f"{where}.content")
+        # An assistant's content may be null (a tool call, a refusal), and so may a legacy
+        # function result's (the API reference and the SDK's types say "string or null").
+        if role != "assistant" and role != "function":
+            raise _bad(f"'{where}.content' is required", f"{where}.content")
     elif isinstance(content, list):
         allowed = PART_TYPES[role]
         for j, part in enumerate(content):
