@@ -98,8 +98,25 @@ def _mentions_rot13(text: str) -> bool:
 def _long_words(text: str) -> list[str]:
     """Whitespace-free runs of 16+ characters, in order. Base64 and unseparated hex contain no
     whitespace, so their matches in the text are exactly their matches in these words (the
-    look-arounds see whitespace, outside both classes, at a word's edges)."""
-    return [w for w in text.split() if len(w) >= 16]
+    look-arounds see whitespace, outside both classes, at a word's edges).
+
+    ``[w for w in text.split() if len(w) >= 16]``, without a Python step per word (~0.1 ms on
+    2,000 tokens): only the runs of :func:`_blank_shape` holding 16 non-blanks in a row are
+    split. Each word of the text lies inside one such run (the shape's blanks are whitespace
+    to ``str.split`` too), and splitting a run gives exactly the words inside it."""
+    shape = _blank_shape(text)
+    i = shape.find(_LONG_WORD)
+    if i == -1:
+        return []
+    out: list[str] = []
+    while i != -1:
+        lo = shape.rfind(" ", 0, i) + 1
+        hi = shape.find(" ", i)
+        if hi == -1:
+            hi = len(shape)
+        out += [w for w in text[lo:hi].split() if len(w) >= 16]
+        i = shape.find(_LONG_WORD, hi)
+    return out
 
 
 # What a run of separated hex pairs is made of.
@@ -212,12 +229,8 @@ def _decode_once(text: str, kinds: Iterable[str]) -> list[str]:
 def _may_decode(text: str) -> bool:
     """Whether base64, hex or %-escapes could be found at all: a word of 16+ characters (base64,
     unseparated hex), a hint of separated hex pairs, or a "%". False for most prompts, at the
-    cost of one split and one search."""
-    return (
-        "%" in text
-        or any(len(w) >= 16 for w in text.split())
-        or _HEX_PAIRS_HINT.search(text) is not None
-    )
+    cost of one translation and one search."""
+    return "%" in text or bool(_long_words(text)) or _HEX_PAIRS_HINT.search(text) is not None
 
 
 def _byte_classes(classes: dict[bytes, bytes], other: bytes) -> bytes:
@@ -237,6 +250,15 @@ _SHAPE = _byte_classes(
 #: Whitespace (" ") against anything else ("w").
 _BLANKS = _byte_classes({b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f": b" "}, b"w")
 _LONG_WORD = "w" * 16
+
+
+def _blank_shape(text: str) -> str:
+    """``text`` as :data:`_BLANKS` classes, one character each: " " for ASCII whitespace, "w"
+    for anything else, a non-ASCII character included (``str.split`` also splits at a few
+    non-ASCII spaces: the shape's runs of "w" hold the text's words, and may join some)."""
+    if text.isascii():
+        return text.encode("ascii").translate(_BLANKS).decode("ascii")
+    return text.encode("ascii", "replace").translate(_BLANKS).decode("ascii")
 
 
 def ascii_clues(text: str, lit: str) -> tuple[bool, bool]:

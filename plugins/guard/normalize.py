@@ -196,7 +196,7 @@ def _fold_table() -> tuple[list[int | str | None], re.Pattern[str]]:
     return table, re.compile(f"[{cls}]")
 
 
-def _collapse(s: str) -> str:
+def collapse(s: str) -> str:
     """``re.sub(r"\\s+", " ", s)`` (str.split uses the same definition of whitespace)."""
     parts = s.split()
     if not parts:
@@ -248,20 +248,20 @@ def light(text: str) -> str:
         low = text.lower()
         if "  " not in low and low.isprintable():
             return low
-        return _collapse(low)
+        return collapse(low)
     # Most prompts are ASCII with a few curly quotes, dashes or emoji: only those stretches go
     # through the Unicode steps; the ASCII between them is only lower-cased.
     out: list[str] = []
     last = 0
     for i, m in enumerate(_NON_ASCII.finditer(text)):
         if i == _MAX_STRETCHES:
-            return _collapse(_fold_unicode(text))
+            return collapse(_fold_unicode(text))
         start = max(m.start() - 1, last)
         out.append(text[last:start].lower())
         out.append(_fold_unicode(text[start : m.end()]))
         last = m.end()
     out.append(text[last:].lower())
-    return _collapse("".join(out))
+    return collapse("".join(out))
 
 
 def fold_pattern(pattern: str) -> str:
@@ -342,25 +342,6 @@ def deobfuscate_reference(lit: str) -> str:
     """:func:`deobfuscate` as specified (slow; the tests check the fast one against it)."""
     s = _TOKEN.sub(_leet, lit)
     return _SPACED.sub(lambda m: _join_spaced(m.group(0)), s)
-
-
-#: One word spelt out with single spaces ("a l l"), in a text whose words are two spaces apart.
-_SPELT_WORD = re.compile(r"(?<![a-z])[a-z](?: [a-z])+(?![a-z])")
-
-
-def spelt_words(text: str) -> str | None:
-    """The light form of a text that spells its words out letter by letter with two spaces
-    between words ("I G N O R E  A L L  P R E V I O U S"): each word joined, then the spaces
-    collapsed ("ignore all previous"). The light form has lost the word gaps (its spaced
-    letters join into one word). None when the text has no double space."""
-    if "  " not in text:
-        return None
-    low = light(text.replace("  ", "\x00"))
-    if "\x00" not in low:
-        return None
-    return _collapse(
-        _SPELT_WORD.sub(lambda m: m.group(0).replace(" ", ""), low).replace("\x00", " ")
-    )
 
 
 def fold(text: str) -> str:
