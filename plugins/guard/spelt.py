@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from plugins.guard.normalize import collapse, light
+from plugins.guard.normalize import light
 from plugins.guard.prefixes import Starts
 from plugins.guard.rules import RuleSet
 
@@ -54,7 +54,14 @@ def spelt_words(text: str) -> str | None:
     low = light(text.replace("  ", "\x00"))
     if "\x00" not in low:
         return None
-    return collapse(_join_spelt(low).replace("\x00", " "))
+    # collapse() of a text whose only whitespace is spaces: the light form's only whitespace is
+    # single spaces, joining removes some, and the markers become more. Runs of spaces are
+    # halved until none is left (most texts have none: a split and join of the whole text
+    # cost ~0.05 ms on 2,000 tokens).
+    out = _join_spelt(low).replace("\x00", " ")
+    while "  " in out:
+        out = out.replace("  ", " ")
+    return out
 
 
 def spelt_fired(rules: RuleSet, text: str, lit: str, starts: Starts, skip: set[int]) -> set[int]:

@@ -87,6 +87,13 @@ def test_spelt_words_equal_the_regex_substitution() -> None:
         assert SP.spelt_words(text) == _spelt_reference(text), repr(text)
 
 
+def test_the_light_form_holds_no_whitespace_but_single_spaces() -> None:
+    """What spelt_words relies on to collapse its spaces with str.replace."""
+    for text in TEXTS:
+        lit = N.light(text)
+        assert "  " not in lit and all(c == " " or not c.isspace() for c in lit), repr(text)
+
+
 def test_may_deobfuscate_misses_no_hint_on_any_text() -> None:
     """False only where neither hint matches (it says True for any "€", a leet character that
     is not ASCII), and then deobfuscation changes nothing."""
