@@ -13,6 +13,8 @@ import re
 import urllib.parse
 from collections.abc import Iterable
 
+from plugins.guard.shapes import BLANKS, SHAPE, classes
+
 DECODERS = ("base64", "hex", "rot13", "url")
 
 # The look-behinds make the engine try only at the start of a run (not inside every word).
@@ -233,32 +235,14 @@ def _may_decode(text: str) -> bool:
     return "%" in text or bool(_long_words(text)) or _HEX_PAIRS_HINT.search(text) is not None
 
 
-def _byte_classes(classes: dict[bytes, bytes], other: bytes) -> bytes:
-    table = bytearray(other * 256)
-    for chars, cls in classes.items():
-        for c in chars:
-            table[c] = cls[0]
-    return bytes(table)
-
-
-#: ASCII characters by what the quick exits of :func:`ascii_clues` look for: "a" a letter of
-#: ``lit`` ([a-z]), "d" a character leetspeak folds (``[0-9@$!+]``), " " a separator of
-#: spaced-out letters (``[ .\-_*]``), "x" anything else.
-_SHAPE = _byte_classes(
-    {b"abcdefghijklmnopqrstuvwxyz": b"a", b"0123456789@$!+": b"d", b" .-_*": b" "}, b"x"
-)
-#: Whitespace (" ") against anything else ("w").
-_BLANKS = _byte_classes({b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f": b" "}, b"w")
 _LONG_WORD = "w" * 16
 
 
 def _blank_shape(text: str) -> str:
-    """``text`` as :data:`_BLANKS` classes, one character each: " " for ASCII whitespace, "w"
+    """``text`` as :data:`BLANKS` classes, one character each: " " for ASCII whitespace, "w"
     for anything else, a non-ASCII character included (``str.split`` also splits at a few
     non-ASCII spaces: the shape's runs of "w" hold the text's words, and may join some)."""
-    if text.isascii():
-        return text.encode("ascii").translate(_BLANKS).decode("ascii")
-    return text.encode("ascii", "replace").translate(_BLANKS).decode("ascii")
+    return classes(text, BLANKS)
 
 
 def ascii_clues(text: str, lit: str) -> tuple[bool, bool]:
@@ -273,12 +257,12 @@ def ascii_clues(text: str, lit: str) -> tuple[bool, bool]:
       has the words of ``text``, lower-cased, between collapsed whitespace), or a digit, where
       the exact test for separated hex pairs then runs on ``text``."""
     raw = lit.encode("ascii")
-    shape = raw.translate(_SHAPE).decode("ascii")
+    shape = raw.translate(SHAPE).decode("ascii")
     leet = "d" in shape  # most prompts have no digit at all
     deobfuscate = (leet and ("ad" in shape or "da" in shape)) or " a a " in shape
     decode = (
         "%" in lit
-        or _LONG_WORD in raw.translate(_BLANKS).decode("ascii")
+        or _LONG_WORD in raw.translate(BLANKS).decode("ascii")
         or (leet and _HEX_PAIRS_HINT.search(text) is not None)
     )
     return deobfuscate, decode
@@ -290,7 +274,7 @@ def may_deobfuscate(lit: str) -> bool:
     leetspeak folds ("€") as "anything else"."""
     if "€" in lit:
         return True
-    shape = lit.encode("ascii", "replace").translate(_SHAPE).decode("ascii")
+    shape = classes(lit, SHAPE)
     return ("d" in shape and ("ad" in shape or "da" in shape)) or " a a " in shape
 
 

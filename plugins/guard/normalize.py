@@ -19,6 +19,7 @@ from plugins.guard.hidden import TAG_RUN as _TAG_RUN
 from plugins.guard.hidden import VS_RUN as _VS_RUN
 from plugins.guard.hidden import untag as _untag
 from plugins.guard.hidden import unvs as _unvs
+from plugins.guard.shapes import SHAPE, classes
 
 # Zero-width and invisible format characters, bidi controls, and the Unicode tag block (used to
 # smuggle invisible ASCII, "ASCII smuggling").
@@ -278,15 +279,19 @@ def _spaced(s: str, joins: list[tuple[int, int, int, int]] | None) -> str:
     """``_SPACED.sub(<separators removed>, s)``, tried only where :data:`_SPACED_HINT` matches
     (every match holds one, starting at its second character). ``joins`` (when given) receives
     each joined word's extent in ``s`` and in the result: ``(start, end, new_start, new_end)``."""
-    h = _SPACED_HINT.search(s)
-    if h is None:
+    # _SPACED_HINT.search(s, pos).start() is shape.find(" a a ", pos): it has no look-around,
+    # and each of its classes is ASCII (the regex, starting with a class, was tried at every
+    # space of the text).
+    shape = classes(s, SHAPE)
+    h = shape.find(" a a ")
+    if h == -1:
         return s
     out: list[str] = []
     last = size = 0
-    while h is not None:
-        m = _SPACED.match(s, h.start() - 1) if h.start() > 0 else None
+    while h != -1:
+        m = _SPACED.match(s, h - 1) if h > 0 else None
         if m is None:
-            h = _SPACED_HINT.search(s, h.start() + 1)
+            h = shape.find(" a a ", h + 1)
             continue
         out.append(s[last : m.start()])
         size += m.start() - last
@@ -296,7 +301,7 @@ def _spaced(s: str, joins: list[tuple[int, int, int, int]] | None) -> str:
             joins.append((m.start(), m.end(), size, size + len(word)))
         size += len(word)
         last = m.end()
-        h = _SPACED_HINT.search(s, last)
+        h = shape.find(" a a ", last)
     out.append(s[last:])
     return "".join(out)
 

@@ -19,6 +19,7 @@ from plugins.guard import spelt as SP
 from plugins.guard.align import MAX_DELETIONS, common_length, shared_runs
 from plugins.guard.prefixes import Starts, rot13
 from plugins.guard.rules import RulesConfig, RuleSet, RuleSpec
+from plugins.guard.shapes import SHAPE, classes
 
 from .test_guard_perf import CUSTOM, SAMPLES
 
@@ -103,6 +104,20 @@ def test_may_deobfuscate_misses_no_hint_on_any_text() -> None:
         assert D.may_deobfuscate(lit) == (hinted or "€" in lit), repr(text)
         if not D.may_deobfuscate(lit):
             assert N.deobfuscate_spans(lit) == (lit, [])
+
+
+def test_spaced_letters_hint_from_a_class_string_equals_the_regex() -> None:
+    rng = random.Random(7)
+    alphabet = list("ab1@$!+0 .-_*xé€😀?Z")
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 16))) for _ in range(5000)]
+    for s in texts:
+        shape = classes(s, SHAPE)
+        for pos in range(len(s) + 1):
+            m = N._SPACED_HINT.search(s, pos)
+            assert shape.find(" a a ", pos) == (-1 if m is None else m.start()), (s, pos)
+    for text in [*TEXTS, *texts, "h3ll0 w0rld €uro 1gn0r3 i g n o r e", "y0u w3r3 t-o-l-d"]:
+        lit = N.light(text)
+        assert N.deobfuscate(lit) == N.deobfuscate_reference(lit), repr(text)
 
 
 def _delete(text: str, rng: random.Random, k: int) -> str:
