@@ -56,6 +56,32 @@ def test_prefilter_for_types_without_short_numbers_is_the_same_as_scanning_every
     assert [h.type for h in find_secrets("+44 20 7946 0958", frozenset({"phone"}))] == ["phone"]
 
 
+def test_iban_card_and_key_hints_equal_what_they_replaced() -> None:
+    """IBANs tried only at their hint's digits are the pattern's whole-text matches; the card
+    and IBAN hints in one sweep, and the one key-prefix search, say what the tests they
+    replaced said."""
+    rnd = random.Random(12)
+    pieces = ["DE89", "3704", " ", "0044", "GB82", "WEST", "12", "AB", "x", "\u0664\u0661", "Ab",
+              "-", "4111 1111 1111 1111", "1", "A", "sk-", "_live_", "AKIA", "ASIA", "AIza", "xox",
+              "gh", "ghp_", "github_pat_", "eyJ", "-----BEGIN", "@", "é", "\n"]  # fmt: skip
+    texts = ["".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 30))) for _ in range(5000)]
+    coarse = ("sk-", "_live_", "AKIA", "ASIA", "AIza", "xox")
+    github = ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")
+    hints = ("@", "-----BEGIN", "eyJ", *coarse)
+    for text in texts:
+        want = [m.span() for m in _COMPILED["iban"].finditer(text)]
+        assert [m.span() for m in redact._ibans(text)] == want, text
+        digits = (redact._may_contain("credit_card", text), redact._may_contain("iban", text))
+        assert redact._card_and_iban_hints(text) == digits, text
+        keys = any(p in text for p in coarse) or ("gh" in text and any(p in text for p in github))
+        assert redact._may_contain("api_key", text) == keys, text
+        any_hint = any(h in text for h in hints) or (
+            "gh" in text and any(p in text for p in github)
+        )
+        if any_hint:
+            assert redact._may_hold_secret(text, frozenset()), text
+
+
 def test_overlapping_findings_are_redacted_as_one_span_covering_both() -> None:
     """An e-mail whose local part starts inside a phone number (no space between) used to be
     dropped as overlapping, leaving its address in the redacted text."""

@@ -19,6 +19,7 @@ from plugins.guard.hidden import TAG_RUN as _TAG_RUN
 from plugins.guard.hidden import VS_RUN as _VS_RUN
 from plugins.guard.hidden import untag as _untag
 from plugins.guard.hidden import unvs as _unvs
+from plugins.guard.shapes import SHAPE, classes
 
 # Zero-width and invisible format characters, bidi controls, and the Unicode tag block (used to
 # smuggle invisible ASCII, "ASCII smuggling").
@@ -196,7 +197,7 @@ def _fold_table() -> tuple[list[int | str | None], re.Pattern[str]]:
     return table, re.compile(f"[{cls}]")
 
 
-def _collapse(s: str) -> str:
+def collapse(s: str) -> str:
     """``re.sub(r"\\s+", " ", s)`` (str.split uses the same definition of whitespace)."""
     parts = s.split()
     if not parts:
@@ -248,20 +249,20 @@ def light(text: str) -> str:
         low = text.lower()
         if "  " not in low and low.isprintable():
             return low
-        return _collapse(low)
+        return collapse(low)
     # Most prompts are ASCII with a few curly quotes, dashes or emoji: only those stretches go
     # through the Unicode steps; the ASCII between them is only lower-cased.
     out: list[str] = []
     last = 0
     for i, m in enumerate(_NON_ASCII.finditer(text)):
         if i == _MAX_STRETCHES:
-            return _collapse(_fold_unicode(text))
+            return collapse(_fold_unicode(text))
         start = max(m.start() - 1, last)
         out.append(text[last:start].lower())
         out.append(_fold_unicode(text[start : m.end()]))
         last = m.end()
     out.append(text[last:].lower())
-    return _collapse("".join(out))
+    return collapse("".join(out))
 
 
 def fold_pattern(pattern: str) -> str:
@@ -278,15 +279,19 @@ def _spaced(s: str, joins: list[tuple[int, int, int, int]] | None) -> str:
     """``_SPACED.sub(<separators removed>, s)``, tried only where :data:`_SPACED_HINT` matches
     (every match holds one, starting at its second character). ``joins`` (when given) receives
     each joined word's extent in ``s`` and in the result: ``(start, end, new_start, new_end)``."""
-    h = _SPACED_HINT.search(s)
-    if h is None:
+    # _SPACED_HINT.search(s, pos).start() is shape.find(" a a ", pos): it has no look-around,
+    # and each of its classes is ASCII (the regex, starting with a class, was tried at every
+    # space of the text).
+    shape = classes(s, SHAPE)
+    h = shape.find(" a a ")
+    if h == -1:
         return s
     out: list[str] = []
     last = size = 0
-    while h is not None:
-        m = _SPACED.match(s, h.start() - 1) if h.start() > 0 else None
+    while h != -1:
+        m = _SPACED.match(s, h - 1) if h > 0 else None
         if m is None:
-            h = _SPACED_HINT.search(s, h.start() + 1)
+            h = shape.find(" a a ", h + 1)
             continue
         out.append(s[last : m.start()])
         size += m.start() - last
@@ -296,7 +301,7 @@ def _spaced(s: str, joins: list[tuple[int, int, int, int]] | None) -> str:
             joins.append((m.start(), m.end(), size, size + len(word)))
         size += len(word)
         last = m.end()
-        h = _SPACED_HINT.search(s, last)
+        h = shape.find(" a a ", last)
     out.append(s[last:])
     return "".join(out)
 
@@ -342,25 +347,6 @@ def deobfuscate_reference(lit: str) -> str:
     """:func:`deobfuscate` as specified (slow; the tests check the fast one against it)."""
     s = _TOKEN.sub(_leet, lit)
     return _SPACED.sub(lambda m: _join_spaced(m.group(0)), s)
-
-
-#: One word spelt out with single spaces ("a l l"), in a text whose words are two spaces apart.
-_SPELT_WORD = re.compile(r"(?<![a-z])[a-z](?: [a-z])+(?![a-z])")
-
-
-def spelt_words(text: str) -> str | None:
-    """The light form of a text that spells its words out letter by letter with two spaces
-    between words ("I G N O R E  A L L  P R E V I O U S"): each word joined, then the spaces
-    collapsed ("ignore all previous"). The light form has lost the word gaps (its spaced
-    letters join into one word). None when the text has no double space."""
-    if "  " not in text:
-        return None
-    low = light(text.replace("  ", "\x00"))
-    if "\x00" not in low:
-        return None
-    return _collapse(
-        _SPELT_WORD.sub(lambda m: m.group(0).replace(" ", ""), low).replace("\x00", " ")
-    )
 
 
 def fold(text: str) -> str:

@@ -8,7 +8,6 @@ few regexes (a trie per sweep) that find every position where any prefix occurs,
 
 from __future__ import annotations
 
-import codecs
 import re
 from typing import Any
 
@@ -22,6 +21,8 @@ except ImportError:  # pragma: no cover
 #: Most literal prefixes one rule may expand to (alternations multiply them).
 _MAX_PREFIXES = 256
 _Prefix = tuple[str, bool]  # (literal text, preceded by \b)
+#: Prefix occurrences: (position, indexes owning the prefix found there).
+Starts = list[tuple[int, tuple[int, ...]]]
 
 
 #: Ends a prefix that must be followed by a separator, a non-word character or "_" (keywords
@@ -227,9 +228,9 @@ class Sweeps:
                 "|".join(f"{re.escape(c)}(?=({_trie_regex(rests)}))" for c, rests in firsts.items())
             )
 
-    def starts(self, text: str, spans: list[tuple[int, int]]) -> list[tuple[int, tuple[int, ...]]]:
+    def starts(self, text: str, spans: list[tuple[int, int]]) -> Starts:
         """``(position, owners)`` of each prefix occurrence starting within one of ``spans``."""
-        starts: list[tuple[int, tuple[int, ...]]] = []
+        starts: Starts = []
         longest = self.longest
         nonword = self.ascii_after_nonword if text.isascii() else self.after_nonword
         # search() from where the last match ended, as finditer() would (every match is one
@@ -262,5 +263,20 @@ class Sweeps:
         return starts
 
 
+_ROT13_BYTES = bytes.maketrans(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
+    b"NOPQRSTUVWXYZABCDEFGHIJKLMnopqrstuvwxyzabcdefghijklm",
+)
+
+
 def rot13(s: str) -> str:
-    return codecs.encode(s, "rot13")
+    """``codecs.encode(s, "rot13")``, which maps the ASCII letters and leaves every other
+    character alone. That codec translates through a dict, one lookup per character, for any
+    text that is not ASCII (~0.15 ms on 2,000 tokens with one curly quote); in UTF-8 an ASCII
+    letter is one byte and every other character's bytes are all over 0x7f, so translating the
+    bytes is the same map at C speed. "surrogatepass" keeps lone surrogates (from JSON escapes)
+    as they were."""
+    if s.isascii():
+        return s.encode("ascii").translate(_ROT13_BYTES).decode("ascii")
+    raw = s.encode("utf-8", "surrogatepass").translate(_ROT13_BYTES)
+    return raw.decode("utf-8", "surrogatepass")

@@ -12,6 +12,7 @@ regex is tried only there (see :class:`RuleSet` and :mod:`plugins.guard.prefixes
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 from importlib import resources
@@ -21,8 +22,9 @@ import yaml
 from pydantic import field_validator, model_validator
 
 from gateway.configbase import Strict
+from plugins.guard.align import shared_runs
 from plugins.guard.normalize import fold_pattern, light
-from plugins.guard.prefixes import Sweeps, rot13, triggers
+from plugins.guard.prefixes import Starts, Sweeps, rot13, triggers
 
 Category = Literal["injection", "jailbreak", "override", "exfiltration", "system_prompt_leak"]
 CATEGORIES: tuple[str, ...] = Category.__args__  # type: ignore[attr-defined]
@@ -200,17 +202,22 @@ class RuleSet:
         text: str,
         skip: set[int] | frozenset[int] = frozenset(),
         windows: list[tuple[int, int]] | None = None,
+        starts: Starts | None = None,
     ) -> set[int]:
         """Indexes of the rules that fire on ``text``, not trying those in ``skip``.
 
         ``windows``: only matches starting within one of these ``(first, last)`` position
         ranges count (the scanner's deobfuscated form differs from the plain one only around
         folded characters). Rules without a literal start then look :data:`WINDOW_REACH`
-        characters past a window's end at most."""
+        characters past a window's end at most. ``starts`` (without ``windows``) receives the
+        prefix occurrences found, for :meth:`fired_edited` on a text derived from this one."""
         hits: set[int] = set()
         rxs = self._regexes
         spans = windows if windows is not None else [(0, len(text))]
-        for pos, idx in self._plain.starts(text, spans):
+        found = self._plain.starts(text, spans)
+        if starts is not None and windows is None:
+            starts += found
+        for pos, idx in found:
             for i in idx:
                 if i not in hits and i not in skip and rxs[i].match(text, pos):
                     hits.add(i)
@@ -219,14 +226,21 @@ class RuleSet:
         return hits
 
     def fired_with_rot13(
-        self, text: str, skip: set[int] | frozenset[int] = frozenset()
+        self,
+        text: str,
+        skip: set[int] | frozenset[int] = frozenset(),
+        starts: Starts | None = None,
     ) -> set[int]:
-        """``fired(text, skip) | fired(rot13(text), skip)``, in one set of sweeps."""
+        """``fired(text, skip) | fired(rot13(text), skip)``, in one set of sweeps (``starts``:
+        as for :meth:`fired`; the rot13 prefixes' owners in it are indexes past the rules')."""
         hits: set[int] = set()
         rxs = self._regexes
         n = len(self.rules)
         rot: str | None = None
-        for pos, idx in self._both.starts(text, [(0, len(text))]):
+        found = self._both.starts(text, [(0, len(text))])
+        if starts is not None:
+            starts += found
+        for pos, idx in found:
             for i in idx:
                 if i >= n:
                     i -= n
@@ -241,6 +255,53 @@ class RuleSet:
         if self._searched:
             self._search(text, hits, skip, None)
             self._search(rot if rot is not None else rot13(text), hits, skip, None)
+        return hits
+
+    def fired_edited(
+        self, text: str, base: str, base_starts: Starts, skip: set[int] | frozenset[int]
+    ) -> set[int]:
+        """``fired(text, skip)``, for a ``text`` that is ``base`` with a few characters deleted
+        (the scanner's spelt-out words, joined, against the light form), given the prefix
+        occurrences of a full sweep of ``base`` (the ``starts`` of :meth:`fired` or
+        :meth:`fired_with_rot13`).
+
+        Whether a prefix occurs at a position depends on the character before it and the next
+        ``longest - 1`` characters alone (the sweeps' look-arounds read no further), so where
+        ``text`` and ``base`` share all of that, the occurrence is the same in both: those are
+        taken from ``base``'s sweep, shifted, and only the rest of ``text`` (around each
+        deletion, and its first character) is swept. A rule's regex is then tried at every
+        occurrence, as :meth:`fired` does: a match may run into a difference from anywhere."""
+        runs = shared_runs(base, text)
+        if runs is None:
+            return self.fired(text, skip)
+        reach = max(self._plain.longest, self._both.longest)
+        # Positions of text whose whole window lies in one shared run: (first, last, shift).
+        safe = [(tj + 1, tj + k - reach + 1, bi - tj) for bi, tj, k in runs if k >= reach]
+        firsts = [lo + shift for lo, _, shift in safe]  # in base
+        found: Starts = []
+        for p, idx in base_starts:
+            r = bisect.bisect_right(firsts, p) - 1
+            if r >= 0 and p - safe[r][2] <= safe[r][1]:
+                found.append((p - safe[r][2], idx))
+        gaps: list[tuple[int, int]] = []
+        prev = 0
+        for lo, hi, _ in safe:
+            if lo > prev:
+                gaps.append((prev, lo - 1))
+            prev = hi + 1
+        if prev < len(text):
+            gaps.append((prev, len(text) - 1))
+        if gaps:
+            found += self._plain.starts(text, gaps)
+        hits: set[int] = set()
+        rxs = self._regexes
+        n = len(self.rules)
+        for pos, idx in found:
+            for i in idx:
+                if i < n and i not in hits and i not in skip and rxs[i].match(text, pos):
+                    hits.add(i)
+        if self._searched:
+            self._search(text, hits, skip, None)
         return hits
 
 

@@ -8,7 +8,6 @@ what was found and what the configured action is, never the matched text itself.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,13 +27,10 @@ from plugins.guard.decode import (
 from plugins.guard.hidden import reveal_tags
 from plugins.guard.markup import unmask, unmasked_segments
 from plugins.guard.middle import middle_segments
-from plugins.guard.normalize import (
-    deobfuscate_spans,
-    light,
-    spelt_words,
-    variants,
-)
+from plugins.guard.normalize import deobfuscate_spans, light, variants
+from plugins.guard.prefixes import Starts, rot13
 from plugins.guard.rules import RuleSet, match_windows
+from plugins.guard.spelt import spelt_fired
 
 if TYPE_CHECKING:
     from plugins.guard.semantic import SemanticDetector
@@ -177,16 +173,21 @@ class Scanner:
         # Short texts' rot13 is matched whole (what rot13_windows says, without asking it).
         whole_rot13 = self._rot13 and len(text) < ROT13_ALWAYS_BELOW
         rot13_windows_ = rot13_windows(text, lit) if self._rot13 and not whole_rot13 else []
+        starts: Starts = []  # the light form's prefix occurrences, for the spelt-out form
         if whole_rot13 or rot13_windows_ == [(0, len(lit))]:
             # The whole rot13 too: in the same sweeps as the light form.
-            fired = rules.fired_with_rot13(lit)
+            fired = rules.fired_with_rot13(lit, starts=starts)
             rot13_windows_ = []
         else:
-            fired = rules.fired(lit)
-        # Most prompts are ASCII with nothing to deobfuscate or decode: cheap exact tests first.
-        deobfuscate, decode = ascii_clues(text, lit) if text.isascii() else (True, True)
+            fired = rules.fired(lit, starts=starts)
+        # Most prompts are ASCII with nothing to deobfuscate or decode: cheap exact tests first
+        # (for other texts, decoded_variants makes its own).
+        if text.isascii():
+            deobfuscate, decode = ascii_clues(text, lit)
+        else:
+            deobfuscate, decode = may_deobfuscate(lit), True
         if deobfuscate:
-            self._fired_deobfuscated(text, lit, fired)
+            self._fired_deobfuscated(text, lit, fired, starts)
         # Markup and escapes (HTML references and tags, JSON escapes, quoted-printable): the
         # text as it reads, in the same forms, around each place they change it.
         for unmasked in unmasked_segments(text):
@@ -195,13 +196,13 @@ class Scanner:
             if may_deobfuscate(ulit):
                 # (Not spelt out: the raw text's pass reads those, tags and all, and that
                 # pass over a whole page cost more than the rest of the decoded form's.)
-                self._fired_deobfuscated(unmasked, ulit, fired, spelt=False)
+                self._fired_deobfuscated(unmasked, ulit, fired)
         if kinds and decode:
             for decoded in dict.fromkeys(decoded_variants(text, kinds)):
                 for form in variants(decoded):
                     fired |= rules.fired(form, fired)
         if rot13_windows_:
-            fired |= rules.fired(codecs.encode(lit, "rot13"), fired, rot13_windows_)
+            fired |= rules.fired(rot13(lit), fired, rot13_windows_)
         if not fired:
             return []
         return [
@@ -209,10 +210,12 @@ class Scanner:
             for i in sorted(fired)
         ]
 
-    def _fired_deobfuscated(self, text: str, lit: str, fired: set[int], spelt: bool = True) -> None:
+    def _fired_deobfuscated(
+        self, text: str, lit: str, fired: set[int], starts: Starts | None = None
+    ) -> None:
         """Adds to ``fired`` the rules matching the deobfuscated form of ``lit``
-        (``light(text)``) around what deobfuscation changed, and (``spelt``) the form of
-        words spelt out letter by letter."""
+        (``light(text)``) around what deobfuscation changed, and (given ``starts``, the prefix
+        occurrences of ``lit``'s sweep) the form of words spelt out letter by letter."""
         rules = self.rules
         assert rules is not None
         full, changed = deobfuscate_spans(lit)
@@ -220,9 +223,8 @@ class Scanner:
             fired |= rules.fired(full, fired, match_windows(changed))
             # Words spelt out letter by letter, two spaces apart: the light form lost the
             # gaps between them ("ignoreallprevious"), this form keeps them.
-            words = spelt_words(text) if spelt and "  " in text else None
-            if words is not None:
-                fired |= rules.fired(words, fired)
+            if starts is not None and "  " in text:
+                fired |= spelt_fired(rules, text, lit, starts, fired)
 
     def secret_findings(self, text: str) -> list[Finding]:
         if not self.secret_actions:
