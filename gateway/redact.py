@@ -76,10 +76,10 @@ _API_PREFIXES = ("sk-", "sk_live_", "rk_live_", "AKIA", "ASIA", "ghp_", "gho_", 
                  "ghr_", "github_pat_", "xox", "AIza")  # fmt: skip
 # Those prefixes in one search ("_live_" for both Stripe ones). Every branch starts with a
 # literal, so the engine skips ahead to their first letters: ~40% cheaper on long texts than
-# the six to twelve substring tests it replaced. "github_pat_" is tested apart, only where "gh"
-# occurs, as those tests did (it does not contain "gh": a fine-grained GitHub token in a text
-# without "gh" elsewhere is not looked for; kept as it was, the detection unchanged).
-_API_HINT = re.compile(r"sk-|_live_|A(?:KIA|SIA|Iza)|xox|gh[pousr]_")
+# the six to twelve substring tests it replaced. (Until 27 Nov, night, "github_pat_" was only
+# looked for where "gh" occurred, which it does not contain: a fine-grained GitHub token in a
+# text without "gh" elsewhere went out unredacted.)
+_API_HINT = re.compile(r"sk-|_live_|A(?:KIA|SIA|Iza)|xox|gh[pousr]_|github_pat_")
 _LONG_NUMBER = re.compile(r"\d[\d \-]{11,}\d")
 _LONG_NUMBER_ASCII = re.compile(r"[0-9][0-9 \-]{11,}[0-9]")  # the same on ASCII text, faster
 # "[A-Z]{2}\d{2}", written to start at the (rarer) digits so the engine skips ahead to them.
@@ -104,8 +104,6 @@ _DIGIT_PAIR_TYPES = frozenset({"iban", "phone"})
 def _may_hold_secret(text: str, types: frozenset[str] | None) -> bool:
     if "@" in text or _OTHER_HINTS.search(text) is not None:  # ("@", the commonest, first)
         return True
-    if "github_pat_" in text and "gh" in text:
-        return True
     if types is not None and types.isdisjoint(_DIGIT_PAIR_TYPES):
         # Digits only matter for cards (the output guard's usual types): a long number, not
         # just any two digits.
@@ -124,7 +122,7 @@ def _may_contain(kind: str, text: str) -> bool:
     if kind == "jwt":
         return "eyJ" in text
     if kind == "api_key":
-        return _API_HINT.search(text) is not None or ("github_pat_" in text and "gh" in text)
+        return _API_HINT.search(text) is not None
     if kind == "email":
         return "@" in text
     if kind == "credit_card":

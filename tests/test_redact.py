@@ -73,13 +73,22 @@ def test_iban_card_and_key_hints_equal_what_they_replaced() -> None:
         assert [m.span() for m in redact._ibans(text)] == want, text
         digits = (redact._may_contain("credit_card", text), redact._may_contain("iban", text))
         assert redact._card_and_iban_hints(text) == digits, text
-        keys = any(p in text for p in coarse) or ("gh" in text and any(p in text for p in github))
+        keys = any(p in text for p in coarse) or any(p in text for p in github)
         assert redact._may_contain("api_key", text) == keys, text
-        any_hint = any(h in text for h in hints) or (
-            "gh" in text and any(p in text for p in github)
-        )
+        any_hint = any(h in text for h in hints) or any(p in text for p in github)
         if any_hint:
             assert redact._may_hold_secret(text, frozenset()), text
+
+
+def test_a_fine_grained_github_token_is_found_in_any_text() -> None:
+    """The prefix "github_pat_" was only looked for where "gh" also occurred, which it does
+    not contain: a fine-grained GitHub token in a text without another "gh" was not found at
+    all (in prompts, in the output guard's answers, in logged text)."""
+    token = "github_pat_" + "A1b2" * 12
+    for text in (f"my token is {token}", f"{token}", f"use {token} on the ghost repo"):
+        hits = find_secrets(text, None)
+        assert [(h.type, text[h.start : h.end]) for h in hits] == [("api_key", token)], text
+        assert find_secrets(text, OUTPUT_TYPES), text
 
 
 def test_overlapping_findings_are_redacted_as_one_span_covering_both() -> None:
