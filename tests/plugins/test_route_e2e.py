@@ -68,7 +68,7 @@ def three_providers(
             {"name": "tier"},
             {"name": "route", "config": route or {}},
         ],
-        "upstream": {"first_byte_timeout_s": 0.5},
+        "upstream": {"first_byte_timeout_s": 0.5, "response_timeout_s": 0.5},
         "logging": {"request_log": "none"},
     }  # fmt: skip
 
