@@ -1,8 +1,9 @@
 """How long the gateway waits for an upstream's answer to begin: a stream's first bytes are
 bounded by ``upstream.first_byte_timeout_s``; a plain answer (chat without ``stream``,
 embeddings), whose headers come only once the whole answer is written, by
-``upstream.response_timeout_s`` (OpenAI's SDK waits up to 600 s). The fake upstream's
-``hang_ms`` is the time before its response headers."""
+``upstream.response_timeout_s`` (OpenAI's SDK waits up to 600 s); and the route plugin's
+``deadline_s`` / ``plain_deadline_s`` likewise. The fake upstream's ``hang_ms`` is the time
+before its response headers."""
 
 from __future__ import annotations
 
@@ -111,3 +112,43 @@ def test_a_plain_body_stalling_after_its_headers_is_cut_at_the_read_timeout() ->
         took = time.perf_counter() - started
         assert info.value.status_code == 504 and info.value.type == "timeout"
         assert 0.4 <= took < 2.5, took
+
+
+def route_config(url: str, route: dict[str, Any], upstream: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "models": [{"name": "solo", "deployments": [
+            {"id": "solo-a", "model": "solo-up", "base_url": f"{url}/v1"}]}],
+        "pipeline": [{"name": "route", "config": route}],
+        "upstream": upstream,
+        "logging": {"request_log": "none"},
+    }  # fmt: skip
+
+
+def test_the_route_deadline_of_a_plain_request_is_plain_deadline_s() -> None:
+    """``deadline_s`` (0.5 s) bounds a stream until it begins; a plain answer, 1 s to write,
+    is bounded by ``plain_deadline_s`` (default 600 s), so it is not cut at ``deadline_s``."""
+    upstream = {"first_byte_timeout_s": 10}
+
+    def build(url: str) -> dict[str, Any]:
+        return route_config(url, {"deadline_s": 0.5}, upstream)
+
+    with running_gateway(build, fake={"hang_ms": 1000}) as gw:
+        resp = gw.openai().chat.completions.create(model="solo", messages=MSG)
+        assert resp.choices[0].message.content == "Echo: hello"
+        started = time.perf_counter()
+        with pytest.raises(openai.APIStatusError) as info:
+            gw.openai().chat.completions.create(model="solo", messages=MSG, stream=True)
+        assert info.value.status_code == 504
+        assert time.perf_counter() - started < 0.95
+
+    def build_short(url: str) -> dict[str, Any]:
+        return route_config(url, {"deadline_s": 10, "plain_deadline_s": 0.5}, upstream)
+
+    with running_gateway(build_short, fake={"hang_ms": 1000}) as gw:
+        started = time.perf_counter()
+        with pytest.raises(openai.APIStatusError) as info:
+            gw.openai().chat.completions.create(model="solo", messages=MSG)
+        assert info.value.status_code == 504 and info.value.type == "timeout"
+        assert time.perf_counter() - started < 0.95
+        stream = gw.openai().chat.completions.create(model="solo", messages=MSG, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
