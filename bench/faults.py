@@ -120,7 +120,11 @@ def flapping(seconds: float, period_s: float = 0.15) -> dict[str, Any]:
         model["deployments"].append({**model["deployments"][0], "model": "steady-b"})
         return {
             "models": [model],
-            "upstream": {"read_timeout_s": 0.5, "first_byte_timeout_s": 0.5},
+            "upstream": {
+                "read_timeout_s": 0.5,
+                "first_byte_timeout_s": 0.5,
+                "response_timeout_s": 0.5,  # (plain requests hang too)
+            },
             "pipeline": [{"name": "route", "config": {"deadline_s": 10}}],
             "logging": {"request_log": "none"},
         }

@@ -68,9 +68,13 @@ class UpstreamConfig(Strict):
     """The one shared upstream HTTP client."""
 
     connect_timeout_s: float = Field(5.0, gt=0)
-    #: Time until the upstream's response headers and first body bytes.
+    #: A streamed request: time until the upstream's response headers and first body bytes.
     first_byte_timeout_s: float = Field(60.0, gt=0)
-    #: Longest silence between two streamed chunks.
+    #: A plain (non-streamed) request, chat or embeddings: time until its response headers,
+    #: which come when the whole answer is written (OpenAI's SDK waits up to 600 s for them).
+    response_timeout_s: float = Field(600.0, gt=0)
+    #: Longest silence between two reads of an answer once it began: a stream's chunks, a
+    #: plain answer's body after its headers.
     read_timeout_s: float = Field(120.0, gt=0)
     #: Hard ceiling on a whole upstream exchange.
     total_timeout_s: float = Field(600.0, gt=0)
@@ -81,7 +85,13 @@ class UpstreamConfig(Strict):
     def _ordered(self) -> UpstreamConfig:
         # A phase's timeout above the whole exchange's could never fire: a mistake in the
         # file (only timeouts set there are checked, so lowering total_timeout_s alone works).
-        for name in ("connect_timeout_s", "first_byte_timeout_s", "read_timeout_s"):
+        phases = (
+            "connect_timeout_s",
+            "first_byte_timeout_s",
+            "response_timeout_s",
+            "read_timeout_s",
+        )
+        for name in phases:
             value = getattr(self, name)
             if name in self.model_fields_set and value > self.total_timeout_s:
                 raise ValueError(

@@ -183,8 +183,9 @@ class UpstreamTimeoutError(GatewayError):
 
 
 class DeadlineExceededError(UpstreamTimeoutError):
-    """The request's deadline (the route plugin's ``deadline_s``) ran out during an attempt:
-    the request's time budget, not a fault of the deployment that was cut short, unless that
-    attempt had most of the request's time (``gateway.upstream`` sets ``deployment_fault``)."""
+    """The request's deadline (the route plugin's ``deadline_s``, for a plain request its
+    ``plain_deadline_s``) ran out during an attempt: the request's time budget, not a fault of
+    the deployment that was cut short, unless that attempt had most of the request's time
+    (``gateway.upstream`` sets ``deployment_fault``)."""
 
     deployment_fault = False

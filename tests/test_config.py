@@ -266,6 +266,11 @@ def test_a_phase_timeout_above_the_total_timeout_fails() -> None:
     assert "cfg.yaml: upstream: connect_timeout_s (30) is above total_timeout_s (10)" in msg
     msg = fails({"models": [MODEL], "upstream": {"read_timeout_s": 700}})
     assert "read_timeout_s (700) is above total_timeout_s (600)" in msg
+    msg = fails({"models": [MODEL], "upstream": {"response_timeout_s": 601}})
+    assert "cfg.yaml: upstream: response_timeout_s (601) is above total_timeout_s (600)" in msg
+    msg = fails({"models": [MODEL], "upstream": {"response_timeout_s": 0}})
+    assert "response_timeout_s" in msg
     # Only timeouts set in the file are compared: lowering the total alone is fine.
     settings = parse_settings({"models": [MODEL], "upstream": {"total_timeout_s": 30}}, "c", {})
     assert settings.upstream.first_byte_timeout_s == 60.0
+    assert settings.upstream.response_timeout_s == 600.0

@@ -331,7 +331,8 @@ def test_upstream_request_errors_keep_their_code_and_param(gw: Any, stream: bool
 
 
 def test_upstream_hang_before_first_byte_is_504() -> None:
-    with running_gateway(fake={"hang_ms": 3000}, upstream={"first_byte_timeout_s": 0.3}) as gw:
+    upstream = {"first_byte_timeout_s": 0.3, "response_timeout_s": 0.3}  # streamed, plain
+    with running_gateway(fake={"hang_ms": 3000}, upstream=upstream) as gw:
         with pytest.raises(openai.APIStatusError) as info:
             gw.openai().chat.completions.create(model="demo", messages=MSG)
         assert info.value.status_code == 504

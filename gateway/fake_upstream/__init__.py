@@ -22,7 +22,8 @@ x-fake-hang-ms      hang_ms (0)             sleep before the response headers (f
 x-fake-drop-after   drop_after (-1 = none)  stream: K content chunks, then the connection is
                                             cut; non-stream: the body is cut after K bytes
 x-fake-stall-after  stall_after (-1 = none) stream: K content chunks, then nothing more on an
-                                            open connection (a stalled model)
+                                            open connection (a stalled model); non-stream: the
+                                            headers and K bytes of the body, then nothing
 x-fake-no-usage     no_usage (false)        omit ``usage`` (and the stream's usage chunk)
 x-fake-content      content (echo)          exact assistant text (e.g. a secret for the guard)
 x-fake-error-code   error_code ("")         ``code`` of an injected error's body (default: the

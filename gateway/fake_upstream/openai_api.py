@@ -102,13 +102,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         out["usage"] = usage
     data = orjson.dumps(out)
     headers = {"x-request-id": request_id}
-    if b.drop_after >= 0:
+    if b.drop_after >= 0 or b.stall_after >= 0:
         resp = web.StreamResponse(headers=headers)
         resp.content_type = "application/json"
         resp.content_length = len(data)
         await resp.prepare(request)
-        await resp.write(data[: b.drop_after])
-        cut(request)
+        if b.drop_after >= 0:
+            await resp.write(data[: b.drop_after])
+            cut(request)
+            return resp
+        await resp.write(data[: b.stall_after])
+        await stall()  # (until the client goes away)
         return resp
     return web.Response(body=data, content_type="application/json", headers=headers)
 

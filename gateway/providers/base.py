@@ -107,8 +107,18 @@ class Provider:
         #: build a context manager (~0.8k): both are the same every time.
         self._urls: dict[str, URL] = {}
         self._errors = upstream_errors(self.name)
-        #: The first-byte timeout of every request to this deployment (settings are frozen).
+        #: The first-byte timeout of every streamed request to this deployment, and the
+        #: response timeout of every plain one (settings are frozen): one timer each.
         self.first_byte_timeout = TimeoutQueue(settings.first_byte_timeout_s)
+        self.response_timeout = TimeoutQueue(settings.response_timeout_s)
+        #: aiohttp's timeouts for a plain request: the session's, without its read timeout
+        #: (``sock_read``), which would otherwise bound the wait for the headers too and cut a
+        #: plain answer that takes longer than ``read_timeout_s`` to write; ``post`` puts it
+        #: back for the body once the headers came.
+        self.read_timeout = settings.read_timeout_s
+        self.plain_timeout = aiohttp.ClientTimeout(
+            total=settings.total_timeout_s, sock_connect=settings.connect_timeout_s
+        )
 
     def auth_headers(self) -> dict[str, str]:
         """The provider's credentials and the deployment's headers (called once, at startup)."""
@@ -136,27 +146,43 @@ class Provider:
         self, ctx: RequestContext, path: str, payload: dict[str, Any]
     ) -> aiohttp.ClientResponse:
         """POST ``payload`` to ``base_url + path`` with the rewritten headers; the response once
-        its status is 2xx (bounded by the first-byte timeout), else the mapped error."""
+        its status is 2xx, else the mapped error. A stream's headers are bounded by the
+        first-byte timeout; a plain answer's, which come only once the whole answer is written,
+        by the response timeout."""
         headers = upstream_request_headers(
             ctx.raw_headers, self.static_headers, ctx.upstream_headers, ctx.request_id
         )
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = URL(self.deployment.base_url + path)
-        with self._errors, self.first_byte_timeout.start():
+        if ctx.stream:
+            with self._errors, self.first_byte_timeout.start():
+                resp = await self.session.post(
+                    url, data=orjson.dumps(payload), headers=headers, allow_redirects=False
+                )
+                if resp.status >= 300:
+                    await self._raise_for(resp)
+            return resp
+        with self._errors, self.response_timeout.start():
             resp = await self.session.post(
                 url,
                 data=orjson.dumps(payload),
                 headers=headers,
                 allow_redirects=False,
+                timeout=self.plain_timeout,
             )
+            read_timeout_back(resp, self.read_timeout)
             if resp.status >= 300:
-                try:
-                    raw = await resp.content.read(MAX_ERROR_BODY)
-                finally:
-                    resp.close()
-                raise self.scrubbed(self.error_for(resp.status, resp.headers, raw))  # type: ignore[arg-type]
+                await self._raise_for(resp)
         return resp
+
+    async def _raise_for(self, resp: aiohttp.ClientResponse) -> None:
+        """Raise the mapped error of ``resp``, whose status is >= 300 (its body read first)."""
+        try:
+            raw = await resp.content.read(MAX_ERROR_BODY)
+        finally:
+            resp.close()
+        raise self.scrubbed(self.error_for(resp.status, resp.headers, raw))  # type: ignore[arg-type]
 
     async def chat(self, ctx: RequestContext, body: dict[str, Any]) -> UpstreamResponse:
         """Send a chat completion (``body`` is OpenAI format, model already rewritten)."""
@@ -166,6 +192,23 @@ class Provider:
         raise InvalidRequestError(
             f"provider {self.name!r} does not serve embeddings", param="model"
         )
+
+
+def read_timeout_back(resp: aiohttp.ClientResponse, timeout: float) -> None:
+    """Bound the reads of a plain answer's body, now that its headers came, by the read
+    timeout (``upstream.read_timeout_s``), as a stream's are: the request went out without
+    it so that it would not bound the wait for the headers (``Provider.plain_timeout``).
+
+    aiohttp re-arms the timer on every read from the socket and drops it at the body's end;
+    a body already whole needs none (a timer armed then would outlive the response)."""
+    conn = resp.connection
+    protocol = conn.protocol if conn is not None else None
+    if protocol is None:
+        return
+    # Set again by aiohttp for the next request on this connection (set_response_params).
+    protocol.read_timeout = timeout
+    if not resp.content.is_eof():
+        protocol.start_timeout()
 
 
 class upstream_errors:  # lower case: used like a function, as contextlib.suppress is

@@ -226,7 +226,10 @@ class RoutePlugin(Plugin):
         if entry is None:
             return None
         scratch = ctx.scratch_for(self.name)
-        ctx.deadline = time.perf_counter() + self.config.deadline_s
+        cfg = self.config  # (a stream's deadline bounds its start, a plain one's whole answer)
+        ctx.deadline = time.perf_counter() + (
+            cfg.deadline_s if ctx.stream else cfg.plain_deadline_s
+        )
         self.budget.deposit()
         pinned = self._pinned(ctx, entry)
         if pinned is not None:

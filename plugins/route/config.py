@@ -72,8 +72,12 @@ class RouteConfig(PluginConfig):
     rules: tuple[Rule, ...] = ()
     #: Load balancing across the deployments of one model.
     balance: Literal["weighted", "least_busy", "latency"] = "weighted"
-    #: Whole-request deadline (all attempts and waits); no attempt starts after it.
+    #: A streamed request's deadline: all attempts and waits until its answer begins; no
+    #: attempt starts after it, the one in flight is cut at it.
     deadline_s: float = Field(60.0, gt=0)
+    #: The same for a plain (non-streamed) request, chat or embeddings, whose answer arrives
+    #: whole: so it bounds the whole answer (OpenAI's SDK waits up to 600 s for one).
+    plain_deadline_s: float = Field(600.0, gt=0)
     breaker: BreakerConfig = BreakerConfig()
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     #: Longest upstream ``Retry-After`` the gateway waits out when no other deployment is left

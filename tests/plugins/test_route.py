@@ -106,11 +106,15 @@ def test_rules_naming_unknown_models_or_deployments_fail_at_startup() -> None:
 
 @pytest.mark.anyio
 async def test_default_plan_is_model_then_fallbacks_with_deadline() -> None:
-    p = plugin(deadline_s=7)
+    p = plugin(deadline_s=7, plain_deadline_s=9)
     c = ctx()
     await p.on_request(c)
     assert set(ids(c)[:2]) == {"big", "small"} and ids(c)[2] == "bk"
     assert c.deployment is c.candidates[0]
+    # A plain answer arrives whole: its deadline bounds all of it, a stream's only its start.
+    assert c.deadline is not None and c.deadline - c.started == pytest.approx(9, abs=0.5)
+    c = ctx(stream=True)
+    await p.on_request(c)
     assert c.deadline is not None and c.deadline - c.started == pytest.approx(7, abs=0.5)
 
 

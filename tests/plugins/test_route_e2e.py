@@ -68,7 +68,7 @@ def three_providers(
             {"name": "tier"},
             {"name": "route", "config": route or {}},
         ],
-        "upstream": {"first_byte_timeout_s": 0.5},
+        "upstream": {"first_byte_timeout_s": 0.5, "response_timeout_s": 0.5},
         "logging": {"request_log": "none"},
     }  # fmt: skip
 
@@ -382,8 +382,8 @@ def test_deadline_bounds_the_whole_request(stream: bool) -> None:
     (longer) first-byte timeout of each attempt."""
 
     def build(url: str) -> dict[str, Any]:
-        cfg = one_deployment_then_fallback({"deadline_s": 0.8})(url)
-        cfg["upstream"] = {"first_byte_timeout_s": 10}
+        cfg = one_deployment_then_fallback({"deadline_s": 0.8, "plain_deadline_s": 0.8})(url)
+        cfg["upstream"] = {"first_byte_timeout_s": 10, "response_timeout_s": 10}
         return cfg
 
     with running_gateway(build, registry={"tier": TierFromHeader},

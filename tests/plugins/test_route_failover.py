@@ -27,11 +27,13 @@ def _health(gw: Any, dep_id: str) -> dict[str, Any]:
 
 
 def _short_deadline(deadline_s: float, first_byte_s: float = 10):  # type: ignore[no-untyped-def]
-    """``deadline_s`` no longer than the first-byte timeout (the shipped defaults: 60/60)."""
+    """The deadline no longer than the upstream's timeout (the shipped defaults: 60/60 for a
+    stream's first bytes, 600/600 for a plain answer)."""
 
     def build(url: str) -> dict[str, Any]:
-        cfg = one_deployment_then_fallback({"deadline_s": deadline_s})(url)
-        cfg["upstream"] = {"first_byte_timeout_s": first_byte_s}
+        route = {"deadline_s": deadline_s, "plain_deadline_s": deadline_s}
+        cfg = one_deployment_then_fallback(route)(url)
+        cfg["upstream"] = {"first_byte_timeout_s": first_byte_s, "response_timeout_s": first_byte_s}
         return cfg
 
     return build
@@ -77,8 +79,8 @@ def test_the_only_deployment_hanging_through_the_deadline_counts_against_it() ->
         return {
             "models": [{"name": "solo", "deployments": [
                 {"id": "solo-a", "model": "solo-up", "base_url": f"{url}/v1"}]}],
-            "pipeline": [{"name": "route", "config": {"deadline_s": 0.5}}],
-            "upstream": {"first_byte_timeout_s": 10},
+            "pipeline": [{"name": "route", "config": {"plain_deadline_s": 0.5}}],
+            "upstream": {"response_timeout_s": 10},
             "logging": {"request_log": "none"},
         }  # fmt: skip
 
