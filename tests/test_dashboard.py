@@ -77,14 +77,20 @@ def big_model(url: str) -> dict[str, Any]:
     return demo_model(url, "gpt-big", price={"input_per_mtok": 10.0, "output_per_mtok": 30.0})
 
 
-def test_dashboard_shows_ledger_figures_and_draws_charts(tmp_path: Path) -> None:
+def ledger_config(tmp_path: Path) -> Any:
+    """Auth, a SQLite ledger and the two models, for ``running_gateway``."""
+
     def config(url: str) -> dict[str, Any]:
         cfg = build_config(url, pipeline=[{"name": "auth", "config": auth_config()}],
                            ledger={"url": f"sqlite:///{tmp_path}/usage.db"})  # fmt: skip
         cfg["models"].append(big_model(url))
         return cfg
 
-    with running_gateway(config) as gw:
+    return config
+
+
+def test_dashboard_shows_ledger_figures_and_draws_charts(tmp_path: Path) -> None:
+    with running_gateway(ledger_config(tmp_path)) as gw:
         chat(gw, USER_KEY, 3)
         chat(gw, BOB_KEY, 2)
         r = httpx.post(
@@ -126,13 +132,7 @@ def test_dashboard_says_when_the_ledger_had_more_than_one_view_holds(
     (the series keep their latest buckets); the page drew the partial figures as if whole."""
     from gateway.ledger import backend
 
-    def config(url: str) -> dict[str, Any]:
-        cfg = build_config(url, pipeline=[{"name": "auth", "config": auth_config()}],
-                           ledger={"url": f"sqlite:///{tmp_path}/usage.db"})  # fmt: skip
-        cfg["models"].append(big_model(url))
-        return cfg
-
-    with running_gateway(config) as gw:
+    with running_gateway(ledger_config(tmp_path)) as gw:
         chat(gw, USER_KEY, 1)
         chat(gw, BOB_KEY, 1)
         r = httpx.post(

@@ -87,15 +87,20 @@ def test_retried_batch_is_not_counted_twice(tmp_path: Path) -> None:
     assert b.count() == 2
 
 
-def test_table_from_before_row_id_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
+def old_table(tmp_path: Path, columns: tuple[str, ...]) -> SqliteBackend:
+    """A ledger table made with only ``columns``, holding one row ("old")."""
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
-    conn.execute(f"CREATE TABLE t_usage ({', '.join(COLUMNS)})")
-    conn.execute(f"INSERT INTO t_usage VALUES ({', '.join('?' * len(COLUMNS))})",
-                 row_from(record(request_id="old"))[: len(COLUMNS)])  # fmt: skip
+    conn.execute(f"CREATE TABLE t_usage ({', '.join(columns)})")
+    conn.execute(f"INSERT INTO t_usage VALUES ({', '.join('?' * len(columns))})",
+                 row_from(record(request_id="old"))[: len(columns)])  # fmt: skip
     conn.commit()
     conn.close()
-    b = SqliteBackend(f"sqlite:///{path}", "t_")
+    return SqliteBackend(f"sqlite:///{path}", "t_")
+
+
+def test_table_from_before_row_id_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
+    b = old_table(tmp_path, COLUMNS)
     for _ in range(2):  # idempotent: a second start changes nothing
         conn = b.connect()
         b.create_schema(conn)
@@ -111,15 +116,7 @@ def test_cache_token_columns_are_added_to_an_older_table_and_summed(tmp_path: Pa
     its prompt tokens the provider's cache served or wrote: the usage API could not show
     what caching saved. A table made before those columns gets them (old rows: NULL, summed
     as 0)."""
-    old = COLUMNS[: COLUMNS.index("cached_tokens")]
-    path = tmp_path / "old.db"
-    conn = sqlite3.connect(path)
-    conn.execute(f"CREATE TABLE t_usage ({', '.join(old)})")
-    conn.execute(f"INSERT INTO t_usage VALUES ({', '.join('?' * len(old))})",
-                 row_from(record(request_id="old"))[: len(old)])  # fmt: skip
-    conn.commit()
-    conn.close()
-    b = SqliteBackend(f"sqlite:///{path}", "t_")
+    b = old_table(tmp_path, COLUMNS[: COLUMNS.index("cached_tokens")])
     conn = b.connect()
     b.create_schema(conn)
     conn.close()
