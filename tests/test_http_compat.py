@@ -106,3 +106,20 @@ def test_a_legacy_function_result_may_have_null_content(gw: Any) -> None:
             msg["tool_call_id"] = "call_1"
         assert_openai_error(post(gw, {"model": "demo", "messages": [msg]}), 400,
                             param="messages[0].content")  # fmt: skip
+
+
+@pytest.mark.parametrize(("status", "sent"), [(401, 1), (403, 1), (404, 1), (500, 2)])
+def test_the_sdk_does_not_resend_what_only_the_gateways_configuration_can_fix(
+    gw: Any, status: int, sent: int
+) -> None:
+    """An upstream 401/403/404 (the gateway's key or model table is wrong) is a 502 to the
+    client, which the openai SDK retries: the upstream got the same request three times.
+    ``x-should-retry: false`` stops that; a real upstream failure is still retried."""
+    import openai
+
+    client = gw.openai(max_retries=1, default_headers={"x-fake-status": str(status)})
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="demo", messages=MSG)
+    assert info.value.status_code == 502
+    assert len(gw.upstream_requests()) == sent
+    assert (info.value.response.headers.get("x-should-retry") == "false") == (sent == 1)

@@ -87,6 +87,10 @@ def upstream_error(body: bytes) -> UpstreamErrorBody:
     return UpstreamErrorBody()
 
 
+#: What tells OpenAI's SDKs not to retry an error they would otherwise retry (a 5xx).
+NO_CLIENT_RETRY = {"x-should-retry": "false"}
+
+
 def error_for_status(
     status: int,
     headers: Mapping[str, str],
@@ -110,12 +114,20 @@ def error_for_status(
         )
         err.status = status
         return err
+    # (Another deployment may be tried: ``retryable``. The client's SDK should not send the
+    # same request again: the gateway's credentials or model table will not have changed a
+    # second later, and the openai SDK retried these 502s twice. ``x-should-retry`` is the
+    # header OpenAI's SDKs obey.)
     if status in (401, 403):
         return UpstreamError(
-            f"the {provider} upstream rejected the gateway's credentials", retryable=True
-        )
+            f"the {provider} upstream rejected the gateway's credentials", retryable=True,
+            headers=NO_CLIENT_RETRY,
+        )  # fmt: skip
     if status == 404:
-        return UpstreamError(f"the {provider} upstream does not know this model", retryable=True)
+        return UpstreamError(
+            f"the {provider} upstream does not know this model", retryable=True,
+            headers=NO_CLIENT_RETRY,
+        )  # fmt: skip
     if status in (408, 504):
         return UpstreamTimeoutError(f"the {provider} upstream timed out", retryable=True)
     if status == 429:
