@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from gateway import metrics
+from gateway.catalogue import FREE
 
 if TYPE_CHECKING:
     from gateway.catalogue import Deployment, ModelEntry
@@ -58,9 +59,7 @@ class _Series:
     here ~40)."""
 
     __slots__ = (
-        "cache_write_1h_per_mtok", "cache_write_per_mtok", "cached_per_mtok", "deployment",
-        "entry", "input_per_mtok", "metrics", "model_name", "model_used", "output_per_mtok",
-        "provider", "used",
+        "deployment", "entry", "metrics", "model_name", "model_used", "provider", "rates", "used",
     )  # fmt: skip
 
     def __init__(
@@ -78,12 +77,7 @@ class _Series:
         self.model_used = used.model if used is not None else None
         self.provider = provider if used is not None else None
         self.deployment = used.id if used is not None else None
-        price = used.price if used is not None else None
-        self.input_per_mtok = price.input_per_mtok if price is not None else 0.0
-        self.output_per_mtok = price.output_per_mtok if price is not None else 0.0
-        self.cached_per_mtok = price.cached_rate if price is not None else 0.0
-        self.cache_write_per_mtok = price.cache_write_rate if price is not None else 0.0
-        self.cache_write_1h_per_mtok = price.cache_write_1h_rate if price is not None else 0.0
+        self.rates = used.price.rates if used is not None else FREE
 
 
 #: By (endpoint, id of the entry, id of the deployment used, status). The labels come from
@@ -164,15 +158,8 @@ def account(gw: Gateway, ctx: RequestContext) -> None:
                     record["cache_write_1h_tokens"] = usage.cache_write_1h_tokens
             if usage.estimated:
                 record["tokens_estimated"] = True
-            if used is not None:  # Price.cost, with the prices read once
-                per_mtok = (
-                    (usage.prompt_tokens - cached - write) * series.input_per_mtok
-                    + cached * series.cached_per_mtok
-                    + (write - usage.cache_write_1h_tokens) * series.cache_write_per_mtok
-                    + usage.cache_write_1h_tokens * series.cache_write_1h_per_mtok
-                    + usage.completion_tokens * series.output_per_mtok
-                )
-                record["cost_usd"] = fast_round(per_mtok / 1e6, 8)
+            if used is not None:  # (the prices read once per series)
+                record["cost_usd"] = fast_round(series.rates.cost_of(usage), 8)
             elif ctx.deployment is not None:  # answered without an upstream call (a cache hit)
                 record["cost_usd"] = fast_round(ctx.deployment.price.cost_of(usage), 8)
         if ctx.client_disconnected:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
@@ -31,26 +31,49 @@ class Price(Strict):
     cache_write_1h_per_mtok: float | None = Field(None, ge=0)
 
     @property
-    def cached_rate(self) -> float:
-        rate = self.cached_input_per_mtok
-        return self.input_per_mtok if rate is None else rate
-
-    @property
-    def cache_write_rate(self) -> float:
-        rate = self.cache_write_per_mtok
-        return self.input_per_mtok if rate is None else rate
-
-    @property
-    def cache_write_1h_rate(self) -> float:
-        rate = self.cache_write_1h_per_mtok
-        return self.cache_write_rate if rate is None else rate
+    def rates(self) -> Rates:
+        """Every rate resolved: a cache price left out is the input price (the one-hour cache's,
+        the write price)."""
+        base = self.input_per_mtok
+        cached, write, hour = (
+            self.cached_input_per_mtok,
+            self.cache_write_per_mtok,
+            self.cache_write_1h_per_mtok,
+        )
+        write_rate = base if write is None else write
+        return Rates(
+            base, base if cached is None else cached, write_rate,
+            write_rate if hour is None else hour, self.output_per_mtok,
+        )  # fmt: skip
 
     @property
     def max_input_rate(self) -> float:
         """The highest price an input token may cost (what a worst-case estimate charges)."""
-        return max(
-            self.input_per_mtok, self.cached_rate, self.cache_write_rate, self.cache_write_1h_rate
-        )
+        return max(self.rates[:4])
+
+    def cost(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+        cache_write_tokens: int = 0, cache_write_1h_tokens: int = 0,
+    ) -> float:  # fmt: skip
+        """USD for a request (see :meth:`Rates.cost`)."""
+        return self.rates.cost(
+            prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens,
+            cache_write_1h_tokens,
+        )  # fmt: skip
+
+    def cost_of(self, usage: Usage) -> float:
+        return self.rates.cost_of(usage)
+
+
+class Rates(NamedTuple):
+    """A :class:`Price`'s USD per million tokens, each resolved: plain values, cheap to read on
+    every request (a pydantic model's attribute read costs ~10x a tuple's)."""
+
+    input: float
+    cached: float
+    write: float
+    write_1h: float
+    output: float
 
     def cost(
         self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
@@ -58,13 +81,12 @@ class Price(Strict):
     ) -> float:  # fmt: skip
         """USD for a request; ``prompt_tokens`` includes the cached and cache-write ones,
         ``cache_write_tokens`` the one-hour cache's."""
-        fresh = prompt_tokens - cached_tokens - cache_write_tokens
         per_mtok = (
-            fresh * self.input_per_mtok
-            + cached_tokens * self.cached_rate
-            + (cache_write_tokens - cache_write_1h_tokens) * self.cache_write_rate
-            + cache_write_1h_tokens * self.cache_write_1h_rate
-            + completion_tokens * self.output_per_mtok
+            (prompt_tokens - cached_tokens - cache_write_tokens) * self.input
+            + cached_tokens * self.cached
+            + (cache_write_tokens - cache_write_1h_tokens) * self.write
+            + cache_write_1h_tokens * self.write_1h
+            + completion_tokens * self.output
         )
         return per_mtok / 1e6
 
@@ -73,6 +95,10 @@ class Price(Strict):
             usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
             usage.cache_write_tokens, usage.cache_write_1h_tokens,
         )  # fmt: skip
+
+
+#: No price: every token free.
+FREE = Rates(0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 Capability = Literal["tools", "vision", "json", "streaming", "embeddings"]
