@@ -72,9 +72,8 @@ _PATTERNS: dict[str, str] = {
 }
 _COMPILED = {name: re.compile(p) for name, p in _PATTERNS.items()}
 # Cheap per-type prefilters (substring tests or a tiny regex): most prompts skip most patterns.
-_API_PREFIXES = ("sk-", "sk_live_", "rk_live_", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_",
-                 "ghr_", "github_pat_", "xox", "AIza")  # fmt: skip
-# Those prefixes in one search ("_live_" for both Stripe ones). Every branch starts with a
+# The API keys' prefixes (sk-, sk_live_, rk_live_, AKIA, ASIA, gh?_, github_pat_, xox, AIza) in
+# one search ("_live_" for both Stripe ones). Every branch starts with a
 # literal, so the engine skips ahead to their first letters: ~40% cheaper on long texts than
 # the six to twelve substring tests it replaced. (Until 27 Nov, night, "github_pat_" was only
 # looked for where "gh" occurred, which it does not contain: a fine-grained GitHub token in a
