@@ -11,6 +11,7 @@ this one's added latency over direct is what any Python proxy on this stack cost
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import aiohttp
@@ -76,6 +77,11 @@ class NullProxy:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+def app_from_env() -> NullProxy:
+    """The app of each worker process with ``--workers`` (uvicorn imports it by name)."""
+    return NullProxy(os.environ["NULL_PROXY_UPSTREAM"])
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -83,9 +89,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9920)
     p.add_argument("--upstream", default="http://127.0.0.1:9911")
+    p.add_argument("--workers", type=int, default=1, help="processes (as gateway serve's)")
     args = p.parse_args(argv)
+    app: Any = NullProxy(args.upstream)
+    if args.workers > 1:
+        os.environ["NULL_PROXY_UPSTREAM"] = args.upstream
+        app = "bench.null_proxy:app_from_env"
     uvicorn.run(
-        NullProxy(args.upstream),
+        app,
+        factory=args.workers > 1,
+        workers=args.workers,
         host=args.host,
         port=args.port,
         loop="uvloop",

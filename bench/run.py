@@ -135,13 +135,15 @@ def servers(args: argparse.Namespace, logdir: Path) -> Iterator[dict[str, Server
         if "null" in args.targets:
             port = free_port()
             spawn("null", [sys.executable, "-m", "bench.null_proxy", "--port", str(port),
-                           "--upstream", f"http://127.0.0.1:{up}"],
+                           "--upstream", f"http://127.0.0.1:{up}",
+                           "--workers", str(args.workers)],
                   f"http://127.0.0.1:{port}/v1/chat/completions")  # fmt: skip
             _wait_ready(started["null"], {})
         if "gateway" in args.targets:
             port = free_port()
             spawn("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--config",
-                              str(args.config), "--port", str(port)],
+                              str(args.config), "--port", str(port),
+                              "--workers", str(args.workers)],
                   f"http://127.0.0.1:{port}/v1/chat/completions",
                   {"BENCH_UPSTREAM_URL": f"http://127.0.0.1:{up}/v1",
                    "BENCH_REQUEST_LOG": str(logdir / "gateway-requests.jsonl")})  # fmt: skip
@@ -157,13 +159,32 @@ def servers(args: argparse.Namespace, logdir: Path) -> Iterator[dict[str, Server
                 server.proc.kill()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux ``/proc``; NaN elsewhere)."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (None: no such process)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
+        return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process and its descendants (``--workers``: uvicorn's
+    supervisor and its worker processes) have used so far (Linux ``/proc``; NaN elsewhere)."""
+    if _stat(pid) is None:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            children.setdefault(int(stat[1]), []).append(int(entry.name))  # (by parent pid)
+    ticks = 0
+    todo = [pid]
+    while todo:
+        proc = todo.pop()
+        stat = _stat(proc)
+        if stat is not None:
+            ticks += int(stat[11]) + int(stat[12])
+        todo.extend(children.get(proc, ()))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -255,6 +276,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measure every cell this many times, interleaved (all cells, then all again); "
         "the table shows medians, and each round's gateway/null share is printed",
     )  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, default=1,
+        help="processes for the null proxy and the gateway alike (gateway serve --workers)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, help="JSON results file (default bench/results/<time>.json)")
     args = p.parse_args(argv)
     args.targets = _csv(args.targets)
@@ -267,6 +292,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown target/scenario {bad[0]!r}")
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
     if "direct" not in args.targets:
         args.targets.insert(0, "direct")  # the baseline every "added" column needs
     # bench/gateway.yaml runs the demo pipeline, whose auth plugin knows the demo key.
@@ -326,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, servers(args, Path(tmp)) as procs:
         for rnd in range(args.rounds):
             rows += measure_round(args, procs, tool, rnd)
+    if args.workers > 1:
+        print(f"Null proxy and gateway with {args.workers} worker processes each.\n")
     if args.rounds > 1:
         print(f"Medians over {args.rounds} rounds:\n")
     print(markdown(median_rows(rows)))  # (one round: the rows as measured)
@@ -338,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "tool": tool,
         "duration_s": args.duration,
         "rounds": args.rounds,
+        "workers": args.workers,
         "chunks": args.chunks,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),

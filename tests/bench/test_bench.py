@@ -103,6 +103,26 @@ def test_cpu_seconds_grows_with_work_done() -> None:
     assert math.isnan(cpu_seconds(2**22 + 12345))  # no such process
 
 
+def test_cpu_seconds_counts_the_worker_processes_too() -> None:
+    # --workers: the CPU is spent in uvicorn's worker processes, children of the one started.
+    busy = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, sys; subprocess.run([sys.executable, '-c', {busy!r}])",
+        ]
+    )
+    try:
+        seen = 0.0
+        while parent.poll() is None:
+            seen = max(seen, cpu_seconds(parent.pid))
+            time.sleep(0.02)
+    finally:
+        parent.wait(10)
+    assert seen >= 0.2  # the child's busy loop, counted while it ran
+
+
 def test_args_always_keep_the_direct_baseline_and_reject_unknown_targets() -> None:
     args = parse_args(["--targets", "gateway", "--quick", "--gateway-header", "x-k: v"])
     assert args.targets == ["direct", "gateway"]
@@ -110,6 +130,9 @@ def test_args_always_keep_the_direct_baseline_and_reject_unknown_targets() -> No
     assert args.gateway_headers == {"x-k": "v"}
     with pytest.raises(SystemExit):
         parse_args(["--targets", "nginx"])
+    assert parse_args([]).workers == 1
+    with pytest.raises(SystemExit):
+        parse_args(["--workers", "0"])
 
 
 def test_stream_body_asks_for_the_usage_chunk() -> None:
@@ -310,3 +333,67 @@ def test_guard_apps_counts_blocked_requests_per_group(tmp_path: Path) -> None:
         "attack",
         "ambiguous",
     }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_null_proxy_serves_with_several_workers() -> None:
+    # bench.run --workers N gives the null proxy N processes, as the gateway gets them.
+    up, port = _free_port(), _free_port()
+    fake = subprocess.Popen(
+        [sys.executable, "-m", "gateway.fake_upstream", "--port", str(up), "--record", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.null_proxy", "--port", str(port),
+         "--upstream", f"http://127.0.0.1:{up}", "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        with httpx.Client() as client:
+            for _ in range(300):
+                try:
+                    r = client.post(
+                        f"http://127.0.0.1:{port}/v1/chat/completions",
+                        content=request_body("chat"),
+                    )
+                    if r.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+            else:
+                pytest.fail("the null proxy with 2 workers never answered")
+        assert r.json()["choices"][0]["message"]["content"].startswith("Echo: Say hello")
+        workers = [p for p in _children(proc.pid) if b"spawn_main" in _cmdline(p)]
+        assert len(workers) == 2
+    finally:
+        proc.terminate()
+        fake.terminate()
+        _, err = proc.communicate(timeout=15)
+        fake.wait(10)
+    assert b"Traceback" not in err
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                out.append(int(entry.name))
+    return out
