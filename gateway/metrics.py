@@ -5,11 +5,16 @@ classes), so a client cannot create series by inventing model names. With severa
 processes, ``PROMETHEUS_MULTIPROC_DIR`` is set by the CLI before this module is imported and
 ``/metrics`` aggregates all workers.
 
-In one process (the default) the core's series are plain Python numbers that a collector turns
-into the usual exposition at scrape time. prometheus_client's own ``Counter``/``Histogram``
-validate, take a lock per value and scan the buckets on every update: the seven updates of a
-request cost about as much CPU as the rest of the accounting. Worker processes need
-prometheus_client's metrics, whose values live in the files ``/metrics`` aggregates.
+The core's series are plain Python numbers, updated in place on every request.
+prometheus_client's own ``Counter``/``Histogram`` validate, take a lock per value and scan the
+buckets on every update (and in worker processes also write each value to a memory-mapped
+file): the seven updates of a request cost about as much CPU as the rest of the accounting. In
+one process a collector turns the numbers into the usual exposition at scrape time. A worker
+process (``--workers``) moves what it counted into prometheus_client's multiprocess metrics,
+whose files ``/metrics`` aggregates, once a second (``flush``: the gateway's periodic task),
+before it answers a scrape itself, and when it stops: a scrape sees another worker's requests
+at most a second late, and a worker that is killed (SIGKILL) loses at most its last second of
+counts.
 """
 
 from __future__ import annotations
@@ -41,29 +46,15 @@ from prometheus_client.utils import floatToGoString
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-class _Children:
-    """``metric.labels(...)`` memoised: prometheus_client validates and locks on every call.
-    Label values come from configuration, so the cache is bounded."""
-
-    __slots__ = ("_cache", "_metric")
-
-    def __init__(self, metric: Any) -> None:
-        self._metric = metric
-        self._cache: dict[tuple[str, ...], Any] = {}
-
-    def labels(self, *values: str) -> Any:
-        child = self._cache.get(values)
-        if child is None:
-            child = self._cache[values] = self._metric.labels(*values)
-        return child
-
-
 class _CounterChild:
-    __slots__ = ("created", "value")
+    __slots__ = ("created", "sent", "shared", "value")
 
-    def __init__(self) -> None:
+    def __init__(self, shared: Any = None) -> None:
         self.value = 0.0
         self.created = time.time()
+        #: Worker processes: prometheus_client's child, and how much of ``value`` it has.
+        self.shared = shared
+        self.sent = 0.0
 
     def inc(self, amount: float = 1) -> None:
         # A counter never goes down; a negative amount (an upstream's odd usage) is ignored
@@ -73,13 +64,17 @@ class _CounterChild:
 
 
 class _HistogramChild:
-    __slots__ = ("bounds", "counts", "created", "sum")
+    __slots__ = ("bounds", "counts", "created", "sent", "sent_sum", "shared", "sum")
 
-    def __init__(self, bounds: tuple[float, ...]) -> None:
+    def __init__(self, bounds: tuple[float, ...], shared: Any = None) -> None:
         self.bounds = bounds
         self.counts = [0] * len(bounds)  # per bucket, not cumulative; the last is +Inf
         self.sum = 0.0
         self.created = time.time()
+        #: Worker processes: prometheus_client's child, and the counts and sum it has.
+        self.shared = shared
+        self.sent = [0] * len(bounds)
+        self.sent_sum = 0.0
 
     def observe(self, amount: float) -> None:
         self.sum += amount
@@ -87,7 +82,8 @@ class _HistogramChild:
 
 
 class _Family:
-    """One counter or histogram with labels, in one process."""
+    """One counter or histogram with labels: plain numbers, and in a worker process the
+    prometheus_client metric (``shared``) that ``flush`` moves them into."""
 
     def __init__(
         self, name: str, doc: str, labelnames: Sequence[str],
@@ -98,15 +94,52 @@ class _Family:
         self.labelnames = tuple(labelnames)
         self.bounds = (*buckets, float("inf")) if buckets is not None else None
         self._children: dict[tuple[str, ...], Any] = {}
+        self.shared: Any = None
+        if MULTIPROCESS:
+            if buckets is None:
+                self.shared = Counter(name, doc, labelnames)
+            else:
+                self.shared = Histogram(name, doc, labelnames, buckets=buckets)
+            _SHARED.append(self)
 
     def labels(self, *values: str) -> Any:
         child = self._children.get(values)
         if child is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-            child = _CounterChild() if self.bounds is None else _HistogramChild(self.bounds)
+            shared = self.shared
+            if shared is not None and values:
+                shared = shared.labels(*values)
+            if self.bounds is None:
+                child = _CounterChild(shared)
+            else:
+                child = _HistogramChild(self.bounds, shared)
             self._children[values] = child
         return child
+
+    def flush(self) -> None:
+        """Worker processes: add what was counted since the last flush to prometheus_client's
+        values (the files ``/metrics`` aggregates)."""
+        for child in list(self._children.values()):
+            shared = child.shared
+            if self.bounds is None:
+                value = child.value
+                if value > child.sent:
+                    shared.inc(value - child.sent)
+                    child.sent = value
+                continue
+            sent = child.sent
+            moved = False
+            for i, count in enumerate(child.counts):
+                if count != sent[i]:
+                    # (prometheus_client keeps a histogram as per-bucket counts and a sum, the
+                    # values ``observe`` adds to one at a time)
+                    shared._buckets[i].inc(count - sent[i])
+                    sent[i] = count
+                    moved = True
+            if moved:
+                shared._sum.inc(child.sum - child.sent_sum)
+                child.sent_sum = child.sum
 
     def inc(self, amount: float = 1) -> None:
         """For a family without labels."""
@@ -160,12 +193,11 @@ class _Collector:
 
 
 _COLLECTOR = _Collector()
+#: Worker processes: the families ``flush`` moves into prometheus_client's metrics.
+_SHARED: list[_Family] = []
 
 
 def _counter(name: str, doc: str, labelnames: Sequence[str] = ()) -> Any:
-    if MULTIPROCESS:
-        metric = Counter(name, doc, labelnames)
-        return _Children(metric) if labelnames else metric
     family = _Family(name, doc, labelnames)
     _COLLECTOR.families.append(family)
     return family
@@ -175,18 +207,15 @@ def own_counter(name: str, doc: str, labelnames: Sequence[str]) -> Any:
     """A counter with labels for another module (the ledger's cost): as the core's, but in one
     process with a collector of its own, registered now, since the registry learns a
     collector's metric names when it is registered."""
-    if MULTIPROCESS:
-        return _Children(Counter(name, doc, labelnames))
     family = _Family(name, doc, labelnames)
-    collector = _Collector()
-    collector.families.append(family)
-    REGISTRY.register(collector)
+    if not MULTIPROCESS:
+        collector = _Collector()
+        collector.families.append(family)
+        REGISTRY.register(collector)
     return family
 
 
 def _histogram(name: str, doc: str, labelnames: Sequence[str], buckets: Sequence[float]) -> Any:
-    if MULTIPROCESS:
-        return _Children(Histogram(name, doc, labelnames, buckets=buckets))
     family = _Family(name, doc, labelnames, buckets)
     _COLLECTOR.families.append(family)
     return family
@@ -242,12 +271,12 @@ FAILED_STREAMS = _counter(
     ["endpoint", "model"],
 )
 
-#: In worker processes a ``livesum`` gauge updated per request; in one process, read from the
-#: gateways registered with :func:`track_in_flight` when scraped.
-IN_FLIGHT: Gauge | None = None
+#: Requests being handled, from the gateways registered with :func:`track_in_flight`: read when
+#: scraped in one process; in worker processes a ``livesum`` gauge that ``flush`` sets.
 _IN_FLIGHT = _InFlight()
+_SHARED_IN_FLIGHT: Gauge | None = None
 if MULTIPROCESS:
-    IN_FLIGHT = Gauge(
+    _SHARED_IN_FLIGHT = Gauge(
         "gateway_in_flight_requests", "Requests being handled now.", multiprocess_mode="livesum"
     )
 else:
@@ -255,11 +284,20 @@ else:
     REGISTRY.register(_COLLECTOR)
 
 
+def flush() -> None:
+    """Worker processes: move what this process counted since the last call into the files
+    ``/metrics`` aggregates (every second, before a scrape, at shutdown; from the event loop,
+    where requests update the numbers). Nothing to do in one process."""
+    for family in _SHARED:
+        family.flush()
+    if _SHARED_IN_FLIGHT is not None:
+        _SHARED_IN_FLIGHT.set(sum(s.in_flight for s in list(_IN_FLIGHT.sources)))
+
+
 class RequestSeries:
     """The series every request of one (endpoint, model, provider, status) updates: labelled
-    once, updated in one call. In one process the updates are made here in place (six calls
-    to the children's ``inc``/``observe`` cost ~2k instructions more per request); with worker
-    processes, through prometheus_client's children."""
+    once, updated in one call, in place (six calls to the children's ``inc``/``observe`` cost
+    ~2k instructions more per request)."""
 
     __slots__ = ("completion", "latency", "overhead", "prompt", "requests", "upstream")
 
@@ -277,16 +315,6 @@ class RequestSeries:
     ) -> None:  # fmt: skip
         """One request: its latencies (``upstream`` None when no upstream was called) and its
         tokens (``prompt_tokens`` None when not counted)."""
-        if MULTIPROCESS:
-            self.requests.inc()
-            self.latency.observe(total)
-            if upstream is not None:
-                self.upstream.observe(upstream)
-            self.overhead.observe(overhead)
-            if prompt_tokens is not None:
-                self.prompt.inc(prompt_tokens)
-                self.completion.inc(completion_tokens)
-            return
         # _CounterChild.inc and _HistogramChild.observe, inline.
         self.requests.value += 1
         h = self.latency
@@ -326,8 +354,8 @@ def model_label(ctx: Any) -> str:
 
 
 def track_in_flight(gateway: Any) -> None:
-    """Count ``gateway.in_flight`` in ``gateway_in_flight_requests`` (one process; held
-    weakly, so a gateway that is gone stops counting)."""
+    """Count ``gateway.in_flight`` in ``gateway_in_flight_requests`` (held weakly, so a gateway
+    that is gone stops counting)."""
     _IN_FLIGHT.sources.add(gateway)
 
 
@@ -335,6 +363,7 @@ def render() -> tuple[bytes, str]:
     if MULTIPROCESS:
         from prometheus_client import multiprocess
 
+        flush()  # (this worker's own numbers, as of now)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

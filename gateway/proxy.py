@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway import metrics
 from gateway.accounting import account
 from gateway.body import (
     MAX_JSON_DEPTH,
@@ -154,9 +153,7 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
         gw.tracer.start(ctx)
     ran: list[Plugin] = []
     responded = False
-    gw.in_flight += 1
-    if metrics.IN_FLIGHT is not None:  # worker processes; otherwise read from gw.in_flight
-        metrics.IN_FLIGHT.inc()
+    gw.in_flight += 1  # (gateway_in_flight_requests reads it)
     try:
         if gw.pipeline.header_hooks:
             await gw.pipeline.run_headers(ctx)
@@ -259,8 +256,6 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
             # Last: draining waits for the count, so plugins (limit settle, cache) and the
             # log/ledger finish before shutdown closes their stores.
             gw.in_flight -= 1
-            if metrics.IN_FLIGHT is not None:
-                metrics.IN_FLIGHT.dec()
 
 
 async def finish_response_phase(ran: list[Plugin], ctx: RequestContext) -> GatewayError | None:

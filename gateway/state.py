@@ -8,7 +8,7 @@ import gc
 import logging
 from typing import TYPE_CHECKING, Any
 
-from gateway import tokens
+from gateway import metrics, tokens
 from gateway.catalogue import Catalogue
 from gateway.config import ConfigError
 from gateway.disconnect import WatchQueue
@@ -129,9 +129,12 @@ class Gateway:
             self.observers.append(self.tracer)
 
     async def _flush_logs(self) -> None:
+        """Every second: the request log's buffer to its file, and (worker processes) the
+        metrics counted since to the files ``/metrics`` aggregates."""
         while True:
             await asyncio.sleep(1.0)
             self.request_log.flush()
+            metrics.flush()
 
     async def drain(self, timeout_s: float) -> None:
         """Turn ``/readyz`` to 503 and wait (up to ``timeout_s``) for in-flight requests."""
@@ -169,3 +172,4 @@ class Gateway:
         if self.tracer is not None:
             self.tracer.shutdown()
             self.tracer = None
+        metrics.flush()  # (worker processes: the last counts, and no request in flight)

@@ -5,6 +5,7 @@ one row per request answered (flushed at shutdown)."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import httpx
@@ -36,8 +37,15 @@ def test_workers_metrics_and_ledger_agree_after_sigterm(tmp_path: Path) -> None:
                     # a new connection each time, so both workers get requests
                     r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=20)
                     assert r.status_code == 200
-                text = client.get(f"{gw.url}/metrics",
-                                  headers={"authorization": f"Bearer {TOKEN}"}).text  # fmt: skip
+                # Each worker adds its counts to the shared files once a second (and the one
+                # that answers the scrape, its own first): poll until both have.
+                deadline = time.monotonic() + 10
+                while True:
+                    auth = {"authorization": f"Bearer {TOKEN}"}
+                    text = client.get(f"{gw.url}/metrics", headers=auth).text
+                    if _requests(text) == N or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
         finally:
             assert gw.stop() == 0, gw.output()[-2000:]
     samples = {
@@ -46,14 +54,17 @@ def test_workers_metrics_and_ledger_agree_after_sigterm(tmp_path: Path) -> None:
         for s in f.samples
         if s.name in ("gateway_cost_usd_total", "gateway_ledger_buffered_rows")
     }
-    requests = sum(
-        s.value for f in text_string_to_metric_families(text) for s in f.samples
-        if s.name == "gateway_requests_total"
-    )  # fmt: skip
-    assert requests == N
+    assert _requests(text) == N
     conn = sqlite3.connect(db)
     count, cost = conn.execute("SELECT count(*), sum(cost_usd) FROM gateway_usage").fetchone()
     conn.close()
     assert count == N
     assert samples["gateway_cost_usd_total"] == pytest.approx(cost, rel=1e-9)
     assert samples["gateway_ledger_buffered_rows"] == N  # nothing written before shutdown
+
+
+def _requests(text: str) -> float:
+    return sum(
+        s.value for f in text_string_to_metric_families(text) for s in f.samples
+        if s.name == "gateway_requests_total"
+    )  # fmt: skip

@@ -33,15 +33,27 @@ def test_metrics_are_aggregated_across_worker_processes() -> None:
                                headers={"connection": "close"})  # fmt: skip
                 assert r.status_code == 200
             assert httpx.get(f"{gw.url}/metrics").status_code == 401
-            text = httpx.get(
-                f"{gw.url}/metrics", headers={"authorization": "Bearer metrics-token"}
-            ).text
-            line = next(
-                ln
-                for ln in text.splitlines()
-                if ln.startswith('gateway_requests_total{endpoint="chat",model="demo"')
-            )
-            assert float(line.split()[-1]) == 40.0
+
+            def requests() -> float:
+                text = httpx.get(
+                    f"{gw.url}/metrics", headers={"authorization": "Bearer metrics-token"}
+                ).text
+                line = next(
+                    ln
+                    for ln in text.splitlines()
+                    if ln.startswith('gateway_requests_total{endpoint="chat",model="demo"')
+                )
+                return float(line.split()[-1])
+
+            # Each worker adds its counts to the shared files once a second (and the one that
+            # answers the scrape, its own first).
+            deadline = time.monotonic() + 10
+            while requests() != 40.0 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert requests() == 40.0
+            # ... and no more: what was added is not added again.
+            time.sleep(2.5)
+            assert requests() == 40.0
         finally:
             assert gw.stop() == 0
 
