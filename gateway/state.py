@@ -134,7 +134,10 @@ class Gateway:
         while True:
             await asyncio.sleep(1.0)
             self.request_log.flush()
-            metrics.flush()
+            try:
+                metrics.flush()
+            except Exception:  # (a full disk, say: the next second tries again)
+                log.exception("metrics flush failed")
 
     async def drain(self, timeout_s: float) -> None:
         """Turn ``/readyz`` to 503 and wait (up to ``timeout_s``) for in-flight requests."""

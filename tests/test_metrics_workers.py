@@ -9,6 +9,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from gateway import metrics
 
@@ -123,3 +126,39 @@ def test_flushed_worker_series_read_as_prometheus_clients_own(tmp_path: Path) ->
         in ours
     )
     assert "gateway_in_flight_requests 1.0" in ours
+
+
+@pytest.mark.anyio
+async def test_a_failing_metrics_flush_does_not_stop_the_request_log_flushes(
+    monkeypatch: Any,
+) -> None:
+    import asyncio
+
+    from gateway import state
+    from gateway.config import parse_settings
+    from gateway.state import Gateway
+
+    model = {
+        "name": "m",
+        "deployments": [{"provider": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1"}],
+    }
+    gw = Gateway(parse_settings({"models": [model], "logging": {"request_log": "none"}}))
+    calls = {"log": 0, "metrics": 0}
+
+    def fail() -> None:
+        calls["metrics"] += 1
+        raise OSError("disk full")
+
+    def log_flush() -> None:
+        calls["log"] += 1
+
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(state.metrics, "flush", fail)
+    monkeypatch.setattr(gw.request_log, "flush", log_flush)
+    monkeypatch.setattr(state.asyncio, "sleep", lambda s: real_sleep(0))
+    task = asyncio.create_task(gw._flush_logs())
+    for _ in range(100):
+        await real_sleep(0)
+    assert not task.done()  # (a failed flush used to end the task, and the log's flushes)
+    task.cancel()
+    assert calls["log"] >= 3 and calls["metrics"] >= 3
