@@ -36,12 +36,13 @@ class _Keys:
     share these lists: they are replaced, never modified."""
 
     __slots__ = (
-        "budget", "budget_keys", "budget_periods", "minute", "parallel_keys", "period_end",
-        "period_start", "plan", "tpm", "tpm_keys",
+        "budget", "budget_checks", "budget_keys", "budget_periods", "minute", "parallel_keys",
+        "period_end", "period_start", "tpm", "tpm_checks", "tpm_keys",
     )  # fmt: skip
 
     def __init__(self, plan: Plan) -> None:
-        self.plan = plan
+        # The plan's lists, not the plan: it holds this object.
+        self.tpm_checks, self.budget_checks = plan.tpm, plan.budget
         self.minute: int | None = None
         #: Per tokens check: (check, key of this minute, key of the one before).
         self.tpm: list[tuple[Check, str, str]] = []
@@ -58,14 +59,14 @@ class _Keys:
     def set_minute(self, w: int) -> None:
         cur, prev = f"/{w}", f"/{w - 1}"
         self.minute = w
-        self.tpm = [(c, c.key + cur, c.key + prev) for c in self.plan.tpm]
+        self.tpm = [(c, c.key + cur, c.key + prev) for c in self.tpm_checks]
         self.tpm_keys = list(dict.fromkeys(key for _, key, _ in self.tpm))
 
     def set_period(self, now: float) -> None:
         start, end = float("-inf"), float("inf")
         budget: list[tuple[Check, str]] = []
         periods: dict[str, float] = {}
-        for c in self.plan.budget:
+        for c in self.budget_checks:
             first, last, suffix = period(c.kind, now)
             start, end = max(start, first), min(end, last)
             budget.append((c, c.key + suffix))
