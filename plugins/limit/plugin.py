@@ -61,10 +61,8 @@ REJECTIONS = Counter(
 #: keys, JWT claims or client addresses, so the number is not bounded by configuration).
 _MAX_PLANS = 4096
 
-#: A prompt whose byte count is at most this share of the smallest tokens-per-minute limit
-#: reserves its byte count instead of being tokenized: at most 1% of the limit over-reserved
-#: per request in flight, until its answer settles the reservation.
-BOUND_SHARE = 0.01
+#: (Defined with the plans, which keep the bound it gives for their smallest limit.)
+BOUND_SHARE = scopes.BOUND_SHARE
 
 
 _KIND_TEXT = {
@@ -194,27 +192,39 @@ class LimitPlugin(Plugin):
         tokens = 0
         reserve_usd = 0.0
         if plan.tpm:
-            tokens = self.reservation_tokens(ctx, plan.tpm_min * BOUND_SHARE)
-            if tokens > plan.tpm_min and ctx.prompt_tokens_estimate is None:
-                tokens = self.reservation_tokens(ctx)  # exactly, before refusing it
+            # reservation_tokens(ctx, plan.tpm_min * BOUND_SHARE), then exactly (tokenized)
+            # if that is over a limit, before refusing it; spelt out, keeping the cap for below.
+            cap = self.completion_cap(ctx)
+            estimate = ctx.prompt_tokens_estimate
+            if estimate is None:
+                prompt = prompt_tokens_bound(ctx)
+                if prompt > plan.tpm_bound or prompt + cap > plan.tpm_min:
+                    prompt = prompt_tokens(ctx)
+            else:
+                prompt = estimate
+            tokens = prompt + cap
         if plan.budget:
             # Hold the answer's worst-case cost against the budgets until its real cost is
             # known, so that a burst cannot spend the budget many times over. (An upper bound
             # of the prompt is enough here.)
-            cap = self.completion_cap(ctx)
-            prompt = tokens - cap if plan.tpm else prompt_tokens_bound(ctx)
-            reserve_usd = self.worst_cost(ctx, prompt, cap)
-        for c in plan.tpm:
-            if tokens > c.limit:
-                # Waiting would not help, so no Retry-After (OpenAI answers the same way).
-                REJECTIONS.labels("tpm", c.scope).inc()
-                ctx.log["limit"] = {"rejected": "tpm", "scope": c.scope, "reason": "too_large"}
-                await self._state_headers(ctx, plan)
-                raise RateLimitError(
-                    f"Request too large for tokens per minute (TPM) on scope {c.scope}: "
-                    f"limit {int(c.limit)}, requested {tokens}. Shorten the prompt or lower "
-                    "max_tokens."
-                )
+            if not plan.tpm:
+                cap = self.completion_cap(ctx)
+                prompt = prompt_tokens_bound(ctx)
+            entry = ctx.model_entry
+            if entry is not None:  # self.worst_cost(ctx, prompt, cap)
+                reserve_usd = self.prices.worst_cost(entry, prompt, cap)
+        if tokens > plan.tpm_min:  # (0 without tpm checks)
+            for c in plan.tpm:
+                if tokens > c.limit:
+                    # Waiting would not help, so no Retry-After (OpenAI answers the same way).
+                    REJECTIONS.labels("tpm", c.scope).inc()
+                    ctx.log["limit"] = {"rejected": "tpm", "scope": c.scope, "reason": "too_large"}
+                    await self._state_headers(ctx, plan)
+                    raise RateLimitError(
+                        f"Request too large for tokens per minute (TPM) on scope {c.scope}: "
+                        f"limit {int(c.limit)}, requested {tokens}. Shorten the prompt or lower "
+                        "max_tokens."
+                    )
         slot_id = f"{ctx.request_id}.{self._slot_prefix}{next(self._slot_counter):x}"
         memory = self.store
         if type(memory) is MemoryStore:
@@ -321,7 +331,7 @@ class LimitPlugin(Plugin):
             if dep is None and ctx.model_entry is not None:
                 dep = ctx.model_entry.deployments[0]
             if dep is not None:
-                cost = dep.price.cost_of(usage)
+                cost = self.prices.cost(dep, usage)
         memory = self.store
         if type(memory) is MemoryStore:
             # Never suspends, so no cancellation can interrupt it: no task for a shield.

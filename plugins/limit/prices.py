@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway.catalogue import Catalogue, Deployment, ModelEntry
+    from gateway.catalogue import Catalogue, Deployment, ModelEntry, Rates
+    from gateway.context import Usage
 
 #: Distinct model entries priced; past this the memo starts again (tests build many gateways).
 _MAX_ENTRIES = 4096
@@ -23,6 +24,17 @@ class HoldPrices:
             (r.model, tuple(r.deployments)) for r in rules
         )
         self._memo: dict[int, tuple[object, float, float]] = {}
+        self._rates: dict[int, tuple[Deployment, Rates]] = {}
+
+    def cost(self, dep: Deployment, usage: Usage) -> float:
+        """What ``usage`` costs on ``dep`` (``dep.price.cost_of(usage)``, with the deployment's
+        rates resolved once, not on every settlement: they are read from pydantic models)."""
+        rates = self._rates.get(id(dep))
+        if rates is None or rates[0] is not dep:
+            if len(self._rates) >= _MAX_ENTRIES:
+                self._rates.clear()
+            rates = self._rates[id(dep)] = (dep, dep.price.rates)
+        return rates[1].cost_of(usage)
 
     def worst_cost(self, entry: ModelEntry, prompt: int, cap: int) -> float:
         """``prompt`` and ``cap`` tokens at those highest prices, in USD."""

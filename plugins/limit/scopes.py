@@ -10,7 +10,7 @@ limit itself, so its key carries the limit the way ``limits.RateLimitItem.key_fo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from limits import RateLimitItemPerMinute
 
@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 
 #: Tier of callers without an identity (no auth plugin before ``limit``).
 ANONYMOUS_TIER = "anonymous"
+
+#: A prompt whose byte count is at most this share of the smallest tokens-per-minute limit
+#: reserves its byte count instead of being tokenized: at most 1% of the limit over-reserved
+#: per request in flight, until its answer settles the reservation.
+BOUND_SHARE = 0.01
 
 
 def _escape(value: str) -> str:
@@ -40,7 +45,8 @@ class Check:
 
 @dataclass(slots=True)
 class Plan:
-    """The deduplicated checks of one request, grouped by kind (never modified once built)."""
+    """The deduplicated checks of one request, grouped by kind (never modified once built, but
+    for the ``memo`` a store may fill)."""
 
     rpm: list[Check] = field(default_factory=list)
     tpm: list[Check] = field(default_factory=list)
@@ -50,10 +56,15 @@ class Plan:
     empty: bool = field(init=False)
     #: The smallest tokens-per-minute limit (0 without one).
     tpm_min: float = field(init=False)
+    #: A prompt whose byte count is at most this reserves it untokenized (see BOUND_SHARE).
+    tpm_bound: float = field(init=False)
+    #: What a store derives from the plan and keeps with it (the memory store: its keys).
+    memo: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.empty = not (self.rpm or self.tpm or self.parallel or self.budget)
         self.tpm_min = min([c.limit for c in self.tpm], default=0.0)
+        self.tpm_bound = self.tpm_min * BOUND_SHARE
 
     def __bool__(self) -> bool:
         return not self.empty

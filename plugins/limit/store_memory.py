@@ -7,6 +7,7 @@ request can run between its checks and its commits.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from math import floor
 
 from .scopes import Check, Plan
@@ -17,7 +18,6 @@ from .store_base import (
     Reservation,
     held_check,
     period,
-    period_of,
     tpm_retry_after,
     tpm_usage,
     window_index,
@@ -28,6 +28,62 @@ from .store_base import Usage as LimitUsage
 PARALLEL_RETRY_S = 1.0
 
 
+class _Keys:
+    """The counter keys a plan's admissions use, formatted and deduplicated once per plan and
+    minute (tokens) or budget period instead of on every request (kept as the plan's ``memo``).
+    Rules sharing a scope share its counters, so ``tpm_keys``, ``parallel_keys`` and
+    ``budget_keys`` name each counter once, in the order of the plan's checks. Reservations
+    share these lists: they are replaced, never modified."""
+
+    __slots__ = (
+        "budget", "budget_checks", "budget_keys", "budget_periods", "minute", "parallel_keys",
+        "period_end", "period_start", "tpm", "tpm_checks", "tpm_keys",
+    )  # fmt: skip
+
+    def __init__(self, plan: Plan) -> None:
+        # The plan's lists, not the plan: it holds this object.
+        self.tpm_checks, self.budget_checks = plan.tpm, plan.budget
+        self.minute: int | None = None
+        #: Per tokens check: (check, key of this minute, key of the one before).
+        self.tpm: list[tuple[Check, str, str]] = []
+        self.tpm_keys: list[str] = []
+        self.parallel_keys = list(dict.fromkeys(c.key for c in plan.parallel))
+        #: What the budget keys are good for: [start, end) of the shortest period.
+        self.period_start = self.period_end = 0.0
+        #: Per budget check: (check, period key).
+        self.budget: list[tuple[Check, str]] = []
+        self.budget_keys: list[str] = []
+        #: (period key, period end), once per key.
+        self.budget_periods: list[tuple[str, float]] = []
+
+    def set_minute(self, w: int) -> None:
+        cur, prev = f"/{w}", f"/{w - 1}"
+        self.minute = w
+        self.tpm = [(c, c.key + cur, c.key + prev) for c in self.tpm_checks]
+        self.tpm_keys = list(dict.fromkeys(key for _, key, _ in self.tpm))
+
+    def set_period(self, now: float) -> None:
+        start, end = float("-inf"), float("inf")
+        budget: list[tuple[Check, str]] = []
+        periods: dict[str, float] = {}
+        for c in self.budget_checks:
+            first, last, suffix = period(c.kind, now)
+            start, end = max(start, first), min(end, last)
+            budget.append((c, c.key + suffix))
+            periods.setdefault(c.key + suffix, last)
+        self.period_start, self.period_end = start, end
+        self.budget = budget
+        self.budget_keys = list(periods)
+        self.budget_periods = list(periods.items())
+
+
+@dataclass(slots=True)
+class _Reservation(Reservation):
+    """A memory store's reservation: with its plan's keys, for the periods of the spend."""
+
+    keys: _Keys | None = None
+
+
 class MemoryStore:
     def __init__(self) -> None:
         self._rpm: dict[str, deque[float]] = {}
@@ -35,7 +91,6 @@ class MemoryStore:
         self._par: dict[str, dict[str, float]] = {}  # key -> slot id -> expiry
         self._usd: dict[str, list[float]] = {}  # period key -> [period end, spent, held]
         self._next_sweep = 0.0
-        self._minute: tuple[int | None, str, str] = (None, "", "")
 
     async def admit(
         self, plan: Plan, *, now: float, slot_id: str, tokens: int, slot_ttl: float,
@@ -59,9 +114,13 @@ class MemoryStore:
         reserve_usd: float = 0.0,
     ) -> Decision:  # fmt: skip
         # Runs on every request: the arithmetic of store_base's helpers is spelt out here
-        # (tpm_used, tpm_usage, window_index), and positional constructors are used.
+        # (tpm_used, tpm_usage, window_index), positional constructors are used, and the keys
+        # come formatted and deduplicated from the plan's _Keys.
         if now >= self._next_sweep:
             self._sweep(now)
+        keys = plan.memo
+        if keys is None:
+            keys = plan.memo = _Keys(plan)
         # Checks first, all of them, so a refused request consumes nothing.
         rpm = self._rpm
         if plan.rpm:
@@ -73,42 +132,38 @@ class MemoryStore:
                         dq.popleft()
                     if len(dq) >= c.limit:
                         return self._refusal(plan, now, tokens)
-        tpm_state: list[tuple[Check, str, float, float]] = []
+        tpm_state: list[tuple[Check, float, float]] = []
         if plan.tpm:
             w = floor(now / WINDOW)  # window_index(now)
-            minute = self._minute
-            if minute[0] != w:
-                # The counter key suffixes of this minute and the one before, formatted once a
-                # minute, not per request.
-                minute = self._minute = (w, f"/{w}", f"/{w - 1}")
+            if keys.minute != w:
+                keys.set_minute(w)
             elapsed = now - w * WINDOW
-            cur_suffix, prev_suffix = minute[1], minute[2]
             tpm = self._tpm
-            for c in plan.tpm:
-                key = c.key + cur_suffix
+            for c, key, prev_key in keys.tpm:
                 entry = tpm.get(key)
                 cur = entry[1] if entry is not None else 0.0
-                entry = tpm.get(c.key + prev_suffix)
+                entry = tpm.get(prev_key)
                 prev = entry[1] if entry is not None else 0.0
                 if prev * (WINDOW - elapsed) / WINDOW + cur + tokens > c.limit:  # tpm_used
                     return self._refusal(plan, now, tokens)
-                tpm_state.append((c, key, prev, cur))
+                tpm_state.append((c, prev, cur))
+        par = self._par
         for c in plan.parallel:
-            slots = self._par.get(c.key)
+            slots = par.get(c.key)
             # Expired slots only matter when they would make the count reach the limit.
             if slots and len(slots) >= c.limit:
                 for sid in [s for s, exp in slots.items() if exp <= now]:
                     del slots[sid]
                 if len(slots) >= c.limit:
                     return self._refusal(plan, now, tokens)
-        budget_state: list[tuple[str, float]] = []
-        for c in plan.budget:
-            _, period_ends, suffix = period(c.kind, now)
-            pkey = c.key + suffix
-            entry = self._usd.get(pkey)
-            if entry is not None and entry[1] + entry[2] >= c.limit:  # spent, or held
-                return self._refusal(plan, now, tokens)
-            budget_state.append((pkey, period_ends))
+        if plan.budget:
+            if not keys.period_start <= now < keys.period_end:
+                keys.set_period(now)
+            usd = self._usd
+            for c, pkey in keys.budget:
+                entry = usd.get(pkey)
+                if entry is not None and entry[1] + entry[2] >= c.limit:  # spent, or held
+                    return self._refusal(plan, now, tokens)
 
         # Commit.
         requests: list[LimitUsage] = []
@@ -119,17 +174,15 @@ class MemoryStore:
             dq.append(now)
             requests.append(LimitUsage(c.limit, c.limit - len(dq), dq[0] + WINDOW - now))
         token_usage: list[LimitUsage] = []
-        tpm_keys: list[str] = []
         if tpm_state:
             tpm = self._tpm
-            for c, key, prev, cur in tpm_state:
-                if key not in tpm_keys:  # rules sharing a scope share its counter
-                    tpm_keys.append(key)
-                    entry = tpm.get(key)
-                    if entry is None:
-                        tpm[key] = [w, tokens]
-                    else:
-                        entry[1] += tokens
+            for key in keys.tpm_keys:  # rules sharing a scope share its counter
+                entry = tpm.get(key)
+                if entry is None:
+                    tpm[key] = [w, tokens]
+                else:
+                    entry[1] += tokens
+            for c, prev, cur in tpm_state:
                 # tpm_usage(prev, cur + tokens, elapsed, c.limit), spelt out.
                 cur += tokens
                 if cur > 0:
@@ -138,32 +191,29 @@ class MemoryStore:
                     reset = WINDOW - elapsed if prev > 0 else 0.0
                 left = floor(c.limit - (prev * (WINDOW - elapsed) / WINDOW + cur))
                 token_usage.append(LimitUsage(c.limit, left if left > 0 else 0.0, reset))
-        parallel_keys: list[str] = []
         if plan.parallel:
             expiry = now + slot_ttl
-            par = self._par
-            for c in plan.parallel:
-                slots = par.get(c.key)
+            for key in keys.parallel_keys:
+                slots = par.get(key)
                 if slots is None:
-                    par[c.key] = {slot_id: expiry}
+                    par[key] = {slot_id: expiry}
                 else:
                     slots[slot_id] = expiry
-                if c.key not in parallel_keys:
-                    parallel_keys.append(c.key)
-        res = Reservation(slot_id, tokens, tpm_keys, parallel_keys, plan.budget)
-        if reserve_usd > 0 and budget_state:
-            res.reserved_usd = reserve_usd
-            budget_keys = res.budget_keys
+        if reserve_usd > 0 and plan.budget:
             usd = self._usd
-            for pkey, end in budget_state:
-                if pkey in budget_keys:  # rules sharing a scope share its period counter
-                    continue
-                budget_keys.append(pkey)
+            for pkey, end in keys.budget_periods:  # rules sharing a scope share its counter
                 entry = usd.get(pkey)
                 if entry is None:
                     usd[pkey] = [end, 0.0, reserve_usd]
                 else:
                     entry[2] += reserve_usd
+            held = keys.budget_keys
+        else:
+            reserve_usd, held = 0.0, []
+        res = _Reservation(
+            slot_id, tokens, keys.tpm_keys, keys.parallel_keys, plan.budget, reserve_usd, held,
+            keys,
+        )  # fmt: skip
         return Decision(True, None, None, requests, token_usage, res)
 
     def _refusal(self, plan: Plan, now: float, tokens: int) -> Decision:
@@ -249,31 +299,35 @@ class MemoryStore:
     def settle_now(self, res: Reservation, now: float, used_tokens: int, cost_usd: float) -> None:
         delta = used_tokens - res.tokens
         if delta:
+            tpm = self._tpm
             for key in res.tpm_keys:
-                entry = self._tpm.get(key)
+                entry = tpm.get(key)
                 if entry is not None:  # gone: its minute left the window already
-                    entry[1] = max(0.0, entry[1] + delta)
-        for key in res.parallel_keys:
-            slots = self._par.get(key)
-            if slots is not None:
-                slots.pop(res.slot_id, None)
+                    left = entry[1] + delta
+                    entry[1] = left if left > 0.0 else 0.0  # max(0.0, left)
+        if res.parallel_keys:
+            par = self._par
+            for key in res.parallel_keys:
+                slots = par.get(key)
+                if slots is not None:
+                    slots.pop(res.slot_id, None)
+        usd = self._usd
         for pkey in res.budget_keys:  # the hold ends: the real cost replaces it
-            entry = self._usd.get(pkey)
+            entry = usd.get(pkey)
             if entry is not None:
                 held = entry[2] - res.reserved_usd
                 entry[2] = held if held > 1e-12 else 0.0
-        budget = res.budget
-        if cost_usd > 0 and budget:
+        if cost_usd > 0 and res.budget:
             # Rules sharing a scope share its period counter: count the spend once.
-            periods = (
-                [period_of(budget[0], now)]
-                if len(budget) == 1
-                else dict(period_of(c, now) for c in budget).items()
-            )
-            for pkey, end in periods:
-                entry = self._usd.get(pkey)
+            keys = res.keys if isinstance(res, _Reservation) else None
+            if keys is None:
+                keys = _Keys(Plan(budget=res.budget))
+            if not keys.period_start <= now < keys.period_end:
+                keys.set_period(now)
+            for pkey, end in keys.budget_periods:
+                entry = usd.get(pkey)
                 if entry is None:
-                    self._usd[pkey] = [end, cost_usd, 0.0]
+                    usd[pkey] = [end, cost_usd, 0.0]
                 else:
                     entry[1] += cost_usd
 

@@ -410,6 +410,24 @@ async def test_budget_crossed_mid_day_blocks_next_request_until_next_day() -> No
 
 
 @pytest.mark.anyio
+async def test_a_request_answered_after_midnight_is_spent_on_the_new_day() -> None:
+    # (The memory store keeps each plan's period keys while they hold: the settlement must
+    # still find the day it ends in, not the one it was admitted in.)
+    clock = Clock()
+    clock.advance(86400 - 10)  # 23:59:50 UTC
+    plugin = make_plugin(clock, rules=[{"scope": "tenant", "budget_usd": {"day": 0.01}}])
+    ctx = make_ctx()
+    await plugin.on_request(ctx)
+    clock.advance(20)  # answered at 00:00:10: $0.012 spent on the new day
+    await plugin.on_response(finish(ctx, 1200, 0))
+    with pytest.raises(QuotaExceededError, match="daily budget") as e:
+        await plugin.on_request(make_ctx("bob"))
+    assert "2026-01-03T00:00:00Z" in e.value.message
+    clock.advance(86400)
+    await plugin.on_request(make_ctx("bob"))
+
+
+@pytest.mark.anyio
 async def test_monthly_budget_uses_the_deployment_price_and_resets_next_month() -> None:
     clock = Clock()
     plugin = make_plugin(clock, rules=[{"scope": "user", "budget_usd": {"month": 0.02}}])
