@@ -187,7 +187,9 @@ class GuardPlugin(AnswerGuard, Plugin):
         return self._output_enabled
 
     def uses(self, hook: str) -> bool:
-        # Without the output guard, streams need not be parsed for this plugin.
-        if hook in CHUNK_HOOKS and not self._output_enabled:
+        # Without the output guard, streams need not be parsed for this plugin, and its
+        # ``on_response`` has no answer to check and no output verdict to log (only the output
+        # guard's checks record one).
+        if (hook in CHUNK_HOOKS or hook == "on_response") and not self._output_enabled:
             return False
         return super().uses(hook)
