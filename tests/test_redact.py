@@ -56,6 +56,24 @@ def test_prefilter_for_types_without_short_numbers_is_the_same_as_scanning_every
     assert [h.type for h in find_secrets("+44 20 7946 0958", frozenset({"phone"}))] == ["phone"]
 
 
+def test_one_sweep_for_key_hints_and_digit_pairs_says_what_the_two_said() -> None:
+    rnd = random.Random(14)
+    pieces = ["sk-", "_live_", "AKIA", "AIza", "xox", "ghp_", "github_pat_", "eyJ", "-----BEGIN",
+              "-----", "1", "2 3", "4-5", "6--7", "8  9", "0", " ", "-", "a", "e", "s", "k", "\n",
+              "\u0661\u0662", "\u0663 \u0664"]  # fmt: skip
+    texts = ["".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 20))) for _ in range(20000)]
+    for text in texts:
+        two = (
+            redact._OTHER_HINTS.search(text) is not None
+            or (redact._DIGIT_PAIR if text.isascii() else redact._DIGIT_PAIR_UNICODE).search(text)
+            is not None
+        )
+        if text.isascii():
+            assert (redact._HINT_OR_DIGIT_PAIR.search(text) is not None) == two, text
+        for types in (None, frozenset({"phone"}), frozenset({"iban", "email"})):
+            assert redact._may_hold_secret(text, types) == ("@" in text or two), text
+
+
 def test_iban_card_and_key_hints_equal_what_they_replaced() -> None:
     """IBANs tried only at their hint's digits are the pattern's whole-text matches; the card
     and IBAN hints in one sweep, and the one key-prefix search, say what the tests they
