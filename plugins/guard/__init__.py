@@ -114,7 +114,12 @@ class GuardPlugin(AnswerGuard, Plugin):
         # the classifier only over its roles' texts.
         classify: list[bool] | None = None
         if self.scanner.semantic is None:
-            texts = [c[k] for c, k, role in slots if role in roles]
+            # (A loop, not a comprehension: most requests have a slot or two, and a
+            # comprehension costs a function call.)
+            texts: list[str] = []
+            for c, k, role in slots:
+                if role in roles:
+                    texts.append(c[k])
         else:
             scanned = [(c[k], role) for c, k, role in slots if role in roles]
             texts = [t for t, _ in scanned]
