@@ -56,6 +56,33 @@ def test_prefilter_for_types_without_short_numbers_is_the_same_as_scanning_every
     assert [h.type for h in find_secrets("+44 20 7946 0958", frozenset({"phone"}))] == ["phone"]
 
 
+#: What the key, JWT and key-block hints stand for.
+_HINTS = ("-----BEGIN", "eyJ", "sk-", "_live_", "AKIA", "ASIA", "AIza", "xox", "ghp_", "gho_",
+          "ghu_", "ghs_", "ghr_", "github_pat_")  # fmt: skip
+
+
+def test_key_hints_and_digit_pairs_say_what_substring_tests_say() -> None:
+    rnd = random.Random(14)
+    pieces = ["sk-", "_live_", "AKIA", "ASIA", "AIza", "xox", "ghp_", "ghr_", "github_pat_", "eyJ",
+              "-----BEGIN", "-----", "1", "2 3", "4-5", "6--7", "8  9", "0", " ", "-", "_", "a",
+              "e", "s", "k", "g", "h", "J", "y", "A", "K", "I", "x", "o", "github", "pat_", "\n",
+              "\u0661\u0662", "\u0663 \u0664"]  # fmt: skip
+    texts = ["".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 20))) for _ in range(20000)]
+    for text in texts:
+        two = (
+            any(h in text for h in _HINTS)
+            or (redact._DIGIT_PAIR if text.isascii() else redact._DIGIT_PAIR_UNICODE).search(text)
+            is not None
+        )
+        keys = any(h in text for h in _HINTS[2:])
+        assert (redact._API_HINT.search(text) is not None) == keys, text
+        assert (redact._OTHER_HINTS.search(text) is not None) == any(h in text for h in _HINTS)
+        if text.isascii():
+            assert (redact._HINT_OR_DIGIT_PAIR.search(text) is not None) == two, text
+        for types in (None, frozenset({"phone"}), frozenset({"iban", "email"})):
+            assert redact._may_hold_secret(text, types) == ("@" in text or two), text
+
+
 def test_iban_card_and_key_hints_equal_what_they_replaced() -> None:
     """IBANs tried only at their hint's digits are the pattern's whole-text matches; the card
     and IBAN hints in one sweep, and the one key-prefix search, say what the tests they

@@ -114,7 +114,12 @@ class GuardPlugin(AnswerGuard, Plugin):
         # the classifier only over its roles' texts.
         classify: list[bool] | None = None
         if self.scanner.semantic is None:
-            texts = [c[k] for c, k, role in slots if role in roles]
+            # (A loop, not a comprehension: most requests have a slot or two, and a
+            # comprehension costs a function call.)
+            texts: list[str] = []
+            for c, k, role in slots:
+                if role in roles:
+                    texts.append(c[k])
         else:
             scanned = [(c[k], role) for c, k, role in slots if role in roles]
             texts = [t for t, _ in scanned]
@@ -187,7 +192,9 @@ class GuardPlugin(AnswerGuard, Plugin):
         return self._output_enabled
 
     def uses(self, hook: str) -> bool:
-        # Without the output guard, streams need not be parsed for this plugin.
-        if hook in CHUNK_HOOKS and not self._output_enabled:
+        # Without the output guard, streams need not be parsed for this plugin, and its
+        # ``on_response`` has no answer to check and no output verdict to log (only the output
+        # guard's checks record one).
+        if (hook in CHUNK_HOOKS or hook == "on_response") and not self._output_enabled:
             return False
         return super().uses(hook)

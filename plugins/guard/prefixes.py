@@ -206,6 +206,7 @@ class Sweeps:
         self.after_nonword: tuple[re.Pattern[str], ...] = ()
         self.ascii_after_nonword: tuple[re.Pattern[str], ...] = ()
         self.free: re.Pattern[str] | None = None
+        self.ascii_free: re.Pattern[str] | None = None
         if words:
             trie = _trie_regex(words)
             self.word_start = re.compile(f"({trie})")
@@ -224,15 +225,24 @@ class Sweeps:
             firsts: dict[str, list[str]] = {}
             for t in free:
                 firsts.setdefault(t[0], []).append(t[1:])
-            self.free = re.compile(
-                "|".join(f"{re.escape(c)}(?=({_trie_regex(rests)}))" for c, rests in firsts.items())
-            )
+            branches = {c: f"{re.escape(c)}(?=({_trie_regex(r)}))" for c, r in firsts.items()}
+            self.free = re.compile("|".join(branches.values()))
+            # In ASCII text only the branches of ASCII first characters can match. Without the
+            # others (CJK prefixes) the first characters fit the engine's 256-bit map, a test
+            # per character of the text instead of a walk along a list (~40 instructions less
+            # per character).
+            ascii_branches = [b for c, b in branches.items() if c.isascii()]
+            if ascii_branches:
+                self.ascii_free = re.compile("|".join(ascii_branches))
 
     def starts(self, text: str, spans: list[tuple[int, int]]) -> Starts:
         """``(position, owners)`` of each prefix occurrence starting within one of ``spans``."""
         starts: Starts = []
         longest = self.longest
-        nonword = self.ascii_after_nonword if text.isascii() else self.after_nonword
+        if text.isascii():
+            nonword, free = self.ascii_after_nonword, self.ascii_free
+        else:
+            nonword, free = self.after_nonword, self.free
         # search() from where the last match ended, as finditer() would (every match is one
         # character wide), without an iterator and a match object per sweep.
         for lo, hi in spans:
@@ -251,15 +261,15 @@ class Sweeps:
                             break
                         starts.append((pos, word_owners[m.group(1)]))
                         m = rx.search(text, pos, end)
-            if self.free is not None:
+            if free is not None:
                 free_owners = self.free_owners
-                m = self.free.search(text, lo, end)
+                m = free.search(text, lo, end)
                 while m is not None:
                     pos = m.start()
                     if pos > hi:
                         break
                     starts.append((pos, free_owners[text[pos] + m.group(m.lastindex or 0)]))
-                    m = self.free.search(text, pos + 1, end)
+                    m = free.search(text, pos + 1, end)
         return starts
 
 

@@ -133,6 +133,8 @@ class Scanner:
         middle_windows: int = 0,
     ) -> None:
         self.rules = rules
+        #: The rules to match, or None (read per text: ``len(rules)`` is a Python call).
+        self._rules = rules if rules is not None and len(rules) else None
         self.rules_action = rules_action
         self.decoders = decoders
         self._decoders_but_rot13 = tuple(k for k in decoders if k != "rot13")
@@ -165,8 +167,8 @@ class Scanner:
         escapes, quoted-printable), decoded, both ways; each decoded base64/hex/%-escaped
         segment, both ways; and the rot13 of the light form. A rule that fired is not tried
         again on later forms."""
-        rules = self.rules
-        if rules is None or not len(rules) or not text:
+        rules = self._rules
+        if rules is None or not text:
             return []
         lit = light(text)
         kinds = self._decoders_but_rot13

@@ -59,11 +59,11 @@ class InputLimits:
 
     __slots__ = (
         "_part_set",
-        "_role_set",
         "max_content_chars",
         "max_messages",
         "max_prompt_tokens",
         "part_types",
+        "role_set",
         "roles",
     )  # fmt: skip
 
@@ -73,12 +73,9 @@ class InputLimits:
         self.max_prompt_tokens = cfg.max_prompt_tokens
         self.roles = cfg.roles
         self.part_types = cfg.part_types
-        self._role_set = frozenset(cfg.roles)
+        #: ``role in role_set`` for a role that is a string (an unhashable role would raise).
+        self.role_set = frozenset(cfg.roles)
         self._part_set = frozenset(cfg.part_types)
-
-    def role_ok(self, role: Any) -> bool:
-        """``role in roles`` (a role that is no string, even an unhashable one, is not)."""
-        return type(role) is str and role in self._role_set
 
     def part_ok(self, ptype: Any) -> bool:
         return type(ptype) is str and ptype in self._part_set
@@ -87,6 +84,7 @@ class InputLimits:
 def check_input(limits: InputLimits, ctx: RequestContext) -> None:
     """Raise ``InvalidRequestError``/``ContextLengthError`` when a limit is exceeded."""
     body = ctx.body
+    window = context_window(ctx)
     if ctx.endpoint == "embeddings":
         chars = _embedding_chars(body.get("input"))
         if chars > limits.max_content_chars:
@@ -104,10 +102,12 @@ def check_input(limits: InputLimits, ctx: RequestContext) -> None:
                 code="too_many_messages",
             )
         chars = 0
-        role_ok = limits.role_ok
+        # Every message a plain {"role", "content": str} (see the token bound below).
+        plain = True
+        role_set = limits.role_set
         for i, msg in enumerate(messages):
             role = msg.get("role")
-            if not role_ok(role):
+            if type(role) is not str or role not in role_set:
                 raise InvalidRequestError(
                     f"role {role!r} is not allowed here; allowed: {', '.join(limits.roles)}",
                     param=f"messages[{i}].role",
@@ -115,7 +115,10 @@ def check_input(limits: InputLimits, ctx: RequestContext) -> None:
             content = msg.get("content")
             if type(content) is str:  # the usual message
                 chars += len(content)
+                if len(msg) != 2:
+                    plain = False
                 continue
+            plain = False
             if isinstance(content, list):
                 for j, part in enumerate(content):
                     ptype = part.get("type") if isinstance(part, dict) else None
@@ -132,7 +135,13 @@ def check_input(limits: InputLimits, ctx: RequestContext) -> None:
                 param="messages",
                 code="content_too_long",
             )
-    window = context_window(ctx)
+        if plain and ctx.prompt_tokens_estimate is None and not body.get("tools"):
+            # The bound below is then 3 + 3 per message + each text's UTF-8 bytes, at most 4
+            # per character: a prompt under both limits by that much passes both checks, and
+            # the bound (a second pass over the messages) is not needed.
+            most = 3 + 3 * len(messages) + 4 * chars
+            if most <= limits.max_prompt_tokens and (window is None or most <= window):
+                return
     n = ctx.prompt_tokens_estimate
     if n is None:  # not counted yet (by the limit plugin, for one)
         # A prompt whose byte count is under both limits is under them in tokens too: only a

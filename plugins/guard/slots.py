@@ -45,6 +45,9 @@ _COLLECTED = frozenset({
     "top_p", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "seed",
     "parallel_tool_calls", "store", "logit_bias",
 })  # fmt: skip
+#: Top-level keys that hold no text at all: a body with only these has no slot outside its
+#: messages (the usual chat body: model, messages, max_tokens, stream ...).
+_NO_TEXT = _COLLECTED - {"tools", "functions", "response_format", "prediction"}
 #: Message keys collected as the message's own text, and those that are no text.
 _MESSAGE_TEXT = frozenset({"content", "name", "tool_calls", "function_call", "refusal", "role"})
 
@@ -173,7 +176,7 @@ def request_slots(ctx: RequestContext) -> list[Slot]:
                 _call(fn, role, out)
             # Any other key (tool_call_id, reasoning_content, audio ...) goes upstream too.
             _other_strings(msg, _MESSAGE_TEXT, out)
-    if len(body) > 2:  # beyond {"model", "messages"}
+    if len(body) > 2 and not body.keys() <= _NO_TEXT:  # beyond {"model", "messages"}
         for key in ("tools", "functions"):
             if body.get(key):
                 _descriptions(body[key], out)

@@ -155,14 +155,15 @@ def test_output_config_validation() -> None:
 
 def test_streams_are_parsed_for_the_guard_only_when_its_output_guard_is_on() -> None:
     """The chunk hooks make the core parse every streamed event; a guard whose output guard is
-    off (or has nothing to look for) skips them, so its streams are relayed as they came. The
-    non-streamed check (``on_response``) stays hooked either way: it also logs verdicts."""
+    off (or has nothing to look for) skips them, so its streams are relayed as they came. Its
+    ``on_response`` (the non-streamed check, and the log of the output guard's verdicts) then
+    has nothing to do either, and is skipped too."""
     on = guard()
     off = guard(output={"enabled": False})
     nothing = guard(output={"secret_types": []})
     assert hooked([on], *CHUNK_HOOKS) == [on]
     assert hooked([off, nothing], *CHUNK_HOOKS) == []
-    assert hooked([on, off, nothing], "on_response") == [on, off, nothing]
+    assert hooked([on, off, nothing], "on_response") == [on]
     assert Pipeline([on, off]).has_chunk_hooks and not Pipeline([off, nothing]).has_chunk_hooks
     # With a canary and no secret types the output guard is on again.
     assert hooked([guard(output={"secret_types": [], "canary": CANARY})], "on_chunks")

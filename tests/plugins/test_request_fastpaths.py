@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from gateway import tokens
 from gateway.context import Identity, RequestContext
-from gateway.errors import InvalidRequestError
+from gateway.errors import GatewayError, InvalidRequestError
 from plugins.auth import keys
 from plugins.guard import GuardConfig, GuardPlugin
 from plugins.guard import decode as D
@@ -60,6 +61,15 @@ def test_ascii_sweep_finds_what_the_two_general_sweeps_find() -> None:
         general = {(m.end(), m.group(1)) for rx in both.after_nonword for m in rx.finditer(text)}
         fast = {(m.end(), m.group(1)) for m in ascii_rx.finditer(text)}
         assert fast == general, text
+        # The free prefixes' sweep without its non-ASCII branches: the same occurrences.
+        assert both.free is not None and both.ascii_free is not None
+        for pos in range(len(text)):
+            general_free = both.free.match(text, pos)
+            fast_free = both.ascii_free.match(text, pos)
+            assert (general_free is None) == (fast_free is None), (text, pos)
+            if general_free is not None and fast_free is not None:
+                got = fast_free.group(fast_free.lastindex or 0)
+                assert general_free.group(general_free.lastindex or 0) == got, (text, pos)
 
 
 @pytest.mark.anyio
@@ -67,6 +77,51 @@ async def test_guard_input_check_refuses_a_role_that_is_no_string() -> None:
     ctx = RequestContext("r", "chat", "/v1/x", "POST", {}, [], {"messages": [{"role": ["user"]}]})
     with pytest.raises(InvalidRequestError, match="role"):
         check_input(InputLimits(InputConfig()), ctx)
+
+
+def _checked(limits: InputLimits, ctx: RequestContext) -> str | None:
+    try:
+        check_input(limits, ctx)
+    except GatewayError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _checked_with_the_bound(limits: InputLimits, ctx: RequestContext) -> str | None:
+    """The token checks as they were before plain messages skipped the byte-count bound."""
+    n = tokens.prompt_tokens_bound(ctx)
+    if n > limits.max_prompt_tokens:
+        n = tokens.prompt_tokens(ctx)
+    if n > limits.max_prompt_tokens:
+        return (
+            f"ContextLengthError: the prompt has {n} tokens; "
+            f"the gateway's limit is {limits.max_prompt_tokens}"
+        )
+    return None
+
+
+def test_guard_input_check_without_the_bound_refuses_what_the_bound_refused() -> None:
+    """Plain messages far enough under the token limit skip the byte-count bound: the same
+    prompts pass and fail (the bound at most 4 bytes per character)."""
+    rng = random.Random(9)
+    # (Some of several tokens per character: tag characters, rare runes and letters.)
+    pieces = ["a", "word ", "é", "ж", "😀", "\ud800", " ", "\n", "12",
+              "\U000e0041", "ᚠ", "\U0001d538"]  # fmt: skip
+    for _ in range(3000):
+        chosen = rng.sample(pieces, rng.randint(1, 3))
+        messages = [
+            {"role": rng.choice(["user", "system"]), "content": "".join(
+                rng.choice(chosen) for _ in range(rng.randint(0, 12)))}
+            for _ in range(rng.randint(1, 4))
+        ]  # fmt: skip
+        ctx = RequestContext("r", "chat", "/v1/x", "POST", {}, [], {"messages": messages})
+        chars = sum(len(m["content"]) for m in messages)
+        top = 3 + 3 * len(messages) + 4 * chars
+        # Half the time a limit right at the prompt's token count, where an error begins.
+        exact = tokens.count_messages(messages)
+        limit = max(1, exact + rng.randint(-2, 2)) if rng.random() < 0.5 else rng.randint(1, top)
+        limits = InputLimits(InputConfig(max_prompt_tokens=limit))
+        assert _checked(limits, ctx) == _checked_with_the_bound(limits, ctx), (messages, limit)
 
 
 @pytest.mark.parametrize(
