@@ -124,7 +124,7 @@ def _may_hold_secret(text: str, types: frozenset[str] | None) -> bool:
     if types is not None and not pairs:
         # Digits only matter for cards (the output guard's usual types): a long number, not
         # just any two digits.
-        if "credit_card" not in types:
+        if "credit_card" not in types or len(text) < 13:  # (a card's digits: 13 at least)
             return False
         return (_LONG_NUMBER_ASCII if text.isascii() else _LONG_NUMBER).search(text) is not None
     # "\d" also matches non-ASCII digits, one Unicode category test per character: only needed

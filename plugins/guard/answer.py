@@ -233,74 +233,85 @@ class AnswerGuard:
                         delta["content"] = released
                 if released:
                     keep = True
-            refusal = delta.get("refusal")
-            if isinstance(refusal, str) and refusal:
-                # A refusal is the model's text too (it may quote what it refuses to give).
-                key = (idx, "refusal")
-                before = len(held.get(key, ""))
-                released, held[key], findings = self.output.feed(held.get(key, ""), refusal, False)
-                if findings:
-                    self._act(ctx, findings)
-                if not shadow:
-                    delta["refusal"] = released
-                    if isinstance(logprobs, dict):
-                        consumed = before + len(refusal) - len(held[key])
-                        release_logprobs(
-                            ctx.scratch_for(self.name),
-                            idx,
-                            "refusal",
-                            logprobs,
-                            consumed,
-                            bool(findings),
-                            self.alternatives,
-                        )
-            for field in REASONING_FIELDS:
-                reasoning = delta.get(field)
-                if type(reasoning) is str and reasoning:
-                    key = (idx, field)
-                    released, held[key], findings = self.output.feed(
-                        held.get(key, ""), reasoning, False
-                    )
-                    if findings:
-                        self._act(ctx, findings)
-                    if not shadow:
-                        delta[field] = released
-            audio = delta.get("audio")
-            if type(audio) is dict and type(audio.get("transcript")) is str and audio["transcript"]:
-                # What the model says aloud is its text too.
-                key = (idx, "audio")
-                released, held[key], findings = self.output.feed(
-                    held.get(key, ""), audio["transcript"], False
-                )
-                if findings:
-                    self._act(ctx, findings)
-                if not shadow:
-                    audio["transcript"] = released
-            notes = delta.get("annotations")
-            if type(notes) is list and notes:
-                # (Cited URLs and titles arrive whole: checked at once, never held.)
-                kept, findings = check_annotations(self.output, notes, not shadow)
-                self._act(ctx, findings)
-                delta["annotations"] = kept
-            calls = delta.get("tool_calls")
-            if calls:
-                self._tool_calls(ctx, held, idx, calls)
-            fn = delta.get("function_call")  # (the legacy single call)
-            if type(fn) is dict and type(args := fn.get("arguments")) is str and args:
-                key = (idx, "function_call")
-                released, held[key], findings = self.output.feed(
-                    held.get(key, ""), args, False, json_text=True
-                )
-                if findings:
-                    self._act(ctx, findings)
-                if not shadow:
-                    fn["arguments"] = released
+            if len(delta) > ("content" in delta) + ("role" in delta):
+                # (Only text and the role: the usual chunk, with none of the other parts.)
+                self._parts(ctx, held, idx, delta, logprobs)
             if final:
                 self._flush_choice(ctx, held, idx, delta, choice)
             # (keys other than "content": role, tool calls ...)
             if final or shadow or len(delta) > ("content" in delta) or logprobs:
                 keep = True
         return keep
+
+    def _parts(
+        self, ctx: RequestContext, held: dict[Any, str], idx: Any, delta: dict[str, Any],
+        logprobs: Any,
+    ) -> None:  # fmt: skip
+        """A delta's parts other than its text: refusal, reasoning, audio transcript,
+        annotations, tool calls, legacy function call (fed, or checked, and replaced)."""
+        shadow = self.shadow
+        refusal = delta.get("refusal")
+        if isinstance(refusal, str) and refusal:
+            # A refusal is the model's text too (it may quote what it refuses to give).
+            key = (idx, "refusal")
+            before = len(held.get(key, ""))
+            released, held[key], findings = self.output.feed(held.get(key, ""), refusal, False)
+            if findings:
+                self._act(ctx, findings)
+            if not shadow:
+                delta["refusal"] = released
+                if isinstance(logprobs, dict):
+                    consumed = before + len(refusal) - len(held[key])
+                    release_logprobs(
+                        ctx.scratch_for(self.name),
+                        idx,
+                        "refusal",
+                        logprobs,
+                        consumed,
+                        bool(findings),
+                        self.alternatives,
+                    )
+        for field in REASONING_FIELDS:
+            reasoning = delta.get(field)
+            if type(reasoning) is str and reasoning:
+                key = (idx, field)
+                released, held[key], findings = self.output.feed(
+                    held.get(key, ""), reasoning, False
+                )
+                if findings:
+                    self._act(ctx, findings)
+                if not shadow:
+                    delta[field] = released
+        audio = delta.get("audio")
+        if type(audio) is dict and type(audio.get("transcript")) is str and audio["transcript"]:
+            # What the model says aloud is its text too.
+            key = (idx, "audio")
+            released, held[key], findings = self.output.feed(
+                held.get(key, ""), audio["transcript"], False
+            )
+            if findings:
+                self._act(ctx, findings)
+            if not shadow:
+                audio["transcript"] = released
+        notes = delta.get("annotations")
+        if type(notes) is list and notes:
+            # (Cited URLs and titles arrive whole: checked at once, never held.)
+            kept, findings = check_annotations(self.output, notes, not shadow)
+            self._act(ctx, findings)
+            delta["annotations"] = kept
+        calls = delta.get("tool_calls")
+        if calls:
+            self._tool_calls(ctx, held, idx, calls)
+        fn = delta.get("function_call")  # (the legacy single call)
+        if type(fn) is dict and type(args := fn.get("arguments")) is str and args:
+            key = (idx, "function_call")
+            released, held[key], findings = self.output.feed(
+                held.get(key, ""), args, False, json_text=True
+            )
+            if findings:
+                self._act(ctx, findings)
+            if not shadow:
+                fn["arguments"] = released
 
     def _tool_calls(self, ctx: RequestContext, held: dict[Any, str], idx: Any, calls: Any) -> None:
         """The argument fragments of a choice's tool calls go through the output guard like

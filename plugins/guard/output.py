@@ -33,6 +33,27 @@ _KEY_BEGIN = "-----BEGIN"
 #: not Thai digits, which ``\d`` matches, nor fullwidth forms, which fold to ASCII).
 _BREAK = re.compile("[\\s\u0e01-\u0e4f\u3001-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 _KEY_END = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----")
+#: What :data:`_NUMERIC_TAIL` matches besides digits (``\d``: ``str.isdecimal``).
+_TAIL_CHARS = frozenset("+( -)")
+
+
+def _may_end_number(text: str, end: int) -> bool:
+    """False where ``_NUMERIC_TAIL.search(text, 0, end)`` finds nothing, read from the last
+    two characters (after a word and a space, the usual cut, it cannot match: a regex search
+    tries every position of the text). A match ends at ``end``, or before a line break there
+    (``$``); its last character is one of the pattern's, and a space, "-" or ")" cannot begin
+    it, so another of them comes before."""
+    if end and text[end - 1] == "\n":
+        end -= 1
+    if not end:
+        return False
+    last = text[end - 1]
+    if not (last in _TAIL_CHARS or last.isdecimal()):
+        return False
+    if last in "+(" or last.isdecimal():
+        return True
+    before = text[end - 2] if end > 1 else ""
+    return bool(before) and (before in _TAIL_CHARS or before.isdecimal())
 
 
 class OutputConfig(Strict):
@@ -331,7 +352,12 @@ class OutputGuard:
         if cut <= 0:
             return 0
         if not text[cut - 1].isspace() and (cut == n or not text[cut].isspace()):
-            ws = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut), text.rfind("\t", 0, cut))
+            # (The last " ", "\n" or "\t": the rarer two are looked for only when present.)
+            ws = text.rfind(" ", 0, cut)
+            if "\n" in text:
+                ws = max(ws, text.rfind("\n", 0, cut))
+            if "\t" in text:
+                ws = max(ws, text.rfind("\t", 0, cut))
             if self._breaks and not text.isascii():
                 # Scripts written without spaces (Chinese, Japanese, Thai) and other white
                 # space: a cut after one of their characters splits no secret or canary, so
@@ -342,10 +368,10 @@ class OutputGuard:
                 cut = ws + 1
             elif n < self.cfg.max_hold_chars:
                 return 0
-        m = _NUMERIC_TAIL.search(text, 0, cut)
+        m = _NUMERIC_TAIL.search(text, 0, cut) if _may_end_number(text, cut) else None
         if m:
             cut = m.start()
-        begin = text.rfind(_KEY_BEGIN, 0, cut)
+        begin = text.rfind(_KEY_BEGIN, 0, cut) if _KEY_BEGIN in text else -1
         if begin >= 0 and not _KEY_END.search(text, begin, n) and n < self.cfg.max_hold_chars:
             cut = begin
         return cut
@@ -369,6 +395,7 @@ class OutputGuard:
             cut = json_cut(pending, cut)
         if cut == 0:
             return "", pending, findings
-        pending, cut = self._canary_pass(pending, cut, findings)
+        if self._canary is not None:
+            pending, cut = self._canary_pass(pending, cut, findings)
         pending, cut = self._redact(pending, cut, findings)
         return pending[:cut], pending[cut:], findings
