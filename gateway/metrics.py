@@ -170,16 +170,26 @@ class _Family:
         return hist
 
 
-class _InFlight:
-    """Requests being handled, summed over the live gateways of this process at scrape time
-    (``Gateway.in_flight`` already counts them: no per-request update at all)."""
+class _Summed:
+    """A gauge that is an attribute its sources already keep (``Gateway.in_flight``,
+    ``LedgerWriter.pending``), summed over the live ones of this process when read: no
+    per-request update at all. In one process read at scrape time; in worker processes a
+    ``livesum`` gauge (``shared``) that ``flush`` sets."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, doc: str, attr: str) -> None:
+        self.name, self.doc, self.attr = name, doc, attr
         self.sources: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.shared: Gauge | None = None
+        if MULTIPROCESS:
+            self.shared = Gauge(name, doc, multiprocess_mode="livesum")
+
+    def value(self) -> float:
+        attr = self.attr
+        return sum(getattr(s, attr) for s in list(self.sources))
 
     def collect(self) -> Metric:
-        gauge = GaugeMetricFamily("gateway_in_flight_requests", "Requests being handled now.")
-        gauge.add_metric([], sum(s.in_flight for s in list(self.sources)))
+        gauge = GaugeMetricFamily(self.name, self.doc)
+        gauge.add_metric([], self.value())
         return gauge
 
 
@@ -271,16 +281,16 @@ FAILED_STREAMS = _counter(
     ["endpoint", "model"],
 )
 
-#: Requests being handled, from the gateways registered with :func:`track_in_flight`: read when
-#: scraped in one process; in worker processes a ``livesum`` gauge that ``flush`` sets.
-_IN_FLIGHT = _InFlight()
-_SHARED_IN_FLIGHT: Gauge | None = None
-if MULTIPROCESS:
-    _SHARED_IN_FLIGHT = Gauge(
-        "gateway_in_flight_requests", "Requests being handled now.", multiprocess_mode="livesum"
-    )
-else:
-    _COLLECTOR.families.append(_IN_FLIGHT)
+#: From the gateways registered with :func:`track_in_flight`.
+_IN_FLIGHT = _Summed("gateway_in_flight_requests", "Requests being handled now.", "in_flight")
+#: From the ledger writers registered with :func:`track_ledger`.
+_LEDGER_BUFFERED = _Summed(
+    "gateway_ledger_buffered_rows", "Usage rows waiting in memory for the ledger database.",
+    "pending",
+)  # fmt: skip
+_SUMMED = (_IN_FLIGHT, _LEDGER_BUFFERED)
+if not MULTIPROCESS:
+    _COLLECTOR.families.extend(_SUMMED)
     REGISTRY.register(_COLLECTOR)
 
 
@@ -290,8 +300,9 @@ def flush() -> None:
     where requests update the numbers). Nothing to do in one process."""
     for family in _SHARED:
         family.flush()
-    if _SHARED_IN_FLIGHT is not None:
-        _SHARED_IN_FLIGHT.set(sum(s.in_flight for s in list(_IN_FLIGHT.sources)))
+    for gauge in _SUMMED:
+        if gauge.shared is not None:
+            gauge.shared.set(gauge.value())
 
 
 class RequestSeries:
@@ -357,6 +368,12 @@ def track_in_flight(gateway: Any) -> None:
     """Count ``gateway.in_flight`` in ``gateway_in_flight_requests`` (held weakly, so a gateway
     that is gone stops counting)."""
     _IN_FLIGHT.sources.add(gateway)
+
+
+def track_ledger(writer: Any) -> None:
+    """Count ``writer.pending`` (rows taken and not yet written or dropped) in
+    ``gateway_ledger_buffered_rows`` (held weakly)."""
+    _LEDGER_BUFFERED.sources.add(writer)
 
 
 def render() -> tuple[bytes, str]:

@@ -8,7 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from gateway import metrics
-from gateway.metrics import _Family, _InFlight
+from gateway.metrics import _Family, _Summed
 
 
 def _lines(registry: CollectorRegistry) -> list[str]:
@@ -51,7 +51,7 @@ def test_in_flight_gauge_sums_the_live_gateways() -> None:
     class Gw:
         in_flight = 0
 
-    gauge = _InFlight()
+    gauge = _Summed("gateway_in_flight_requests", "Requests being handled now.", "in_flight")
     a, b = Gw(), Gw()
     gauge.sources.add(a)
     gauge.sources.add(b)
@@ -59,6 +59,27 @@ def test_in_flight_gauge_sums_the_live_gateways() -> None:
     assert "gateway_in_flight_requests 5.0" in _exposition(_Single(gauge))
     del b  # a gateway that is gone stops counting
     assert "gateway_in_flight_requests 2.0" in _exposition(_Single(gauge))
+
+
+def test_ledger_buffered_rows_are_the_writers_rows_not_yet_written() -> None:
+    from gateway.ledger.writer import LedgerWriter
+
+    class Backend:
+        def describe(self) -> str:
+            return "fake"
+
+    def buffered() -> float:
+        text = _lines(metrics.REGISTRY)
+        return float(next(ln for ln in text if ln.startswith("gateway_ledger_buffered_rows "))
+                     .split()[-1])  # fmt: skip
+
+    before = buffered()
+    writer = LedgerWriter(Backend(), batch_size=100, flush_interval_s=60, max_buffer=3)  # type: ignore[arg-type]
+    for _ in range(5):  # (two over the buffer: dropped, not buffered)
+        writer.submit(object())  # type: ignore[arg-type]
+    assert buffered() == before + 3
+    writer.close(0)  # never started: what is left is lost
+    assert buffered() == before
 
 
 def test_a_counter_without_labels_is_exposed_as_0_before_its_first_use() -> None:

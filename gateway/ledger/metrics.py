@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 
 from gateway.metrics import own_counter
 
@@ -47,11 +47,8 @@ LEDGER_ERRORS = Counter(
     "gateway_ledger_write_errors", "Failed ledger writes (each is retried), by error type.",
     ["error"],
 )  # fmt: skip
-LEDGER_BUFFERED = Gauge(
-    "gateway_ledger_buffered_rows",
-    "Usage rows waiting in memory for the ledger database.",
-    multiprocess_mode="livesum",
-)
+# gateway_ledger_buffered_rows: read from the writers (gateway.metrics.track_ledger), not
+# updated per row.
 
 
 class UsageMetrics:

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from typing import Any
 
+from gateway import metrics as core_metrics
 from gateway.ledger import metrics
 from gateway.ledger.backend import Backend
 from gateway.ledger.row import Row
@@ -42,6 +43,7 @@ class LedgerWriter:
         self._conn: Any = None
         self._healthy = True
         self._thread: threading.Thread | None = None
+        core_metrics.track_ledger(self)  # (gateway_ledger_buffered_rows reads ``pending``)
 
     # -- request path ----------------------------------------------------------------------------
 
@@ -55,7 +57,6 @@ class LedgerWriter:
                 return
             self._buf.append(row)
             n = len(self._buf)
-        metrics.LEDGER_BUFFERED.inc()
         if n >= self.batch_size:
             self._wake.set()
 
@@ -104,7 +105,6 @@ class LedgerWriter:
             self._cond.notify_all()
         if lost:
             metrics.LEDGER_DROPPED.labels("shutdown").inc(lost)
-            metrics.LEDGER_BUFFERED.dec(lost)
             log.error("ledger rows lost at shutdown", extra={"rows": lost})
         self._disconnect()
 
@@ -152,7 +152,6 @@ class LedgerWriter:
                 self._settled += len(batch)
                 self._cond.notify_all()
             metrics.LEDGER_WRITTEN.inc(len(batch))
-            metrics.LEDGER_BUFFERED.dec(len(batch))
             if not self._healthy:
                 self._healthy = True
                 log.info("ledger writes resumed", extra={"ledger": self.backend.describe()})
