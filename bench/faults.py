@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from gateway import metrics as core_metrics
 from gateway.fake_upstream.state import STATE
 from gateway.ledger import metrics as ledger_metrics
 from gateway.ledger.postgres import PostgresBackend
@@ -178,7 +179,7 @@ def postgres_outage(seconds: float, down_at: float, down_s: float) -> dict[str, 
                 end = time.monotonic() + down_s
                 while time.monotonic() < end:
                     outcome["max_buffered"] = max(
-                        outcome["max_buffered"], int(ledger_metrics.LEDGER_BUFFERED._value.get())
+                        outcome["max_buffered"], int(core_metrics.ledger_buffered())
                     )
                     time.sleep(0.05)
                 outcome["rows_when_restored"] = backend.count()

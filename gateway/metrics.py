@@ -370,6 +370,11 @@ def track_in_flight(gateway: Any) -> None:
     _IN_FLIGHT.sources.add(gateway)
 
 
+def ledger_buffered() -> float:
+    """``gateway_ledger_buffered_rows`` of this process, now (fault tests watch it)."""
+    return _LEDGER_BUFFERED.value()
+
+
 def track_ledger(writer: Any) -> None:
     """Count ``writer.pending`` (rows taken and not yet written or dropped) in
     ``gateway_ledger_buffered_rows`` (held weakly)."""
