@@ -154,11 +154,5 @@ def period_key(check: Check, now: float) -> str:
     return check.key + period(check.kind, now)[2]
 
 
-def period_of(check: Check, now: float) -> tuple[str, float]:
-    """``(period_key, period_end)`` in one look-up."""
-    _, end, suffix = period(check.kind, now)
-    return check.key + suffix, end
-
-
 def period_end(check: Check, now: float) -> float:
     return period(check.kind, now)[1]
