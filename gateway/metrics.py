@@ -364,6 +364,24 @@ def model_label(ctx: Any) -> str:
     return hit[1]
 
 
+#: The TTFT series of a model entry, by the entry's id.
+_TTFT: dict[int, tuple[object, _HistogramChild]] = {}
+
+
+def observe_ttft(ctx: Any, seconds: float) -> None:
+    """A stream's time to first token, under its ``model_label``: the series looked up once per
+    model entry, the observation inline (three calls cost ~4k instructions more per stream)."""
+    entry = ctx.model_entry
+    hit = _TTFT.get(id(entry))
+    if hit is None or hit[0] is not entry:
+        if len(_TTFT) >= 4096:
+            _TTFT.clear()
+        hit = _TTFT[id(entry)] = (entry, TTFT.labels(model_label(ctx)))
+    h = hit[1]
+    h.sum += seconds
+    h.counts[bisect_left(h.bounds, seconds)] += 1
+
+
 def track_in_flight(gateway: Any) -> None:
     """Count ``gateway.in_flight`` in ``gateway_in_flight_requests`` (held weakly, so a gateway
     that is gone stops counting)."""

@@ -32,7 +32,6 @@ from gateway.context import UNREPORTED, ReportedUsage, Usage, reported_usage
 from gateway.disconnect import DisconnectWatch
 from gateway.envelope import Envelope, TextChunk, join_reads
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError
-from gateway.metrics import model_label
 from gateway.pipeline import Pipeline, hooked
 from gateway.plugin import CHUNK_HOOKS
 from gateway.providers.secrets import scrub, scrub_bytes
@@ -339,7 +338,7 @@ async def relay_stream(
     try:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         relay.pending = await relay.feed(first)
-        metrics.TTFT.labels(model_label(ctx)).observe(time.perf_counter() - ctx.started)
+        metrics.observe_ttft(ctx, time.perf_counter() - ctx.started)
         # Forward each read at once, except after [DONE]: then only the end of the upstream
         # body can follow, and the last bytes go out in one write with the terminating chunk.
         if not relay.saw_done and relay.pending:
