@@ -40,6 +40,7 @@ from gateway.headers import client_response_headers
 from gateway.pipeline import hooked
 from gateway.providers.secrets import scrub_bytes
 from gateway.redact import find_secrets, redact
+from gateway.sse import SSE_HEADERS
 from gateway.stream import relay_stream
 from gateway.upstream import open_upstream
 from gateway.validate import validate_chat, validate_embeddings
@@ -300,10 +301,13 @@ async def forward(
     try:
         resp, start = await open_upstream(gw, ctx, ran)
         if not isinstance(start, dict):
-            extra = _answer_headers(ctx, resp)
+            # (Built here: stream.py importing response_headers per request cost ~7k
+            # instructions, and at its top it would be a circular import.)
+            headers = response_headers(ctx, SSE_HEADERS)
+            headers.extend(_answer_headers(ctx, resp))
             relaying = True
             await relay_stream(
-                gw, ctx, ran, resp, start[0], start[1], extra, client_wants_usage, watch, send
+                gw, ctx, ran, resp, start[0], start[1], headers, client_wants_usage, watch, send
             )
             return True
     except asyncio.CancelledError:

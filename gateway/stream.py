@@ -37,7 +37,6 @@ from gateway.plugin import CHUNK_HOOKS
 from gateway.providers.secrets import scrub, scrub_bytes
 from gateway.sse import (
     DONE,
-    SSE_HEADERS,
     as_events,
     error_event,
     event_data,
@@ -316,20 +315,17 @@ async def relay_stream(
     resp: UpstreamResponse,
     first: bytes,
     it: AsyncIterator[bytes],
-    extra: list[tuple[bytes, bytes]],
+    headers: list[tuple[bytes, bytes]],
     client_wants_usage: bool,
     watch: DisconnectWatch,
     send: Any,
 ) -> None:
-    """Relay the stream to the client; ``watch`` (stopped here) notices a client that leaves."""
-    from gateway.proxy import response_headers
-
+    """Relay the stream to the client with the response ``headers``; ``watch`` (stopped here)
+    notices a client that leaves."""
     hooks = hooked(ran, *CHUNK_HOOKS) if gw.pipeline.has_chunk_hooks else []
     keep_text = gw.include_text
     relay = _Relay(ctx, hooks, client_wants_usage, keep_text)
     relay.secrets, relay.marks = resp.secret_bytes, resp.mark_bytes
-    headers = response_headers(ctx, SSE_HEADERS)
-    headers.extend(extra)
     ctx.status = 200
     final = b""
     #: Whether an error now comes from the upstream's stream (a provider's error event, a cut,
