@@ -78,6 +78,7 @@ class Pipeline:
         self.header_hooks = hooked(plugins, "on_headers")
         self.has_chunk_hooks = bool(hooked(plugins, *CHUNK_HOOKS))
         self.has_attempt_hooks = bool(hooked(plugins, "on_attempt"))
+        self.has_response_hooks = bool(hooked(plugins, "on_response"))
         #: Plugins per endpoint, in order (what a plugin applies to is fixed once it is built).
         self._for: dict[str, list[Plugin]] = {}
         #: Per endpoint: the header hooks that apply, and each plugin with whether its

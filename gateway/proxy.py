@@ -250,7 +250,8 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
         try:
             if ctx.finished is None:
                 ctx.finished = time.perf_counter()
-            if "response_done" not in ctx.scratch:
+            # (Without response hooks there is nothing to run: no coroutine for it.)
+            if gw.pipeline.has_response_hooks and "response_done" not in ctx.scratch:
                 await finish_response_phase(ran, ctx)
             account(gw, ctx)
         finally:
@@ -327,7 +328,7 @@ async def forward(
     ctx.status = 200
     ctx.usage = usage_from(data, lambda: estimate_usage(ctx, data)) or estimate_usage(ctx, data)
     try:
-        err = await finish_response_phase(ran, ctx)
+        err = await finish_response_phase(ran, ctx) if gw.pipeline.has_response_hooks else None
     except asyncio.CancelledError:
         ctx.status = 0  # nothing was sent: the handler answers the shutdown with a 503
         raise
