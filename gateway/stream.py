@@ -354,7 +354,10 @@ async def relay_stream(
                     relay.pending = b""
                 reading = True
             reading = False
-        final = relay.pending + await relay.end()
+        if relay.saw_done and relay.failed is None and not relay.hooks:
+            final = relay.pending + DONE  # (what end() gives then, without its coroutine)
+        else:
+            final = relay.pending + await relay.end()
     except GatewayError as err:
         tail = b""
         upstream = reading or isinstance(err, (UpstreamError, UpstreamTimeoutError))
