@@ -85,6 +85,8 @@ class Pipeline:
         #: ``on_request`` is called (``uses``: a call that does nothing still costs a coroutine).
         self._headers_for: dict[str, list[Plugin]] = {}
         self._steps_for: dict[str, list[tuple[Plugin, bool]]] = {}
+        #: By (endpoint, how many plugins ``run_request`` reached): the response hooks.
+        self._responses_for: dict[tuple[str, int], list[Plugin]] = {}
 
     def find(self, name: str) -> Plugin | None:
         return next((p for p in self.plugins if p.name == name), None)
@@ -118,6 +120,16 @@ class Pipeline:
                 if answer is not None:
                     return answer
         return None
+
+    def response_hooks(self, endpoint: str, ran: list[Plugin]) -> list[Plugin]:
+        """The plugins of ``ran`` whose ``on_response`` runs, in the order it runs (reverse).
+        ``ran`` is what ``run_request`` collected for ``endpoint``: the first ``len(ran)`` of
+        ``for_endpoint(endpoint)``, so its length says which they are."""
+        key = (endpoint, len(ran))
+        hooks = self._responses_for.get(key)
+        if hooks is None:
+            hooks = self._responses_for[key] = hooked(ran, "on_response")[::-1]
+        return hooks
 
     @staticmethod
     def run_chunks(

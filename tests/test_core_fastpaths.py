@@ -272,3 +272,26 @@ async def test_pipeline_skips_the_hooks_a_plugin_does_not_use() -> None:
             assert calls == ["a.headers", "b.headers", "c.headers", "a.request", "c.request"]
         else:
             assert ran == [a, b] and calls == ["a.headers", "b.headers", "a.request"]
+
+
+def test_response_hooks_are_those_of_the_plugins_reached_in_reverse() -> None:
+    from gateway.pipeline import Pipeline, hooked
+    from gateway.plugin import Plugin
+
+    class Answers(Plugin):
+        name = "answers"
+
+        async def on_response(self, ctx: RequestContext) -> None:
+            return None
+
+    class Quiet(Plugin):
+        name = "quiet"
+
+    a, b, c = Answers(None), Quiet(None), Answers(None)
+    pipeline = Pipeline([a, b, c])
+    for _ in range(2):  # (the second time from what was kept)
+        for n in range(4):
+            ran = pipeline.for_endpoint("chat")[:n]
+            want = list(reversed(hooked(ran, "on_response")))
+            assert pipeline.response_hooks("chat", ran) == want
+    assert pipeline.response_hooks("chat", [a, b, c]) == [c, a]
