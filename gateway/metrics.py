@@ -345,23 +345,24 @@ class RequestSeries:
                 self.completion.value += completion_tokens
 
 
-#: A model entry's catalogue name by the entry's id (the label of the per-model series; a
-#: pydantic attribute read costs ~450 instructions).
-_MODEL_LABELS: dict[int, tuple[object, str]] = {}
+#: The TTFT series of a model entry, by the entry's id.
+_TTFT: dict[int, tuple[object, _HistogramChild]] = {}
 
 
-def model_label(ctx: Any) -> str:
-    """The ``model`` label of a request: the catalogue's name (an alias is the same model), or
-    ``unknown``: only configured names, whatever clients ask for."""
+def observe_ttft(ctx: Any, seconds: float) -> None:
+    """A stream's time to first token, in the series of its model: the catalogue's name (an
+    alias is the same model), or ``unknown`` (only configured names, whatever clients ask for).
+    Looked up once per model entry, observed inline: ~1.5k instructions less per stream."""
     entry = ctx.model_entry
-    if entry is None:
-        return "unknown"
-    hit = _MODEL_LABELS.get(id(entry))
+    hit = _TTFT.get(id(entry))
     if hit is None or hit[0] is not entry:
-        if len(_MODEL_LABELS) >= 4096:
-            _MODEL_LABELS.clear()
-        hit = _MODEL_LABELS[id(entry)] = (entry, entry.name)
-    return hit[1]
+        if len(_TTFT) >= 4096:
+            _TTFT.clear()
+        label = entry.name if entry is not None else "unknown"
+        hit = _TTFT[id(entry)] = (entry, TTFT.labels(label))
+    h = hit[1]
+    h.sum += seconds
+    h.counts[bisect_left(h.bounds, seconds)] += 1
 
 
 def track_in_flight(gateway: Any) -> None:

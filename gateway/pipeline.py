@@ -78,8 +78,15 @@ class Pipeline:
         self.header_hooks = hooked(plugins, "on_headers")
         self.has_chunk_hooks = bool(hooked(plugins, *CHUNK_HOOKS))
         self.has_attempt_hooks = bool(hooked(plugins, "on_attempt"))
+        self.has_response_hooks = bool(hooked(plugins, "on_response"))
         #: Plugins per endpoint, in order (what a plugin applies to is fixed once it is built).
         self._for: dict[str, list[Plugin]] = {}
+        #: Per endpoint: the header hooks that apply, and each plugin with whether its
+        #: ``on_request`` is called (``uses``: a call that does nothing still costs a coroutine).
+        self._headers_for: dict[str, list[Plugin]] = {}
+        self._steps_for: dict[str, list[tuple[Plugin, bool]]] = {}
+        #: By (endpoint, how many plugins ``run_request`` reached): the response hooks.
+        self._responses_for: dict[tuple[str, int], list[Plugin]] = {}
 
     def find(self, name: str) -> Plugin | None:
         return next((p for p in self.plugins if p.name == name), None)
@@ -91,18 +98,38 @@ class Pipeline:
         return plugins
 
     async def run_headers(self, ctx: RequestContext) -> None:
-        for plugin in self.header_hooks:
-            if plugin.applies_to(ctx.endpoint):
-                await plugin.on_headers(ctx)
+        plugins = self._headers_for.get(ctx.endpoint)
+        if plugins is None:
+            plugins = [p for p in self.header_hooks if p.applies_to(ctx.endpoint)]
+            self._headers_for[ctx.endpoint] = plugins
+        for plugin in plugins:
+            await plugin.on_headers(ctx)
 
     async def run_request(self, ctx: RequestContext, ran: list[Plugin]) -> Response | None:
-        """Run ``on_request`` down the list; ``ran`` collects the plugins reached."""
-        for plugin in self.for_endpoint(ctx.endpoint):
+        """Run ``on_request`` down the list; ``ran`` collects the plugins reached (also those
+        whose ``on_request`` is not called: it has nothing to do, their ``uses`` says)."""
+        steps = self._steps_for.get(ctx.endpoint)
+        if steps is None:
+            plugins = self.for_endpoint(ctx.endpoint)
+            called = hooked(plugins, "on_request")
+            steps = self._steps_for[ctx.endpoint] = [(p, p in called) for p in plugins]
+        for plugin, call in steps:
             ran.append(plugin)
-            answer = await plugin.on_request(ctx)
-            if answer is not None:
-                return answer
+            if call:
+                answer = await plugin.on_request(ctx)
+                if answer is not None:
+                    return answer
         return None
+
+    def response_hooks(self, endpoint: str, ran: list[Plugin]) -> list[Plugin]:
+        """The plugins of ``ran`` whose ``on_response`` runs, in the order it runs (reverse).
+        ``ran`` is what ``run_request`` collected for ``endpoint``: the first ``len(ran)`` of
+        ``for_endpoint(endpoint)``, so its length says which they are."""
+        key = (endpoint, len(ran))
+        hooks = self._responses_for.get(key)
+        if hooks is None:
+            hooks = self._responses_for[key] = hooked(ran, "on_response")[::-1]
+        return hooks
 
     @staticmethod
     def run_chunks(

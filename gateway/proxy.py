@@ -37,14 +37,15 @@ from gateway.errors import (
     ServiceUnavailableError,
 )
 from gateway.headers import client_response_headers
-from gateway.pipeline import hooked
 from gateway.providers.secrets import scrub_bytes
 from gateway.redact import find_secrets, redact
+from gateway.sse import SSE_HEADERS
 from gateway.stream import relay_stream
 from gateway.upstream import open_upstream
 from gateway.validate import validate_chat, validate_embeddings
 
 if TYPE_CHECKING:
+    from gateway.pipeline import Pipeline
     from gateway.plugin import Plugin
     from gateway.providers.base import UpstreamResponse
     from gateway.state import Gateway
@@ -249,8 +250,9 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
         try:
             if ctx.finished is None:
                 ctx.finished = time.perf_counter()
-            if "response_done" not in ctx.scratch:
-                await finish_response_phase(ran, ctx)
+            # (Without response hooks there is nothing to run: no coroutine for it.)
+            if gw.pipeline.has_response_hooks and "response_done" not in ctx.scratch:
+                await finish_response_phase(gw.pipeline, ran, ctx)
             account(gw, ctx)
         finally:
             # Last: draining waits for the count, so plugins (limit settle, cache) and the
@@ -258,13 +260,15 @@ async def handle(gw: Gateway, scope: Scope, receive: Any, send: Any, endpoint: s
             gw.in_flight -= 1
 
 
-async def finish_response_phase(ran: list[Plugin], ctx: RequestContext) -> GatewayError | None:
+async def finish_response_phase(
+    pipeline: Pipeline, ran: list[Plugin], ctx: RequestContext
+) -> GatewayError | None:
     """Run ``on_response`` of every plugin that ran, in reverse; all of them run even if one
     raises. Returns the first ``GatewayError`` raised."""
     ctx.scratch["response_done"] = {}
     first: GatewayError | None = None
     cancelled: asyncio.CancelledError | None = None
-    for plugin in reversed(hooked(ran, "on_response")):
+    for plugin in pipeline.response_hooks(ctx.endpoint, ran):
         try:
             await plugin.on_response(ctx)
         except GatewayError as err:
@@ -300,10 +304,13 @@ async def forward(
     try:
         resp, start = await open_upstream(gw, ctx, ran)
         if not isinstance(start, dict):
-            extra = _answer_headers(ctx, resp)
+            # (Built here: stream.py importing response_headers per request cost ~7k
+            # instructions, and at its top it would be a circular import.)
+            headers = response_headers(ctx, SSE_HEADERS)
+            headers.extend(_answer_headers(ctx, resp))
             relaying = True
             await relay_stream(
-                gw, ctx, ran, resp, start[0], start[1], extra, client_wants_usage, watch, send
+                gw, ctx, ran, resp, start[0], start[1], headers, client_wants_usage, watch, send
             )
             return True
     except asyncio.CancelledError:
@@ -322,8 +329,10 @@ async def forward(
     ctx.response = data
     ctx.status = 200
     ctx.usage = usage_from(data, lambda: estimate_usage(ctx, data)) or estimate_usage(ctx, data)
+    err = None
     try:
-        err = await finish_response_phase(ran, ctx)
+        if gw.pipeline.has_response_hooks:
+            err = await finish_response_phase(gw.pipeline, ran, ctx)
     except asyncio.CancelledError:
         ctx.status = 0  # nothing was sent: the handler answers the shutdown with a 503
         raise

@@ -32,13 +32,11 @@ from gateway.context import UNREPORTED, ReportedUsage, Usage, reported_usage
 from gateway.disconnect import DisconnectWatch
 from gateway.envelope import Envelope, TextChunk, join_reads
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError
-from gateway.metrics import model_label
 from gateway.pipeline import Pipeline, hooked
 from gateway.plugin import CHUNK_HOOKS
 from gateway.providers.secrets import scrub, scrub_bytes
 from gateway.sse import (
     DONE,
-    SSE_HEADERS,
     as_events,
     error_event,
     event_data,
@@ -317,20 +315,17 @@ async def relay_stream(
     resp: UpstreamResponse,
     first: bytes,
     it: AsyncIterator[bytes],
-    extra: list[tuple[bytes, bytes]],
+    headers: list[tuple[bytes, bytes]],
     client_wants_usage: bool,
     watch: DisconnectWatch,
     send: Any,
 ) -> None:
-    """Relay the stream to the client; ``watch`` (stopped here) notices a client that leaves."""
-    from gateway.proxy import response_headers
-
+    """Relay the stream to the client with the response ``headers``; ``watch`` (stopped here)
+    notices a client that leaves."""
     hooks = hooked(ran, *CHUNK_HOOKS) if gw.pipeline.has_chunk_hooks else []
     keep_text = gw.include_text
     relay = _Relay(ctx, hooks, client_wants_usage, keep_text)
     relay.secrets, relay.marks = resp.secret_bytes, resp.mark_bytes
-    headers = response_headers(ctx, SSE_HEADERS)
-    headers.extend(extra)
     ctx.status = 200
     final = b""
     #: Whether an error now comes from the upstream's stream (a provider's error event, a cut,
@@ -339,7 +334,7 @@ async def relay_stream(
     try:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         relay.pending = await relay.feed(first)
-        metrics.TTFT.labels(model_label(ctx)).observe(time.perf_counter() - ctx.started)
+        metrics.observe_ttft(ctx, time.perf_counter() - ctx.started)
         # Forward each read at once, except after [DONE]: then only the end of the upstream
         # body can follow, and the last bytes go out in one write with the terminating chunk.
         if not relay.saw_done and relay.pending:
@@ -359,7 +354,10 @@ async def relay_stream(
                     relay.pending = b""
                 reading = True
             reading = False
-        final = relay.pending + await relay.end()
+        if relay.saw_done and relay.failed is None and not relay.hooks:
+            final = relay.pending + DONE  # (what end() gives then, without its coroutine)
+        else:
+            final = relay.pending + await relay.end()
     except GatewayError as err:
         tail = b""
         upstream = reading or isinstance(err, (UpstreamError, UpstreamTimeoutError))

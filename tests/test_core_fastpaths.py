@@ -205,3 +205,93 @@ def test_accounting_reads_the_deployment_once_and_logs_what_it_says() -> None:
     account(gw, ctx)  # type: ignore[arg-type]
     record = records.pop()
     assert record["model_used"] is record["provider"] is record["deployment"] is None
+
+
+def test_usage_from_shortcut_gives_what_the_reported_usage_gives() -> None:
+    """``usage_from``'s shortcut for the usual usage (whole counts, nothing cached) gives the
+    same ``Usage`` as ``reported_usage(data).usage()``, on every other input too."""
+    from gateway.context import Usage, reported_usage, usage_from
+
+    values = [None, 0, 7, 2000, 10**12, 10**12 + 1, -1, 2000.0, 2.5, math.nan, True, "12", {}]
+    rng = random.Random(5)
+
+    def estimate() -> Usage:
+        return Usage(11, 13)
+
+    for _ in range(20_000):
+        usage: dict[str, Any] = {}
+        for key in ("prompt_tokens", "completion_tokens"):
+            if rng.random() < 0.9:
+                usage[key] = rng.choice(values)
+        if rng.random() < 0.4:
+            details = {k: rng.choice(values) for k in ("cached_tokens", "cache_write_tokens",
+                       "cache_write_1h_tokens") if rng.random() < 0.5}  # fmt: skip
+            usage["prompt_tokens_details"] = details if rng.random() < 0.8 else rng.choice(values)
+        data = {"usage": usage}
+        reported = reported_usage(data)
+        want = reported.usage(estimate) if reported is not None else None
+        assert repr(usage_from(data, estimate)) == repr(want), data
+
+
+@pytest.mark.anyio
+async def test_pipeline_skips_the_hooks_a_plugin_does_not_use() -> None:
+    """A plugin whose ``uses`` says its ``on_request`` has nothing to do is reached (it is in
+    ``ran``, so its response hooks run) without the call; header hooks run where they apply."""
+    from gateway.pipeline import Pipeline
+    from gateway.plugin import Plugin
+
+    calls: list[str] = []
+
+    class Probe(Plugin):
+        name = "probe"
+
+        def __init__(self, label: str, request: bool, endpoints: frozenset[str]) -> None:
+            super().__init__(None)
+            self.label, self.request, self.endpoints = label, request, endpoints  # type: ignore[misc]
+
+        async def on_headers(self, ctx: RequestContext) -> None:
+            calls.append(f"{self.label}.headers")
+
+        async def on_request(self, ctx: RequestContext) -> None:
+            calls.append(f"{self.label}.request")
+
+        def uses(self, hook: str) -> bool:
+            return self.request if hook == "on_request" else super().uses(hook)
+
+    both = frozenset({"chat", "embeddings"})
+    a, b, c = Probe("a", True, both), Probe("b", False, both), Probe("c", True, frozenset({"chat"}))
+    pipeline = Pipeline([a, b, c])
+    for endpoint in ("chat", "embeddings", "chat"):
+        ctx = RequestContext("r", endpoint, "/p", "POST", {}, [], {})
+        ran: list[Plugin] = []
+        calls.clear()
+        await pipeline.run_headers(ctx)
+        assert await pipeline.run_request(ctx, ran) is None
+        if endpoint == "chat":
+            assert ran == [a, b, c]
+            assert calls == ["a.headers", "b.headers", "c.headers", "a.request", "c.request"]
+        else:
+            assert ran == [a, b] and calls == ["a.headers", "b.headers", "a.request"]
+
+
+def test_response_hooks_are_those_of_the_plugins_reached_in_reverse() -> None:
+    from gateway.pipeline import Pipeline, hooked
+    from gateway.plugin import Plugin
+
+    class Answers(Plugin):
+        name = "answers"
+
+        async def on_response(self, ctx: RequestContext) -> None:
+            return None
+
+    class Quiet(Plugin):
+        name = "quiet"
+
+    a, b, c = Answers(None), Quiet(None), Answers(None)
+    pipeline = Pipeline([a, b, c])
+    for _ in range(2):  # (the second time from what was kept)
+        for n in range(4):
+            ran = pipeline.for_endpoint("chat")[:n]
+            want = list(reversed(hooked(ran, "on_response")))
+            assert pipeline.response_hooks("chat", ran) == want
+    assert pipeline.response_hooks("chat", [a, b, c]) == [c, a]
