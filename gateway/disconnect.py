@@ -13,7 +13,6 @@ import asyncio
 from typing import Any
 
 from gateway.duequeue import DueQueue
-from gateway.providers.base import task_of
 
 #: A request still waiting for or relaying its upstream answer this long after it started gets
 #: a task that watches for the client going away. A fast upstream's answer is usually over by
@@ -37,7 +36,7 @@ class DisconnectWatch:
 
     def __init__(self, receive: Any, queue: WatchQueue) -> None:
         loop = asyncio.get_running_loop()
-        main = task_of(loop)
+        main = asyncio.current_task(loop)
         assert main is not None
         self.main = main
         self.receive = receive
