@@ -131,42 +131,45 @@ class LimitPlugin(Plugin):
         await self.retries.close()
         await self.store.close()
 
-    def reservation_tokens(self, ctx: RequestContext, bound_below: float = 0.0) -> int:
-        """Prompt tokens plus the most the answer may use (times ``n`` choices).
+    def reservation(self, ctx: RequestContext, plan: scopes.Plan) -> tuple[int, float]:
+        """What admitting the request under ``plan`` reserves: its tokens (the prompt plus the
+        most the answer may use; 0 without a tokens check) and dollars (the answer's worst-case
+        cost, held against the budgets until its real cost is known so that a burst cannot
+        spend a budget many times over; 0 without a budget).
 
-        A prompt not counted yet whose byte count (an upper bound of its tokens) is at most
-        ``bound_below`` reserves that bound instead of being tokenized: the reservation is
-        settled to the upstream's usage when the answer ends anyway."""
-        prompt = ctx.prompt_tokens_estimate
-        if prompt is None:
-            if bound_below > 0:
+        The answer may use ``max_completion_tokens`` / ``max_tokens`` (else
+        ``default_max_tokens``) times ``n``, none for embeddings. A prompt not counted yet
+        reserves its byte count (an upper bound of its tokens) untokenized when that is at most
+        ``plan.tpm_bound`` and fits the tokens limits (its answer settles the reservation to
+        the upstream's usage anyway); a budget alone needs only the bound. The worst case is at
+        the highest prices of the deployments that may serve it (``HoldPrices.may_serve``)."""
+        if not (plan.tpm or plan.budget):
+            return 0, 0.0
+        cap = 0
+        if ctx.endpoint != "embeddings":
+            body = ctx.body
+            # type() rather than isinstance: bool is an int subclass, and JSON gives no other.
+            asked = body.get("max_completion_tokens")
+            if type(asked) is not int or asked <= 0:
+                asked = body.get("max_tokens")
+                if type(asked) is not int or asked <= 0:
+                    asked = self._default_max_tokens
+            n = body.get("n")
+            cap = asked * n if type(n) is int and n > 0 else asked
+        tokens = 0
+        if plan.tpm:
+            prompt = ctx.prompt_tokens_estimate
+            if prompt is None:
                 prompt = prompt_tokens_bound(ctx)
-                if prompt > bound_below:
-                    prompt = prompt_tokens(ctx)
-            else:
-                prompt = prompt_tokens(ctx)
-        return prompt + self.completion_cap(ctx)
-
-    def completion_cap(self, ctx: RequestContext) -> int:
-        """The most completion tokens the answer may use: ``max_completion_tokens`` /
-        ``max_tokens`` (else ``default_max_tokens``) times ``n``; 0 for embeddings."""
-        if ctx.endpoint == "embeddings":
-            return 0
-        body = ctx.body
-        # type() rather than isinstance: bool is an int subclass, and JSON gives no other.
-        cap = body.get("max_completion_tokens")
-        if type(cap) is not int or cap <= 0:
-            cap = body.get("max_tokens")
-            if type(cap) is not int or cap <= 0:
-                cap = self._default_max_tokens
-        n = body.get("n")
-        return cap * n if type(n) is int and n > 0 else cap
-
-    def worst_cost(self, ctx: RequestContext, prompt: int, cap: int) -> float:
-        """The most the answer can cost: ``prompt`` and ``cap`` tokens at the highest prices
-        among the deployments that may serve it (``HoldPrices.may_serve``)."""
+                if prompt > plan.tpm_bound or prompt + cap > plan.tpm_min:
+                    prompt = prompt_tokens(ctx)  # exact, before refusing it as too large
+            tokens = prompt + cap
+        else:
+            prompt = prompt_tokens_bound(ctx)
         entry = ctx.model_entry
-        return 0.0 if entry is None else self.prices.worst_cost(entry, prompt, cap)
+        if plan.budget and entry is not None:
+            return tokens, self.prices.worst_cost(entry, prompt, cap)
+        return tokens, 0.0
 
     def plan(self, ctx: RequestContext) -> scopes.Plan:
         """The checks of this request: a function of the caller and the model only, so built
@@ -189,30 +192,7 @@ class LimitPlugin(Plugin):
         plan = self.plan(ctx)
         if plan.empty:
             return None
-        tokens = 0
-        reserve_usd = 0.0
-        if plan.tpm:
-            # reservation_tokens(ctx, plan.tpm_min * BOUND_SHARE), then exactly (tokenized)
-            # if that is over a limit, before refusing it; spelt out, keeping the cap for below.
-            cap = self.completion_cap(ctx)
-            estimate = ctx.prompt_tokens_estimate
-            if estimate is None:
-                prompt = prompt_tokens_bound(ctx)
-                if prompt > plan.tpm_bound or prompt + cap > plan.tpm_min:
-                    prompt = prompt_tokens(ctx)
-            else:
-                prompt = estimate
-            tokens = prompt + cap
-        if plan.budget:
-            # Hold the answer's worst-case cost against the budgets until its real cost is
-            # known, so that a burst cannot spend the budget many times over. (An upper bound
-            # of the prompt is enough here.)
-            if not plan.tpm:
-                cap = self.completion_cap(ctx)
-                prompt = prompt_tokens_bound(ctx)
-            entry = ctx.model_entry
-            if entry is not None:  # self.worst_cost(ctx, prompt, cap)
-                reserve_usd = self.prices.worst_cost(entry, prompt, cap)
+        tokens, reserve_usd = self.reservation(ctx, plan)
         if tokens > plan.tpm_min:  # (0 without tpm checks)
             for c in plan.tpm:
                 if tokens > c.limit:
