@@ -84,6 +84,8 @@ class LimitPlugin(Plugin):
         self.clock = clock
         self.store: Store = MemoryStore()
         self._plans: dict[tuple[object, ...], scopes.Plan] = {}
+        #: (identity, model entry, model name, plan) of the last request with an identity.
+        self._last_plan: tuple[object, object, str, scopes.Plan] = (None, None, "", scopes.Plan())
         # Read on every request: plain attributes (a pydantic attribute read costs ~450
         # instructions).
         self._default_max_tokens = config.default_max_tokens
@@ -173,9 +175,14 @@ class LimitPlugin(Plugin):
 
     def plan(self, ctx: RequestContext) -> scopes.Plan:
         """The checks of this request: a function of the caller and the model only, so built
-        once per (identity, model) and reused (plans are never modified)."""
+        once per (identity, model) and reused (plans are never modified). The last plan is
+        checked first, by object: identities and model entries are frozen, and an API key's
+        identity is one object for all of its requests."""
         ident = ctx.identity
         entry = ctx.model_entry
+        last = self._last_plan
+        if ident is last[0] and entry is last[1] and ctx.model == last[2] and ident is not None:
+            return last[3]
         key = (
             (ident.user, ident.tenant, ident.tier, ident.credential_id) if ident else ctx.client,
             entry.name if entry is not None else None,
@@ -186,6 +193,7 @@ class LimitPlugin(Plugin):
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
             plan = self._plans[key] = scopes.plan(self.config, ctx)
+        self._last_plan = (ident, entry, ctx.model, plan)
         return plan
 
     async def on_request(self, ctx: RequestContext) -> None:
@@ -209,44 +217,60 @@ class LimitPlugin(Plugin):
         memory = self.store
         if type(memory) is MemoryStore:
             # Never suspends (so admission stays atomic) and never fails: no coroutine needed.
-            decision = memory.admit_now(
-                plan, self.clock(), slot_id, tokens, self._slot_ttl, reserve_usd
-            )
+            taken: Reservation | Decision | None = memory.admit_now(
+                plan, self.clock(), slot_id, tokens, self._slot_ttl, reserve_usd,
+                ctx.response_headers,
+            )  # fmt: skip
         else:
-            now = self.clock()
-            try:
-                decision = await self.store.admit(
-                    plan,
-                    now=now,
-                    slot_id=slot_id,
-                    tokens=tokens,
-                    slot_ttl=self._slot_ttl,
-                    reserve_usd=reserve_usd,
-                )
-            except StoreUnavailable as e:
-                self._store_error("admit", e)
-                ctx.log["limit"] = "store_unavailable"
-                self._admit_failed(ctx, plan, now, slot_id, tokens, reserve_usd, e.sent)
-                if self.config.on_store_error == "fail_closed":
-                    raise ServiceUnavailableError(
-                        "Rate limiting is temporarily unavailable; please retry shortly.",
-                        headers={"retry-after": "1"},
-                    ) from None
+            taken = await self._admit_shared(ctx, plan, slot_id, tokens, reserve_usd)
+            if taken is None:  # the store did not answer, and the request goes on
                 return None
-        add_rate_limit_headers(ctx.response_headers, decision.requests, decision.tokens)
-        if not decision.admitted:
-            denied = decision.denied
+        if isinstance(taken, Decision):  # refused
+            add_rate_limit_headers(ctx.response_headers, taken.requests, taken.tokens)
+            denied = taken.denied
             assert denied is not None
             ctx.log["limit"] = {"rejected": denied.kind, "scope": denied.scope,
-                                "retry_after_s": round(decision.retry_after or 0.0, 3)}  # fmt: skip
-            raise self._denial(decision)
+                                "retry_after_s": round(taken.retry_after or 0.0, 3)}  # fmt: skip
+            raise self._denial(taken)
         scratch = ctx.scratch.get(self.name)
         if scratch is None:
-            ctx.scratch[self.name] = {"reservation": decision.reservation}
+            ctx.scratch[self.name] = {"reservation": taken}
         else:
-            scratch["reservation"] = decision.reservation
+            scratch["reservation"] = taken
         ctx.log["limit"] = {"reserved_tokens": tokens} if plan.tpm else "admitted"
         return None
+
+    async def _admit_shared(
+        self, ctx: RequestContext, plan: scopes.Plan, slot_id: str, tokens: int,
+        reserve_usd: float,
+    ) -> Reservation | Decision | None:  # fmt: skip
+        """Admission by the shared store: the reservation (its headers written), the refusal,
+        or None when the store did not answer and ``fail_open`` lets the request go on."""
+        now = self.clock()
+        try:
+            decision = await self.store.admit(
+                plan,
+                now=now,
+                slot_id=slot_id,
+                tokens=tokens,
+                slot_ttl=self._slot_ttl,
+                reserve_usd=reserve_usd,
+            )
+        except StoreUnavailable as e:
+            self._store_error("admit", e)
+            ctx.log["limit"] = "store_unavailable"
+            self._admit_failed(ctx, plan, now, slot_id, tokens, reserve_usd, e.sent)
+            if self.config.on_store_error == "fail_closed":
+                raise ServiceUnavailableError(
+                    "Rate limiting is temporarily unavailable; please retry shortly.",
+                    headers={"retry-after": "1"},
+                ) from None
+            return None
+        if not decision.admitted:
+            return decision
+        add_rate_limit_headers(ctx.response_headers, decision.requests, decision.tokens)
+        assert decision.reservation is not None
+        return decision.reservation
 
     def _admit_failed(
         self, ctx: RequestContext, plan: scopes.Plan, now: float, slot_id: str, tokens: int,

@@ -10,6 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 from math import floor
 
+from .headers import State, tighter, write_rate_limit_headers
 from .scopes import Check, Plan
 from .store_base import (
     HELD_RETRY_S,
@@ -96,7 +97,11 @@ class MemoryStore:
         self, plan: Plan, *, now: float, slot_id: str, tokens: int, slot_ttl: float,
         reserve_usd: float = 0.0,
     ) -> Decision:  # fmt: skip
-        return self.admit_now(plan, now, slot_id, tokens, slot_ttl, reserve_usd)
+        taken = self.admit_now(plan, now, slot_id, tokens, slot_ttl, reserve_usd, {})
+        if isinstance(taken, Decision):
+            return taken
+        state = self.peek_now(plan, now)  # the limits' state after the admission
+        return Decision(True, None, None, state.requests, state.tokens, taken)
 
     async def settle(
         self, res: Reservation, *, now: float, used_tokens: int, cost_usd: float
@@ -111,8 +116,11 @@ class MemoryStore:
 
     def admit_now(
         self, plan: Plan, now: float, slot_id: str, tokens: int, slot_ttl: float,
-        reserve_usd: float = 0.0,
-    ) -> Decision:  # fmt: skip
+        reserve_usd: float, headers: dict[str, str],
+    ) -> Reservation | Decision:  # fmt: skip
+        """The reservation of an admission, its ``x-ratelimit-*`` headers written to ``headers``
+        (straight from the counters: no Usage objects nor Decision to build and read back);
+        or the refusal's Decision."""
         # Runs on every request: the arithmetic of store_base's helpers is spelt out here
         # (tpm_used, tpm_usage, window_index), positional constructors are used, and the keys
         # come formatted and deduplicated from the plan's _Keys.
@@ -166,14 +174,16 @@ class MemoryStore:
                     return self._refusal(plan, now, tokens)
 
         # Commit.
-        requests: list[LimitUsage] = []
+        requests: State | None = None
         for c in plan.rpm:
             dq = rpm.get(c.key)
             if dq is None:
                 dq = rpm[c.key] = deque(maxlen=int(c.limit))
             dq.append(now)
-            requests.append(LimitUsage(c.limit, c.limit - len(dq), dq[0] + WINDOW - now))
-        token_usage: list[LimitUsage] = []
+            state = (c.limit, c.limit - len(dq), dq[0] + WINDOW - now)
+            if requests is None or tighter(state, requests):
+                requests = state
+        token_state: State | None = None
         if tpm_state:
             tpm = self._tpm
             for key in keys.tpm_keys:  # rules sharing a scope share its counter
@@ -190,7 +200,10 @@ class MemoryStore:
                 else:
                     reset = WINDOW - elapsed if prev > 0 else 0.0
                 left = floor(c.limit - (prev * (WINDOW - elapsed) / WINDOW + cur))
-                token_usage.append(LimitUsage(c.limit, left if left > 0 else 0.0, reset))
+                state = (c.limit, left if left > 0 else 0.0, reset)
+                if token_state is None or tighter(state, token_state):
+                    token_state = state
+        write_rate_limit_headers(headers, requests, token_state)
         if plan.parallel:
             expiry = now + slot_ttl
             for key in keys.parallel_keys:
@@ -210,11 +223,10 @@ class MemoryStore:
             held = keys.budget_keys
         else:
             reserve_usd, held = 0.0, []
-        res = _Reservation(
+        return _Reservation(
             slot_id, tokens, keys.tpm_keys, keys.parallel_keys, plan.budget, reserve_usd, held,
             keys,
         )  # fmt: skip
-        return Decision(True, None, None, requests, token_usage, res)
 
     def _refusal(self, plan: Plan, now: float, tokens: int) -> Decision:
         """A refusal (some check failed): every check is evaluated again, and the one with the
