@@ -51,7 +51,8 @@ def _limit_text(limit: float) -> str:
     return text
 
 
-#: A limit's state for the headers: (limit, remaining, seconds to its reset).
+#: A limit's state for the headers: (limit, remaining, seconds to its reset); what remains is
+#: a whole number, never negative (so ``str`` of it is the header).
 State = tuple[float, float, float]
 
 
@@ -70,16 +71,14 @@ def write_rate_limit_headers(
     if requests is not None:
         limit, left, reset_s = requests
         out[LIMIT_REQUESTS] = _LIMIT_TEXT.get(limit) or _limit_text(limit)
-        remaining = int(left)
-        out[REMAINING_REQUESTS] = str(remaining) if remaining > 0 else "0"
+        out[REMAINING_REQUESTS] = str(left)
         ms = round(reset_s * 1000)
         out[RESET_REQUESTS] = (_WHOLE[ms // 1000] + _FRACTION_S[ms % 1000]
                                if 1000 <= ms < 3600000 else format_duration(reset_s))  # fmt: skip
     if tokens is not None:
         limit, left, reset_s = tokens
         out[LIMIT_TOKENS] = _LIMIT_TEXT.get(limit) or _limit_text(limit)
-        remaining = int(left)
-        out[REMAINING_TOKENS] = str(remaining) if remaining > 0 else "0"
+        out[REMAINING_TOKENS] = str(left)
         ms = round(reset_s * 1000)
         out[RESET_TOKENS] = (_WHOLE[ms // 1000] + _FRACTION_S[ms % 1000]
                              if 1000 <= ms < 3600000 else format_duration(reset_s))  # fmt: skip
@@ -91,7 +90,10 @@ def _tightest(usages: list[Usage]) -> State | None:
         state = (u.limit, u.remaining, u.reset_s)
         if tightest is None or tighter(state, tightest):
             tightest = state
-    return tightest
+    if tightest is None:
+        return None
+    remaining = int(tightest[1])
+    return (tightest[0], remaining if remaining > 0 else 0, tightest[2])
 
 
 def add_rate_limit_headers(out: dict[str, str], requests: list[Usage], tokens: list[Usage]) -> None:
