@@ -11,7 +11,7 @@ from plugins.limit.headers import add_rate_limit_headers, format_duration
 from plugins.limit.prices import HoldPrices
 from plugins.limit.store_memory import MemoryStore
 
-from .test_limit_helpers import make_ctx
+from .test_limit_helpers import make_ctx, make_plugin
 
 
 def _go_duration(seconds: float) -> str:
@@ -84,3 +84,19 @@ def test_an_admission_s_headers_are_those_of_its_state() -> None:
             add_rate_limit_headers(expected, state.requests, state.tokens)
             if not isinstance(taken, type(state)):  # admitted
                 assert list(written.items()) == list(expected.items()), (rules, i)
+
+
+def test_the_last_plan_is_reused_only_for_the_same_caller_and_model() -> None:
+    plugin = make_plugin(rules=[{"scope": "user", "model": "demo", "rpm": 1},
+                                {"scope": "tenant", "rpm": 5}])  # fmt: skip
+    first = make_ctx("alice")
+    plan = plugin.plan(first)
+    again = make_ctx("alice")
+    again.identity = first.identity  # one object per API key
+    assert plugin.plan(again) is plan
+    other = make_ctx("alice", model="other")
+    other.identity, other.model, other.model_entry = first.identity, "other", None
+    assert [c.scope for c in plugin.plan(other).rpm] == ["tenant"]
+    anonymous = make_ctx(None)
+    assert [c.key for c in plugin.plan(anonymous).rpm] != [c.key for c in plan.rpm]
+    assert plugin.plan(again) is plan
