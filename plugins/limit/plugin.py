@@ -84,9 +84,12 @@ class LimitPlugin(Plugin):
         self.clock = clock
         self.store: Store = MemoryStore()
         self._plans: dict[tuple[object, ...], scopes.Plan] = {}
+        #: (identity, model entry, model name, plan) of the last request with an identity.
+        self._last_plan: tuple[object, object, str, scopes.Plan] = (None, None, "", scopes.Plan())
         # Read on every request: plain attributes (a pydantic attribute read costs ~450
-        # instructions).
+        # instructions, a class attribute's through the instance ~200).
         self._default_max_tokens = config.default_max_tokens
+        self._scratch_key = self.name
         self._slot_ttl = config.parallel_slot_ttl_s
         self._new_slot_ids()
         #: Settlements the store did not take (Redis down), retried in the background.
@@ -131,48 +134,56 @@ class LimitPlugin(Plugin):
         await self.retries.close()
         await self.store.close()
 
-    def reservation_tokens(self, ctx: RequestContext, bound_below: float = 0.0) -> int:
-        """Prompt tokens plus the most the answer may use (times ``n`` choices).
+    def reservation(self, ctx: RequestContext, plan: scopes.Plan) -> tuple[int, float]:
+        """What admitting the request under ``plan`` reserves: its tokens (the prompt plus the
+        most the answer may use; 0 without a tokens check) and dollars (the answer's worst-case
+        cost, held against the budgets until its real cost is known so that a burst cannot
+        spend a budget many times over; 0 without a budget).
 
-        A prompt not counted yet whose byte count (an upper bound of its tokens) is at most
-        ``bound_below`` reserves that bound instead of being tokenized: the reservation is
-        settled to the upstream's usage when the answer ends anyway."""
-        prompt = ctx.prompt_tokens_estimate
-        if prompt is None:
-            if bound_below > 0:
+        The answer may use ``max_completion_tokens`` / ``max_tokens`` (else
+        ``default_max_tokens``) times ``n``, none for embeddings. A prompt not counted yet
+        reserves its byte count (an upper bound of its tokens) untokenized when that is at most
+        ``plan.tpm_bound`` and fits the tokens limits (its answer settles the reservation to
+        the upstream's usage anyway); a budget alone needs only the bound. The worst case is at
+        the highest prices of the deployments that may serve it (``HoldPrices.may_serve``)."""
+        if not (plan.tpm or plan.budget):
+            return 0, 0.0
+        cap = 0
+        if ctx.endpoint != "embeddings":
+            body = ctx.body
+            # type() rather than isinstance: bool is an int subclass, and JSON gives no other.
+            asked = body.get("max_completion_tokens")
+            if type(asked) is not int or asked <= 0:
+                asked = body.get("max_tokens")
+                if type(asked) is not int or asked <= 0:
+                    asked = self._default_max_tokens
+            n = body.get("n")
+            cap = asked * n if type(n) is int and n > 0 else asked
+        tokens = 0
+        if plan.tpm:
+            prompt = ctx.prompt_tokens_estimate
+            if prompt is None:
                 prompt = prompt_tokens_bound(ctx)
-                if prompt > bound_below:
-                    prompt = prompt_tokens(ctx)
-            else:
-                prompt = prompt_tokens(ctx)
-        return prompt + self.completion_cap(ctx)
-
-    def completion_cap(self, ctx: RequestContext) -> int:
-        """The most completion tokens the answer may use: ``max_completion_tokens`` /
-        ``max_tokens`` (else ``default_max_tokens``) times ``n``; 0 for embeddings."""
-        if ctx.endpoint == "embeddings":
-            return 0
-        body = ctx.body
-        # type() rather than isinstance: bool is an int subclass, and JSON gives no other.
-        cap = body.get("max_completion_tokens")
-        if type(cap) is not int or cap <= 0:
-            cap = body.get("max_tokens")
-            if type(cap) is not int or cap <= 0:
-                cap = self._default_max_tokens
-        n = body.get("n")
-        return cap * n if type(n) is int and n > 0 else cap
-
-    def worst_cost(self, ctx: RequestContext, prompt: int, cap: int) -> float:
-        """The most the answer can cost: ``prompt`` and ``cap`` tokens at the highest prices
-        among the deployments that may serve it (``HoldPrices.may_serve``)."""
+                if prompt > plan.tpm_bound or prompt + cap > plan.tpm_min:
+                    prompt = prompt_tokens(ctx)  # exact, before refusing it as too large
+            tokens = prompt + cap
+        else:
+            prompt = prompt_tokens_bound(ctx)
         entry = ctx.model_entry
-        return 0.0 if entry is None else self.prices.worst_cost(entry, prompt, cap)
+        if plan.budget and entry is not None:
+            return tokens, self.prices.worst_cost(entry, prompt, cap)
+        return tokens, 0.0
 
     def plan(self, ctx: RequestContext) -> scopes.Plan:
         """The checks of this request: a function of the caller and the model only, so built
-        once per (identity, model) and reused (plans are never modified)."""
+        once per (identity, model) and reused (plans are never modified). The last plan is
+        checked first, by object: identities and model entries are frozen, and an API key's
+        identity is one object for all of its requests."""
         ident = ctx.identity
         entry = ctx.model_entry
+        last = self._last_plan
+        if ident is last[0] and entry is last[1] and ctx.model == last[2] and ident is not None:
+            return last[3]
         key = (
             (ident.user, ident.tenant, ident.tier, ident.credential_id) if ident else ctx.client,
             entry.name if entry is not None else None,
@@ -183,36 +194,14 @@ class LimitPlugin(Plugin):
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
             plan = self._plans[key] = scopes.plan(self.config, ctx)
+        self._last_plan = (ident, entry, ctx.model, plan)
         return plan
 
     async def on_request(self, ctx: RequestContext) -> None:
         plan = self.plan(ctx)
         if plan.empty:
             return None
-        tokens = 0
-        reserve_usd = 0.0
-        if plan.tpm:
-            # reservation_tokens(ctx, plan.tpm_min * BOUND_SHARE), then exactly (tokenized)
-            # if that is over a limit, before refusing it; spelt out, keeping the cap for below.
-            cap = self.completion_cap(ctx)
-            estimate = ctx.prompt_tokens_estimate
-            if estimate is None:
-                prompt = prompt_tokens_bound(ctx)
-                if prompt > plan.tpm_bound or prompt + cap > plan.tpm_min:
-                    prompt = prompt_tokens(ctx)
-            else:
-                prompt = estimate
-            tokens = prompt + cap
-        if plan.budget:
-            # Hold the answer's worst-case cost against the budgets until its real cost is
-            # known, so that a burst cannot spend the budget many times over. (An upper bound
-            # of the prompt is enough here.)
-            if not plan.tpm:
-                cap = self.completion_cap(ctx)
-                prompt = prompt_tokens_bound(ctx)
-            entry = ctx.model_entry
-            if entry is not None:  # self.worst_cost(ctx, prompt, cap)
-                reserve_usd = self.prices.worst_cost(entry, prompt, cap)
+        tokens, reserve_usd = self.reservation(ctx, plan)
         if tokens > plan.tpm_min:  # (0 without tpm checks)
             for c in plan.tpm:
                 if tokens > c.limit:
@@ -229,44 +218,60 @@ class LimitPlugin(Plugin):
         memory = self.store
         if type(memory) is MemoryStore:
             # Never suspends (so admission stays atomic) and never fails: no coroutine needed.
-            decision = memory.admit_now(
-                plan, self.clock(), slot_id, tokens, self._slot_ttl, reserve_usd
-            )
+            taken: Reservation | Decision | None = memory.admit_now(
+                plan, self.clock(), slot_id, tokens, self._slot_ttl, reserve_usd,
+                ctx.response_headers,
+            )  # fmt: skip
         else:
-            now = self.clock()
-            try:
-                decision = await self.store.admit(
-                    plan,
-                    now=now,
-                    slot_id=slot_id,
-                    tokens=tokens,
-                    slot_ttl=self._slot_ttl,
-                    reserve_usd=reserve_usd,
-                )
-            except StoreUnavailable as e:
-                self._store_error("admit", e)
-                ctx.log["limit"] = "store_unavailable"
-                self._admit_failed(ctx, plan, now, slot_id, tokens, reserve_usd, e.sent)
-                if self.config.on_store_error == "fail_closed":
-                    raise ServiceUnavailableError(
-                        "Rate limiting is temporarily unavailable; please retry shortly.",
-                        headers={"retry-after": "1"},
-                    ) from None
+            taken = await self._admit_shared(ctx, plan, slot_id, tokens, reserve_usd)
+            if taken is None:  # the store did not answer, and the request goes on
                 return None
-        add_rate_limit_headers(ctx.response_headers, decision.requests, decision.tokens)
-        if not decision.admitted:
-            denied = decision.denied
+        if isinstance(taken, Decision):  # refused
+            add_rate_limit_headers(ctx.response_headers, taken.requests, taken.tokens)
+            denied = taken.denied
             assert denied is not None
             ctx.log["limit"] = {"rejected": denied.kind, "scope": denied.scope,
-                                "retry_after_s": round(decision.retry_after or 0.0, 3)}  # fmt: skip
-            raise self._denial(decision)
-        scratch = ctx.scratch.get(self.name)
+                                "retry_after_s": round(taken.retry_after or 0.0, 3)}  # fmt: skip
+            raise self._denial(taken)
+        scratch = ctx.scratch.get(self._scratch_key)
         if scratch is None:
-            ctx.scratch[self.name] = {"reservation": decision.reservation}
+            ctx.scratch[self._scratch_key] = {"reservation": taken}
         else:
-            scratch["reservation"] = decision.reservation
+            scratch["reservation"] = taken
         ctx.log["limit"] = {"reserved_tokens": tokens} if plan.tpm else "admitted"
         return None
+
+    async def _admit_shared(
+        self, ctx: RequestContext, plan: scopes.Plan, slot_id: str, tokens: int,
+        reserve_usd: float,
+    ) -> Reservation | Decision | None:  # fmt: skip
+        """Admission by the shared store: the reservation (its headers written), the refusal,
+        or None when the store did not answer and ``fail_open`` lets the request go on."""
+        now = self.clock()
+        try:
+            decision = await self.store.admit(
+                plan,
+                now=now,
+                slot_id=slot_id,
+                tokens=tokens,
+                slot_ttl=self._slot_ttl,
+                reserve_usd=reserve_usd,
+            )
+        except StoreUnavailable as e:
+            self._store_error("admit", e)
+            ctx.log["limit"] = "store_unavailable"
+            self._admit_failed(ctx, plan, now, slot_id, tokens, reserve_usd, e.sent)
+            if self.config.on_store_error == "fail_closed":
+                raise ServiceUnavailableError(
+                    "Rate limiting is temporarily unavailable; please retry shortly.",
+                    headers={"retry-after": "1"},
+                ) from None
+            return None
+        if not decision.admitted:
+            return decision
+        add_rate_limit_headers(ctx.response_headers, decision.requests, decision.tokens)
+        assert decision.reservation is not None
+        return decision.reservation
 
     def _admit_failed(
         self, ctx: RequestContext, plan: scopes.Plan, now: float, slot_id: str, tokens: int,
@@ -292,9 +297,9 @@ class LimitPlugin(Plugin):
             if sent:  # if the admission ran, its reserved tokens stay counted: not twice
                 res.tpm_keys = []
             if res.budget or res.tpm_keys:
-                scratch = ctx.scratch.get(self.name)
+                scratch = ctx.scratch.get(self._scratch_key)
                 if scratch is None:
-                    ctx.scratch[self.name] = {"reservation": res}
+                    ctx.scratch[self._scratch_key] = {"reservation": res}
                 else:
                     scratch["reservation"] = res
 
@@ -318,7 +323,7 @@ class LimitPlugin(Plugin):
         add_rate_limit_headers(ctx.response_headers, state.requests, state.tokens)
 
     async def on_response(self, ctx: RequestContext) -> None:
-        scratch = ctx.scratch.get(self.name)
+        scratch = ctx.scratch.get(self._scratch_key)
         res: Reservation | None = scratch.pop("reservation", None) if scratch else None
         if res is None:  # refused, failed open, or no rule applied
             return

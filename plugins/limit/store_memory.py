@@ -7,9 +7,9 @@ request can run between its checks and its commits.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from math import floor
 
+from .headers import State, tighter, write_rate_limit_headers
 from .scopes import Check, Plan
 from .store_base import (
     HELD_RETRY_S,
@@ -77,11 +77,19 @@ class _Keys:
         self.budget_periods = list(periods.items())
 
 
-@dataclass(slots=True)
 class _Reservation(Reservation):
-    """A memory store's reservation: with its plan's keys, for the periods of the spend."""
+    """A memory store's reservation: with its plan's keys, for the periods of the spend.
+    (One per admission: built positionally, without the dataclass's checks for defaults.)"""
 
-    keys: _Keys | None = None
+    __slots__ = ("keys",)
+
+    def __init__(
+        self, slot_id: str, tokens: int, tpm_keys: list[str], parallel_keys: list[str],
+        budget: list[Check], reserved_usd: float, budget_keys: list[str], keys: _Keys,
+    ) -> None:  # fmt: skip
+        self.slot_id, self.tokens, self.tpm_keys = slot_id, tokens, tpm_keys
+        self.parallel_keys, self.budget, self.reserved_usd = parallel_keys, budget, reserved_usd
+        self.budget_keys, self.keys = budget_keys, keys
 
 
 class MemoryStore:
@@ -96,7 +104,11 @@ class MemoryStore:
         self, plan: Plan, *, now: float, slot_id: str, tokens: int, slot_ttl: float,
         reserve_usd: float = 0.0,
     ) -> Decision:  # fmt: skip
-        return self.admit_now(plan, now, slot_id, tokens, slot_ttl, reserve_usd)
+        taken = self.admit_now(plan, now, slot_id, tokens, slot_ttl, reserve_usd, {})
+        if isinstance(taken, Decision):
+            return taken
+        state = self.peek_now(plan, now)  # the limits' state after the admission
+        return Decision(True, None, None, state.requests, state.tokens, taken)
 
     async def settle(
         self, res: Reservation, *, now: float, used_tokens: int, cost_usd: float
@@ -111,8 +123,11 @@ class MemoryStore:
 
     def admit_now(
         self, plan: Plan, now: float, slot_id: str, tokens: int, slot_ttl: float,
-        reserve_usd: float = 0.0,
-    ) -> Decision:  # fmt: skip
+        reserve_usd: float, headers: dict[str, str],
+    ) -> Reservation | Decision:  # fmt: skip
+        """The reservation of an admission, its ``x-ratelimit-*`` headers written to ``headers``
+        (straight from the counters: no Usage objects nor Decision to build and read back);
+        or the refusal's Decision."""
         # Runs on every request: the arithmetic of store_base's helpers is spelt out here
         # (tpm_used, tpm_usage, window_index), positional constructors are used, and the keys
         # come formatted and deduplicated from the plan's _Keys.
@@ -132,7 +147,7 @@ class MemoryStore:
                         dq.popleft()
                     if len(dq) >= c.limit:
                         return self._refusal(plan, now, tokens)
-        tpm_state: list[tuple[Check, float, float]] = []
+        token_state: State | None = None  # the tightest tokens limit once admitted
         if plan.tpm:
             w = floor(now / WINDOW)  # window_index(now)
             if keys.minute != w:
@@ -144,9 +159,19 @@ class MemoryStore:
                 cur = entry[1] if entry is not None else 0.0
                 entry = tpm.get(prev_key)
                 prev = entry[1] if entry is not None else 0.0
-                if prev * (WINDOW - elapsed) / WINDOW + cur + tokens > c.limit:  # tpm_used
+                weighted = prev * (WINDOW - elapsed) / WINDOW
+                if weighted + cur + tokens > c.limit:  # tpm_used
                     return self._refusal(plan, now, tokens)
-                tpm_state.append((c, prev, cur))
+                # Its state once admitted: tpm_usage(prev, cur + tokens, elapsed, c.limit).
+                cur += tokens
+                if cur > 0:
+                    reset = 2 * WINDOW - elapsed
+                else:
+                    reset = WINDOW - elapsed if prev > 0 else 0.0
+                left = floor(c.limit - (weighted + cur))
+                state = (c.limit, left if left > 0 else 0, reset)
+                if token_state is None or tighter(state, token_state):
+                    token_state = state
         par = self._par
         for c in plan.parallel:
             slots = par.get(c.key)
@@ -166,31 +191,23 @@ class MemoryStore:
                     return self._refusal(plan, now, tokens)
 
         # Commit.
-        requests: list[LimitUsage] = []
+        requests: State | None = None
         for c in plan.rpm:
             dq = rpm.get(c.key)
             if dq is None:
                 dq = rpm[c.key] = deque(maxlen=int(c.limit))
             dq.append(now)
-            requests.append(LimitUsage(c.limit, c.limit - len(dq), dq[0] + WINDOW - now))
-        token_usage: list[LimitUsage] = []
-        if tpm_state:
-            tpm = self._tpm
+            state = (c.limit, c.limit - len(dq), dq[0] + WINDOW - now)
+            if requests is None or tighter(state, requests):
+                requests = state
+        if token_state is not None:
             for key in keys.tpm_keys:  # rules sharing a scope share its counter
                 entry = tpm.get(key)
                 if entry is None:
                     tpm[key] = [w, tokens]
                 else:
                     entry[1] += tokens
-            for c, prev, cur in tpm_state:
-                # tpm_usage(prev, cur + tokens, elapsed, c.limit), spelt out.
-                cur += tokens
-                if cur > 0:
-                    reset = 2 * WINDOW - elapsed
-                else:
-                    reset = WINDOW - elapsed if prev > 0 else 0.0
-                left = floor(c.limit - (prev * (WINDOW - elapsed) / WINDOW + cur))
-                token_usage.append(LimitUsage(c.limit, left if left > 0 else 0.0, reset))
+        write_rate_limit_headers(headers, requests, token_state)
         if plan.parallel:
             expiry = now + slot_ttl
             for key in keys.parallel_keys:
@@ -210,11 +227,10 @@ class MemoryStore:
             held = keys.budget_keys
         else:
             reserve_usd, held = 0.0, []
-        res = _Reservation(
+        return _Reservation(
             slot_id, tokens, keys.tpm_keys, keys.parallel_keys, plan.budget, reserve_usd, held,
             keys,
         )  # fmt: skip
-        return Decision(True, None, None, requests, token_usage, res)
 
     def _refusal(self, plan: Plan, now: float, tokens: int) -> Decision:
         """A refusal (some check failed): every check is evaluated again, and the one with the
@@ -312,11 +328,7 @@ class MemoryStore:
                 if slots is not None:
                     slots.pop(res.slot_id, None)
         usd = self._usd
-        for pkey in res.budget_keys:  # the hold ends: the real cost replaces it
-            entry = usd.get(pkey)
-            if entry is not None:
-                held = entry[2] - res.reserved_usd
-                entry[2] = held if held > 1e-12 else 0.0
+        keys = None
         if cost_usd > 0 and res.budget:
             # Rules sharing a scope share its period counter: count the spend once.
             keys = res.keys if isinstance(res, _Reservation) else None
@@ -324,6 +336,25 @@ class MemoryStore:
                 keys = _Keys(Plan(budget=res.budget))
             if not keys.period_start <= now < keys.period_end:
                 keys.set_period(now)
+            if res.budget_keys is keys.budget_keys:
+                # Held in the periods of the spend (the usual case): the hold ends and the
+                # real cost replaces it in one pass over the counters.
+                reserved = res.reserved_usd
+                for pkey, end in keys.budget_periods:
+                    entry = usd.get(pkey)
+                    if entry is None:
+                        usd[pkey] = [end, cost_usd, 0.0]
+                    else:
+                        held = entry[2] - reserved
+                        entry[2] = held if held > 1e-12 else 0.0
+                        entry[1] += cost_usd
+                return
+        for pkey in res.budget_keys:  # the hold ends: the real cost replaces it
+            entry = usd.get(pkey)
+            if entry is not None:
+                held = entry[2] - res.reserved_usd
+                entry[2] = held if held > 1e-12 else 0.0
+        if keys is not None:
             for pkey, end in keys.budget_periods:
                 entry = usd.get(pkey)
                 if entry is None:

@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.config import ConfigError, parse_settings
+from gateway.context import RequestContext
 from gateway.errors import QuotaExceededError, RateLimitError
 from gateway.pipeline import build_pipeline
 from plugins.limit import LimitConfig
@@ -262,13 +263,19 @@ async def test_tpm_a_request_too_large_by_its_bound_is_counted_before_refusal() 
 
 @pytest.mark.anyio
 async def test_tpm_default_cap_n_and_max_completion_tokens() -> None:
-    plugin = make_plugin(default_max_tokens=50, rules=[{"scope": "user", "tpm": 10_000}])
-    base = plugin.reservation_tokens(make_ctx(max_tokens=None)) - 50
-    assert plugin.reservation_tokens(make_ctx(max_tokens=7)) == base + 7
-    assert plugin.reservation_tokens(make_ctx(max_tokens=7, max_completion_tokens=9)) == base + 9
-    assert plugin.reservation_tokens(make_ctx(max_tokens=7, n=3)) == base + 21
-    emb = make_ctx(max_tokens=None, endpoint="embeddings", input="hello world")
-    assert plugin.reservation_tokens(emb) == 2
+    # A limit this small has every prompt tokenized (its bound is over 1% of the limit).
+    plugin = make_plugin(default_max_tokens=50, rules=[{"scope": "user", "tpm": 100}])
+
+    def tokens(ctx: RequestContext) -> int:
+        reserved, usd = plugin.reservation(ctx, plugin.plan(ctx))
+        assert usd == 0.0  # no budget
+        return reserved
+
+    base = tokens(make_ctx(max_tokens=None)) - 50
+    assert tokens(make_ctx(max_tokens=7)) == base + 7
+    assert tokens(make_ctx(max_tokens=7, max_completion_tokens=9)) == base + 9
+    assert tokens(make_ctx(max_tokens=7, n=3)) == base + 21
+    assert tokens(make_ctx(max_tokens=None, endpoint="embeddings", input="hello world")) == 2
 
 
 @pytest.mark.anyio
@@ -509,8 +516,9 @@ async def test_budget_holds_price_the_fallbacks_and_routing_targets_too() -> Non
     assert served == {"demo-d", "backup-d", "last-d", "ruled-d", "pinned-d"}  # not "other"
     ctx = make_ctx(max_tokens=100)
     ctx.model_entry = entry
+    ctx.prompt_tokens_estimate = 0
     # 100 completion tokens at the priciest one ($9000/M): $0.9 held, whatever serves it.
-    assert plugin.worst_cost(ctx, 0, 100) == pytest.approx(0.9)
+    assert plugin.reservation(ctx, plugin.plan(ctx)) == (0, pytest.approx(0.9))
     # Without a route plugin, the fallbacks alone.
     plain = make_plugin(rules=[{"scope": "tenant", "budget_usd": {"day": 1.0}}])
     await plain.startup(SimpleNamespace(catalogue=catalogue,  # type: ignore[arg-type]

@@ -43,6 +43,8 @@ def test_a_hold_prices_the_prompt_at_the_highest_input_price() -> None:
     """A prompt may be all cache writes: the worst case charges the cache-write price when it
     is above the plain input price."""
     plugin = make_plugin(rules=[{"scope": "tenant", "budget_usd": {"day": 1.0}}])
-    ctx = make_ctx()
+    ctx = make_ctx(max_tokens=100)
     ctx.model_entry = ENTRY
-    assert plugin.worst_cost(ctx, 1000, 100) == pytest.approx((1000 * 50 + 100 * 20) / 1e6)
+    ctx.prompt_tokens_estimate = 1000
+    held = (1000 * 50 + 100 * 20) / 1e6
+    assert plugin.reservation(ctx, plugin.plan(ctx)) == (0, pytest.approx(held))

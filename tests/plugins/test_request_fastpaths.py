@@ -137,12 +137,12 @@ def test_guard_input_check_without_the_bound_refuses_what_the_bound_refused() ->
         ({"max_tokens": 10, "n": 2.0}, 10),
     ],
 )
-def test_limit_reservation_tokens(body: dict[str, Any], expected: int) -> None:
+def test_limit_reservation(body: dict[str, Any], expected: int) -> None:
     plugin = make_plugin(rules=[{"scope": "user", "tpm": 10**9}])
     ctx = make_ctx(max_tokens=None)
     ctx.body.update(body)
     ctx.prompt_tokens_estimate = 5
-    assert plugin.reservation_tokens(ctx) == 5 + expected
+    assert plugin.reservation(ctx, plugin.plan(ctx)) == (5 + expected, 0.0)
 
 
 def test_auth_fingerprint_is_the_keyed_blake2s_of_the_key() -> None:
