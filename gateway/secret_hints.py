@@ -24,7 +24,6 @@ _API_HINT_BRANCHES = (
 )
 _API_HINT = re.compile(_API_HINT_BRANCHES)
 _LONG_NUMBER = re.compile(r"\d[\d \-]{11,}\d")
-_LONG_NUMBER_ASCII = re.compile(r"[0-9][0-9 \-]{11,}[0-9]")  # the same on ASCII text, faster
 # "[A-Z]{2}\d{2}", written to start at the (rarer) digits so the engine skips ahead to them.
 IBAN_HINT = re.compile(r"\d\d(?<=[A-Z]{2}\d\d)")
 _PHONE_HINT = re.compile(r"\+\d")
@@ -43,6 +42,12 @@ _DIGIT_PAIR_UNICODE = re.compile(r"\d[ \-]?\d")
 _HINT_OR_DIGIT_PAIR = re.compile(
     _OTHER_HINTS.pattern + "".join(f"|{d}[ \\-]?[0-9]" for d in "0123456789")
 )
+#: :data:`_OTHER_HINTS` or :data:`_LONG_NUMBER` (as "[0-9]" on ASCII text, faster) in one
+#: sweep, each digit a branch of its own likewise: the output guard's types on an answer (in
+#: process ~45% less time than the two searches on 66 characters, ~25% less on 1,900).
+_HINT_OR_LONG_NUMBER = re.compile(
+    _OTHER_HINTS.pattern + "".join(f"|{d}[0-9 \\-]{{11,}}[0-9]" for d in "0123456789")
+)
 
 
 #: The types whose hint is any two digits; of the others, only cards have digits.
@@ -56,14 +61,15 @@ def may_hold_secret(text: str, types: frozenset[str] | None) -> bool:
     pairs = types is None or not types.isdisjoint(_DIGIT_PAIR_TYPES)
     if pairs and text.isascii():  # (the guard's prompts)
         return _HINT_OR_DIGIT_PAIR.search(text) is not None
+    # Else digits only matter for cards (the output guard's usual types): a long number, not
+    # just any two digits; a card's digits are 13 at least.
+    cards = types is not None and not pairs and "credit_card" in types and len(text) >= 13
+    if cards and text.isascii():  # (the output guard's answers)
+        return _HINT_OR_LONG_NUMBER.search(text) is not None
     if _OTHER_HINTS.search(text) is not None:
         return True
     if types is not None and not pairs:
-        # Digits only matter for cards (the output guard's usual types): a long number, not
-        # just any two digits.
-        if "credit_card" not in types or len(text) < 13:  # (a card's digits: 13 at least)
-            return False
-        return (_LONG_NUMBER_ASCII if text.isascii() else _LONG_NUMBER).search(text) is not None
+        return cards and _LONG_NUMBER.search(text) is not None
     # "\d" also matches non-ASCII digits, one Unicode category test per character: only needed
     # when there are non-ASCII characters (as here).
     return _DIGIT_PAIR_UNICODE.search(text) is not None

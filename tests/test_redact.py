@@ -81,6 +81,28 @@ def test_key_hints_and_digit_pairs_say_what_substring_tests_say() -> None:
             assert prefilter.may_hold_secret(text, types) == ("@" in text or two), text
 
 
+def test_hints_or_a_long_number_in_one_sweep_say_what_the_two_searches_say() -> None:
+    """The output guard's types (cards, no IBAN or phone) on an ASCII text: the key hints or a
+    card's long number, in one search."""
+    rnd = random.Random(15)
+    pieces = ["sk-", "_live_", "AKIA", "AIza", "xox", "ghp_", "github_pat_", "eyJ", "-----BEGIN",
+              "4111 1111 1111 1111", "1234-5678", "234 5678 901", *"0123456789", " ", "-", "_",
+              "A", "J", "x", "a", "\n", "\u0661\u0662", "é"]  # fmt: skip
+    long_number = re.compile(r"[0-9][0-9 \-]{11,}[0-9]")
+    for _ in range(20000):
+        text = "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 16)))
+        for types in (OUTPUT_TYPES, frozenset({"credit_card"}), frozenset({"api_key", "jwt"})):
+            want = "@" in text or prefilter._OTHER_HINTS.search(text) is not None
+            if "credit_card" in types and len(text) >= 13:
+                want = want or prefilter._LONG_NUMBER.search(text) is not None
+            assert prefilter.may_hold_secret(text, types) == want, (text, types)
+            if text.isascii() and "credit_card" in types:
+                long = long_number.search(text) is not None
+                assert (prefilter._LONG_NUMBER.search(text) is not None) == long
+                hint = prefilter._OTHER_HINTS.search(text) is not None
+                assert (prefilter._HINT_OR_LONG_NUMBER.search(text) is not None) == (hint or long)
+
+
 def test_iban_card_and_key_hints_equal_what_they_replaced() -> None:
     """IBANs tried only at their hint's digits are the pattern's whole-text matches; the card
     and IBAN hints in one sweep, and the one key-prefix search, say what the tests they
