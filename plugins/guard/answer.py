@@ -45,7 +45,8 @@ class AnswerGuard(AnswerParts):
             raise ContentPolicyError(BLOCKED_RESPONSE)
 
     def _log_output(self, ctx: RequestContext) -> None:
-        findings = ctx.scratch_for(self.name).get("output")
+        state = ctx.scratch.get(self.name)  # (no dict made for it: a clean answer has none)
+        findings = state.get("output") if state is not None else None
         if findings:
             entry = ctx.log.setdefault("guard", {"mode": self.config.mode})
             entry["output"] = Verdict(findings).as_dict()
