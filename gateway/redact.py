@@ -4,7 +4,8 @@ Core, because two parts need it: the guard plugin (block, redact or flag secrets
 answers) and the request log (``logging.include_text`` redacts before writing).
 
 Detection works on the raw text (not the folded form), so redaction can rewrite exactly the
-matched span. Findings carry the type and the span, never the secret in a log or error.
+matched span. Findings carry the type and the span, never the secret in a log or error. The
+prefilters that let most texts skip most patterns are in :mod:`gateway.secret_hints`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from gateway.secret_hints import IBAN_HINT, card_and_iban_hints, may_contain, may_hold_secret
 
 #: Every type the detector knows; the guard's config gives each an action.
 SECRET_TYPES = (
@@ -71,98 +74,8 @@ _PATTERNS: dict[str, str] = {
     ),
 }
 _COMPILED = {name: re.compile(p) for name, p in _PATTERNS.items()}
-# Cheap per-type prefilters (substring tests or a tiny regex): most prompts skip most patterns.
-# The API keys' prefixes (sk-, sk_live_, rk_live_, AKIA, ASIA, gh?_, github_pat_, xox, AIza) in
-# one search ("_live_" for both Stripe ones). Every branch starts with a
-# literal, so the engine skips ahead to their first letters: ~40% cheaper on long texts than
-# the six to twelve substring tests it replaced. (Until 27 Nov, night, "github_pat_" was only
-# looked for where "gh" occurred, which it does not contain: a fine-grained GitHub token in a
-# text without "gh" elsewhere went out unredacted.) Each prefix starts at its rarest character,
-# the rest checked behind it ("sk-" as "-(?<=sk-)"): the engine stops only at "-", "_", "A"
-# and "x", where "s" and "g" stopped it at every tenth character of prose (half the
-# instructions on long texts).
-_API_HINT_BRANCHES = (
-    r"-(?<=sk-)|_(?:live_|pat_(?<=github_pat_)|(?<=gh[pousr]_))|A(?:KIA|SIA|Iza)|xox"
-)
-_API_HINT = re.compile(_API_HINT_BRANCHES)
-_LONG_NUMBER = re.compile(r"\d[\d \-]{11,}\d")
-_LONG_NUMBER_ASCII = re.compile(r"[0-9][0-9 \-]{11,}[0-9]")  # the same on ASCII text, faster
-# "[A-Z]{2}\d{2}", written to start at the (rarer) digits so the engine skips ahead to them.
-_IBAN_HINT = re.compile(r"\d\d(?<=[A-Z]{2}\d\d)")
 # What the e-mail pattern's look-behind rejects, and its local-part characters.
 _EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
-_PHONE_HINT = re.compile(r"\+\d")
-#: Something every secret of every type contains (each type's hint above implies one of these),
-#: so the usual text with none of them costs a substring test and a search or two: an "@"; a key,
-#: JWT or key-block prefix (one search, as :data:`_API_HINT`: the fifteen substring tests it
-#: replaced cost ~0.07 ms on 2,000 tokens holding none); or two digits at most one separator
-#: apart (cards, IBANs and phone numbers have them).
-_OTHER_HINTS = re.compile(rf"-----BEGIN|J(?<=eyJ)|{_API_HINT_BRANCHES}")  # (eyJ from its "J")
-_DIGIT_PAIR = re.compile(r"[0-9][ \-]?[0-9]")
-_DIGIT_PAIR_UNICODE = re.compile(r"\d[ \-]?\d")
-#: :data:`_OTHER_HINTS` or :data:`_DIGIT_PAIR`, in one sweep of an ASCII text instead of two.
-#: Each digit is a branch of its own: with every branch starting with a literal, the engine
-#: skips ahead to the first characters of all of them (one "[0-9]" branch would make it try
-#: the pattern at every position).
-_HINT_OR_DIGIT_PAIR = re.compile(
-    _OTHER_HINTS.pattern + "".join(f"|{d}[ \\-]?[0-9]" for d in "0123456789")
-)
-
-
-#: The types whose hint is any two digits; of the others, only cards have digits.
-_DIGIT_PAIR_TYPES = frozenset({"iban", "phone"})
-
-
-def _may_hold_secret(text: str, types: frozenset[str] | None) -> bool:
-    if "@" in text:  # (the commonest, first)
-        return True
-    pairs = types is None or not types.isdisjoint(_DIGIT_PAIR_TYPES)
-    if pairs and text.isascii():  # (the guard's prompts)
-        return _HINT_OR_DIGIT_PAIR.search(text) is not None
-    if _OTHER_HINTS.search(text) is not None:
-        return True
-    if types is not None and not pairs:
-        # Digits only matter for cards (the output guard's usual types): a long number, not
-        # just any two digits.
-        if "credit_card" not in types or len(text) < 13:  # (a card's digits: 13 at least)
-            return False
-        return (_LONG_NUMBER_ASCII if text.isascii() else _LONG_NUMBER).search(text) is not None
-    # "\d" also matches non-ASCII digits, one Unicode category test per character: only needed
-    # when there are non-ASCII characters (as here).
-    return _DIGIT_PAIR_UNICODE.search(text) is not None
-
-
-def _may_contain(kind: str, text: str) -> bool:
-    if kind == "private_key":
-        return "-----BEGIN" in text
-    if kind == "jwt":
-        return "eyJ" in text
-    if kind == "api_key":
-        return _API_HINT.search(text) is not None
-    if kind == "email":
-        return "@" in text
-    if kind == "credit_card":
-        return _LONG_NUMBER.search(text) is not None
-    if kind == "iban":
-        return _IBAN_HINT.search(text) is not None
-    return _PHONE_HINT.search(text) is not None
-
-
-#: The card prefilter (_LONG_NUMBER) or the IBAN hint, in one sweep: both start at a digit.
-_CARD_OR_IBAN = re.compile(r"\d(?:(\d)(?<=[A-Z]{2}\d\d)|[\d \-]{11,}\d)")
-
-
-def _card_and_iban_hints(text: str) -> tuple[bool, bool]:
-    """``(_may_contain("credit_card", text), _may_contain("iban", text))`` in one sweep of the
-    text's digits where neither occurs (most texts), not two (~0.04 ms less on 2,000 tokens).
-    The first match is the first position where either does; the other is then looked for
-    from there (the IBAN branch, tried first, failed there when the long number matched)."""
-    m = _CARD_OR_IBAN.search(text)
-    if m is None:
-        return False, False
-    if m.group(1) is not None:
-        return _LONG_NUMBER.search(text, m.start()) is not None, True
-    return True, _IBAN_HINT.search(text, m.start() + 1) is not None
 
 
 def _email_start(text: str, at: int, lo: int) -> int | None:
@@ -205,7 +118,7 @@ def _emails(text: str) -> list[re.Match[str]]:
 
 
 def _ibans(text: str) -> list[re.Match[str]]:
-    """``_COMPILED["iban"].finditer(text)``, tried only where :data:`_IBAN_HINT` matches.
+    """``_COMPILED["iban"].finditer(text)``, tried only where :data:`IBAN_HINT` matches.
 
     The pattern starts with ``\\b``, so the engine tried it at every character (~0.1 ms on
     2,000 tokens). Every match starts two letters before a hint's digits, so the leftmost
@@ -213,15 +126,15 @@ def _ibans(text: str) -> list[re.Match[str]]:
     rx = _COMPILED["iban"]
     out: list[re.Match[str]] = []
     pos = 0
-    h = _IBAN_HINT.search(text, 2)
+    h = IBAN_HINT.search(text, 2)
     while h is not None:
         m = rx.match(text, h.start() - 2)
         if m is not None:
             out.append(m)
             pos = m.end()
-            h = _IBAN_HINT.search(text, max(pos + 2, h.start() + 1))
+            h = IBAN_HINT.search(text, max(pos + 2, h.start() + 1))
         else:
-            h = _IBAN_HINT.search(text, h.start() + 1)
+            h = IBAN_HINT.search(text, h.start() + 1)
     return out
 
 
@@ -330,11 +243,11 @@ def _card_within(text: str, start: int, end: int) -> tuple[int, int] | None:
 
 def find_secrets(text: str, types: frozenset[str] | None = None) -> list[SecretHit]:
     """Secrets in ``text``, in order, non-overlapping; only ``types`` when given."""
-    if not text or not _may_hold_secret(text, types):
+    if not text or not may_hold_secret(text, types):
         return []
     found: list[SecretHit] = []
     both = types is None or ("credit_card" in types and "iban" in types)
-    digits = _card_and_iban_hints(text) if both else None
+    digits = card_and_iban_hints(text) if both else None
     # Dict order is the priority when spans overlap (a key block contains base64 "numbers").
     for kind, rx in _COMPILED.items():
         if types is not None and kind not in types:
@@ -342,7 +255,7 @@ def find_secrets(text: str, types: frozenset[str] | None = None) -> list[SecretH
         if digits is not None and kind in ("credit_card", "iban"):
             if not digits[kind == "iban"]:
                 continue
-        elif not _may_contain(kind, text):
+        elif not may_contain(kind, text):
             continue
         matches: Iterable[re.Match[str]]
         if kind == "email":

@@ -1,4 +1,4 @@
-"""The secret detectors' patterns (gateway/redact.py)."""
+"""The secret detectors' patterns (gateway/redact.py) and prefilters (gateway/secret_hints.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 import pytest
 
 from gateway import redact
+from gateway import secret_hints as prefilter
 from gateway.redact import _COMPILED, find_secrets
 
 #: The card pattern as first written: a look-behind first, which the engine tried at every
@@ -47,7 +48,7 @@ def test_prefilter_for_types_without_short_numbers_is_the_same_as_scanning_every
     ]
     all_types = (OUTPUT_TYPES, frozenset({"credit_card"}), frozenset({"iban", "phone"}), None)
     got = [find_secrets(text, types) for types in all_types for text in texts]
-    monkeypatch.setattr(redact, "_may_hold_secret", lambda text, types: True)
+    monkeypatch.setattr(redact, "may_hold_secret", lambda text, types: True)
     assert got == [find_secrets(text, types) for types in all_types for text in texts]
     assert [h.type for h in find_secrets("card 4111 1111 1111 1111", OUTPUT_TYPES)] == [
         "credit_card"
@@ -69,18 +70,37 @@ def test_key_hints_and_digit_pairs_say_what_substring_tests_say() -> None:
               "\u0661\u0662", "\u0663 \u0664"]  # fmt: skip
     texts = ["".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 20))) for _ in range(20000)]
     for text in texts:
-        two = (
-            any(h in text for h in _HINTS)
-            or (redact._DIGIT_PAIR if text.isascii() else redact._DIGIT_PAIR_UNICODE).search(text)
-            is not None
-        )
+        pair = prefilter._DIGIT_PAIR if text.isascii() else prefilter._DIGIT_PAIR_UNICODE
+        two = any(h in text for h in _HINTS) or pair.search(text) is not None
         keys = any(h in text for h in _HINTS[2:])
-        assert (redact._API_HINT.search(text) is not None) == keys, text
-        assert (redact._OTHER_HINTS.search(text) is not None) == any(h in text for h in _HINTS)
+        assert (prefilter._API_HINT.search(text) is not None) == keys, text
+        assert (prefilter._OTHER_HINTS.search(text) is not None) == any(h in text for h in _HINTS)
         if text.isascii():
-            assert (redact._HINT_OR_DIGIT_PAIR.search(text) is not None) == two, text
+            assert (prefilter._HINT_OR_DIGIT_PAIR.search(text) is not None) == two, text
         for types in (None, frozenset({"phone"}), frozenset({"iban", "email"})):
-            assert redact._may_hold_secret(text, types) == ("@" in text or two), text
+            assert prefilter.may_hold_secret(text, types) == ("@" in text or two), text
+
+
+def test_hints_or_a_long_number_in_one_sweep_say_what_the_two_searches_say() -> None:
+    """The output guard's types (cards, no IBAN or phone) on an ASCII text: the key hints or a
+    card's long number, in one search."""
+    rnd = random.Random(15)
+    pieces = ["sk-", "_live_", "AKIA", "AIza", "xox", "ghp_", "github_pat_", "eyJ", "-----BEGIN",
+              "4111 1111 1111 1111", "1234-5678", "234 5678 901", *"0123456789", " ", "-", "_",
+              "A", "J", "x", "a", "\n", "\u0661\u0662", "é"]  # fmt: skip
+    long_number = re.compile(r"[0-9][0-9 \-]{11,}[0-9]")
+    for _ in range(20000):
+        text = "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 16)))
+        for types in (OUTPUT_TYPES, frozenset({"credit_card"}), frozenset({"api_key", "jwt"})):
+            want = "@" in text or prefilter._OTHER_HINTS.search(text) is not None
+            if "credit_card" in types and len(text) >= 13:
+                want = want or prefilter._LONG_NUMBER.search(text) is not None
+            assert prefilter.may_hold_secret(text, types) == want, (text, types)
+            if text.isascii() and "credit_card" in types:
+                long = long_number.search(text) is not None
+                assert (prefilter._LONG_NUMBER.search(text) is not None) == long
+                hint = prefilter._OTHER_HINTS.search(text) is not None
+                assert (prefilter._HINT_OR_LONG_NUMBER.search(text) is not None) == (hint or long)
 
 
 def test_iban_card_and_key_hints_equal_what_they_replaced() -> None:
@@ -98,13 +118,13 @@ def test_iban_card_and_key_hints_equal_what_they_replaced() -> None:
     for text in texts:
         want = [m.span() for m in _COMPILED["iban"].finditer(text)]
         assert [m.span() for m in redact._ibans(text)] == want, text
-        digits = (redact._may_contain("credit_card", text), redact._may_contain("iban", text))
-        assert redact._card_and_iban_hints(text) == digits, text
+        digits = (prefilter.may_contain("credit_card", text), prefilter.may_contain("iban", text))
+        assert prefilter.card_and_iban_hints(text) == digits, text
         keys = any(p in text for p in coarse) or any(p in text for p in github)
-        assert redact._may_contain("api_key", text) == keys, text
+        assert prefilter.may_contain("api_key", text) == keys, text
         any_hint = any(h in text for h in hints) or any(p in text for p in github)
         if any_hint:
-            assert redact._may_hold_secret(text, frozenset()), text
+            assert prefilter.may_hold_secret(text, frozenset()), text
 
 
 def test_a_fine_grained_github_token_is_found_in_any_text() -> None:

@@ -3,21 +3,20 @@
 ``AnswerGuard`` is a mixin of :class:`plugins.guard.GuardPlugin` (its response hooks); the
 checks themselves are :class:`plugins.guard.output.OutputGuard`'s. Streams arrive as relay
 blocks (``on_chunks``): a choice's text, its refusal and each call's arguments are held back
-and released apart, and a choice's ``logprobs`` go out with the text they spell.
+and released apart, and a choice's ``logprobs`` go out with the text they spell. A delta's
+parts other than its text are :class:`plugins.guard.answerparts.AnswerParts`'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from gateway.envelope import TextChunk
 from gateway.errors import ContentPolicyError
-from plugins.guard.annotations import check_annotations
+from plugins.guard.answerparts import AnswerParts
 from plugins.guard.delta import REASONING_FIELDS
 from plugins.guard.delta import merge as _merge
-from plugins.guard.logprobs import Alternatives, flush_logprobs, queued, release_logprobs
-from plugins.guard.output import OutputGuard
+from plugins.guard.logprobs import flush_logprobs, queued, release_logprobs
 from plugins.guard.scanner import Finding, Verdict, record_metrics
 from plugins.guard.whole import check_whole_answer
 
@@ -28,14 +27,10 @@ if TYPE_CHECKING:
 BLOCKED_RESPONSE = "The response was stopped by the gateway's content policy."
 
 
-class AnswerGuard:
+class AnswerGuard(AnswerParts):
     """The response hooks of the guard plugin (set up by its ``__init__``)."""
 
-    name: ClassVar[str]
     config: GuardConfig
-    shadow: bool
-    output: OutputGuard
-    alternatives: Alternatives
     _output_enabled: bool
 
     def _act(self, ctx: RequestContext, findings: list[Finding]) -> None:
@@ -50,7 +45,8 @@ class AnswerGuard:
             raise ContentPolicyError(BLOCKED_RESPONSE)
 
     def _log_output(self, ctx: RequestContext) -> None:
-        findings = ctx.scratch_for(self.name).get("output")
+        state = ctx.scratch.get(self.name)  # (no dict made for it: a clean answer has none)
+        findings = state.get("output") if state is not None else None
         if findings:
             entry = ctx.log.setdefault("guard", {"mode": self.config.mode})
             entry["output"] = Verdict(findings).as_dict()
@@ -242,97 +238,6 @@ class AnswerGuard:
             if final or shadow or len(delta) > ("content" in delta) or logprobs:
                 keep = True
         return keep
-
-    def _parts(
-        self, ctx: RequestContext, held: dict[Any, str], idx: Any, delta: dict[str, Any],
-        logprobs: Any,
-    ) -> None:  # fmt: skip
-        """A delta's parts other than its text: refusal, reasoning, audio transcript,
-        annotations, tool calls, legacy function call (fed, or checked, and replaced)."""
-        shadow = self.shadow
-        refusal = delta.get("refusal")
-        if isinstance(refusal, str) and refusal:
-            # A refusal is the model's text too (it may quote what it refuses to give).
-            key = (idx, "refusal")
-            before = len(held.get(key, ""))
-            released, held[key], findings = self.output.feed(held.get(key, ""), refusal, False)
-            if findings:
-                self._act(ctx, findings)
-            if not shadow:
-                delta["refusal"] = released
-                if isinstance(logprobs, dict):
-                    consumed = before + len(refusal) - len(held[key])
-                    release_logprobs(
-                        ctx.scratch_for(self.name),
-                        idx,
-                        "refusal",
-                        logprobs,
-                        consumed,
-                        bool(findings),
-                        self.alternatives,
-                    )
-        for field in REASONING_FIELDS:
-            reasoning = delta.get(field)
-            if type(reasoning) is str and reasoning:
-                key = (idx, field)
-                released, held[key], findings = self.output.feed(
-                    held.get(key, ""), reasoning, False
-                )
-                if findings:
-                    self._act(ctx, findings)
-                if not shadow:
-                    delta[field] = released
-        audio = delta.get("audio")
-        if type(audio) is dict and type(audio.get("transcript")) is str and audio["transcript"]:
-            # What the model says aloud is its text too.
-            key = (idx, "audio")
-            released, held[key], findings = self.output.feed(
-                held.get(key, ""), audio["transcript"], False
-            )
-            if findings:
-                self._act(ctx, findings)
-            if not shadow:
-                audio["transcript"] = released
-        notes = delta.get("annotations")
-        if type(notes) is list and notes:
-            # (Cited URLs and titles arrive whole: checked at once, never held.)
-            kept, findings = check_annotations(self.output, notes, not shadow)
-            self._act(ctx, findings)
-            delta["annotations"] = kept
-        calls = delta.get("tool_calls")
-        if calls:
-            self._tool_calls(ctx, held, idx, calls)
-        fn = delta.get("function_call")  # (the legacy single call)
-        if type(fn) is dict and type(args := fn.get("arguments")) is str and args:
-            key = (idx, "function_call")
-            released, held[key], findings = self.output.feed(
-                held.get(key, ""), args, False, json_text=True
-            )
-            if findings:
-                self._act(ctx, findings)
-            if not shadow:
-                fn["arguments"] = released
-
-    def _tool_calls(self, ctx: RequestContext, held: dict[Any, str], idx: Any, calls: Any) -> None:
-        """The argument fragments of a choice's tool calls go through the output guard like
-        its text, each call on its own (held under ``(choice, call index)``)."""
-        for call in calls if type(calls) is list else ():
-            fn = call.get("function") if type(call) is dict else None
-            if type(fn) is dict and type(name := fn.get("name")) is str and name:
-                # A call's name comes whole, and cannot be redacted: a finding blocks.
-                _, found = self.output.check(name)
-                if found:
-                    self._act(ctx, [replace(f, action="block") for f in found])
-            if type(fn) is not dict or type(args := fn.get("arguments")) is not str or not args:
-                continue
-            key = (idx, call.get("index", 0))
-            released, held[key], findings = self.output.feed(
-                held.get(key, ""), args, False, json_text=True
-            )
-            if findings:
-                self._act(ctx, findings)
-            if not self.shadow:
-                fn["arguments"] = released
 
     def _flush_choice(
         self, ctx: RequestContext, held: dict[Any, str], idx: Any, delta: dict[str, Any],

@@ -36,6 +36,10 @@ def merge(delta: dict[str, Any], part: Any, released: str) -> None:
             delta["tool_calls"] = [flushed]
 
 
+#: The keys of a message that has no reasoning, audio or calls (annotations are read apart).
+_PLAIN_MESSAGE = frozenset({"role", "content", "refusal", "annotations"})
+
+
 def response_texts(
     response: dict[str, Any],
 ) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
@@ -47,16 +51,27 @@ def response_texts(
     for choice in response.get("choices") or ():
         msg = choice.get("message") if isinstance(choice, dict) else None
         if isinstance(msg, dict):
-            for key in ("content", "refusal", "reasoning_content", "reasoning"):
-                if isinstance(msg.get(key), str):
-                    out.append((choice, msg, key))
             parts = msg.get("content")
+            # (The usual message: only its content and refusal to read, without a look for
+            # each other key; half the cost of reading a short answer.)
+            plain = _PLAIN_MESSAGE.issuperset(msg)
+            if plain:
+                if isinstance(parts, str):
+                    out.append((choice, msg, "content"))
+                if isinstance(msg.get("refusal"), str):
+                    out.append((choice, msg, "refusal"))
+            else:
+                for key in ("content", "refusal", "reasoning_content", "reasoning"):
+                    if isinstance(msg.get(key), str):
+                        out.append((choice, msg, key))
             if isinstance(parts, list):  # (content as parts, as some servers answer)
                 out.extend(
                     (choice, p, "text")
                     for p in parts
                     if isinstance(p, dict) and isinstance(p.get("text"), str)
                 )
+            if plain:
+                continue
             audio = msg.get("audio")
             if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
                 out.append((choice, audio, "transcript"))

@@ -267,14 +267,17 @@ class OutputGuard:
             if plain != text:
                 checked, findings = self.check(plain)
                 return (checked if findings or checked != plain else text), findings
-        # Bidi controls go: the client then displays the order read here (plugins.guard.bidi).
-        text = strip_bidi(text)
-        text, cut = self._canary_pass(text, len(text), findings)
+        if not text.isascii():  # (ASCII text, the usual, has none: no call)
+            # Bidi controls go: the client then displays the order read here (plugins.guard.bidi).
+            text = strip_bidi(text)
+        cut = len(text)
+        if self._canary is not None:
+            text, cut = self._canary_pass(text, cut, findings)
         return self._redact(text, cut, findings)[0], findings
 
     def _redact(self, text: str, cut: int, findings: list[Finding]) -> tuple[str, int]:
         """Handle secrets ending before ``cut``; a secret straddling it moves ``cut`` back."""
-        vis = _visible(text)
+        vis = None if text.isascii() else _visible(text)  # (ASCII text: no call)
         index = None if vis is None else vis[1]
         seen = text if vis is None else vis[0]
         hits = find_secrets(seen, self.types)

@@ -22,11 +22,12 @@ def check_whole_answer(
     shadow: bool,
     act: Callable[[list[Finding]], None],
 ) -> None:
-    """Redact ``response`` in place (unless ``shadow``); ``act`` gets each part's findings (it
-    raises to refuse the answer)."""
+    """Redact ``response`` in place (unless ``shadow``); ``act`` gets each part's findings, a
+    text's only when it has some (it raises to refuse the answer)."""
     for choice, msg, key in response_texts(response):
         text, findings = output.check(msg[key], json_text=key == "arguments")
-        act(findings)
+        if findings:
+            act(findings)
         if not shadow and text != msg[key]:
             msg[key] = text
             if isinstance(choice.get("logprobs"), dict):
@@ -39,7 +40,8 @@ def check_whole_answer(
             kept, found = check_annotations(output, notes, not shadow)
             act(found)
             said["annotations"] = kept  # type: ignore[index]
-        if not shadow and isinstance(option, dict):
+        # (screen_answer's own first test, here: most answers have no logprobs to screen.)
+        if not shadow and isinstance(option, dict) and isinstance(option.get("logprobs"), dict):
             screen_answer(option, alternatives)
         calls = said.get("tool_calls") if isinstance(said, dict) else None
         for call in calls if isinstance(calls, list) else ():

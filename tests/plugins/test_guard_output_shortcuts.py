@@ -3,10 +3,14 @@ result it knows."""
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.redact import find_secrets
+from plugins.guard.delta import response_texts
 from plugins.guard.output import _NUMERIC_TAIL, _may_end_number
 
 # The characters the numeric tail is made of, others around them, line breaks, and digits of
@@ -38,3 +42,22 @@ def test_short_texts_hold_no_card_number(text: str) -> None:
 
 def test_a_thirteen_digit_card_is_still_found() -> None:
     assert find_secrets("4222222222222", frozenset({"credit_card"}))  # (Visa's 13-digit test)
+
+
+def test_a_plain_message_is_read_as_the_full_reading_reads_it() -> None:
+    """``response_texts`` reads a message with only role, content, refusal and annotations
+    without looking for the other keys: the same texts, in the same order, as once another key
+    makes it read every one."""
+    rnd = random.Random(5)
+    values = ["text", "", None, 3, [{"type": "text", "text": "a"}, {"text": 1}, "x"], []]
+    for _ in range(3000):
+        choices: list[Any] = []
+        for i in range(rnd.randint(0, 3)):
+            keys = rnd.sample(["role", "content", "refusal", "annotations"], rnd.randint(0, 4))
+            choices.append({"index": i, "message": {k: rnd.choice(values) for k in keys}})
+        response = {"choices": choices}
+        plain = response_texts(response)
+        for choice in choices:
+            choice["message"]["tool_calls"] = None  # (not plain any more)
+        full = response_texts(response)
+        assert [(id(c), id(m), k) for c, m, k in plain] == [(id(c), id(m), k) for c, m, k in full]
