@@ -78,6 +78,19 @@ def test_a_stream_is_still_bounded_by_the_first_byte_timeout() -> None:
         assert text == "Echo: hello"
 
 
+def test_a_stream_slower_to_begin_than_the_read_timeout_arrives() -> None:
+    """The read timeout bounds the silences of a stream's body once its headers came, not
+    the wait for them: that is the first-byte timeout's (a model slow to start, 1 s here,
+    under a 5 s first-byte timeout and a 0.3 s read timeout)."""
+    upstream = {"first_byte_timeout_s": 5, "read_timeout_s": 0.3}
+    with running_gateway(fake={"hang_ms": 1000}, upstream=upstream) as gw:
+        started = time.perf_counter()
+        stream = gw.openai().chat.completions.create(model="demo", messages=MSG, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert time.perf_counter() - started >= 1.0
+        assert text == "Echo: hello"
+
+
 def test_embeddings_wait_for_the_response_timeout() -> None:
     def build(url: str) -> dict[str, Any]:
         return embeddings_model(

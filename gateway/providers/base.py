@@ -111,10 +111,12 @@ class Provider:
         #: response timeout of every plain one (settings are frozen): one timer each.
         self.first_byte_timeout = TimeoutQueue(settings.first_byte_timeout_s)
         self.response_timeout = TimeoutQueue(settings.response_timeout_s)
-        #: aiohttp's timeouts for a plain request: the session's, without its read timeout
-        #: (``sock_read``), which would otherwise bound the wait for the headers too and cut a
-        #: plain answer that takes longer than ``read_timeout_s`` to write; ``post`` puts it
-        #: back for the body once the headers came.
+        #: aiohttp's timeouts for a request: the session's, without its read timeout
+        #: (``sock_read``), which would otherwise bound the wait for the headers too: cut a
+        #: plain answer that takes longer than ``read_timeout_s`` to write, and a stream whose
+        #: headers take longer than that within its first-byte timeout (and arm a timer per
+        #: request that a stream arriving whole never needs). ``post`` puts it back for the
+        #: body once the headers came.
         self.read_timeout = settings.read_timeout_s
         self.plain_timeout = aiohttp.ClientTimeout(
             total=settings.total_timeout_s, sock_connect=settings.connect_timeout_s
@@ -148,7 +150,7 @@ class Provider:
         """POST ``payload`` to ``base_url + path`` with the rewritten headers; the response once
         its status is 2xx, else the mapped error. A stream's headers are bounded by the
         first-byte timeout; a plain answer's, which come only once the whole answer is written,
-        by the response timeout."""
+        by the response timeout; the body after them by the read timeout."""
         headers = upstream_request_headers(
             ctx.raw_headers, self.static_headers, ctx.upstream_headers, ctx.request_id
         )
@@ -158,8 +160,13 @@ class Provider:
         if ctx.stream:
             with self._errors, self.first_byte_timeout.start():
                 resp = await self.session.post(
-                    url, data=orjson.dumps(payload), headers=headers, allow_redirects=False
+                    url,
+                    data=orjson.dumps(payload),
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=self.plain_timeout,
                 )
+                read_timeout_back(resp, self.read_timeout)
                 if resp.status >= 300:
                     await self._raise_for(resp)
             return resp
@@ -195,9 +202,10 @@ class Provider:
 
 
 def read_timeout_back(resp: aiohttp.ClientResponse, timeout: float) -> None:
-    """Bound the reads of a plain answer's body, now that its headers came, by the read
-    timeout (``upstream.read_timeout_s``), as a stream's are: the request went out without
-    it so that it would not bound the wait for the headers (``Provider.plain_timeout``).
+    """Bound the reads of an answer's body (plain or streamed), now that its headers came, by
+    the read timeout (``upstream.read_timeout_s``): the request went out without it so that it
+    would not bound the wait for the headers (``Provider.plain_timeout``), which the response
+    or first-byte timeout bounds.
 
     aiohttp re-arms the timer on every read from the socket and drops it at the body's end;
     a body already whole needs none (a timer armed then would outlive the response)."""
