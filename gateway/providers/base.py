@@ -118,7 +118,7 @@ class Provider:
         #: request that a stream arriving whole never needs). ``post`` puts it back for the
         #: body once the headers came.
         self.read_timeout = settings.read_timeout_s
-        self.plain_timeout = aiohttp.ClientTimeout(
+        self.request_timeout = aiohttp.ClientTimeout(
             total=settings.total_timeout_s, sock_connect=settings.connect_timeout_s
         )
 
@@ -157,26 +157,14 @@ class Provider:
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = URL(self.deployment.base_url + path)
-        if ctx.stream:
-            with self._errors, self.first_byte_timeout.start():
-                resp = await self.session.post(
-                    url,
-                    data=orjson.dumps(payload),
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=self.plain_timeout,
-                )
-                read_timeout_back(resp, self.read_timeout)
-                if resp.status >= 300:
-                    await self._raise_for(resp)
-            return resp
-        with self._errors, self.response_timeout.start():
+        timer = self.first_byte_timeout if ctx.stream else self.response_timeout
+        with self._errors, timer.start():
             resp = await self.session.post(
                 url,
                 data=orjson.dumps(payload),
                 headers=headers,
                 allow_redirects=False,
-                timeout=self.plain_timeout,
+                timeout=self.request_timeout,
             )
             read_timeout_back(resp, self.read_timeout)
             if resp.status >= 300:
@@ -204,7 +192,7 @@ class Provider:
 def read_timeout_back(resp: aiohttp.ClientResponse, timeout: float) -> None:
     """Bound the reads of an answer's body (plain or streamed), now that its headers came, by
     the read timeout (``upstream.read_timeout_s``): the request went out without it so that it
-    would not bound the wait for the headers (``Provider.plain_timeout``), which the response
+    would not bound the wait for the headers (``Provider.request_timeout``), which the response
     or first-byte timeout bounds.
 
     aiohttp re-arms the timer on every read from the socket and drops it at the body's end;
