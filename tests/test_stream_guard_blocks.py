@@ -925,3 +925,36 @@ async def test_the_canary_as_a_tool_calls_name_ends_the_answer() -> None:
                         "function": {"name": CANARY, "arguments": "{}"}}]}}]}  # fmt: skip
     with pytest.raises(ContentPolicyError):
         await g.on_response(c)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("shadow", [False, True])
+async def test_a_role_chunk_takes_the_shortcut_only_when_it_holds_nothing_to_check(
+    shadow: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``on_chunks`` passes a chunk that only gives the role (no text, or "") as it came,
+    without the generic ``_chunk``: whatever text is held, the result is the generic path's.
+    Role chunks with text, a refusal, a call or a finish_reason still go through it."""
+    from plugins.guard import answer
+
+    g = guard(mode="shadow") if shadow else guard()
+    call = [{"index": 0, "id": "c1", "type": "function",
+             "function": {"name": "f", "arguments": '{"k": "' + KEY + '"}'}}]  # fmt: skip
+    deltas: list[dict[str, Any]] = [
+        {"role": "assistant", "content": ""}, {"role": "assistant"},
+        {"role": "assistant", "content": None}, {"role": "assistant", "content": "Hi " + KEY},
+        {"role": "assistant", "content": "", "refusal": "no " + KEY},
+        {"role": "assistant", "tool_calls": call}, {"content": ""}, {},
+    ]  # fmt: skip
+    shortcut = answer._role_only
+    for delta in deltas:
+        for finish in (None, "stop"):
+            for held in ({}, {0: "Your key: " + KEY[:12]}, {1: "other"}):
+                got = []
+                for role_only in (shortcut, lambda choice, delta: False):
+                    monkeypatch.setattr(answer, "_role_only", role_only)
+                    c = ctx()
+                    c.scratch["guard"] = {"held": dict(held), "first": None}
+                    chunks = await g.on_chunks(c, [json.loads(event(delta, finish=finish)[6:])])
+                    got.append((chunks, c.scratch["guard"], c.log))
+                assert got[0] == got[1], (delta, finish, held)

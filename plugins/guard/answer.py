@@ -27,6 +27,18 @@ if TYPE_CHECKING:
 BLOCKED_RESPONSE = "The response was stopped by the gateway's content policy."
 
 
+def _role_only(choice: Any, delta: Any) -> bool:
+    """Whether a stream's chunk (its one ``choice``, ``delta`` its delta) only gives the role,
+    with no text or an empty one (a stream's first chunk): nothing in it to check or hold."""
+    return (
+        type(delta) is dict
+        and "role" in delta
+        and len(delta) == 1 + ("content" in delta)
+        and delta.get("content", "") == ""
+        and choice.get("finish_reason") is None
+    )
+
+
 class AnswerGuard(AnswerParts):
     """The response hooks of the guard plugin (set up by its ``__init__``)."""
 
@@ -99,6 +111,9 @@ class AnswerGuard(AnswerParts):
                     if texts:
                         self._release(ctx, held, texts, last, out)
                         texts, last = {}, {}
+                    if _role_only(choice, delta):
+                        out.append(chunk)  # (what _chunk keeps, unchanged: no text to check)
+                        continue
                     if held and type(choices) is list:
                         self._answers_begin(ctx, held, choices, out)
                     if self._chunk(ctx, held, chunk):
@@ -246,14 +261,16 @@ class AnswerGuard(AnswerParts):
         """At a choice's ``finish_reason``: what is still held of its refusal and calls goes
         out in that chunk's delta (its text was flushed by the feed), with the logprobs."""
         found: set[Any] = set()  # parts whose flushed text held a finding
-        for key in [k for k, v in held.items() if v and type(k) is tuple and k[0] == idx]:
-            released, hit = self._flush(ctx, held, key)
-            if hit:
-                found.add(key[1])
-            if released and not self.shadow:
-                _merge(delta, key[1], released)
-        if not self.shadow:
-            flush_logprobs(ctx.scratch_for(self.name), idx, choice, found, self.alternatives)
+        if len(held) != (idx in held):  # (else nothing but the choice's text, already flushed)
+            for key in [k for k, v in held.items() if v and type(k) is tuple and k[0] == idx]:
+                released, hit = self._flush(ctx, held, key)
+                if hit:
+                    found.add(key[1])
+                if released and not self.shadow:
+                    _merge(delta, key[1], released)
+        state = ctx.scratch_for(self.name)
+        if not self.shadow and state.get("logprobs"):  # (entries queued: the rare case)
+            flush_logprobs(state, idx, choice, found, self.alternatives)
 
     def _flush(self, ctx: RequestContext, held: dict[Any, str], key: Any) -> tuple[str, bool]:
         """Release everything held under ``key`` (a choice's text, refusal, reasoning or call
