@@ -61,10 +61,6 @@ REJECTIONS = Counter(
 #: keys, JWT claims or client addresses, so the number is not bounded by configuration).
 _MAX_PLANS = 4096
 
-#: (Defined with the plans, which keep the bound it gives for their smallest limit.)
-BOUND_SHARE = scopes.BOUND_SHARE
-
-
 _KIND_TEXT = {
     "rpm": "requests per minute (RPM)",
     "tpm": "tokens per minute (TPM)",
